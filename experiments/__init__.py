@@ -1,0 +1,1 @@
+"""The harness: Hydra entry points, the training/evaluation engine, measurement and results records."""

@@ -1,0 +1,184 @@
+"""Training and evaluation loops (DeiT's ``engine.py`` role): built objects in, metric dicts out.
+
+The engine knows the method interface only: ``model(images) -> MethodOutput``, ``model.loss_terms(...)`` and
+``model.needs_teacher``. It never asks for a method's name and writes no files.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; names the epoch and step."""
+
+
+@dataclass
+class TrainSettings:
+    clip_grad: Optional[float] = 1.0
+    label_smoothing: float = 0.0
+    nan_policy: str = "stop"  # "stop" raises; "skip_step" drops the update and counts it
+    amp_dtype: Optional[torch.dtype] = None  # autocast dtype on CUDA, None for fp32
+    progress: bool = True
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The method behind a DDP wrapper."""
+    return model.module if hasattr(model, "module") else model
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    epoch: int,
+    device: torch.device,
+    settings: TrainSettings,
+    teacher: Optional[nn.Module] = None,
+    scaler: Optional[torch.amp.GradScaler] = None,
+    on_step: Optional[Callable[[int], None]] = None,
+) -> dict[str, float]:
+    """One pass over ``loader``; returns mean loss terms, the last lr and the number of skipped steps."""
+    model.train()
+    method = unwrap(model)
+    sums: dict[str, float] = {}
+    samples, skipped = 0, 0
+    steps_per_epoch = len(loader)
+    bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=not settings.progress)
+    for step, (images, targets) in enumerate(bar):
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with autocast(device, settings.amp_dtype):
+            out = model(images)
+            teacher_out = None
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_out = teacher(images)
+            terms = {"task": F.cross_entropy(out.logits.float(), targets, label_smoothing=settings.label_smoothing)}
+            terms.update(method.loss_terms(out, targets, teacher_out))
+            loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            detail = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+            if settings.nan_policy != "skip_step":
+                raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {step} ({detail})")
+            log.warning("skipping step %d of epoch %d: non-finite loss (%s)", step, epoch, detail)
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if settings.clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step_update(num_updates=epoch * steps_per_epoch + step + 1)
+        batch = images.shape[0]
+        samples += batch
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + value.item() * batch
+        sums["loss"] = sums.get("loss", 0.0) + loss.item() * batch
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if on_step is not None:
+            on_step(step)
+    metrics = {name: total / max(samples, 1) for name, total in sums.items()}
+    metrics["lr"] = max(group["lr"] for group in optimizer.param_groups)
+    metrics["skipped_steps"] = skipped
+    return metrics
+
+
+@dataclass
+class EvalResult:
+    """Evaluation metrics plus the per-image token statistics that FLOPs and the analysis are built on."""
+
+    metrics: dict[str, float]
+    token_counts: Tensor  # [images, depth, 2] long, CPU
+    patch_depth: Tensor  # [images, num_patches] long, CPU
+    alt_token_counts: dict[str, Tensor] = field(default_factory=dict)
+    map_images: Optional[Tensor] = None  # the first few eval images, for depth-map figures
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
+             keep_images: int = 0, progress: bool = True) -> EvalResult:
+    """Top-1/top-5, mean loss and per-image token counts over ``loader`` in eval mode (physical removal)."""
+    model.eval()
+    correct1 = correct5 = total = 0
+    loss_sum = 0.0
+    counts, depths, kept = [], [], []
+    alt: dict[str, list[Tensor]] = {}
+    for images, targets in tqdm(loader, desc="eval", leave=False, disable=not progress):
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            out = model(images)
+        logits = out.logits.float()
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += (top[:, 0] == targets).sum().item()
+        correct5 += (top == targets[:, None]).any(dim=1).sum().item()
+        total += targets.shape[0]
+        counts.append(out.token_counts.cpu())
+        depths.append(out.patch_depth.cpu())
+        for name, value in out.aux.get("alt_token_counts", {}).items():
+            alt.setdefault(name, []).append(value.cpu())
+        if sum(len(k) for k in kept) < keep_images:
+            kept.append(images[: keep_images - sum(len(k) for k in kept)].cpu())
+    if total == 0:
+        raise ValueError("evaluation set is empty")
+    metrics = {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total,
+               "val_loss": loss_sum / total, "num_images": total}
+    return EvalResult(metrics, torch.cat(counts), torch.cat(depths), {k: torch.cat(v) for k, v in alt.items()},
+                      torch.cat(kept) if kept else None)
+
+
+def token_summary(result: EvalResult, depth: int, grid: Optional[tuple[int, int]], map_count: int) -> dict[str, Any]:
+    """Per-block mean counts, the patch-depth histogram, the mean depth per patch and a few depth maps."""
+    counts = result.token_counts.double()
+    summary: dict[str, Any] = {
+        "attn_mean": counts[:, :, 0].mean(0).tolist(),
+        "mlp_mean": counts[:, :, 1].mean(0).tolist(),
+        "depth_histogram": torch.bincount(result.patch_depth.flatten(), minlength=depth + 1).tolist(),
+        "mean_patch_depth": result.patch_depth.double().mean(0).tolist(),
+        "grid": list(grid) if grid else None,
+    }
+    if result.map_images is not None and map_count:
+        images = result.map_images[:map_count].float()
+        thumbs = F.interpolate(images, size=_thumb_size(images.shape[-1]), mode="area")
+        low, high = thumbs.amin(dim=(1, 2, 3), keepdim=True), thumbs.amax(dim=(1, 2, 3), keepdim=True)
+        thumbs = ((thumbs - low) / (high - low).clamp_min(1e-6) * 255).round().to(torch.uint8)
+        summary["maps"] = [
+            {"index": i, "patch_depth": result.patch_depth[i].tolist(), "thumbnail": thumbs[i].permute(1, 2, 0).tolist()}
+            for i in range(len(images))
+        ]
+    return summary
+
+
+def _thumb_size(size: int) -> int:
+    return size if size <= 64 else 64
+
+
+def is_finite(value: float) -> bool:
+    return not (math.isnan(value) or math.isinf(value))

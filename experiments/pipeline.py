@@ -1,0 +1,337 @@
+"""One run, end to end (DeiT's ``main.py`` role): validate, build, train or fine-tune, evaluate, measure, record.
+
+``run(cfg)`` is called by ``experiments/run.py`` locally and inside SLURM jobs alike. The method is built by
+name through the registry in exactly one place (``build_method``); everything else goes through the method
+interface. Weights come from, in order: ``model.checkpoint`` (a local timm/DeiT or suite checkpoint),
+``model.pretrained`` (timm's hub), or the dense baseline trained with the ``baseline`` recipe and cached by its
+config under ``paths.cache_dir`` (the embedded default), else random initialisation.
+
+Nothing is written before validation passes, and the results record is written last, atomically, so a failed
+or killed run leaves no record.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+
+import methods
+from methods.models import CheckpointError, check_img_size, create_backbone, load_state_dict_strict, read_checkpoint
+
+from . import engine, records
+from .data import build_data, make_loader
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key, the value and the valid choices."""
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def validate(cfg: DictConfig) -> None:
+    """Check the config before any data loading or output: method, parameters, model, recipes, paths."""
+    name = cfg.method.name
+    if name not in methods.list_methods():
+        raise ConfigError(f"method.name={name!r} unknown; valid choices: {', '.join(methods.list_methods())}")
+    valid = methods.method_parameters(name)
+    unknown = sorted(set(method_params(cfg)) - set(valid))
+    if unknown:
+        raise ConfigError(f"method.params: unknown key(s) {unknown} for {name!r}; valid: {', '.join(valid)}")
+    for section in ("train", "baseline"):
+        recipe = cfg[section]
+        if recipe.epochs < 0:
+            raise ConfigError(f"{section}.epochs={recipe.epochs} must be >= 0")
+        if recipe.lr <= 0:
+            raise ConfigError(f"{section}.lr={recipe.lr} must be > 0")
+        if recipe.batch_size <= 0:
+            raise ConfigError(f"{section}.batch_size={recipe.batch_size} must be > 0")
+        if recipe.opt.lower() not in ("adamw", "adam", "sgd", "momentum", "lamb"):
+            raise ConfigError(f"{section}.opt={recipe.opt!r} unknown; valid: adamw, adam, sgd, momentum, lamb")
+    if cfg.train.nan_policy not in ("stop", "skip_step"):
+        raise ConfigError(f"train.nan_policy={cfg.train.nan_policy!r}; valid: stop, skip_step")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device={cfg.device!r}; valid: auto, cpu, cuda")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA GPU is available; use device=cpu or device=auto")
+    check_writable(Path(cfg.paths.results_dir), "paths.results_dir")
+
+
+def check_writable(folder: Path, key: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"{key}={folder} is not writable: {error}") from error
+
+
+def resolve_device(cfg: DictConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------- building
+def build_method(cfg: DictConfig, num_classes: int, init_state: Optional[dict] = None) -> methods.TokenReducer:
+    """Backbone from ``cfg.model`` (timm, optional hub weights), wrapped by ``cfg.method``, with
+    ``model.checkpoint`` (or ``init_state``, a plain timm state dict) loaded all-or-nothing."""
+    vit = create_backbone(cfg.model.name, num_classes=num_classes, img_size=cfg.data.img_size,
+                          pretrained=bool(cfg.model.pretrained), drop_path_rate=cfg.model.drop_path_rate)
+    check_img_size(cfg.data.img_size, vit.patch_embed.patch_size[0])
+    params = method_params(cfg)
+    method = methods.create_method(cfg.method.name, vit, **params)
+    if cfg.model.checkpoint:
+        load_checkpoint_into(method, cfg.method.name, cfg.model.checkpoint)
+    elif init_state is not None:
+        load_state_dict_strict(method.vit, init_state, "the cached dense baseline")
+    return method
+
+
+def method_params(cfg: DictConfig) -> dict[str, Any]:
+    params = cfg.method.get("params")
+    return OmegaConf.to_container(params, resolve=True) if params is not None else {}
+
+
+def load_checkpoint_into(method: methods.TokenReducer, method_name: str, path: str) -> None:
+    """Plain timm/DeiT weights go into ``method.vit``; a suite checkpoint of the same method (or of ``dense``)
+    loads whole. Another method's checkpoint is refused: its extra modules would be silently dropped."""
+    content = read_checkpoint(path)
+    state = content["model"]
+    saved_method = content.get("method")
+    if saved_method is None:
+        load_state_dict_strict(method.vit, state, f"model.checkpoint={path}")
+    elif saved_method == method_name:
+        load_state_dict_strict(method, state, f"model.checkpoint={path}")
+    elif saved_method == "dense":
+        load_state_dict_strict(method.vit, strip_prefix(state, "vit."), f"model.checkpoint={path}")
+    else:
+        raise CheckpointError(
+            f"model.checkpoint={path} was trained with method {saved_method!r}, not {method_name!r}; use a dense "
+            f"or plain timm checkpoint, or method={saved_method}"
+        )
+
+
+def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def make_optimizer(method: torch.nn.Module, recipe: DictConfig, steps_per_epoch: int):
+    groups = engine.unwrap(method).param_groups(recipe.weight_decay)
+    optimizer = create_optimizer_v2(groups, opt=recipe.opt, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched="cosine", num_epochs=max(recipe.epochs, 1), warmup_epochs=recipe.warmup_epochs,
+        min_lr=recipe.min_lr, warmup_lr=recipe.warmup_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
+    )
+    return optimizer, scheduler
+
+
+# ---------------------------------------------------------------------------------------- training + resume
+def fit(method, data, recipe: DictConfig, cfg: DictConfig, device: torch.device, checkpoint_dir: Optional[Path],
+        method_name: str, teacher=None) -> dict[str, Any]:
+    """Train ``method`` for ``recipe.epochs``; checkpoint after every epoch and resume from one if present."""
+    loader = make_loader(data.train, recipe.batch_size, True, cfg.num_workers, cfg.seed)
+    optimizer, scheduler = make_optimizer(method, recipe, len(loader))
+    amp_dtype = amp_dtype_for(cfg, device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    settings = engine.TrainSettings(clip_grad=recipe.clip_grad, label_smoothing=recipe.label_smoothing,
+                                    nan_policy=cfg.train.nan_policy, amp_dtype=amp_dtype, progress=cfg.progress)
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    last = checkpoint_dir / "last.pth" if checkpoint_dir else None
+    if last is not None and last.exists():
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        method.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start_epoch, history = state["epoch"], state["history"]
+        log.info("resumed from %s at epoch %d", last, start_epoch)
+    started = time.time()
+    for epoch in range(start_epoch, recipe.epochs):
+        # Re-seed per epoch so a resumed run shuffles and augments exactly like an uninterrupted one.
+        seed_everything(cfg.seed * 1000 + epoch)
+        loader.generator.manual_seed(cfg.seed * 1000 + epoch)
+        metrics = engine.train_one_epoch(method, loader, optimizer, scheduler, epoch, device, settings,
+                                         teacher=teacher, scaler=scaler)
+        history.append({"epoch": epoch, **metrics})
+        log.info("epoch %d: %s", epoch, json.dumps({k: round(v, 5) for k, v in metrics.items()}))
+        if last is not None:
+            save_checkpoint(last, {
+                "version": CHECKPOINT_VERSION, "method": method_name, "model": method.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch + 1,
+                "history": history, "rng": get_rng_state(),
+            })
+    return {"epochs": recipe.epochs, "history": history, "wall_time_s": time.time() - started}
+
+
+def amp_dtype_for(cfg: DictConfig, device: torch.device) -> Optional[torch.dtype]:
+    if not cfg.train.amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def get_rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Temp file + rename: a crash or a full disk mid-save leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(payload, tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------- cached baseline
+def baseline_key(cfg: DictConfig) -> str:
+    """Hash of everything that determines the dense baseline's weights."""
+    parts = {
+        "model": {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "checkpoint"},
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "recipe": OmegaConf.to_container(cfg.baseline, resolve=True),
+        "seed": cfg.seed,
+    }
+    parts["data"].pop("num_workers", None)
+    text = json.dumps(parts, sort_keys=True)
+    return f"{cfg.model.name}_{cfg.data.name}_s{cfg.seed}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def ensure_baseline(cfg: DictConfig, data, device: torch.device) -> tuple[Path, bool]:
+    """Path of the cached dense baseline for this config, training it first if absent. Returns (path, reused)."""
+    path = Path(cfg.paths.cache_dir) / f"{baseline_key(cfg)}.pth"
+    if path.exists():
+        return path, True
+    log.info("training the dense baseline (%d epochs); it is cached at %s", cfg.baseline.epochs, path)
+    baseline_cfg = copy.deepcopy(cfg)
+    OmegaConf.update(baseline_cfg, "method", {"name": "dense", "finetune": False, "params": {}}, merge=False)
+    OmegaConf.update(baseline_cfg, "model.checkpoint", None)
+    seed_everything(cfg.seed)
+    dense = build_method(baseline_cfg, data.num_classes).to(device)
+    work_dir = path.parent / f".{path.stem}.work"
+    summary = fit(dense, data, cfg.baseline, cfg, device, work_dir, "dense")
+    save_checkpoint(path, {"version": CHECKPOINT_VERSION, "method": "dense", "model": dense.state_dict(),
+                           "train": summary})
+    for leftover in work_dir.glob("*"):
+        leftover.unlink()
+    work_dir.rmdir()
+    return path, False
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Validate, build, train, evaluate, measure and write one results record; returns the record."""
+    start_time = records.now_iso()
+    validate(cfg)
+    run_dir = Path(cfg.paths.run_dir)
+    device = resolve_device(cfg)
+    seed_everything(cfg.seed)
+    data = build_data(cfg)
+
+    init_state, init = None, "random"
+    if cfg.model.checkpoint:
+        init = f"checkpoint:{cfg.model.checkpoint}"
+    elif cfg.model.pretrained:
+        init = "pretrained:timm"
+    elif cfg.baseline.enabled:
+        path, reused = ensure_baseline(cfg, data, device)
+        init_state = strip_prefix(read_checkpoint(path)["model"], "vit.")
+        init = f"baseline:{path.name}" + (" (cached)" if reused else " (trained now)")
+    seed_everything(cfg.seed)
+    method = build_method(cfg, data.num_classes, init_state).to(device)
+    log.info("method %s on %s (%s), weights from %s", cfg.method.name, cfg.model.name, cfg.data.name, init)
+
+    do_train = cfg.experiment.train if cfg.experiment.train is not None else cfg.method.finetune
+    train_summary: dict[str, Any] = {"epochs": 0, "history": [], "wall_time_s": 0.0}
+    if do_train and cfg.train.epochs > 0:
+        teacher = None
+        if method.needs_teacher:
+            teacher = methods.create_method("dense", copy.deepcopy(method.vit)).to(device).eval()
+            teacher.requires_grad_(False)
+        train_summary = fit(method, data, cfg.train, cfg, device, run_dir / "checkpoints", cfg.method.name, teacher)
+        save_checkpoint(run_dir / "checkpoints" / "final.pth", {
+            "version": CHECKPOINT_VERSION, "method": cfg.method.name, "model": method.state_dict(),
+            "method_params": method_params(cfg)})
+    train_summary["init"] = init
+
+    eval_loader = make_loader(data.val, cfg.eval.batch_size, False, cfg.num_workers, cfg.seed)
+    result = engine.evaluate(method, eval_loader, device, amp_dtype_for(cfg, device), cfg.eval.map_images,
+                             progress=cfg.progress)
+    grid = tuple(method.vit.patch_embed.grid_size)
+    tokens = engine.token_summary(result, method.depth, grid, cfg.eval.map_images)
+    log.info("top-1 %.2f%%, top-5 %.2f%%, tokens per block %s", result.metrics["top1"], result.metrics["top5"],
+             [round(v, 1) for v in tokens["attn_mean"]])
+
+    from . import measure  # the measurement layer is optional at import time for lightweight tools
+
+    costs = measure.measure_for_record(method, result, cfg, device)
+    record = make_record(cfg, method, result.metrics, tokens, costs, train_summary, start_time, run_dir)
+    path = records.write_record(Path(cfg.paths.results_dir), record)
+    log.info("results record: %s", path)
+    record["path"] = str(path)
+    return record
+
+
+def make_record(cfg, method, metrics, tokens, costs, train_summary, start_time, run_dir) -> dict[str, Any]:
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    return {
+        "schema_version": records.SCHEMA_VERSION,
+        "record_id": records.new_record_id(cfg.method.name, str(cfg.model.get("short_name", cfg.model.name)), cfg.seed),
+        "kind": "run",
+        "status": "complete",
+        "method": cfg.method.name,
+        "method_params": resolved["method"].get("params") or {},
+        "model": cfg.model.get("short_name", cfg.model.name),
+        "architecture": cfg.model.name,
+        "data": cfg.data.name,
+        "seed": cfg.seed,
+        "metrics": metrics,
+        "params": sum(p.numel() for p in method.parameters()),
+        "tokens": tokens,
+        "flops": costs.get("flops"),
+        "throughput": costs.get("throughput"),
+        "train": train_summary,
+        "config": resolved,
+        "provenance": records.provenance(start_time, str(run_dir)),
+    }

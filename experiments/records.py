@@ -1,0 +1,138 @@
+"""Results records: schema, provenance and atomic writes.
+
+One JSON file per run (``<results_dir>/runs/<record_id>.json``). Writes go to a temp file in the same folder,
+are fsynced, then renamed, so a reader never sees a partial record and a failed write leaves nothing behind.
+
+Schema (``schema_version`` 1); ``analysis/`` reads these keys:
+
+- ``record_id``, ``kind`` (``run`` or ``measure``), ``status`` (``complete``);
+- ``method``, ``method_params``, ``model`` (config name), ``architecture`` (timm name), ``data``, ``seed``;
+- ``config``: the full resolved Hydra config;
+- ``metrics``: ``top1``, ``top5`` (percent), ``val_loss``, ``num_images``;
+- ``params``: parameter count of the method's model;
+- ``tokens``: ``attn_mean`` and ``mlp_mean`` (per block, mean over images), ``depth_histogram`` (patch tokens
+  by the number of blocks that saw them, 0..depth), ``mean_patch_depth`` (per patch, over the eval set, with
+  ``grid``), ``maps`` (per-patch depth and a thumbnail for a few eval images);
+- ``flops``: ``gflops`` (mean per image; 1 multiply-add = 1 FLOP), ``gflops_std/min/max``, ``dense_gflops``,
+  ``flops_ratio``, ``convention``; ``null`` until measured;
+- ``throughput``: list of ``{device, batch_size, dtype, img_per_s, dense_img_per_s, speedup_vs_dense,
+  efficiency, peak_mem_mb, ...}``; ``null`` until measured;
+- ``train``: ``epochs``, ``wall_time_s``, ``history`` (per-epoch metrics), ``init`` (where weights came from);
+- ``provenance``: ``git_commit``, ``git_dirty``, ``packages``, ``device``, ``hostname``, ``start_time``,
+  ``end_time``, ``run_dir``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import tempfile
+import uuid
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+REQUIRED_KEYS = ("schema_version", "record_id", "kind", "method", "model", "data", "seed", "metrics", "config",
+                 "provenance")
+FLOP_CONVENTION = ("1 FLOP = 1 multiply-add (fvcore/field convention, i.e. GMACs); LayerNorm, softmax, GELU, "
+                   "gather and top-k not counted")
+_PACKAGES = ("torch", "timm", "fvcore", "hydra-core", "submitit", "numpy", "pandas", "scikit-learn")
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def new_record_id(method: str, model: str, seed: int) -> str:
+    """Unique across concurrent array jobs: time, names, seed and a random suffix."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return f"{stamp}_{method}_{model}_s{seed}_{uuid.uuid4().hex[:8]}"
+
+
+def git_state(repo: Path | None = None) -> dict[str, Any]:
+    repo = repo or Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"git_commit": commit, "git_dirty": dirty}
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def device_info() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+    return info
+
+
+def provenance(start_time: str, run_dir: str | None = None) -> dict[str, Any]:
+    return {**git_state(), "packages": package_versions(), "device": device_info(),
+            "hostname": socket.gethostname(), "start_time": start_time, "end_time": now_iso(), "run_dir": run_dir}
+
+
+def atomic_write_json(path: Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` to ``path`` via temp file + fsync + rename; on any error no file is left behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(payload, indent=1, sort_keys=False, allow_nan=False, default=_json_default)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_record(results_dir: Path, record: dict[str, Any]) -> Path:
+    """Validate the required keys and write ``record`` to ``results_dir/runs/<record_id>.json``."""
+    missing = [k for k in REQUIRED_KEYS if k not in record]
+    if missing:
+        raise ValueError(f"results record is missing {missing}")
+    return atomic_write_json(Path(results_dir) / "runs" / f"{record['record_id']}.json", record)
+
+
+def load_record(path: Path) -> dict[str, Any]:
+    """Read one record; raises ``ValueError`` naming the file when it is corrupt or incomplete."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: unreadable record: {error}") from error
+    missing = [k for k in REQUIRED_KEYS if k not in record] if isinstance(record, dict) else list(REQUIRED_KEYS)
+    if missing:
+        raise ValueError(f"{path}: incomplete record, missing {missing}")
+    return record

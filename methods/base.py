@@ -1,0 +1,97 @@
+"""The method interface: ``TokenReducer`` (what every token-reduction method implements) and ``MethodOutput``.
+
+A method wraps a timm DeiT as ``self.vit`` (so its state-dict keys are timm's under ``vit.``, and plain DeiT
+weights load into ``method.vit`` strictly) and adds only its own modules. The harness talks to methods through
+this class alone and never asks for a method's name:
+
+- ``forward(images)`` returns a :class:`MethodOutput`. In ``train()`` mode methods may mask tokens (so the
+  batch stays rectangular and differentiable); in ``eval()`` mode they physically remove them.
+- ``loss_terms(out, targets, teacher_out)`` returns the method's extra, already weighted, loss terms by name.
+  A method that sets ``needs_teacher = True`` gets the frozen dense teacher's output.
+- ``param_groups(weight_decay)`` gives optimizer parameter groups (``lr_scale`` is honoured by timm's
+  schedulers), so a method can train its own modules at a different learning rate.
+- ``extra_macs(token_counts)`` gives the per-image MACs of the method's own modules (predictors, matching).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import Tensor, nn
+from timm.optim import param_groups_weight_decay
+
+from . import backbone
+
+
+@dataclass
+class MethodOutput:
+    """What one forward pass of a method returns; nothing is left on module attributes.
+
+    Attributes:
+        logits: ``[B, classes]``.
+        token_counts: int ``[B, depth, 2]``: per image, the tokens each block's attention (``[..., 0]``) and
+            MLP (``[..., 1]``) ran on, CLS and any fused token included. FLOPs are computed from these.
+        patch_depth: int ``[B, num_patches]``: per original patch, the number of blocks whose attention still
+            saw it (as itself, not merged or fused away). Depth maps, survival curves and kept-token IoU
+            (kept at block l means ``patch_depth > l``) are built on it.
+        aux: method-specific tensors for its own loss terms (ponder cost, policies...). By convention
+            ``final_tokens`` holds the output tokens after the final norm, and ``alt_token_counts`` maps a name
+            to alternative ``[B, depth, 2]`` counts (another FLOP convention) that measurement also reports.
+    """
+
+    logits: Tensor
+    token_counts: Tensor
+    patch_depth: Tensor
+    aux: dict[str, Any] = field(default_factory=dict)
+
+
+class TokenReducer(nn.Module):
+    """Base class of all methods: holds the timm ViT as ``self.vit`` and defines the interface above."""
+
+    needs_teacher: ClassVar[bool] = False
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        backbone.check_supported(vit)
+        self.vit = vit
+
+    # Architecture facts every method needs.
+    @property
+    def depth(self) -> int:
+        return len(self.vit.blocks)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.vit.embed_dim
+
+    @property
+    def num_patches(self) -> int:
+        return self.vit.patch_embed.num_patches
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens entering the first block: the patches plus CLS."""
+        return self.num_patches + self.vit.num_prefix_tokens
+
+    def forward(self, images: Tensor) -> MethodOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def loss_terms(
+        self, out: MethodOutput, targets: Tensor, teacher_out: Optional[MethodOutput] = None
+    ) -> dict[str, Tensor]:
+        """Extra loss terms, each already multiplied by its weight; the engine adds the task loss."""
+        return {}
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Optimizer groups: no weight decay on biases, norms, position embedding and CLS token."""
+        skip = {f"vit.{name}" for name in self.vit.no_weight_decay()}
+        return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=skip)
+
+    def extra_macs(self, token_counts: Tensor) -> Tensor:
+        """Per-image MACs of the method's own modules, ``[B]``; zero for methods without any."""
+        return torch.zeros(token_counts.shape[0], dtype=torch.float64, device=token_counts.device)
+
+    def full_counts(self, batch: int, device: torch.device) -> Tensor:
+        """Token counts of a dense pass: every block runs attention and MLP on all tokens."""
+        return torch.full((batch, self.depth, 2), self.num_tokens, dtype=torch.long, device=device)

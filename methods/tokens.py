@@ -1,0 +1,146 @@
+"""Pure tensor functions shared by the methods (no modules, no timm), in the spirit of ToMe's ``merge.py``.
+
+Token tensors are ``[B, N, C]`` with CLS at index 0. Index tensors address patch positions in the current
+(already reduced) sequence.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def kept_patch_count(num_patches: int, keep_rate: float, mode: str = "floor") -> int:
+    """Patch tokens kept out of ``num_patches`` at ``keep_rate``: ``floor`` (DynamicViT) or ``ceil`` (EViT)."""
+    if not 0.0 < keep_rate <= 1.0:
+        raise ValueError(f"keep_rate={keep_rate} is outside (0, 1]")
+    exact = num_patches * keep_rate
+    # Guard against float noise such as 196 * 0.7 = 137.19999999999998 -> 137 is right, but 0.5*... exact ints.
+    count = math.floor(exact + 1e-9) if mode == "floor" else math.ceil(exact - 1e-9)
+    return max(1, min(num_patches, count))
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """``x[b, index[b, i]]`` for ``x`` ``[B, N, C]`` and ``index`` ``[B, K]`` -> ``[B, K, C]``."""
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def topk_patches(scores: Tensor, k: int, sort_indices: bool = False) -> tuple[Tensor, Tensor]:
+    """Indices of the ``k`` highest-scoring patches and of the rest, from per-patch ``scores`` ``[B, P]``.
+
+    Returns ``(keep, drop)``, patch indices (0-based over patches, CLS excluded). Kept indices come in
+    descending score order unless ``sort_indices`` puts them back in positional order.
+    """
+    order = scores.argsort(dim=1, descending=True)
+    keep, drop = order[:, :k], order[:, k:]
+    if sort_indices:
+        keep = keep.sort(dim=1).values
+    return keep, drop
+
+
+def keep_with_cls(x: Tensor, keep_patches: Tensor) -> Tensor:
+    """CLS followed by the patches at ``keep_patches`` (indices over patches, i.e. token index - 1)."""
+    return torch.cat([x[:, :1], gather_tokens(x[:, 1:], keep_patches)], dim=1)
+
+
+def validate_locations(locations: Sequence[int], depth: int, key: str = "method.locations") -> list[int]:
+    """Block indices must be ints in [1, depth), strictly increasing (pruning before block 0 is pointless)."""
+    locations = [int(v) for v in locations]
+    if not locations:
+        raise ValueError(f"{key} is empty; give block indices in [1, {depth - 1}]")
+    bad = [v for v in locations if not 1 <= v < depth]
+    if bad:
+        raise ValueError(f"{key}={locations}: {bad} outside the valid block range [1, {depth - 1}]")
+    if any(b <= a for a, b in zip(locations, locations[1:])):
+        raise ValueError(f"{key}={locations} must be strictly increasing")
+    return locations
+
+
+# --- EViT: fusion of the inattentive tokens ----------------------------------------------------------------
+
+
+def fuse_tokens(tokens: Tensor, weights: Tensor) -> Tensor:
+    """EViT's fusion token: ``sum_i weights[b, i] * tokens[b, i]``, ``[B, M, C]``, ``[B, M]`` -> ``[B, 1, C]``.
+
+    The weights are used as given (EViT passes the dropped tokens' CLS attention, not renormalised).
+    """
+    return torch.einsum("bm,bmc->bc", weights.to(tokens.dtype), tokens).unsqueeze(1)
+
+
+# --- ToMe: bipartite soft matching and size-weighted merging ------------------------------------------------
+
+
+@dataclass
+class BipartiteMatch:
+    """One merge decision over a sequence split alternately into A (even positions) and B (odd positions).
+
+    Index tensors address positions inside A or B, not the full sequence. Merging turns ``[B, N, C]`` into
+    ``[B, N - r, C]``: the unmerged A tokens in ascending position order (so CLS stays first), then all of B.
+    """
+
+    unmerged: Tensor  # [B, len(A) - r] A positions kept as they are, ascending
+    src: Tensor  # [B, r] A positions merged away
+    dst: Tensor  # [B, r] B positions they merge into
+
+    @property
+    def r(self) -> int:
+        return self.src.shape[1]
+
+
+def clamp_merge_count(r: int, num_tokens: int, protected: int = 1) -> int:
+    """ToMe's clamp: at most half of the unprotected tokens can be merged in one step."""
+    return max(0, min(int(r), (num_tokens - protected) // 2))
+
+
+@torch.no_grad()
+def bipartite_soft_matching(metric: Tensor, r: int, protect_cls: bool = True) -> BipartiteMatch:
+    """ToMe's bipartite soft matching on ``metric`` ``[B, N, D]`` (head-mean keys), without gradients.
+
+    A = even positions, B = odd positions. Each A token picks its most cosine-similar B token; the ``r`` A
+    tokens with the best such edges merge into their partners. With ``protect_cls`` the token at position 0
+    (in A) never merges. ``r`` must already be clamped (:func:`clamp_merge_count`).
+    """
+    metric = F.normalize(metric.float(), dim=-1)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    scores = a @ b.transpose(1, 2)  # [B, |A|, |B|] cosine similarities
+    if protect_cls:
+        scores[:, 0, :] = -math.inf
+    best, partner = scores.max(dim=-1)  # each A token's best B token
+    order = best.argsort(dim=-1, descending=True)
+    src = order[:, :r]
+    return BipartiteMatch(unmerged=order[:, r:].sort(dim=-1).values, src=src, dst=partner.gather(1, src))
+
+
+def merge_tokens(x: Tensor, match: BipartiteMatch, reduce: str = "sum") -> Tensor:
+    """Apply ``match`` to ``x`` ``[B, N, C]``: A sources are reduced (``sum``/``mean``/``amax``...) into B."""
+    a, b = x[:, ::2], x[:, 1::2]
+    channels = x.shape[-1]
+    src = gather_tokens(a, match.src)
+    b = b.scatter_reduce(1, match.dst.unsqueeze(-1).expand(-1, -1, channels), src, reduce=reduce)
+    return torch.cat([gather_tokens(a, match.unmerged), b], dim=1)
+
+
+def merge_wavg(x: Tensor, size: Tensor, match: BipartiteMatch) -> tuple[Tensor, Tensor]:
+    """Size-weighted average merge: returns the merged tokens and their sizes (``[B, N, 1]``, which add up).
+
+    ``sum(size * x)`` and ``sum(size)`` over the sequence are unchanged by a merge, so the size-weighted
+    mean of all tokens is too.
+    """
+    size = size.float()
+    total = merge_tokens(x.float() * size, match, reduce="sum")
+    new_size = merge_tokens(size, match, reduce="sum")
+    return (total / new_size).to(x.dtype), new_size
+
+
+def merge_index(index: Tensor, match: BipartiteMatch) -> tuple[Tensor, Tensor]:
+    """Follow ``match`` for a per-token label ``index`` ``[B, N]`` (e.g. original patch ids).
+
+    Returns ``(surviving, removed)``: the labels of the merged sequence (a merged B token keeps its own) and
+    the labels of the A tokens merged away.
+    """
+    a, b = index[:, ::2], index[:, 1::2]
+    return torch.cat([a.gather(1, match.unmerged), b], dim=1), a.gather(1, match.src)

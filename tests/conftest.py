@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny timm ViTs that run in milliseconds on CPU, and the markers' defaults."""
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+import methods  # noqa: F401  (registers methods and the embedded model)
+
+
+def make_tiny_vit(depth: int = 4, embed_dim: int = 32, num_heads: int = 2, img_size: int = 32,
+                  patch_size: int = 8, num_classes: int = 10, seed: int = 0, **kwargs) -> VisionTransformer:
+    """A DeiT-shaped ViT small enough for unit tests (16 patches + CLS by default)."""
+    torch.manual_seed(seed)
+    vit = VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                            num_heads=num_heads, num_classes=num_classes, **kwargs)
+    return vit.eval()
+
+
+@pytest.fixture
+def tiny_vit():
+    return make_tiny_vit()
+
+
+@pytest.fixture
+def images():
+    torch.manual_seed(1)
+    return torch.randn(4, 3, 32, 32)

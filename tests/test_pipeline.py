@@ -1,0 +1,167 @@
+"""The pipeline end to end at a tiny budget, checkpoints through model.checkpoint, and bad inputs.
+
+Every bad input must fail before a results record exists.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+import methods
+from experiments import pipeline
+from experiments.data import DataError
+from methods.models import CheckpointError
+
+CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"
+
+
+def make_cfg(tmp_path, *overrides):
+    base = [f"paths.results_dir={tmp_path}/results", f"paths.cache_dir={tmp_path}/cache",
+            f"paths.run_dir={tmp_path}/run", "progress=false", "measure.throughput=false"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=base + list(overrides))
+
+
+TINY = ["baseline.epochs=1", "train.epochs=1", "+model.depth=2"]
+
+
+def records_in(tmp_path):
+    folder = tmp_path / "results" / "runs"
+    return sorted(folder.glob("*.json")) if folder.exists() else []
+
+
+@pytest.mark.slow
+def test_end_to_end_tiny_run_writes_one_complete_record(tmp_path):
+    cfg = make_cfg(tmp_path, *TINY, "experiment.train=true")
+    record = pipeline.run(cfg)
+    [path] = records_in(tmp_path)
+    saved = json.loads(path.read_text())
+    assert saved["method"] == "dense" and saved["data"] == "digits" and saved["seed"] == 0
+    assert 0 <= saved["metrics"]["top1"] <= 100 and saved["metrics"]["num_images"] == 360
+    assert saved["params"] == sum(p.numel() for p in methods.create_method(
+        "dense", pipeline.create_backbone("deit_digits_patch4_32", num_classes=10, depth=2)).parameters())
+    assert saved["tokens"]["attn_mean"] == [65.0, 65.0]
+    assert saved["flops"]["flops_ratio"] == pytest.approx(1.0)
+    assert saved["provenance"]["git_commit"] is not None or saved["provenance"]["git_commit"] is None
+    assert saved["train"]["epochs"] == 1 and saved["train"]["init"].startswith("baseline:")
+    assert (tmp_path / "run" / "checkpoints" / "final.pth").exists()
+    # A second run reuses the cached baseline.
+    again = pipeline.run(make_cfg(tmp_path, *TINY))
+    assert again["train"]["init"].endswith("(cached)")
+    assert len(records_in(tmp_path)) == 2
+    assert record["record_id"] != again["record_id"]
+
+
+def test_checkpoint_round_trip_through_model_checkpoint(tmp_path):
+    cfg = make_cfg(tmp_path, "+model.depth=2")
+    first = pipeline.build_method(cfg, num_classes=10)
+    state = first.vit.state_dict()
+    for suffix in (".pth", ".safetensors"):
+        path = tmp_path / f"weights{suffix}"
+        if suffix == ".pth":
+            torch.save({"model": state}, path)  # DeiT's layout
+        else:
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        torch.manual_seed(123)
+        loaded = pipeline.build_method(make_cfg(tmp_path, "+model.depth=2", f"model.checkpoint={path}"), 10)
+        for key, value in state.items():
+            torch.testing.assert_close(loaded.vit.state_dict()[key], value)
+
+
+def test_mismatched_checkpoint_names_missing_and_unexpected_keys(tmp_path):
+    cfg = make_cfg(tmp_path, "+model.depth=2")
+    state = pipeline.build_method(cfg, 10).vit.state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    del state["blocks.1.mlp.fc2.bias"]
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"missing keys: blocks\.1\.mlp\.fc2\.bias.*unexpected keys: extra\.weight"):
+        pipeline.build_method(make_cfg(tmp_path, "+model.depth=2", f"model.checkpoint={path}"), 10)
+
+
+def test_checkpoint_with_other_class_count_is_refused(tmp_path):
+    state = pipeline.build_method(make_cfg(tmp_path, "+model.depth=2"), 10).vit.state_dict()
+    path = tmp_path / "w.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"head\.weight \(10, 96\) vs model \(7, 96\)"):
+        pipeline.build_method(make_cfg(tmp_path, "+model.depth=2", f"model.checkpoint={path}"), 7)
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    (["method.name=nope"], pipeline.ConfigError, r"method\.name='nope' unknown; valid choices: .*dense"),
+    (["model.name=deit_nope"], ValueError, r"model\.name: unknown timm model 'deit_nope'"),
+    (["data.name=nope"], DataError, r"data\.name='nope' unknown; valid: digits, imagefolder"),
+    (["data=imagefolder", "data.root=/does/not/exist"], DataError, r"data\.root=/does/not/exist does not exist"),
+    (["data.img_size=30"], ValueError, r"data\.img_size=30 is not a positive multiple of the patch size 4"),
+    (["train.epochs=-1"], pipeline.ConfigError, r"train\.epochs=-1 must be >= 0"),
+    (["train.lr=-0.1"], pipeline.ConfigError, r"train\.lr=-0\.1 must be > 0"),
+    (["train.opt=adamx"], pipeline.ConfigError, r"train\.opt='adamx' unknown; valid: adamw"),
+    (["+method.params.bogus=1"], pipeline.ConfigError, r"method\.params: unknown key\(s\) \['bogus'\]"),
+    (["model.checkpoint=/no/such.pth"], CheckpointError, r"model\.checkpoint: file not found"),
+])
+def test_bad_inputs_fail_clearly_and_write_no_record(tmp_path, overrides, error, message):
+    with pytest.raises(error, match=message):
+        pipeline.run(make_cfg(tmp_path, *TINY, *overrides))
+    assert records_in(tmp_path) == []
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "corrupt.pth"
+    path.write_bytes(b"PK\x03\x04 definitely not a torch file")
+    with pytest.raises(CheckpointError, match=r"cannot read .*corrupt\.pth"):
+        pipeline.run(make_cfg(tmp_path, *TINY, f"model.checkpoint={path}"))
+    assert records_in(tmp_path) == []
+
+
+def test_unwritable_results_dir_is_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(pipeline.ConfigError, match=r"paths\.results_dir=.*not writable"):
+        pipeline.run(make_cfg(tmp_path, *TINY, f"paths.results_dir={blocker}/sub"))
+
+
+def write_png_folder(root: Path, classes=("cat", "dog"), per_class=3, size=40):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+@pytest.mark.slow
+def test_imagefolder_trains_one_step(tmp_path):
+    write_png_folder(tmp_path / "data")
+    cfg = make_cfg(tmp_path, "data=imagefolder", f"data.root={tmp_path}/data", "data.img_size=32",
+                   "baseline.enabled=false", "experiment.train=true", "train.epochs=1", "train.batch_size=6",
+                   "+model.depth=2")
+    record = pipeline.run(cfg)
+    assert record["metrics"]["num_images"] == 6
+    assert record["train"]["history"][0]["task"] > 0
+    assert record["data"] == "imagefolder"
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("empty", r"split folder 'train' not found"),
+    ("no_classes", r"has no class folders"),
+    ("no_images", r"no images"),
+])
+def test_bad_imagefolders_are_clear_errors(tmp_path, layout, message):
+    root = tmp_path / "data"
+    root.mkdir()
+    if layout != "empty":
+        for split in ("train", "val"):
+            (root / split).mkdir()
+            if layout == "no_images":
+                (root / split / "cls").mkdir()
+                (root / split / "cls" / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match=message):
+        pipeline.run(make_cfg(tmp_path, "data=imagefolder", f"data.root={root}", "data.img_size=32",
+                              "baseline.enabled=false"))
+    assert records_in(tmp_path) == []
