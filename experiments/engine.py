@@ -32,6 +32,17 @@ class TrainSettings:
     progress: bool = True
 
 
+@dataclass
+class EpochState:
+    """Where an epoch stands: steps done and the running sums behind its metrics. A mid-epoch checkpoint saves it;
+    ``train_one_epoch(state=...)`` continues from it (the loader must then yield the remaining batches only)."""
+
+    step: int = 0
+    samples: int = 0
+    skipped: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The method behind a DDP wrapper."""
     return model.module if hasattr(model, "module") else model
@@ -53,16 +64,23 @@ def train_one_epoch(
     settings: TrainSettings,
     teacher: Optional[nn.Module] = None,
     scaler: Optional[torch.amp.GradScaler] = None,
-    on_step: Optional[Callable[[int], None]] = None,
+    on_step: Optional[Callable[[EpochState], None]] = None,
+    state: Optional[EpochState] = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns mean loss terms, the last lr and the number of skipped steps."""
+    """One pass over ``loader``; returns mean loss terms, the last lr and the number of skipped steps.
+
+    ``on_step(state)`` runs after every step (the pipeline checkpoints there on a preemption signal). ``state``
+    resumes a partly done epoch: ``loader`` yields the batches from ``state.step`` on, ``len(loader)`` is the full
+    epoch's.
+    """
     model.train()
     method = unwrap(model)
-    sums: dict[str, float] = {}
-    samples, skipped = 0, 0
+    state = state if state is not None else EpochState()
+    sums = state.sums
     steps_per_epoch = len(loader)
-    bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=not settings.progress)
-    for step, (images, targets) in enumerate(bar):
+    bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=not settings.progress, initial=state.step,
+               total=steps_per_epoch)
+    for step, (images, targets) in enumerate(bar, start=state.step):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast(device, settings.amp_dtype):
             out = model(images)
@@ -79,7 +97,10 @@ def train_one_epoch(
                 raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {step} ({detail})")
             log.warning("skipping step %d of epoch %d: non-finite loss (%s)", step, epoch, detail)
             optimizer.zero_grad(set_to_none=True)
-            skipped += 1
+            state.skipped += 1
+            state.step = step + 1
+            if on_step is not None:
+                on_step(state)
             continue
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -97,16 +118,17 @@ def train_one_epoch(
         if scheduler is not None:
             scheduler.step_update(num_updates=epoch * steps_per_epoch + step + 1)
         batch = images.shape[0]
-        samples += batch
+        state.samples += batch
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value.item() * batch
         sums["loss"] = sums.get("loss", 0.0) + loss.item() * batch
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        state.step = step + 1
         if on_step is not None:
-            on_step(step)
-    metrics = {name: total / max(samples, 1) for name, total in sums.items()}
+            on_step(state)
+    metrics = {name: total / max(state.samples, 1) for name, total in sums.items()}
     metrics["lr"] = max(group["lr"] for group in optimizer.param_groups)
-    metrics["skipped_steps"] = skipped
+    metrics["skipped_steps"] = state.skipped
     return metrics
 
 
@@ -123,35 +145,54 @@ class EvalResult:
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
-             keep_images: int = 0, progress: bool = True) -> EvalResult:
-    """Top-1/top-5, mean loss and per-image token counts over ``loader`` in eval mode (physical removal)."""
+             keep_images: int = 0, progress: bool = True,
+             merge: Optional[Callable[[list[dict[str, Any]]], list[dict[str, Any]]]] = None) -> EvalResult:
+    """Top-1/top-5, mean loss and per-image token counts over ``loader`` in eval mode (physical removal).
+
+    Every batch gives per-image results; the metrics are computed once from them, in batch order. A sharded
+    evaluation passes ``merge`` (``distributed.merge_batches``), which puts every rank's batches back in that
+    order, so its metrics equal the single-process ones exactly.
+    """
     model.eval()
-    correct1 = correct5 = total = 0
-    loss_sum = 0.0
-    counts, depths, kept = [], [], []
-    alt: dict[str, list[Tensor]] = {}
+    parts: list[dict[str, Any]] = []
+    keep_batches = 0
     for images, targets in tqdm(loader, desc="eval", leave=False, disable=not progress):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             out = model(images)
         logits = out.logits.float()
-        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += (top[:, 0] == targets).sum().item()
-        correct5 += (top == targets[:, None]).any(dim=1).sum().item()
-        total += targets.shape[0]
-        counts.append(out.token_counts.cpu())
-        depths.append(out.patch_depth.cpu())
-        for name, value in out.aux.get("alt_token_counts", {}).items():
-            alt.setdefault(name, []).append(value.cpu())
-        if sum(len(k) for k in kept) < keep_images:
-            kept.append(images[: keep_images - sum(len(k) for k in kept)].cpu())
+        part = {
+            "correct1": (top[:, 0] == targets).cpu(),
+            "correct5": (top == targets[:, None]).any(dim=1).cpu(),
+            "loss": F.cross_entropy(logits, targets, reduction="none").cpu(),
+            "token_counts": out.token_counts.cpu(),
+            "patch_depth": out.patch_depth.cpu(),
+            "alt": {name: value.cpu() for name, value in out.aux.get("alt_token_counts", {}).items()},
+        }
+        if keep_images:
+            keep_batches = keep_batches or math.ceil(keep_images / images.shape[0])
+            if len(parts) < keep_batches:  # enough for the first keep_images of the whole pass, in any shard
+                part["images"] = images[:keep_images].cpu()
+        parts.append(part)
+    if merge is not None:
+        parts = merge(parts)
+    total = sum(len(p["correct1"]) for p in parts)
     if total == 0:
         raise ValueError("evaluation set is empty")
-    metrics = {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total,
-               "val_loss": loss_sum / total, "num_images": total}
-    return EvalResult(metrics, torch.cat(counts), torch.cat(depths), {k: torch.cat(v) for k, v in alt.items()},
-                      torch.cat(kept) if kept else None)
+    kept: list[Tensor] = []
+    for part in parts:
+        have = sum(len(k) for k in kept)
+        if have >= keep_images or "images" not in part:
+            break
+        kept.append(part["images"][: keep_images - have])
+    metrics = {"top1": 100.0 * int(sum(p["correct1"].sum().item() for p in parts)) / total,
+               "top5": 100.0 * int(sum(p["correct5"].sum().item() for p in parts)) / total,
+               "val_loss": torch.cat([p["loss"] for p in parts]).double().sum().item() / total,
+               "num_images": total}
+    alt = {name: torch.cat([p["alt"][name] for p in parts]) for name in parts[0]["alt"]}
+    return EvalResult(metrics, torch.cat([p["token_counts"] for p in parts]),
+                      torch.cat([p["patch_depth"] for p in parts]), alt, torch.cat(kept) if kept else None)
 
 
 def token_summary(result: EvalResult, depth: int, grid: Optional[tuple[int, int]], map_count: int) -> dict[str, Any]:

@@ -162,7 +162,7 @@ def fit(method, data, recipe: DictConfig, cfg: DictConfig, device: torch.device,
     last = checkpoint_dir / "last.pth" if checkpoint_dir else None
     if last is not None and last.exists():
         state = torch.load(last, map_location="cpu", weights_only=False)
-        method.load_state_dict(state["model"])
+        load_state_dict_strict(method, state["model"], f"resume checkpoint {last}")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
@@ -224,38 +224,55 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         raise
 
 
+def clear_resume_state(folder: Path) -> None:
+    (folder / "last.pth").unlink(missing_ok=True)
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def run_key(cfg: DictConfig) -> str:
+    """Identity of a run for resuming: the config minus paths, launcher and cosmetic keys. Re-running the same
+    command (after a kill, or a SLURM requeue) finds the same resume folder."""
+    content = OmegaConf.to_container(cfg, resolve=False)
+    for key in ("paths", "hydra", "progress", "num_workers", "launcher"):
+        content.pop(key, None)
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"{cfg.method.name}_{cfg.model.get('short_name', cfg.model.name)}_s{cfg.seed}_{digest}"
+
+
 # ---------------------------------------------------------------------------------------- cached baseline
-def baseline_key(cfg: DictConfig) -> str:
-    """Hash of everything that determines the dense baseline's weights."""
+def baseline_key(cfg: DictConfig, architecture: dict[str, tuple]) -> str:
+    """Hash of everything that determines the dense baseline's weights, including the parameter shapes, so
+    a changed model definition never reuses a stale cache."""
     parts = {
         "model": {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "checkpoint"},
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "recipe": OmegaConf.to_container(cfg.baseline, resolve=True),
         "seed": cfg.seed,
+        "architecture": sorted((name, list(shape)) for name, shape in architecture.items()),
     }
-    parts["data"].pop("num_workers", None)
     text = json.dumps(parts, sort_keys=True)
     return f"{cfg.model.name}_{cfg.data.name}_s{cfg.seed}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 def ensure_baseline(cfg: DictConfig, data, device: torch.device) -> tuple[Path, bool]:
     """Path of the cached dense baseline for this config, training it first if absent. Returns (path, reused)."""
-    path = Path(cfg.paths.cache_dir) / f"{baseline_key(cfg)}.pth"
-    if path.exists():
-        return path, True
-    log.info("training the dense baseline (%d epochs); it is cached at %s", cfg.baseline.epochs, path)
     baseline_cfg = copy.deepcopy(cfg)
     OmegaConf.update(baseline_cfg, "method", {"name": "dense", "finetune": False, "params": {}}, merge=False)
     OmegaConf.update(baseline_cfg, "model.checkpoint", None)
     seed_everything(cfg.seed)
-    dense = build_method(baseline_cfg, data.num_classes).to(device)
+    dense = build_method(baseline_cfg, data.num_classes)
+    shapes = {name: tuple(value.shape) for name, value in dense.state_dict().items()}
+    path = Path(cfg.paths.cache_dir) / f"{baseline_key(cfg, shapes)}.pth"
+    if path.exists():
+        return path, True
+    log.info("training the dense baseline (%d epochs); it is cached at %s", cfg.baseline.epochs, path)
+    dense = dense.to(device)
     work_dir = path.parent / f".{path.stem}.work"
     summary = fit(dense, data, cfg.baseline, cfg, device, work_dir, "dense")
     save_checkpoint(path, {"version": CHECKPOINT_VERSION, "method": "dense", "model": dense.state_dict(),
                            "train": summary})
-    for leftover in work_dir.glob("*"):
-        leftover.unlink()
-    work_dir.rmdir()
+    clear_resume_state(work_dir)
     return path, False
 
 
@@ -289,7 +306,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if method.needs_teacher:
             teacher = methods.create_method("dense", copy.deepcopy(method.vit)).to(device).eval()
             teacher.requires_grad_(False)
-        train_summary = fit(method, data, cfg.train, cfg, device, run_dir / "checkpoints", cfg.method.name, teacher)
+        resume_dir = Path(cfg.paths.state_dir) / run_key(cfg)
+        train_summary = fit(method, data, cfg.train, cfg, device, resume_dir, cfg.method.name, teacher)
         save_checkpoint(run_dir / "checkpoints" / "final.pth", {
             "version": CHECKPOINT_VERSION, "method": cfg.method.name, "model": method.state_dict(),
             "method_params": method_params(cfg)})
@@ -305,10 +323,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     from . import measure  # the measurement layer is optional at import time for lightweight tools
 
-    costs = measure.measure_for_record(method, result, cfg, device)
+    costs = measure.measure_for_record(method, result, cfg, device, dataset=data.val)
     record = make_record(cfg, method, result.metrics, tokens, costs, train_summary, start_time, run_dir)
     path = records.write_record(Path(cfg.paths.results_dir), record)
     log.info("results record: %s", path)
+    if do_train and cfg.train.epochs > 0:
+        clear_resume_state(resume_dir)  # finished: a new run of this config starts afresh
     record["path"] = str(path)
     return record
 

@@ -29,10 +29,10 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def deit_digits_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """Embedded DeiT for the digits data: 32 px, patch 4, width 96, 12 blocks, 3 heads."""
+    """Embedded DeiT for the digits data: 32 px, patch 4, width 64, 12 blocks, 2 heads."""
     if pretrained:
         raise ValueError(f"{EMBEDDED_MODEL} has no pretrained weights; the suite trains and caches its baseline")
-    model_args = dict(img_size=32, patch_size=4, embed_dim=96, depth=12, num_heads=3, num_classes=10)
+    model_args = dict(img_size=32, patch_size=4, embed_dim=64, depth=12, num_heads=2, num_classes=10)
     return build_model_with_cfg(VisionTransformer, EMBEDDED_MODEL, pretrained, **dict(model_args, **kwargs))
 
 

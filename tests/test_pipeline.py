@@ -21,7 +21,7 @@ CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"
 
 def make_cfg(tmp_path, *overrides):
     base = [f"paths.results_dir={tmp_path}/results", f"paths.cache_dir={tmp_path}/cache",
-            f"paths.run_dir={tmp_path}/run", "progress=false", "measure.throughput=false"]
+            f"paths.run_dir={tmp_path}/run", f"paths.state_dir={tmp_path}/state", "progress=false", "measure.throughput=false"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="config", overrides=base + list(overrides))
 

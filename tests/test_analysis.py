@@ -1,0 +1,317 @@
+"""Tests of ``analysis/``: loading, tables against hand-computed aggregates, Pareto fronts, robustness to bad or
+missing input, determinism, and the headless notebook on the fixture records (``tests/fixtures/records``)."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import load, plots, run_report, tables
+from analysis.load import RecordWarning
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "records"
+BAD_FILES = ("corrupt_evit_s0.json", "incomplete_tome_s0.json")
+B32 = "cpu b32 fp32"
+
+
+def fixture_records() -> pd.DataFrame:
+    with pytest.warns(RecordWarning):
+        return load.load_records(FIXTURES)
+
+
+def raw_records(method: str, **params) -> list[dict]:
+    """The fixture JSON files of one setting, read without the analysis code."""
+    out = []
+    for path in sorted(FIXTURES.glob("2*.json")):
+        record = json.loads(path.read_text())
+        if record["method"] == method and all(record["method_params"].get(k) == v for k, v in params.items()):
+            out.append(record)
+    return out
+
+
+def copy_results(tmp_path: Path, names=None) -> Path:
+    """The fixture records laid out like a results folder: ``<results>/runs/*.json``."""
+    runs = tmp_path / "results" / "runs"
+    runs.mkdir(parents=True)
+    for path in sorted(FIXTURES.glob("*.json")):
+        if names is None or path.name in names:
+            shutil.copy(path, runs / path.name)
+    return tmp_path / "results"
+
+
+def table_row(table: tables.Table, **match) -> dict:
+    frame = table.display
+    mask = np.ones(len(frame), dtype=bool)
+    for column, value in match.items():
+        mask &= (frame[column] == value).to_numpy()
+    assert mask.sum() == 1, f"expected one row matching {match}, got {mask.sum()}"
+    return frame[mask].iloc[0].to_dict()
+
+
+# --- loading --------------------------------------------------------------------------------------------------
+
+def test_load_fixture_set_skips_the_two_bad_files_by_name():
+    with pytest.warns(RecordWarning) as caught:
+        records = load.load_records(FIXTURES)
+    messages = [str(w.message) for w in caught]
+    for name in BAD_FILES:
+        assert any(name in m for m in messages), f"no warning names {name}: {messages}"
+    assert len(records) == len(list(FIXTURES.glob("2*.json"))) == 45
+    assert records["kind"].value_counts().to_dict() == {"run": 44, "measure": 1}
+    assert set(records["method"]) == {"dense", "adavit", "dynamicvit", "evit", "tome", "topk", "random", "ats"}
+
+
+def test_corrupt_record_is_skipped_with_a_warning_naming_the_file(tmp_path):
+    good = sorted(FIXTURES.glob("2*_evit_*.json"))[:2]
+    for path in good:
+        shutil.copy(path, tmp_path / path.name)
+    (tmp_path / "broken_run.json").write_text('{"schema_version": 1, "record_id": ')
+    (tmp_path / "nested").mkdir()
+    (tmp_path / "nested" / "a_list.json").write_text("[1, 2, 3]")
+    with pytest.warns(RecordWarning) as caught:
+        records = load.load_records(tmp_path)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "broken_run.json" in messages and "corrupt" in messages
+    assert "a_list.json" in messages  # found recursively, skipped
+    assert sorted(records["record_id"]) == sorted(json.loads(p.read_text())["record_id"] for p in good)
+
+
+def test_incomplete_record_is_skipped_with_a_warning_naming_the_file(tmp_path):
+    record = json.loads(next(FIXTURES.glob("2*_dense_*.json")).read_text())
+    (tmp_path / "ok.json").write_text(json.dumps(record))
+    (tmp_path / "running.json").write_text(json.dumps({**record, "record_id": "r2", "status": "running"}))
+    (tmp_path / "no_metrics.json").write_text(json.dumps({k: v for k, v in record.items() if k != "metrics"}))
+    with pytest.warns(RecordWarning) as caught:
+        records = load.load_records(tmp_path)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "running.json" in messages and "no_metrics.json" in messages
+    assert list(records["record_id"]) == [record["record_id"]]
+
+
+def test_older_duplicate_of_the_same_run_is_superseded(tmp_path):
+    record = json.loads(next(FIXTURES.glob("2*_dense_*_s0_*.json")).read_text())
+    newer = {**record, "record_id": "newer", "metrics": {**record["metrics"], "top1": 50.0},
+             "provenance": {**record["provenance"], "end_time": "2030-01-01T00:00:00+00:00"}}
+    (tmp_path / "old.json").write_text(json.dumps(record))
+    (tmp_path / "new.json").write_text(json.dumps(newer))
+    with pytest.warns(RecordWarning, match="old.json"):
+        records = load.load_records(tmp_path)
+    assert list(records["record_id"]) == ["newer"] and records["top1"].iloc[0] == 50.0
+
+
+def test_empty_results_folder_gives_a_clear_message(tmp_path, capsys):
+    empty = tmp_path / "results"
+    empty.mkdir()
+    records = load.load_records(empty)
+    assert records.empty
+    message = load.summary(records, empty)
+    assert "No usable records" in message and str(empty) in message and "nothing to report" in message
+    assert tables.write_tables(records, empty / "report") == []
+    assert plots.write_figures(records, empty / "report") == []
+    assert not (empty / "report").exists()
+    missing = tmp_path / "nowhere"
+    assert "No results folder" in load.summary(load.load_records(missing), missing)
+    # the headless entry point: a message and exit 0 for an empty folder, exit 2 for a missing one
+    capsys.readouterr()
+    assert run_report.run(empty, timeout=120) == 0
+    out = capsys.readouterr()
+    assert "No usable records" in out.out and "Traceback" not in out.out + out.err
+    assert not (empty / "report").exists()
+    assert run_report.main([str(missing)]) == 2
+    assert "no results folder" in capsys.readouterr().err
+
+
+# --- tables ---------------------------------------------------------------------------------------------------
+
+def test_table_values_match_hand_computed_aggregates():
+    agg = tables.aggregate(fixture_records())
+    main = tables.main_table(agg, "deit_digits", "digits")
+
+    # top-1 mean ± sample std over seeds, chosen by hand in tests/fixtures/make_records.py
+    assert table_row(main, Method="dense")["Top-1 (%)"] == "97.50 ± 0.50"
+    evit = table_row(main, Method="evit", Setting="keep_rate=0.7")
+    assert evit["Top-1 (%)"] == "96.50 ± 0.50" and evit["Δ Top-1"] == "-1.00"
+    # 95.0, 95.5, 96.6: mean 95.7, std sqrt((0.49 + 0.04 + 0.81) / 2) = 0.8185
+    adavit = table_row(main, Method="adavit", Setting="ponder_weight=0.001, prior=correct, target_depth=8")
+    assert adavit["Top-1 (%)"] == "95.70 ± 0.82" and adavit["Δ Top-1"] == "-1.80"
+    assert table_row(main, Method="ats")["Top-1 (%)"] == "95.25 ± 0.35"  # two seeds: 95.0, 95.5
+    assert table_row(main, Method="ats")["GFLOPs"] == tables.DASH  # not measured
+    assert table_row(main, Method="dense")["Seeds"] == "3"
+    assert not (main.display["Setting"] == "keep_rate=0.6").any()  # the corrupt record stays out
+    measured = table_row(main, Method="tome", Setting="r=4 [measure]")  # untrained: costs only, own row
+    assert measured["Top-1 (%)"] == tables.DASH and measured["Seeds"] == "1"
+    assert table_row(main, Method="tome", Setting="r=4")["Top-1 (%)"] == "96.00 ± 0.50"
+
+    # GFLOPs change vs dense and efficiency, from the raw JSON
+    raw = raw_records("evit", keep_rate=0.7)
+    ratios = [r["flops"]["gflops"] / r["flops"]["dense_gflops"] for r in raw]
+    change = (statistics.mean(ratios) - 1) * 100
+    speedups = [next(t["speedup_vs_dense"] for t in r["throughput"] if t["batch_size"] == 32) for r in raw]
+    efficiency = statistics.mean(s * q for s, q in zip(speedups, ratios))
+    assert evit["GFLOPs"] == f"{statistics.mean(r['flops']['gflops'] for r in raw):.3f}"
+    assert evit["Δ GFLOPs"] == f"{change:+.1f}%" == "-33.4%"
+    assert evit[f"Speedup ({B32})"] == f"{statistics.mean(speedups):.2f}×"
+    assert evit[f"Eff. ({B32})"] == f"{efficiency:.2f}"
+    row = agg[(agg["method"] == "evit") & (agg["setting"] == "keep_rate=0.7")].iloc[0]
+    assert row["gflops_change_pct"] == pytest.approx(change, rel=1e-12)
+    assert row[f"efficiency_mean[{B32}]"] == pytest.approx(efficiency, rel=1e-12)
+    assert row[f"efficiency_std[{B32}]"] == pytest.approx(statistics.stdev(s * q for s, q in zip(speedups, ratios)))
+    assert row["top1_std"] == pytest.approx(0.5)
+
+
+def test_adavit_ablation_has_one_column_per_differing_param():
+    agg = tables.aggregate(fixture_records())
+    ablation = tables.adavit_ablation(agg, "deit_digits", "digits")
+    assert list(ablation.display.columns[:3]) == ["ponder_weight", "prior", "target_depth"]
+    assert len(ablation.display) == 3
+    row = table_row(ablation, prior="official")
+    assert row["target_depth"] == "6" and row["Top-1 (%)"] == "94.00 ± 0.00" and row["Δ Top-1"] == "-3.50"
+    assert "gate_scale" not in ablation.display.columns  # the same in every setting
+    assert tables.adavit_ablation(agg[agg["method"] != "adavit"], "deit_digits", "digits") is None
+
+
+def test_table_files_are_written_and_deterministic(tmp_path):
+    records = fixture_records()
+    first = tables.write_tables(records, tmp_path / "a")
+    shuffled = records.sample(frac=1.0, random_state=3).reset_index(drop=True)
+    second = tables.write_tables(shuffled, tmp_path / "b")
+    assert [p.name for p in first] == [p.name for p in second]
+    assert {p.name for p in first} >= {"main_deit_digits.md", "main_deit_digits.tex", "main_deit_digits.csv",
+                                       "adavit_ablation_deit_digits.md", "all_settings.csv"}
+    for a, b in zip(first, second):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    latex = (tmp_path / "a" / "main_deit_digits.tex").read_text()
+    assert r"\toprule" in latex and r"\midrule" in latex and r"\bottomrule" in latex
+    assert "1 multiply-add as 1 FLOP" in latex and "inference" in latex  # the footnote
+    markdown = (tmp_path / "a" / "main_deit_digits.md").read_text()
+    assert "LayerNorm, softmax, GELU, gather" in markdown and "median of at least 5" in markdown
+    rows = [line for line in markdown.splitlines() if line.startswith("| ")][2:]
+    methods = [line.split("|")[1].strip() for line in rows]
+    assert methods[0] == "dense" and methods.index("adavit") < methods.index("evit") < methods.index("random")
+
+
+def test_missing_flops_and_throughput_give_nan_columns_and_skipped_figures(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for path in sorted(FIXTURES.glob("2*.json")):
+        record = json.loads(path.read_text())
+        if record["method"] in ("dense", "evit"):
+            record["flops"], record["throughput"] = None, None
+            (runs / path.name).write_text(json.dumps(record))
+    records = load.load_records(tmp_path)
+    agg = tables.aggregate(records)
+    assert agg["gflops_mean"].isna().all() and agg.attrs["conditions"] == []
+    main = tables.main_table(agg, "deit_digits", "digits")
+    assert (main.display["GFLOPs"] == tables.DASH).all()
+    assert table_row(main, Method="evit", Setting="keep_rate=0.7")["Top-1 (%)"] == "96.50 ± 0.50"
+    assert tables.write_tables(records, tmp_path / "report")
+    capsys.readouterr()
+    assert plots.plot_accuracy_vs_gflops(records, tmp_path / "report") == []
+    assert plots.plot_accuracy_vs_throughput(records, tmp_path / "report") == []
+    notes = capsys.readouterr().out
+    assert "skipped top-1 vs GFLOPs" in notes and "skipped top-1 vs throughput" in notes
+
+
+# --- Pareto fronts and token statistics -----------------------------------------------------------------------
+
+def test_pareto_front_on_crafted_points():
+    gflops = [1.0, 2.0, 2.0, 3.0, 4.0, 0.5, math.nan, 4.0]
+    top1 = [70.0, 75.0, 74.0, 75.0, 80.0, 60.0, 99.0, 80.0]
+    front = tables.pareto_front(gflops, top1)
+    # (2, 74) and (3, 75) are dominated by (2, 75); NaN is never on the front; the (4, 80) twins both are
+    assert front.tolist() == [True, True, False, False, True, True, False, True]
+    # throughput: higher is better on both axes
+    img_s = [100.0, 300.0, 200.0, 300.0]
+    acc = [80.0, 79.0, 78.0, 70.0]
+    assert tables.pareto_front(img_s, acc, maximize_x=True).tolist() == [True, True, False, False]
+    assert tables.pareto_front([], []).tolist() == []
+    with pytest.raises(ValueError):
+        tables.pareto_front([1.0], [1.0, 2.0])
+
+
+def test_kept_iou_and_prior_target():
+    a = np.array([[12, 3], [5, 1]])
+    b = np.array([[12, 12], [2, 1]])
+    assert plots.kept_iou(a, b, 0) == pytest.approx(1.0)  # every patch saw block 0
+    assert plots.kept_iou(a, b, 2) == pytest.approx(2 / 3)  # kept: a {0,1,2}, b {0,1}
+    assert plots.kept_iou(a, b, 4) == pytest.approx(1 / 3)  # kept: a {0,2}, b {0,1}
+    assert math.isnan(plots.kept_iou(a, b, 12))
+    prior = plots.prior_target(12)
+    assert prior.sum() == pytest.approx(1.0) and prior[0] == 0 and int(np.argmax(prior)) == 8
+    assert int(np.argmax(plots.prior_target(12, target_depth=6, target_std=2))) == 6
+    assert int(np.argmax(plots.prior_target(24))) == 16  # default 8/12 of the depth
+
+
+def test_token_maps_in_the_engine_layout_and_alternatives():
+    rgb = np.zeros((16, 16, 3), dtype=int)
+    rgb[4:12, 4:12] = 255
+    tokens = {"grid": [4, 4], "mean_patch_depth": list(range(16)),
+              "maps": [{"index": 7, "patch_depth": list(range(16)), "thumbnail": rgb.tolist()},
+                       {"image_index": 9, "depth": [[1, 2], [3, 4]], "image": [[0.0, 0.5], [1.0, 0.25]]},
+                       {"index": 3, "patch_depth": None}]}
+    maps = load.depth_maps(tokens)
+    assert [m["index"] for m in maps] == [7, 9]  # the entry without a depth map is dropped
+    assert maps[0]["depth"].shape == (4, 4) and maps[0]["depth"][1, 0] == 4
+    assert maps[0]["image"].shape == (16, 16, 3) and maps[0]["image"].max() == 1.0  # 0..255 scaled
+    assert maps[1]["depth"].shape == (2, 2) and maps[1]["image"][0, 1] == 0.5
+    assert load.mean_patch_depth(tokens).shape == (4, 4)
+    assert load.mean_patch_depth({"mean_patch_depth": {"grid": [2, 8], "values": list(range(16))}}).shape == (2, 8)
+    assert load.mean_patch_depth({"mean_patch_depth": list(range(9))}).shape == (3, 3)  # square, no grid
+    assert load.depth_maps(None) == [] and load.mean_patch_depth({}) is None
+
+
+def test_kept_iou_frame_on_fixtures_is_symmetric_with_unit_diagonal():
+    frame = plots.kept_iou_frame(fixture_records(), "deit_digits", "digits")
+    assert set(frame["block"]) == {3, 6, 9, 11}
+    assert "dense" not in set(frame["method_a"])
+    diagonal = frame[frame["method_a"] == frame["method_b"]]
+    assert np.allclose(diagonal["iou"], 1.0)
+    pivot = frame[frame["block"] == 6].pivot(index="method_a", columns="method_b", values="iou")
+    assert np.allclose(pivot.to_numpy(), pivot.to_numpy().T)
+
+
+# --- notebook and isolation -----------------------------------------------------------------------------------
+
+def test_notebook_is_stored_without_outputs():
+    notebook = json.loads((ROOT / "analysis" / "report.ipynb").read_text())
+    code = [c for c in notebook["cells"] if c["cell_type"] == "code"]
+    assert code and all(c["outputs"] == [] and c["execution_count"] is None for c in code)
+    assert any("parameters" in c["metadata"].get("tags", []) for c in code)
+
+
+def test_analysis_imports_neither_torch_nor_the_suite():
+    script = ("import sys, analysis.load, analysis.tables, analysis.plots, analysis.run_report; "
+              "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'methods', 'experiments', 'timm')]; "
+              "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_notebook_executes_headless_on_the_fixture_records(tmp_path, capsys):
+    results = copy_results(tmp_path)
+    assert run_report.main([str(results)]) == 0
+    out = capsys.readouterr()
+    for name in BAD_FILES:
+        assert name in out.err, f"the skipped file {name} is not named in the notebook's output"
+    report = results / "report"
+    expected = ["report.md", "report.ipynb", "all_settings.csv", "kept_iou_deit_digits.csv"]
+    expected += [f"{stem}_deit_digits.{ext}" for stem in ("main", "adavit_ablation") for ext in ("md", "tex", "csv")]
+    expected += [f"{stem}_deit_digits.{ext}" for stem in ("top1_vs_gflops", "top1_vs_throughput", "tokens_per_block",
+                                                          "adavit_depth", "depth_maps", "mean_depth", "kept_iou")
+                 for ext in ("png", "pdf")]
+    missing = [name for name in expected if not (report / name).is_file()]
+    assert not missing, f"not written: {missing}"
+    assert all((report / name).stat().st_size > 0 for name in expected)
+    with pytest.warns(RecordWarning):
+        records = load.load_records(results)
+    assert (report / "main_deit_digits.md").read_text() == \
+        tables.main_table(tables.aggregate(records), "deit_digits", "digits").to_markdown()

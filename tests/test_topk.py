@@ -1,0 +1,143 @@
+"""topk and random: which tokens they keep, counts (schedules and explicit lists), seeds, bad input."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from omegaconf import OmegaConf
+
+from methods import backbone, create_method
+from conftest import make_tiny_vit
+
+CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf" / "method"
+
+
+@pytest.fixture(scope="module")
+def deit_small():
+    torch.manual_seed(0)
+    return timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+
+
+def run(name, vit, images, **params):
+    with torch.no_grad():
+        return create_method(name, vit, **params).eval()(images)
+
+
+def test_topk_drops_the_lowest_cls_attention(tiny_vit, images):
+    out = run("topk", tiny_vit, images, keep_rate=0.5, locations=[1])
+    with torch.no_grad():
+        x = backbone.embed(tiny_vit, images)
+        x = backbone.mlp_residual(tiny_vit.blocks[0], backbone.attn_residual(tiny_vit.blocks[0], x)[0])
+        cls_attn = backbone.attn_residual(tiny_vit.blocks[1], x, return_cls_attn=True)[1].cls_attn[:, 1:]
+    lowest = cls_attn.argsort(dim=1)[:, :8]
+    expected = torch.full((4, 16), 4).scatter(1, lowest, 2)  # dropped inside block 1: seen by blocks 0 and 1
+    assert torch.equal(out.patch_depth, expected)
+    assert out.token_counts[0].tolist() == [[17, 17], [17, 9], [9, 9], [9, 9]]
+
+
+def test_topk_with_evit_schedule_equals_evit_without_fusion(tiny_vit, images):
+    params = dict(keep_rate=0.6, locations=[0, 2])
+    topk = run("topk", tiny_vit, images, schedule="evit", **params)
+    evit = run("evit", tiny_vit, images, fuse=False, **params)
+    assert torch.equal(topk.logits, evit.logits)
+    assert torch.equal(topk.token_counts, evit.token_counts) and torch.equal(topk.patch_depth, evit.patch_depth)
+
+
+def test_explicit_counts_reproduce_the_schedule(tiny_vit, images):
+    scheduled = run("topk", tiny_vit, images, keep_rate=0.7, locations=[1, 2])  # floor(16 * .7), floor(16 * .49)
+    assert scheduled.token_counts[0, :, 0].tolist() == [17, 17, 12, 8]
+    explicit = run("topk", tiny_vit, images, token_counts=[17, 17, 12, 8])
+    assert torch.equal(explicit.logits, scheduled.logits)
+    assert torch.equal(explicit.token_counts, scheduled.token_counts)
+    short = run("topk", tiny_vit, images, token_counts=[17, 17, 12])  # padded with its last entry
+    assert short.token_counts[0].tolist() == [[17, 17], [17, 12], [12, 12], [12, 12]]
+
+
+def test_deit_small_counts(deit_small):
+    image = torch.randn(1, 3, 224, 224)
+    out = run("topk", deit_small, image)  # defaults: 0.7 at 3/6/9, DynamicViT's floor(196 * 0.7 ** s)
+    assert out.token_counts[0, :, 0].tolist() == [197] * 4 + [138] * 3 + [97] * 3 + [68] * 2
+    assert out.token_counts[0, :, 1].tolist() == [197] * 3 + [138] * 3 + [97] * 3 + [68] * 3
+    assert torch.bincount(out.patch_depth[0], minlength=13)[[4, 7, 10, 12]].tolist() == [59, 41, 29, 67]
+    out = run("topk", deit_small, image, schedule="evit")
+    assert out.token_counts[0, :, 1].tolist() == [197] * 3 + [139] * 3 + [98] * 3 + [69] * 3
+    counts = [197, 197, 197, 180, 160, 160, 140, 120, 120, 100]
+    out = run("topk", deit_small, image, token_counts=counts)
+    assert out.token_counts[0, :, 0].tolist() == counts + [100, 100]
+    assert out.token_counts[0, :, 1].tolist() == counts[1:] + [100, 100, 100]
+    random = run("random", deit_small, image)
+    assert torch.equal(random.token_counts, run("topk", deit_small, image).token_counts)
+
+
+def test_random_is_reproducible_and_seeded(tiny_vit, images):
+    params = dict(keep_rate=0.5, locations=[1, 2])
+    first, again = run("random", tiny_vit, images, **params), run("random", tiny_vit, images, **params)
+    assert torch.equal(first.logits, again.logits) and torch.equal(first.patch_depth, again.patch_depth)
+    other = run("random", tiny_vit, images, seed=1, **params)
+    assert not torch.equal(first.patch_depth, other.patch_depth)
+    topk = run("topk", tiny_vit, images, **params)
+    assert torch.equal(first.token_counts, topk.token_counts)
+    assert not torch.equal(first.patch_depth, topk.patch_depth)
+
+
+def test_random_eval_subsets_repeat_and_train_subsets_vary(tiny_vit, images):
+    method = create_method("random", tiny_vit, keep_rate=0.5, locations=[1]).eval()
+    with torch.no_grad():
+        assert torch.equal(method(images).patch_depth, method(images).patch_depth)
+        method.train()
+        first, second = method(images).patch_depth, method(images).patch_depth
+    assert not torch.equal(first, second)  # the training generator runs on
+    assert not all(torch.equal(first[0], row) for row in first[1:])  # each image draws its own subset
+
+
+@pytest.mark.parametrize("name", ["topk", "random"])
+def test_batch_invariance(tiny_vit, images, name):
+    method = create_method(name, tiny_vit, keep_rate=0.5, locations=[1, 2]).eval()
+    with torch.no_grad():
+        full = method(images)
+        for i in range(len(images)):
+            single = method(images[i:i + 1])
+            torch.testing.assert_close(single.logits[0], full.logits[i], atol=1e-5, rtol=1e-5)
+            assert torch.equal(single.token_counts[0], full.token_counts[i])
+            assert torch.equal(single.patch_depth[0], full.patch_depth[i])
+
+
+@pytest.mark.parametrize("name", ["topk", "random"])
+def test_train_mode_is_differentiable(tiny_vit, images, name):
+    method = create_method(name, tiny_vit, keep_rate=0.5, locations=[1, 2]).train()
+    method(images).logits.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in method.parameters())
+
+
+@pytest.mark.parametrize("params, key, fragment", [
+    ({"keep_rate": 0}, "method.params.keep_rate", "(0, 1]"),
+    ({"keep_rate": 1.01}, "method.params.keep_rate", "(0, 1]"),
+    ({"locations": [1, 1]}, "method.params.locations", "strictly increasing"),
+    ({"locations": [5]}, "method.params.locations", "[0, 3]"),
+    ({"schedule": "ceil"}, "method.params.schedule", "dynamicvit, evit"),
+    ({"token_counts": [17, 17, 12, 8, 8]}, "method.params.token_counts", "5 entries but the model has 4 blocks"),
+    ({"token_counts": [17, 12, 14]}, "method.params.token_counts", "increases at block(s) [2]"),
+    ({"token_counts": [16, 12]}, "method.params.token_counts", "first equal to 17"),
+    ({"token_counts": [17, 0]}, "method.params.token_counts", "[1, 17]"),
+    ({"token_counts": 12}, "method.params.token_counts", "non-increasing"),
+    ({"seed": -1}, "method.params.seed", ">= 0"),
+])
+def test_bad_input(tiny_vit, params, key, fragment):
+    name = "random" if "seed" in params else "topk"
+    with pytest.raises(ValueError) as error:
+        create_method(name, tiny_vit, **{"locations": [1, 2], **params})
+    message = str(error.value)
+    value = next(iter(params.values()))
+    assert key in message and fragment in message
+    assert repr(value) in message or (isinstance(value, list) and str(len(value)) in message)
+
+
+@pytest.mark.parametrize("name", ["topk", "random"])
+def test_config_builds_the_default_method(name):
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
+    assert cfg["name"] == name and cfg["finetune"] is False
+    method = create_method(cfg["name"], make_tiny_vit(depth=12), **cfg["params"])
+    assert (method.keep_rate, method.locations, method.schedule, method.token_counts) == (
+        0.7, [3, 6, 9], "dynamicvit", None)
