@@ -27,5 +27,10 @@ bench: $(STAMP)
 	mkdir -p results/benchmarks
 	$(PY) -m pytest tests/benchmarks -m benchmark --benchmark-enable --benchmark-json=results/benchmarks/bench.json
 
+RESULTS ?= results
+
+report: $(STAMP)  ## tables + figures from the records under $(RESULTS) into $(RESULTS)/report/
+	$(PY) -m analysis.run_report $(RESULTS)
+
 clean:
 	rm -rf $(VENV) outputs .cache .pytest_cache

@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 import timm
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
@@ -33,7 +34,12 @@ def deit_digits_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransform
     if pretrained:
         raise ValueError(f"{EMBEDDED_MODEL} has no pretrained weights; the suite trains and caches its baseline")
     model_args = dict(img_size=32, patch_size=4, embed_dim=64, depth=12, num_heads=2, num_classes=10)
-    return build_model_with_cfg(VisionTransformer, EMBEDDED_MODEL, pretrained, **dict(model_args, **kwargs))
+    model = build_model_with_cfg(VisionTransformer, EMBEDDED_MODEL, pretrained, **dict(model_args, **kwargs))
+    with torch.no_grad():
+        grid = list(model.patch_embed.grid_size)
+        model.pos_embed[0, 1:] = build_sincos2d_pos_embed(grid, dim=model.embed_dim)
+        model.pos_embed[0, 0] = 0.0
+    return model
 
 
 class CheckpointError(ValueError):

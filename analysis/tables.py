@@ -1,0 +1,433 @@
+"""Tables of the report: owns seed aggregation, comparisons against dense, Pareto fronts and the table files.
+
+- :func:`aggregate` turns the per-record frame of :func:`analysis.load.load_records` into one row per backbone
+  (``model`` and ``data``) and setting (``method`` and ``method_params``): mean and sample std over seeds of
+  top-1, GFLOPs, FLOPs ratio and, per throughput condition, img/s, speedup and efficiency; plus the changes
+  against the dense row of the same backbone.
+- :func:`main_table` and :func:`adavit_ablation` select and format columns; :func:`write_tables` writes every
+  table as Markdown, LaTeX (booktabs) and CSV, with :data:`FOOTNOTE` under the Markdown and LaTeX versions.
+- :func:`pareto_front` is shared with the figures; :func:`write_index` writes ``report.md``, which links every
+  table and figure.
+
+Definitions: ``flops_ratio = GFLOPs / dense GFLOPs`` (per record, the record's own dense reference);
+``speedup = img/s / dense img/s`` (per record, as measured in the same process); ``efficiency = speedup ×
+flops_ratio``, i.e. the measured speedup over the FLOP reduction (1 = wall clock follows FLOPs). Each is
+computed per record, then averaged over seeds. Rows are sorted by backbone, by :data:`METHOD_ORDER`, then by
+``method_params``; numbers are printed with fixed formats, so the same records always give the same files.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import re
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import pandas as pd
+
+from . import load
+
+METHOD_ORDER = ("dense", "adavit", "dynamicvit", "evit", "tome", "ats", "topk", "random")
+DASH = "—"
+FOOTNOTE = (
+    "GFLOPs: mean per-image cost over the evaluation set, counting 1 multiply-add as 1 FLOP (fvcore and the "
+    "papers' convention, i.e. GMACs); LayerNorm, softmax, GELU, gather and top-k are not counted. "
+    "Throughput: images/s in eval mode under torch.inference_mode, inputs preloaded on the device, at least "
+    "10 warm-up iterations, the device synchronised around the timed region, the median of at least 5 "
+    "repeats; dense is measured interleaved in the same process and speedup = img/s ÷ dense img/s. "
+    "Efficiency = speedup ÷ (dense GFLOPs ÷ GFLOPs): 1 means the wall-clock speedup matches the FLOP saving. "
+    "Top-1 in %, mean ± sample std over seeds; Δ against dense of the same backbone (GFLOPs in %, top-1 in "
+    "points). Throughput columns are labelled device, batch size, dtype; — = not measured."
+)
+
+
+# --- ordering and labels --------------------------------------------------------------------------------------
+
+def method_rank(method: str) -> tuple[int, str]:
+    """Sort key of a method name: :data:`METHOD_ORDER`, then unknown methods alphabetically."""
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def _value_key(value: Any) -> tuple:
+    if isinstance(value, bool):
+        return (1, str(value))
+    if isinstance(value, numbers.Real):
+        return (0, float(value), "")
+    return (2, json.dumps(value, sort_keys=True, default=str))
+
+
+def params_sort_key(params: dict[str, Any]) -> tuple:
+    """Settings sort by their parameters, key by key, numbers numerically."""
+    return tuple((key, _value_key(params[key])) for key in sorted(params))
+
+
+def format_value(value: Any) -> str:
+    """A parameter value as short text: ``5e-04`` -> ``0.0005``, ``8.0`` -> ``8``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, numbers.Real):
+        return format(float(value), "g")
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    return str(value)
+
+
+def varying_keys(params_list: Iterable[dict[str, Any]]) -> list[str]:
+    """The parameter names whose value differs between settings (a key missing somewhere counts as differing)."""
+    params_list = list(params_list)
+    keys = sorted(set().union(*[p.keys() for p in params_list])) if params_list else []
+    return [k for k in keys
+            if len({json.dumps(p.get(k, "<missing>"), sort_keys=True, default=str) for p in params_list}) > 1]
+
+
+def setting_labels(params_list: list[dict[str, Any]], max_keys: int = 3) -> list[str]:
+    """Short labels telling the settings of one method apart: the differing parameters, or all of them for a
+    single setting with at most ``max_keys`` parameters, else ``default``."""
+    keys = varying_keys(params_list)
+    labels = []
+    for params in params_list:
+        shown = keys or (sorted(params) if len(params) <= max_keys else [])
+        text = ", ".join(f"{k}={format_value(params[k])}" for k in shown if k in params)
+        labels.append(text or ("default" if params else DASH))
+    return labels
+
+
+def backbone_slug(model: str, data: str, several_data: bool) -> str:
+    text = f"{model}_{data}" if several_data else model
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
+
+
+# --- Pareto fronts --------------------------------------------------------------------------------------------
+
+def pareto_front(x: Iterable[float], y: Iterable[float], *, maximize_x: bool = False,
+                 maximize_y: bool = True) -> np.ndarray:
+    """Boolean mask of the points no other point dominates.
+
+    A point is dominated when another is at least as good on both axes and strictly better on one
+    (by default: lower ``x``, e.g. GFLOPs, and higher ``y``, e.g. top-1). NaN points are never on the front;
+    exact duplicates of a front point are both on it.
+    """
+    xs = np.asarray(list(x), dtype=float)
+    ys = np.asarray(list(y), dtype=float)
+    if xs.shape != ys.shape:
+        raise ValueError(f"x and y differ in length: {xs.shape} vs {ys.shape}")
+    gx = xs if maximize_x else -xs  # larger is better on both after the sign flips
+    gy = ys if maximize_y else -ys
+    valid = ~(np.isnan(gx) | np.isnan(gy))
+    mask = valid.copy()
+    for i in np.flatnonzero(valid):
+        others = valid.copy()
+        others[i] = False
+        dominated = others & (gx >= gx[i]) & (gy >= gy[i]) & ((gx > gx[i]) | (gy > gy[i]))
+        mask[i] = not dominated.any()
+    return mask
+
+
+# --- aggregation ----------------------------------------------------------------------------------------------
+
+def _mean_std(values: pd.Series) -> tuple[float, float]:
+    values = values.dropna().astype(float)
+    if values.empty:
+        return math.nan, math.nan
+    return float(values.mean()), (float(values.std(ddof=1)) if len(values) > 1 else math.nan)
+
+
+def mean_depth(tokens: Optional[dict]) -> float:
+    """Mean number of blocks that saw a patch token: from ``depth_histogram``, else ``mean_patch_depth``."""
+    hist = load.depth_histogram(tokens)
+    if hist is not None:
+        return float(np.sum(hist * np.arange(len(hist))))
+    grid = load.mean_patch_depth(tokens)
+    return float(np.mean(grid)) if grid is not None else math.nan
+
+
+def aggregate(records: pd.DataFrame) -> pd.DataFrame:
+    """One row per backbone and setting, seeds aggregated; see the module docstring for the definitions.
+
+    Records of another ``kind`` than ``run`` (``measure``: costs of an untrained model) form their own rows,
+    marked ``[measure]`` in ``setting`` and sorted after the run of the same setting.
+
+    Columns: ``model``, ``data``, ``slug``, ``method``, ``method_params``, ``params_key``, ``kind``, ``setting``,
+    ``n_seeds``, ``seeds``, ``params``, then ``<metric>_mean``/``<metric>_std`` for ``top1``, ``top5``,
+    ``gflops``, ``flops_ratio``, ``depth`` and, per condition ``c``, ``img_per_s[c]``, ``speedup[c]``,
+    ``efficiency[c]``; and ``top1_delta`` (points) and ``gflops_change_pct`` against dense (NaN without a
+    dense row). ``conditions`` is stored in ``frame.attrs``.
+    """
+    if records.empty:
+        return pd.DataFrame()
+    records = records.copy()
+    records["depth"] = records["tokens"].map(mean_depth)
+    # a record without its own dense reference falls back to the dense records of its backbone
+    dense_g = records[records["method"] == "dense"].groupby(["model", "data"])["gflops"].mean()
+    fallback = [g / dense_g.get((m, d), math.nan) for m, d, g in zip(records["model"], records["data"],
+                                                                        records["gflops"])]
+    records["flops_ratio"] = records["flops_ratio"].fillna(pd.Series(fallback, index=records.index))
+    through = load.throughput_frame(records)
+    conds = load.conditions(through)
+    if not through.empty:
+        ratio = records.set_index("record_id")["flops_ratio"]
+        through["efficiency"] = through["speedup"] * through["record_id"].map(ratio)
+    several = records.groupby("model")["data"].nunique().to_dict()
+
+    rows = []
+    keys = ["model", "data", "method", "params_key", "kind"]
+    for (model, data, method, pkey, kind), group in records.groupby(keys, sort=False):
+        group = group.sort_values("seed", key=load.text_sort_key, kind="stable")
+        row: dict[str, Any] = {
+            "model": model, "data": data, "slug": backbone_slug(model, data, several[model] > 1),
+            "method": method, "method_params": group["method_params"].iloc[0], "params_key": pkey, "kind": kind,
+            "n_seeds": len(group), "seeds": ",".join(str(s) for s in group["seed"]),
+            "params": group["params"].mean() if group["params"].notna().any() else math.nan,
+        }
+        for metric in ("top1", "top5", "gflops", "flops_ratio", "depth"):
+            row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std(group[metric])
+        sub = through[through["record_id"].isin(group["record_id"])] if not through.empty else through
+        for cond in conds:
+            part = sub[sub["condition"] == cond] if not sub.empty else sub
+            for metric in ("img_per_s", "speedup", "efficiency"):
+                values = part[metric] if not part.empty else pd.Series(dtype=float)
+                row[f"{metric}_mean[{cond}]"], row[f"{metric}_std[{cond}]"] = _mean_std(values)
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    frame["_order"] = [(m, d, method_rank(me), params_sort_key(p), k != "run", k) for m, d, me, p, k in
+                       zip(frame["model"], frame["data"], frame["method"], frame["method_params"], frame["kind"])]
+    frame = frame.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
+    frame["setting"] = ""
+    for _, idx in frame.groupby(["model", "data", "method"], sort=False).groups.items():
+        labels = setting_labels(list(frame.loc[idx, "method_params"]))
+        frame.loc[idx, "setting"] = [label if kind == "run" else f"{label} [{kind}]"
+                                     for label, kind in zip(labels, frame.loc[idx, "kind"])]
+    dense = frame[frame["method"] == "dense"].groupby(["model", "data"]).first()  # the run, if there is one
+    dense_top1 = [dense["top1_mean"].get((m, d), math.nan) for m, d in zip(frame["model"], frame["data"])]
+    frame["top1_delta"] = frame["top1_mean"] - np.asarray(dense_top1, dtype=float)
+    frame["gflops_change_pct"] = (frame["flops_ratio_mean"] - 1.0) * 100.0
+    frame.attrs["conditions"] = conds
+    return frame
+
+
+# --- formatting -----------------------------------------------------------------------------------------------
+
+def _fmt(value: Any, spec: str, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return DASH
+    return format(value, spec) + suffix
+
+
+def _fmt_rate(value: float) -> str:
+    """img/s with at least three significant digits: 2400, 57.3, 3.25."""
+    if math.isnan(value):
+        return DASH
+    return format(value, ".0f" if value >= 100 else ".1f" if value >= 10 else ".2f")
+
+
+def _pm(mean: float, std: float, spec: str) -> str:
+    if math.isnan(mean):
+        return DASH
+    return format(mean, spec) if math.isnan(std) else f"{format(mean, spec)} ± {format(std, spec)}"
+
+
+class Table:
+    """A formatted table: ``display`` (strings, for Markdown and LaTeX), ``numeric`` (for CSV), ``title``,
+    ``align`` (one ``l``/``r`` per display column) and ``midrules`` (display row indices to rule above)."""
+
+    def __init__(self, title: str, display: pd.DataFrame, numeric: pd.DataFrame, align: str,
+                 midrules: Iterable[int] = ()) -> None:
+        self.title, self.display, self.numeric, self.align = title, display, numeric, align
+        self.midrules = sorted(set(midrules))
+
+    def to_markdown(self, footnote: str = FOOTNOTE) -> str:
+        header = list(self.display.columns)
+        widths = [max([len(h)] + [len(v) for v in self.display[h]]) for h in header]
+
+        def line(cells: list[str]) -> str:
+            return "| " + " | ".join(c.ljust(w) if a == "l" else c.rjust(w)
+                                     for c, w, a in zip(cells, widths, self.align)) + " |"
+
+        rule = "| " + " | ".join(("-" * w if a == "l" else "-" * (w - 1) + ":")
+                                 for w, a in zip(widths, self.align)) + " |"
+        body = [line(list(row)) for row in self.display.itertuples(index=False)]
+        text = [f"### {self.title}", "", line(header), rule, *body, ""]
+        if footnote:
+            text += [f"*Notes.* {footnote}", ""]
+        return "\n".join(text)
+
+    def to_latex(self, label: str, footnote: str = FOOTNOTE) -> str:
+        header = " & ".join(latex_escape(h) for h in self.display.columns) + r" \\"
+        body = []
+        for i, row in enumerate(self.display.itertuples(index=False)):
+            if i in self.midrules:
+                body.append(r"\midrule")
+            body.append(" & ".join(_latex_cell(v) for v in row) + r" \\")
+        lines = [
+            "% generated by analysis/tables.py; needs \\usepackage{booktabs,graphicx}",
+            r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_escape(self.title)}}}",
+            rf"\label{{{label}}}", r"\resizebox{\linewidth}{!}{%",
+            rf"\begin{{tabular}}{{{self.align}}}", r"\toprule", header, r"\midrule", *body, r"\bottomrule",
+            r"\end{tabular}}",
+        ]
+        if footnote:
+            lines += [r"\par\smallskip\footnotesize\raggedright " + latex_escape(footnote)]
+        lines += [r"\end{table}", ""]
+        return "\n".join(lines)
+
+    def to_csv(self) -> str:
+        return self.numeric.to_csv(index=False, float_format="%.10g", lineterminator="\n")
+
+    def write(self, stem: Path, label: str) -> list[Path]:
+        """Write ``<stem>.md``, ``<stem>.tex`` and ``<stem>.csv``; returns the paths."""
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for suffix, text in ((".md", self.to_markdown()), (".tex", self.to_latex(label)), (".csv", self.to_csv())):
+            path = stem.with_suffix(suffix)
+            path.write_text(text, encoding="utf-8")
+            paths.append(path)
+        return paths
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "±": r"$\pm$", "×": r"$\times$", "÷": r"$\div$", "Δ": r"$\Delta$", "—": "--", "≥": r"$\geq$"}
+
+
+def latex_escape(text: Any) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def _latex_cell(text: Any) -> str:
+    """A table cell: escaped, with a leading minus of a number typeset as a minus sign."""
+    text = str(text)
+    if re.match(r"-\d", text):
+        return "$-$" + latex_escape(text[1:])
+    return latex_escape(text)
+
+
+def _condition_columns(row: pd.Series, conds: list[str], with_images: bool) -> dict:
+    out = {}
+    for cond in conds:
+        if with_images:
+            out[f"img/s ({cond})"] = _fmt_rate(row[f"img_per_s_mean[{cond}]"])
+        out[f"Speedup ({cond})"] = _fmt(row[f"speedup_mean[{cond}]"], ".2f", "×")
+        if with_images:
+            out[f"Eff. ({cond})"] = _fmt(row[f"efficiency_mean[{cond}]"], ".2f")
+    return out
+
+
+def _numeric(agg: pd.DataFrame, conds: Optional[list[str]] = None) -> pd.DataFrame:
+    """The numeric columns of ``agg`` for CSV, throughput for ``conds`` (default: every condition)."""
+    conds = agg.attrs.get("conditions", []) if conds is None else conds
+    columns = ["model", "data", "method", "setting", "kind", "params_key", "n_seeds", "seeds", "params",
+               "top1_mean", "top1_std", "top1_delta", "top5_mean", "top5_std", "gflops_mean", "gflops_std",
+               "flops_ratio_mean", "flops_ratio_std", "gflops_change_pct", "depth_mean", "depth_std"]
+    for cond in conds:
+        for metric in ("img_per_s", "speedup", "efficiency"):
+            columns += [f"{metric}_mean[{cond}]", f"{metric}_std[{cond}]"]
+    return agg[columns].reset_index(drop=True)
+
+
+def _present_conditions(agg: pd.DataFrame, part: pd.DataFrame) -> list[str]:
+    """The throughput conditions measured for at least one row of ``part``."""
+    return [c for c in agg.attrs.get("conditions", []) if part[f"img_per_s_mean[{c}]"].notna().any()]
+
+
+def main_table(agg: pd.DataFrame, model: str, data: str) -> Table:
+    """The main comparison for one backbone: one row per method and setting."""
+    part = agg[(agg["model"] == model) & (agg["data"] == data)].reset_index(drop=True)
+    conds = _present_conditions(agg, part)
+    rows = []
+    for _, row in part.iterrows():
+        dense = row["method"] == "dense"
+        rows.append({
+            "Method": row["method"], "Setting": row["setting"], "Seeds": str(row["n_seeds"]),
+            "Params (M)": _fmt(row["params"] / 1e6, ".2f"), "GFLOPs": _fmt(row["gflops_mean"], ".3f"),
+            "Δ GFLOPs": DASH if dense else _fmt(row["gflops_change_pct"], "+.1f", "%"),
+            **_condition_columns(row, conds, with_images=True),
+            "Top-1 (%)": _pm(row["top1_mean"], row["top1_std"], ".2f"),
+            "Δ Top-1": DASH if dense else _fmt(row["top1_delta"], "+.2f"),
+        })
+    display = pd.DataFrame(rows)
+    align = "ll" + "r" * (len(display.columns) - 2)
+    rules = [i for i in range(1, len(part)) if part["method"][i] != part["method"][i - 1]]
+    return Table(f"Main results: {model} on {data}", display, _numeric(part, conds), align, rules)
+
+
+def adavit_ablation(agg: pd.DataFrame, model: str, data: str, method: str = "adavit") -> Optional[Table]:
+    """A-ViT settings of one backbone side by side, one column per differing ``method_params`` key (ponder and
+    prior weights, gate constants, target depth, prior mode...); ``None`` without A-ViT records."""
+    part = agg[(agg["model"] == model) & (agg["data"] == data) & (agg["method"] == method)].reset_index(drop=True)
+    if part.empty:
+        return None
+    conds = _present_conditions(agg, part)
+    params = list(part["method_params"])
+    keys = varying_keys(params) or sorted(set().union(*[p.keys() for p in params]))
+    rows = []
+    for _, row in part.iterrows():
+        rows.append({
+            **{k: format_value(row["method_params"][k]) if k in row["method_params"] else DASH for k in keys},
+            "Seeds": str(row["n_seeds"]), "Top-1 (%)": _pm(row["top1_mean"], row["top1_std"], ".2f"),
+            "Δ Top-1": _fmt(row["top1_delta"], "+.2f"), "GFLOPs": _fmt(row["gflops_mean"], ".3f"),
+            "Δ GFLOPs": _fmt(row["gflops_change_pct"], "+.1f", "%"),
+            "Mean depth": _pm(row["depth_mean"], row["depth_std"], ".2f"),
+            **_condition_columns(row, conds, with_images=False),
+        })
+    display = pd.DataFrame(rows)
+    numeric = _numeric(part, conds)
+    for k in reversed(keys):
+        numeric.insert(5, k, [p.get(k) for p in params])
+    title = f"A-ViT ablation: {model} on {data}"
+    return Table(title, display, numeric, "l" * len(keys) + "r" * (len(display.columns) - len(keys)))
+
+
+def write_tables(records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """Write the main table and the A-ViT ablation of every backbone into ``out_dir``; returns the paths.
+
+    Files: ``main_<backbone>.{md,tex,csv}``, ``adavit_ablation_<backbone>.{md,tex,csv}`` (backbone = model
+    name, plus the data set name when a model was run on several) and ``all_settings.csv`` (every aggregate).
+    """
+    out = Path(out_dir)
+    if records.empty:
+        print("note: no records, no tables written")
+        return []
+    agg = aggregate(records)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for (model, data, slug), _ in agg.groupby(["model", "data", "slug"], sort=True):
+        paths += main_table(agg, model, data).write(out / f"main_{slug}", f"tab:main-{slug}")
+        ablation = adavit_ablation(agg, model, data)
+        if ablation is None:
+            print(f"note: no adavit records for {model} on {data}; no A-ViT ablation table")
+        else:
+            paths += ablation.write(out / f"adavit_ablation_{slug}", f"tab:adavit-{slug}")
+    everything = out / "all_settings.csv"
+    numeric = _numeric(agg)
+    everything.write_text(numeric.to_csv(index=False, float_format="%.10g", lineterminator="\n"), encoding="utf-8")
+    paths.append(everything)
+    return paths
+
+
+def write_index(out_dir: str | Path, table_paths: Iterable[Path], figure_paths: Iterable[Path],
+                summary: str = "") -> Optional[Path]:
+    """Write ``<out_dir>/report.md``: the summary, every Markdown table inline, every PNG figure linked.
+    Nothing is written when there is nothing to index."""
+    table_paths, figure_paths = list(table_paths), list(figure_paths)
+    if not table_paths and not figure_paths:
+        return None
+    out = Path(out_dir)
+    lines = ["# Token-reduction benchmark report", "",
+             "Generated by `analysis/report.ipynb` (`make report`); do not edit by hand.", ""]
+    if summary:
+        lines += [summary, ""]
+    for path in table_paths:
+        if path.suffix == ".md":
+            lines += [path.read_text(encoding="utf-8").rstrip(), "",
+                      f"Also as [LaTeX]({path.with_suffix('.tex').name}) and [CSV]({path.with_suffix('.csv').name}).",
+                      ""]
+    lines += ["## Figures", ""]
+    for path in figure_paths:
+        if path.suffix == ".png":
+            lines += [f"### {path.stem}", "", f"![{path.stem}]({path.name}) ([PDF]({path.with_suffix('.pdf').name}))",
+                      ""]
+    index = out / "report.md"
+    index.write_text("\n".join(lines), encoding="utf-8")
+    return index
