@@ -16,6 +16,7 @@ Conventions:
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -87,6 +88,7 @@ def setup(device: torch.device) -> tuple[DistEnv, torch.device]:
     gloo, and torch's thread count is set to the task's CPUs (``SLURM_CPUS_PER_TASK``) so tasks sharing a node
     do not oversubscribe it.
     """
+    _limit_threads()
     tasks = job_tasks()
     if tasks is None:
         return SINGLE, device
@@ -102,9 +104,6 @@ def setup(device: torch.device) -> tuple[DistEnv, torch.device]:
         backend = "nccl"
     else:
         backend = "gloo"
-        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-        if cpus and cpus.isdigit():
-            torch.set_num_threads(int(cpus))
     os.environ.update(MASTER_ADDR=str(tasks["master_addr"]), MASTER_PORT=str(tasks["master_port"]),
                       RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
     try:
@@ -113,14 +112,35 @@ def setup(device: torch.device) -> tuple[DistEnv, torch.device]:
         raise DistributedSetupError(
             f"task {rank} of {world} could not join the process group ({backend}, master "
             f"{tasks['master_addr']}:{tasks['master_port']}, from {tasks['source']}): {error}") from error
+    global _OWNED
+    _OWNED = True
+    atexit.register(_destroy)  # also when the run raises
     log.info("distributed: rank %d of %d (local rank %d), backend %s, device %s", rank, world, local_rank, backend,
              device)
     return DistEnv(rank, world, local_rank, backend), device
 
 
-def teardown(env: DistEnv) -> None:
-    if env.enabled and dist.is_initialized():
+_OWNED = False  # whether setup() created the process group (it then destroys it)
+
+
+def _limit_threads() -> None:
+    """In a SLURM task, torch's CPU threads = the task's CPUs (tasks sharing a node must not oversubscribe it)."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and cpus.isdigit() and int(cpus) > 0:
+        torch.set_num_threads(int(cpus))
+
+
+def _destroy() -> None:
+    global _OWNED
+    if _OWNED and dist.is_initialized():
         dist.destroy_process_group()
+    _OWNED = False
+
+
+def teardown(env: DistEnv) -> None:
+    """Leave the process group if ``setup`` created it."""
+    if env.enabled:
+        _destroy()
 
 
 def wrap(model: nn.Module, env: DistEnv, device: torch.device) -> nn.Module:

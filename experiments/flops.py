@@ -148,13 +148,13 @@ def fvcore_macs(model: nn.Module, images: Tensor, count_layernorm: bool = True) 
 
     ``count_layernorm=False`` drops fvcore's LayerNorm count (5 per element), which the analytic convention
     does not count. Tracing runs under ``no_grad``; the model's train/eval mode is restored afterwards."""
-    from fvcore.nn import FlopCountAnalysis
-
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings and torch.jit deprecation notices
+            warnings.simplefilter("ignore")  # tracer warnings and torch.jit deprecation notices (also on import)
+            from fvcore.nn import FlopCountAnalysis
+
             analysis = FlopCountAnalysis(_Logits(model), (images,))
             analysis.set_op_handle(SDPA_OP, sdpa_flop_jit)
             if not count_layernorm:  # (a None handle would only mark the op "ignored", still counting it)

@@ -16,12 +16,17 @@ Records of kind ``measure`` follow the run schema; ``metrics`` holds ``null`` ac
 usually random and the images few) and ``num_images``; ``subset_metrics`` keeps the accuracy on the measured
 images as a sanity check of loaded weights.
 
-The CPU throughput table (DeiT-S, every method, batch 1 and 32, fp32; quiet machine)::
+The CPU throughput table (DeiT-S, every method, batch 1 and 32, fp32; run it on a quiet machine: timing on a
+shared CPU with two threads per process is dominated by thread contention, where ``measure.threads=1`` helps)::
 
     python experiments/measure.py -m model=deit_small data.img_size=224 measure.num_classes=1000 \\
-        method=dense,dynamicvit,evit,tome,topk,adavit measure.batch_sizes=[1,32] progress=false
+        method=dense,dynamicvit,evit,tome,topk,random measure.batch_sizes=[1,32] progress=false
 
-(``adavit`` needs ``model.checkpoint=...`` of a trained A-ViT: with random weights nothing halts.)
+``adavit`` belongs in the list only with ``model.checkpoint=...`` of a trained A-ViT: with random weights
+nothing halts. On a GPU the defaults give the full table (batch 1/64/256, fp32 and bf16)::
+
+    python experiments/measure.py -m model=deit_tiny,deit_small data.img_size=224 measure.num_classes=1000 \\
+        method=dense,dynamicvit,evit,tome,topk,random device=cuda progress=false
 """
 from __future__ import annotations
 
@@ -42,8 +47,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import methods  # noqa: E402
 from methods.dense import Dense  # noqa: E402
 from experiments import flops, pipeline, records, throughput  # noqa: E402
-from experiments.pipeline import ConfigError  # noqa: E402
-from experiments.flops import flops_summary, per_image_macs  # noqa: E402,F401  (re-exported)
+from experiments.schema import ConfigError  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +163,9 @@ def measure_costs(method: methods.TokenReducer, token_counts: torch.Tensor, alt_
     entries = None
     if section.throughput:
         dense = None if isinstance(method, Dense) else methods.create_method("dense", method.vit)
-        shape = (method.vit.patch_embed.proj.in_channels, *method.vit.patch_embed.img_size)
         started = time.perf_counter()
         entries = throughput.measure(method, dense, device, settings_for(cfg, device),
-                                     summary["flops_ratio"] if summary else None, images, shape)
+                                     summary["flops_ratio"] if summary else None, images)
         log.info("throughput timed in %.1f s: %s", time.perf_counter() - started,
                  ", ".join(f"b{e['batch_size']} {e['dtype']} {e['img_per_s']:.1f} img/s "
                            f"(x{e['speedup_vs_dense']:.2f})" for e in entries))
@@ -175,10 +178,14 @@ def measure_for_record(method: methods.TokenReducer, result, cfg: DictConfig, de
     throughput timed on the first validation images of ``dataset`` (seeded noise without one)."""
     check_config(cfg)
     images = None
-    if dataset is not None and (cfg.measure.throughput or cfg.measure.fvcore_images):
-        need = max([cfg.measure.fvcore_images, *settings_for(cfg, device).batch_sizes])
+    need = max([cfg.measure.fvcore_images] + _timed_batch_sizes(cfg, device))
+    if dataset is not None and need:
         images, _ = load_images(dataset, need, cfg)
     return measure_costs(method, result.token_counts, result.alt_token_counts, cfg, device, images)
+
+
+def _timed_batch_sizes(cfg: DictConfig, device: torch.device) -> list[int]:
+    return list(settings_for(cfg, device).batch_sizes) if cfg.measure.throughput else []
 
 
 # -------------------------------------------------------------------------------------------------- the CLI
@@ -189,8 +196,8 @@ def measure_run(cfg: DictConfig) -> dict[str, Any]:
     from torch.utils.data import DataLoader, TensorDataset
 
     start_time = records.now_iso()
-    pipeline.validate(cfg)
-    check_config(cfg)
+    check_config(cfg)  # first: a bad measure section creates nothing, not even the results folder
+    pipeline.validate(cfg, cfg.measure.num_classes)
     device = pipeline.resolve_device(cfg)
     pipeline.seed_everything(cfg.seed)
     data = build_data(cfg)
@@ -198,7 +205,7 @@ def measure_run(cfg: DictConfig) -> dict[str, Any]:
     count = cfg.measure.images
     if count > len(data.val):
         log.warning("measure.images=%d but the validation split has %d images: using all", count, len(data.val))
-    need = max([count] + (list(settings_for(cfg, device).batch_sizes) if cfg.measure.throughput else []))
+    need = max([count, cfg.measure.fvcore_images] + _timed_batch_sizes(cfg, device))
     images, labels = load_images(data.val, need, cfg)
     del data  # only these images are needed from here on
     count = min(count, len(images))

@@ -92,6 +92,10 @@ def provenance(start_time: str, run_dir: str | None = None) -> dict[str, Any]:
             "hostname": socket.gethostname(), "start_time": start_time, "end_time": now_iso(), "run_dir": run_dir}
 
 
+class RecordWriteError(OSError):
+    """A record (or other JSON file) could not be written; the message names the file. Nothing partial is left."""
+
+
 def atomic_write_json(path: Path, payload: dict[str, Any]) -> Path:
     """Write ``payload`` to ``path`` via temp file + fsync + rename; on any error no file is left behind."""
     path = Path(path)
@@ -104,8 +108,11 @@ def atomic_write_json(path: Path, payload: dict[str, Any]) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):  # disk full, I/O error: say which file failed
+            message = f"could not write {path} ({type(error).__name__}: {error}); nothing was written there"
+            raise (RecordWriteError(error.errno, message) if error.errno else RecordWriteError(message)) from error
         raise
     return path
 

@@ -10,8 +10,11 @@ Protocol (the union of the official repos' best practice, ``reference/methods.md
   untimed forwards, then ``repeats * iters`` timed ones.
 - The dense reference is ``dense`` wrapping the *same* ``vit`` module (same weights, no copy). Dense and
   method runs alternate within every repeat (and swap order each repeat), so machine drift hits both.
-- ``speedup_vs_dense = img_per_s / dense_img_per_s`` (ratio of the medians); ``efficiency = speedup_vs_dense
-  * flops_ratio``, i.e. speedup divided by the FLOPs saving; 1.0 means wall time tracks FLOPs exactly.
+- ``img_per_s`` and ``dense_img_per_s`` are the medians over repeats. ``speedup_vs_dense`` is the median over
+  repeats of the paired ratio (method run / the dense run adjacent to it), which cancels drift that the ratio
+  of medians (``speedup_of_medians``, also kept) does not; on a quiet machine the two agree.
+  ``efficiency = speedup_vs_dense * flops_ratio``, i.e. the speedup divided by the FLOPs saving
+  (``dense_gflops / gflops``); 1.0 means wall time tracks FLOPs exactly.
 - Peak memory: CUDA ``max_memory_allocated`` of one forward of that model (reset before); on CPU the process
   peak RSS (``resource.getrusage``) after the method ran at that batch size. RSS peak is a process-lifetime
   high-water mark, so on CPU it never decreases within a process and includes everything loaded before
@@ -202,10 +205,12 @@ def measure(method: nn.Module, dense: Optional[nn.Module], device: torch.device,
 
     ``dense`` is the dense wrapper of the same backbone, or ``None`` when ``method`` is itself dense (it is
     then its own reference: speedup 1). ``images`` (CPU tensor) are cycled into each batch; without them the
-    inputs are seeded noise of ``input_shape``."""
+    inputs are seeded noise of ``input_shape`` (default: the backbone's input size)."""
     import timm
 
     vit = method.vit
+    if input_shape is None:
+        input_shape = (vit.patch_embed.proj.in_channels, *vit.patch_embed.img_size)
     models: dict[str, nn.Module] = {"method": method}
     if dense is not None:
         models["dense"] = dense
@@ -224,7 +229,8 @@ def measure(method: nn.Module, dense: Optional[nn.Module], device: torch.device,
                     del inputs
                     own = timed["method"]
                     ref = timed.get("dense", own)
-                    speedup = own["img_per_s"] / ref["img_per_s"]
+                    # paired: each repeat's method run against the dense run next to it in time
+                    speedup = statistics.median(m / d for m, d in zip(own["runs"], ref["runs"]))
                     entries.append({
                         "device": device.type,
                         "device_name": device_name(device),
@@ -233,6 +239,7 @@ def measure(method: nn.Module, dense: Optional[nn.Module], device: torch.device,
                         "img_per_s": own["img_per_s"],
                         "dense_img_per_s": ref["img_per_s"],
                         "speedup_vs_dense": speedup,
+                        "speedup_of_medians": own["img_per_s"] / ref["img_per_s"],
                         "flops_ratio": flops_ratio,
                         "efficiency": speedup * flops_ratio if flops_ratio else None,
                         "peak_mem_mb": own["peak_mem_mb"],

@@ -131,6 +131,51 @@ def mlp_residual(block: Block, x: Tensor) -> Tensor:
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
+def packed_attn_residual(block: Block, x: Tensor, lengths: Tensor, batching: str = "auto") -> Tensor:
+    """The attention half of a timm ``Block`` on sequences packed one after another in ``x`` ``[T, C]``.
+
+    ``lengths`` (``[S]``, summing to T) are the sequence lengths, e.g. the active tokens of each image. Norm,
+    QKV and output projection run on the T real tokens only; softmax attention runs within each sequence:
+    one batched call when all lengths are equal, else per sequence (``batching="loop"``, the fastest on CPU)
+    or padded to the longest with the padding masked as keys (``"pad"``, fewer kernel launches on GPU).
+    ``"auto"`` picks loop on CPU and pad elsewhere.
+    """
+    attn = block.attn
+    heads, head_dim = attn.num_heads, attn.head_dim
+    qkv = attn.qkv(block.norm1(x))  # [T, 3 * heads * head_dim]
+    sizes = lengths.tolist()
+    count, longest, total = len(sizes), max(sizes), x.shape[0]
+
+    def attend(rows: Tensor, batch: int, tokens: int, key_mask: Optional[Tensor] = None) -> Tensor:
+        q, k, v = rows.view(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        dropout = attn.attn_drop.p if attn.training else 0.0
+        if attn.fused_attn:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout)
+        else:
+            logits = (q * attn.scale) @ k.transpose(-2, -1)
+            if key_mask is not None:
+                logits = logits.masked_fill(~key_mask, float("-inf"))
+            out = attn.attn_drop(logits.softmax(dim=-1)) @ v
+        return out.transpose(1, 2).reshape(batch * tokens, heads * head_dim)
+
+    if count * longest == total:  # equal lengths: a plain batch
+        out = attend(qkv, count, longest)
+    elif batching == "loop" or (batching == "auto" and x.device.type == "cpu"):
+        out = torch.cat([attend(rows, 1, size) for rows, size in zip(qkv.split(sizes), sizes)])
+    elif batching in ("pad", "auto"):
+        starts = torch.cumsum(lengths, 0) - lengths
+        sequence = torch.repeat_interleave(torch.arange(count, device=x.device), lengths)
+        slot = sequence * longest + torch.arange(total, device=x.device) - starts[sequence]
+        padded = qkv.new_zeros(count * longest, qkv.shape[1]).index_copy_(0, slot, qkv)
+        key_mask = (torch.arange(longest, device=x.device) < lengths[:, None])[:, None, None, :]
+        out = attend(padded, count, longest, key_mask).index_select(0, slot)
+    else:
+        raise ValueError(f"batching={batching!r}; valid: auto, loop, pad")
+    out = attn.proj_drop(attn.proj(attn.norm(out)))
+    return x + block.drop_path1(block.ls1(out))
+
+
 def mlp_ratio(vit: VisionTransformer) -> float:
     """Hidden width of the MLP over the embedding width (4 for DeiT)."""
     return vit.blocks[0].mlp.fc1.out_features / vit.embed_dim

@@ -88,7 +88,7 @@ def test_checkpoint_with_other_class_count_is_refused(tmp_path):
     state = pipeline.build_method(make_cfg(tmp_path, "+model.depth=2"), 10).vit.state_dict()
     path = tmp_path / "w.pth"
     torch.save(state, path)
-    with pytest.raises(CheckpointError, match=r"head\.weight \(10, 96\) vs model \(7, 96\)"):
+    with pytest.raises(CheckpointError, match=r"head\.weight \(10, 64\) vs model \(7, 64\)"):
         pipeline.build_method(make_cfg(tmp_path, "+model.depth=2", f"model.checkpoint={path}"), 7)
 
 

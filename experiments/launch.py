@@ -1,0 +1,401 @@
+"""Sweep launchers: hydra-submitit-launcher, plus what happens before submission and after the jobs end.
+
+``launcher=slurm`` and ``launcher=local`` (``experiments/conf/launcher/``) select hydra-submitit-launcher's
+``submitit_slurm`` / ``submitit_local`` configs with these classes as ``_target_``. The job side is the plugin's,
+unchanged: each job runs ``experiments/run.py``'s task in its own Hydra output directory, and ``checkpoint()``
+resubmits it on submitit's signal (``experiments/preemption.py`` has the training side of that). Added here:
+
+Before anything is submitted
+  - every sweep cell is composed and checked with ``experiments.pipeline.validate``; all failing cells are reported
+    together (``SweepError``) and nothing is submitted;
+  - two cells whose output directory (Hydra's job dir or ``paths.run_dir``) is the same are refused: they would
+    share, and resume from, each other's checkpoints;
+  - the sweep directory is resolved once and pinned (an absolute ``hydra.sweep.dir`` override), so a requeued job,
+    which composes its config again, lands in the same directory and finds its checkpoint.
+Submission
+  - one ``sbatch`` job array (``array_parallelism`` at a time); if sbatch refuses it (unknown partition, bad
+    resources) a ``SubmissionError`` names the job and its cells and carries sbatch's message.
+After
+  - every job is waited for; one failure does not stop the others;
+  - the summary (log lines and ``<sweep dir>/sweep_summary.json``) gives each job's state, its results record and,
+    for failures, the log files; the command then exits with the first failure's error.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+from omegaconf import OmegaConf, open_dict, read_write
+
+log = logging.getLogger(__name__)
+
+SUMMARY_NAME = "sweep_summary.json"
+
+
+class SweepError(ValueError):
+    """The sweep is refused before submission (invalid cells, clashing output directories, bad launcher
+    parameters); nothing was submitted."""
+
+
+class SubmissionError(RuntimeError):
+    """The scheduler refused the jobs (sbatch's message included)."""
+
+
+class SweepJobError(RuntimeError):
+    """A job of the sweep failed; the message names it, its state and its logs."""
+
+
+@dataclass
+class Cell:
+    """One sweep cell as it will run: overrides and the directories it resolves to."""
+
+    num: int
+    overrides: list[str]
+    label: str
+    output_dir: str
+    run_dir: str
+    results_dir: str
+    task_name: str
+    resume_dir: Optional[str] = None  # pipeline's per-config resume folder (paths.state_dir/<run key>)
+
+
+@dataclass
+class JobSummary:
+    num: int
+    overrides: str
+    job_id: Optional[str]
+    state: str  # COMPLETED, FAILED (the run raised), or the scheduler's state (CANCELLED, TIMEOUT, ...)
+    scheduler_state: Optional[str]
+    output_dir: str
+    record: Optional[str] = None
+    logs: list[str] = field(default_factory=list)
+    error: Optional[str] = None
+
+
+# ---------------------------------------------------------------------------------------- before submission
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def pin_sweep_dir(config) -> Path:
+    """Resolve ``hydra.sweep.dir`` once (its ``${now:...}``) and pin it as an absolute override."""
+    sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
+    with read_write(config.hydra), open_dict(config.hydra):
+        config.hydra.sweep.dir = str(sweep_dir)
+        kept = [o for o in config.hydra.overrides.hydra if not str(o).startswith("hydra.sweep.dir=")]
+        config.hydra.overrides.hydra = kept + [f"hydra.sweep.dir={_quote(str(sweep_dir))}"]
+    return sweep_dir
+
+
+def compose_cells(config, hydra_context, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
+                  runs_here: bool) -> list[Cell]:
+    """Compose and validate every cell; raise ``SweepError`` listing every problem, before any submission.
+
+    ``runs_here`` is false for cluster launchers: checks about this machine (a GPU present) are left to the job.
+    """
+    from . import pipeline  # noqa: PLC0415 - heavy (torch, timm): only when a sweep is launched
+
+    cells: list[Cell] = []
+    problems: list[str] = []
+    saved = HydraConfig.instance().cfg
+    swept = _swept_keys(job_overrides)
+    try:
+        for i, overrides in enumerate(job_overrides):
+            num = initial_job_idx + i
+            shown = [o for o in filter_overrides(list(overrides)) if _override_key(o) in swept] if swept else []
+            label = " ".join(shown or filter_overrides(list(overrides))) or "(no overrides)"
+            try:
+                cells.append(_compose_cell(config, hydra_context, list(overrides), num, label, runs_here, pipeline))
+            except Exception as error:  # noqa: BLE001 - every cell's problem is reported together
+                problems.append(f"job #{num} ({label}): {type(error).__name__}: {error}")
+    finally:
+        HydraConfig.instance().cfg = saved
+    if problems:
+        raise SweepError(f"sweep refused before submission ({len(problems)} of {len(job_overrides)} jobs "
+                         "invalid; nothing was submitted):\n  " + "\n  ".join(problems))
+    check_distinct_outputs(cells)
+    return cells
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _swept_keys(job_overrides: Sequence[Sequence[str]]) -> set[str]:
+    """Keys whose value differs between cells (the labels show only these)."""
+    values: dict[str, set[str]] = {}
+    for overrides in job_overrides:
+        for override in overrides:
+            values.setdefault(_override_key(override), set()).add(override)
+    return {key for key, seen in values.items() if len(seen) > 1}
+
+
+def _compose_cell(config, hydra_context, overrides: list[str], num: int, label: str, runs_here: bool,
+                  pipeline) -> Cell:
+    cfg = hydra_context.config_loader.load_sweep_config(config, overrides)
+    with read_write(cfg.hydra), open_dict(cfg.hydra):
+        cfg.hydra.job.num = num
+        cfg.hydra.job.id = f"job_id_for_{num}"
+    HydraConfig.instance().set_config(cfg)
+    output_dir = os.path.abspath(os.path.join(str(cfg.hydra.sweep.dir), str(cfg.hydra.sweep.subdir)))
+    with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
+        cfg.hydra.runtime.output_dir = output_dir
+    HydraConfig.instance().set_config(cfg)  # ${hydra:runtime.output_dir} now resolves to this cell's directory
+    task_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(task_cfg):
+        del task_cfg["hydra"]
+    OmegaConf.copy_cache(from_config=cfg, to_config=task_cfg)
+    run_dir = os.path.abspath(str(cfg.paths.run_dir))  # resolved while HydraConfig is this cell's
+    task_cfg.paths.run_dir = run_dir
+    resume_dir = None
+    if "state_dir" in task_cfg.paths and hasattr(pipeline, "run_key"):
+        resume_dir = os.path.abspath(os.path.join(str(task_cfg.paths.state_dir), pipeline.run_key(task_cfg)))
+    if not runs_here and task_cfg.device == "cuda":
+        import torch  # noqa: PLC0415
+
+        if not torch.cuda.is_available():
+            task_cfg.device = "auto"  # the jobs run on GPU nodes; this machine need not have one
+    pipeline.validate(task_cfg)
+    return Cell(num, overrides, label, output_dir, run_dir, os.path.abspath(str(task_cfg.paths.results_dir)),
+                str(cfg.hydra.job.name), resume_dir)
+
+
+def check_distinct_outputs(cells: Sequence[Cell]) -> None:
+    """Refuse cells that share Hydra's output directory, ``paths.run_dir`` or the resume folder (cells whose
+    configs differ only in paths or cosmetic keys)."""
+    problems = []
+    names = {"output_dir": "Hydra output directory", "run_dir": "paths.run_dir",
+             "resume_dir": "resume folder (same config apart from paths/cosmetic keys)"}
+    for key, what in names.items():
+        seen: dict[str, list[Cell]] = {}
+        for cell in cells:
+            if getattr(cell, key) is not None:
+                seen.setdefault(getattr(cell, key), []).append(cell)
+        for path, group in seen.items():
+            if len(group) > 1:
+                jobs = ", ".join(f"#{c.num} ({c.label})" for c in group)
+                problems.append(f"jobs {jobs} resolve to the same {what} {path}")
+    if problems:
+        raise SweepError("sweep refused before submission (nothing was submitted): " + "; ".join(problems)
+                         + ". Make hydra.sweep.subdir and paths.run_dir distinct per job, e.g. include "
+                         "${hydra.job.num} or the swept keys.")
+
+
+# -------------------------------------------------------------------------------------------------- after
+def find_record(cell: Cell, since: float) -> Optional[str]:
+    """The results record this cell's run wrote (matched on ``provenance.run_dir``), newest first."""
+    folder = Path(cell.results_dir) / "runs"
+    if not folder.is_dir():
+        return None
+    candidates = sorted((p for p in folder.glob("*.json") if p.stat().st_mtime >= since - 2),
+                        key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in candidates:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        run_dir = (record.get("provenance") or {}).get("run_dir")
+        if run_dir and os.path.abspath(run_dir) == cell.run_dir:
+            return str(path)
+    return None
+
+
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit|Interrupt|Killed)\b.*")
+
+
+def _first_line(error: BaseException) -> str:
+    """The exception line of a job's error (the last ``XxxError: ...`` of a remote traceback), else its first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if _EXCEPTION_LINE.match(line):
+            return line
+    return f"{type(error).__name__}: {lines[0] if lines else repr(error)}"
+
+
+def _job_logs(job, cell: Cell) -> list[str]:
+    """Rank 0's logs, the most telling first: submitit's stderr if it has anything, its stdout, Hydra's job log."""
+    paths = job._sub_jobs[0].paths if getattr(job, "_sub_jobs", None) else job.paths
+    stderr, stdout = str(paths.stderr), str(paths.stdout)
+    logs = [stderr, stdout] if os.path.exists(stderr) and os.path.getsize(stderr) else [stdout, stderr]
+    logs.append(os.path.join(cell.output_dir, f"{cell.task_name}.log"))
+    return [p for p in logs if os.path.exists(p)] or logs[:2]
+
+
+TERMINAL_FAILURES = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+                     "DEADLINE", "INTERRUPTED"}
+
+
+@contextlib.contextmanager
+def _job_environ(job):
+    """A debug job runs in this process when waited for; it needs the environment it was created with."""
+    environ = getattr(job, "environ", None)
+    if environ is None:
+        yield
+        return
+    saved = dict(os.environ)
+    os.environ.update(environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def collect(job, cell: Cell, since: float) -> tuple[JobReturn, JobSummary]:
+    """Wait for ``job``; its rank-0 ``JobReturn`` (a failed one when the job died without a result) and summary."""
+    error: Optional[BaseException] = None
+    ret: Optional[JobReturn] = None
+    try:
+        with _job_environ(job):
+            error = job.exception()  # waits (runs a debug job); None when every task returned
+    except Exception as caught:  # noqa: BLE001 - the scheduler lost the job, etc.
+        error = caught
+    if error is None:
+        try:
+            ret = job.results()[0]
+        except Exception as caught:  # noqa: BLE001
+            error = caught
+    try:
+        scheduler_state = str(job.state)
+    except Exception:  # noqa: BLE001
+        scheduler_state = None
+    summary = JobSummary(cell.num, cell.label, str(getattr(job, "job_id", None)), "COMPLETED", scheduler_state,
+                         cell.output_dir)
+    if ret is not None and ret.status == JobStatus.COMPLETED:
+        summary.record = find_record(cell, since)
+        return ret, summary
+    if ret is not None:  # the run raised inside the job: Hydra caught it
+        cause = ret._return_value
+        summary.state = "FAILED"
+        summary.error = f"{type(cause).__name__}: {cause}".splitlines()[0]
+    else:
+        ret = JobReturn(overrides=cell.overrides, status=JobStatus.FAILED, working_dir=cell.output_dir,
+                        task_name=cell.task_name)
+        cause = error
+        words = (scheduler_state or "").upper().split()
+        summary.state = words[0] if words and words[0] in TERMINAL_FAILURES else "FAILED"
+        summary.error = _first_line(error) if error is not None else "no result"
+    summary.logs = _job_logs(job, cell)
+    wrapped = SweepJobError(f"job #{cell.num} ({cell.label}) {summary.state}: {summary.error}; "
+                            f"log: {summary.logs[0]}")
+    wrapped.__cause__ = cause if isinstance(cause, BaseException) else None
+    ret.return_value = wrapped
+    ret.status = JobStatus.FAILED
+    return ret, summary
+
+
+def write_summary(sweep_dir: Path, launcher: str, summaries: Sequence[JobSummary]) -> Path:
+    ok = sum(s.state == "COMPLETED" for s in summaries)
+    log.info("Sweep summary: %d of %d jobs completed (%s launcher), %s", ok, len(summaries), launcher, sweep_dir)
+    for s in summaries:
+        line = f"  #{s.num} {s.state:<10} job {s.job_id}  {s.overrides}"
+        if s.state == "COMPLETED":
+            log.info("%s  record: %s", line, s.record)
+        else:
+            log.error("%s  error: %s  log: %s", line, s.error, " ".join(s.logs))
+    path = sweep_dir / SUMMARY_NAME
+    payload = {"sweep_dir": str(sweep_dir), "launcher": launcher, "completed": ok, "total": len(summaries),
+               "jobs": [asdict(s) for s in summaries]}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+    log.info("Sweep summary written to %s", path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ launchers
+def _export_checkout() -> None:
+    """Jobs inherit this environment: put this checkout first on their ``PYTHONPATH``, so they unpickle the
+    launcher (``hydra_plugins.adaptive_vit_bench_launcher``) and run this checkout's code whatever the install."""
+    root = str(Path(__file__).resolve().parents[1])
+    entries = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    os.environ["PYTHONPATH"] = os.pathsep.join([root, *entries])
+
+
+class _SweepLauncher(BaseSubmititLauncher):
+    """``BaseSubmititLauncher`` with the checks, error messages and summary described in the module docstring."""
+
+    _RUNS_HERE = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
+        """Job side: the plugin's (Hydra's ``run_job`` in this job's directory), plus the run's exception in the
+        job's logs (``run_job`` keeps it in the result only)."""
+        ret = super().__call__(*args, **kwargs)
+        if ret.status == JobStatus.FAILED and isinstance(ret._return_value, BaseException):
+            error = ret._return_value
+            log.error("the run failed: %s: %s", type(error).__name__, error,
+                      exc_info=(type(error), error, error.__traceback__))
+        return ret
+
+    def _executor(self):
+        import submitit  # noqa: PLC0415
+
+        params = dict(self.params)
+        init_params: dict[str, Any] = {"folder": params.pop("submitit_folder")}
+        if "max_num_timeout" in params:
+            init_params[f"{self._EXECUTOR}_max_num_timeout"] = params.pop("max_num_timeout")
+        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init_params)
+        base = set(OmegaConf.structured(BaseQueueConf).keys())
+        try:
+            executor.update_parameters(**{k if k in base else f"{self._EXECUTOR}_{k}": v for k, v in params.items()})
+        except (ValueError, TypeError) as error:
+            raise SweepError(f"invalid hydra.launcher parameters for {self._EXECUTOR} (nothing was submitted): "
+                             f"{error}") from error
+        return executor
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        assert self.config is not None and self.hydra_context is not None
+        sweep_dir = pin_sweep_dir(self.config)
+        cells = compose_cells(self.config, self.hydra_context, job_overrides, initial_job_idx, self._RUNS_HERE)
+        executor = self._executor()
+        _export_checkout()
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        log.info("Submitit '%s' sweep output dir: %s", self._EXECUTOR, sweep_dir)
+        for cell in cells:
+            log.info("\t#%d : %s", cell.num, cell.label)
+        job_params = [(cell.overrides, "hydra.sweep.dir", cell.num, f"job_id_for_{cell.num}", Singleton.get_state())
+                      for cell in cells]
+        started = time.time()
+        try:
+            jobs = executor.map_array(self, *zip(*job_params))
+        except Exception as error:  # noqa: BLE001 - sbatch's refusal, a missing sbatch, ...
+            name = self.params.get("name", "run")
+            listed = "; ".join(f"#{c.num} ({c.label})" for c in cells)
+            message = str(error).strip() or repr(error)
+            raise SubmissionError(f"{self._EXECUTOR} refused job '{name}' ({len(cells)} cells: {listed}): "
+                                  f"{message}") from error
+        log.info("Submitted %d jobs: %s", len(jobs), ", ".join(str(j.job_id) for j in jobs))
+        collected = [collect(job, cell, started) for job, cell in zip(jobs, cells)]
+        write_summary(sweep_dir, self._EXECUTOR, [summary for _, summary in collected])
+        return [ret for ret, _ in collected]
+
+
+class SlurmLauncher(_SweepLauncher):
+    """``launcher=slurm``: one job array on SLURM; checks about this machine's hardware are left to the jobs."""
+
+    _EXECUTOR = "slurm"
+    _RUNS_HERE = False
+
+
+class LocalLauncher(_SweepLauncher):
+    """``launcher=local``: submitit's local executor (a process group per job, all at once, on this machine)."""
+
+    _EXECUTOR = "local"
+
+
+class DebugLauncher(_SweepLauncher):
+    """submitit's debug executor: jobs run one after another inside the launching process (tests, debugging)."""
+
+    _EXECUTOR = "debug"

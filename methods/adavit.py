@@ -1,0 +1,320 @@
+"""``adavit``: A-ViT, adaptive token halting (Yin et al., CVPR 2022, https://arxiv.org/abs/2112.07658).
+
+Official code: https://github.com/NVlabs/A-ViT (``timm/models/act_vision_transformer.py``, ``engine_act.py``).
+
+Mechanism (no new parameters). After block l, token k gets the halting score
+``h = sigmoid(gate_scale * x[k, 0] - gate_center)`` from channel 0 of the block's output and accumulates
+``c += h``; it halts at the first block N_k where ``c > 1 - eps`` (h is forced to 1 at the last block, for the
+accumulation only). Its output is the mix ``sum_{l<N_k} h_l x_l + r_k x_{N_k}`` with remainder
+``r_k = 1 - sum_{l<N_k} h_l``; the final norm and the head read the CLS token's mix, while the next block
+receives the raw block output. The ponder cost is ``rho_k = N_k + r_k``. The loss adds
+``ponder_weight * mean(rho)`` (over images and all tokens) and ``prior_weight * KL`` between the observed
+halting distribution over blocks and a Gaussian target.
+
+Training (``train()``) masks instead of removing, as the official code: halted tokens are zeroed and masked
+as attention keys with a finite bias (-1000, never -inf: an all-masked row would give NaN); the block at
+which a token halts still sees it (the mask is updated after the block).
+
+Inference (``eval()``) removes halted tokens physically, which no released A-ViT code does. The active
+tokens of the whole batch are packed into one ``[T, C]`` tensor, so norms, QKV, projection and MLP run on
+active tokens only; attention runs per image over its own tokens (``attn_batching``: on CPU one call per
+image was measured faster than padding to the longest image with a key mask, which is the GPU default).
+Once an image's CLS token halts its logits are final, so the image stops there: all of its tokens leave the
+batch. Logits and halting depths equal the masked path's (``forward_masked``) on the same weights.
+
+Costs, per image. ``token_counts`` are the executed counts (tokens still running when the CLS halts stop
+with it). ``aux["alt_token_counts"]["official"]`` counts as the official code runs them, with every token
+running until it halts itself. In eval mode that needs a second, masked pass over the images whose CLS
+halted first; it runs lazily, only when the entry is read, so timing ``model(images)`` is not charged for it.
+
+Halting prior, ``method.params.prior`` (README paragraph):
+    ``correct`` (default) follows the paper. The observed distribution is the per-block mean halting score
+    over the images and the patch tokens (CLS excluded; a token that has halted scores 0), normalised over
+    blocks. The target is a Gaussian over the 1-based halting block (mean ``target_depth``, std
+    ``target_std``), normalised to sum 1. The loss is KL(observed || target).
+    ``official`` reproduces ``engine_act.py`` and ``utils.get_distribution_target`` exactly, quirks included:
+    (1) the slice ``h[1:]`` drops the first image of the batch instead of the CLS token, and the mean also
+    runs over the scores of tokens that have already halted (computed from their zeroed inputs; the official
+    forward also zeroes their norm outputs, so those scores, and only those, differ in detail); (2) the target is not normalised: pdf values
+    at 0-based block indices 0..L-1 (so its peak sits one block later than the correct form's), scaled so
+    that the first ``int(target_depth)`` entries sum to 0.98; (3) it computes KL(target || observed) via
+    ``KLDivLoss(reduction="batchmean")``, which on this 1-D input divides the sum by the depth, after clamping
+    the observed distribution to [0.01, 0.99], and adds the term only when it is positive.
+
+Deviations from the official code, and the switch that restores it:
+    - the prior: ``prior=official`` (above);
+    - a token whose accumulation equals ``1 - eps`` exactly halts in neither branch of the official code (it
+      is dropped without adding its remainder); here "not halted" is the exact complement of "halted";
+    - gate constants per backbone (``GATE_DEFAULTS``) rather than per run script; set ``gate_scale`` and
+      ``gate_center`` to override.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import backbone
+from .base import MethodOutput, TokenReducer
+from .registry import register_method
+
+MASK_BIAS = -1000.0  # the official finite key bias for halted tokens
+
+# (gate_scale, gate_center) by timm architecture. DeiT-T and -S are the official recipes. The embedded
+# model's values were chosen for a short fine-tune from its dense baseline (see the factory docstring).
+GATE_DEFAULTS: dict[str, tuple[float, float]] = {
+    "deit_tiny_patch16_224": (10.0, 30.0),
+    "deit_small_patch16_224": (10.0, 75.0),
+    "deit_digits_patch4_32": (5.0, 10.0),
+}
+
+PRIOR_MODES = ("correct", "official")
+
+
+# ------------------------------------------------------------------------------------- pure halting rules
+def halting_step(c: Tensor, remainder: Tensor, h: Tensor, last: bool, eps: float):
+    """One block of ACT accumulation for tokens that ran it.
+
+    Returns ``(c, weight, halted, remainder)``: the new accumulation, the weight of this block's output in
+    the token's mix (``h``, or the remainder at the halting block), whether the token halts here, and the new
+    remainder (unchanged at the halting block, where it is spent).
+    """
+    if last:
+        h = torch.ones_like(h)  # forced halting, for the accumulation only
+    c = c + h
+    halted = c > 1.0 - eps
+    weight = torch.where(halted, remainder, h)
+    return c, weight, halted, torch.where(halted, remainder, remainder - h)
+
+
+def prior_target(depth: int, mean: float, std: float, mode: str) -> Tensor:
+    """The Gaussian halting-depth target over the blocks, ``[depth]`` (float64)."""
+    if mode == "correct":
+        blocks = torch.arange(1, depth + 1, dtype=torch.float64)  # 1-based halting block
+        density = torch.exp(-0.5 * ((blocks - mean) / std) ** 2)
+        return density / density.sum()
+    blocks = torch.arange(depth, dtype=torch.float64)  # official: 0-based index, pdf, top-part rescaling
+    density = torch.exp(-0.5 * ((blocks - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi))
+    return density * (1.0 - 0.02) / density[: int(mean)].sum()
+
+
+def prior_kl(scores: Tensor, ran: Tensor, target: Tensor, mode: str) -> Tensor:
+    """KL term of the halting prior from per-block scores ``[B, depth, N]`` and run masks (unweighted)."""
+    target = target.to(scores.device, torch.float32)
+    if mode == "correct":
+        observed = (scores * ran)[:, :, 1:].mean(dim=(0, 2))  # halted tokens score 0; CLS excluded
+        observed = observed / observed.sum().clamp_min(1e-12)
+        # clamp inside the log only: a block with no halting mass adds 0 and a finite gradient (xlogy's is NaN)
+        return (observed * (observed.clamp_min(1e-12).log() - target.log())).sum()
+    if scores.shape[0] < 2:
+        raise ValueError("method.params.prior=official drops the first image of the batch (as the official "
+                         "code does) and needs a batch of at least 2; use prior=correct")
+    observed = scores[1:].mean(dim=(0, 2))
+    observed = (observed / observed.sum()).clamp(0.01, 0.99)
+    kl = F.kl_div(observed.log(), target, reduction="batchmean")
+    return kl * (kl > 0)  # the official loop adds the term only when positive
+
+
+# ------------------------------------------------------------------------------------------------- method
+class AdaViT(TokenReducer):
+    """A-ViT token halting on a timm DeiT: masked in training, physical per-image removal in eval."""
+
+    def __init__(self, vit: nn.Module, gate_scale: float, gate_center: float, eps: float, ponder_weight: float,
+                 prior_weight: float, target_depth: float, target_std: float, prior: str,
+                 attn_batching: str) -> None:
+        super().__init__(vit)
+        self.gate_scale, self.gate_center, self.eps = gate_scale, gate_center, eps
+        self.ponder_weight, self.prior_weight = ponder_weight, prior_weight
+        self.target_depth, self.target_std, self.prior = target_depth, target_std, prior
+        self.attn_batching = attn_batching
+
+    def halting_score(self, x: Tensor) -> Tensor:
+        """``sigmoid(gate_scale * x[..., 0] - gate_center)`` in fp32, from a block's output tokens."""
+        return torch.sigmoid(self.gate_scale * x[..., 0].float() - self.gate_center)
+
+    def forward(self, images: Tensor) -> MethodOutput:
+        return self.forward_masked(images) if self.training else self.forward_removal(images)
+
+    def forward_masked(self, images: Tensor) -> MethodOutput:
+        """The training path: every token runs every block, halted ones zeroed and masked as keys."""
+        x = backbone.embed(self.vit, images)
+        batch, tokens, _ = x.shape
+        active = torch.ones(batch, tokens, dtype=torch.bool, device=x.device)
+        c = x.new_zeros(batch, tokens, dtype=torch.float32)
+        remainder, rho = torch.ones_like(c), torch.zeros_like(c)
+        cls_out = x.new_zeros(batch, x.shape[-1], dtype=torch.float32)
+        depth_of = torch.full((batch, tokens), self.depth, dtype=torch.long, device=x.device)
+        scores, ran = [], []
+        for index, block in enumerate(self.vit.blocks):
+            keep = active.to(x.dtype)
+            x = x * keep[..., None]
+            bias = ((1.0 - keep) * MASK_BIAS)[:, None, None, :]
+            x, _ = backbone.attn_residual(block, x, key_bias=bias)
+            x = backbone.mlp_residual(block, x)  # the next block reads this raw output
+            h = self.halting_score(x)
+            c, weight, halted, remainder = halting_step(c, remainder, h, index == self.depth - 1, self.eps)
+            halted = halted & active  # tokens halted earlier keep halted=True; only new halts count
+            weight = weight * active
+            cls_out = cls_out + weight[:, :1] * x[:, 0].float()
+            rho = rho + active + weight * halted  # N_k blocks run, plus the remainder at the halting block
+            depth_of = torch.where(halted, index + 1, depth_of)
+            scores.append(h)
+            ran.append(active)
+            active = active & ~halted
+        logits = backbone.head(self.vit, cls_out[:, None].to(x.dtype))
+        official = torch.stack(ran, dim=1).sum(dim=-1)  # [B, depth]: every token runs until it halts
+        executed = torch.minimum(depth_of, depth_of[:, :1])  # the CLS halting stops the image
+        aux = {"rho": rho, "halting_scores": torch.stack(scores, dim=1), "ran": torch.stack(ran, dim=1),
+               "halting_depth_official": depth_of}
+        return self._output(logits, executed, _counts_from_depth(executed, self.depth), cls_out, aux,
+                            {"official": torch.stack([official, official], dim=-1)})
+
+    def forward_removal(self, images: Tensor) -> MethodOutput:
+        """The inference path: halted tokens leave the packed batch; an image stops when its CLS halts."""
+        x = backbone.embed(self.vit, images)
+        batch, tokens, dim = x.shape
+        device = x.device
+        x = x.reshape(batch * tokens, dim)  # packed, image-major; boolean selection keeps that order
+        image = torch.arange(batch, device=device).repeat_interleave(tokens)
+        token = torch.arange(tokens, device=device).repeat(batch)
+        c = x.new_zeros(batch * tokens, dtype=torch.float32)
+        remainder = torch.ones_like(c)
+        cls_out = x.new_zeros(batch, dim, dtype=torch.float32)
+        depth_of = torch.full((batch, tokens), self.depth, dtype=torch.long, device=device)
+        lengths = torch.full((batch,), tokens, dtype=torch.long, device=device)
+        counts = torch.zeros(batch, self.depth, dtype=torch.long, device=device)
+        cut = torch.zeros(batch, dtype=torch.bool, device=device)  # stopped while other tokens still ran
+        for index, block in enumerate(self.vit.blocks):
+            counts[:, index] = lengths
+            x = backbone.packed_attn_residual(block, x, lengths[lengths > 0], self.attn_batching)
+            x = backbone.mlp_residual(block, x)
+            h = self.halting_score(x)
+            c, weight, halted, remainder = halting_step(c, remainder, h, index == self.depth - 1, self.eps)
+            is_cls = token == 0  # every running image still has its CLS token
+            cls_out.index_add_(0, image[is_cls], weight[is_cls, None] * x[is_cls].float())
+            stopped = torch.zeros(batch, dtype=torch.bool, device=device)
+            stopped[image[is_cls & halted]] = True
+            leave = halted | stopped[image]
+            cut[image[leave & ~halted]] = True
+            depth_of[image[leave], token[leave]] = index + 1
+            keep = ~leave
+            x, image, token, c, remainder = x[keep], image[keep], token[keep], c[keep], remainder[keep]
+            lengths = torch.bincount(image, minlength=batch)
+            if image.numel() == 0:
+                break
+        logits = backbone.head(self.vit, cls_out[:, None].to(x.dtype))
+        executed = torch.stack([counts, counts], dim=-1)
+        return self._output(logits, depth_of, executed, cls_out, {}, _OfficialCounts(self, images, executed, cut))
+
+    def _output(self, logits, depth_of, counts, cls_out, aux, alt) -> MethodOutput:
+        aux.update({"halting_depth": depth_of, "cls_output": cls_out, "alt_token_counts": alt})
+        return MethodOutput(logits, counts, depth_of[:, 1:], aux)
+
+    def loss_terms(self, out: MethodOutput, targets: Tensor, teacher_out: Optional[MethodOutput] = None):
+        """``ponder_weight * mean(rho)`` and ``prior_weight * KL``, from a training-mode output."""
+        if "rho" not in out.aux:
+            raise ValueError("adavit loss terms need the output of the training path (model.train())")
+        terms = {"ponder": self.ponder_weight * out.aux["rho"].mean()}
+        prior = torch.zeros((), device=out.logits.device)
+        if self.prior_weight > 0:
+            target = prior_target(self.depth, self.target_depth, self.target_std, self.prior)
+            prior = self.prior_weight * prior_kl(out.aux["halting_scores"], out.aux["ran"], target, self.prior)
+        terms["prior"] = prior
+        return terms
+
+
+def _counts_from_depth(depth_of: Tensor, depth: int) -> Tensor:
+    """Per-block token counts ``[B, depth, 2]`` from 1-based halting depths ``[B, N]``."""
+    blocks = torch.arange(depth, device=depth_of.device)
+    counts = (depth_of[:, None, :] > blocks[None, :, None]).sum(dim=-1)
+    return torch.stack([counts, counts], dim=-1)
+
+
+class _OfficialCounts(Mapping):
+    """``{"official": counts}`` for an eval output, computed when first read.
+
+    Images whose tokens all halted by the time their CLS did already have official = executed counts; the
+    others are re-run through the masked path, which keeps every token running until it halts itself.
+    """
+
+    def __init__(self, method: AdaViT, images: Tensor, executed: Tensor, cut: Tensor) -> None:
+        self._method, self._images, self._executed, self._cut = method, images, executed, cut
+        self._counts: Optional[Tensor] = None
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key != "official":
+            raise KeyError(key)
+        if self._counts is None:
+            counts = self._executed.clone()
+            if self._cut.any():
+                with torch.inference_mode():
+                    rerun = self._method.forward_masked(self._images[self._cut])
+                counts[self._cut] = rerun.aux["alt_token_counts"]["official"]
+            self._counts, self._images = counts, None
+        return self._counts
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("official",))
+
+    def __len__(self) -> int:
+        return 1
+
+
+# ------------------------------------------------------------------------------------------------ factory
+def _check(key: str, value, ok: bool, valid: str) -> None:
+    if not ok:
+        raise ValueError(f"method.params.{key}={value!r} is invalid; valid range: {valid}")
+
+
+@register_method("adavit")
+def build_adavit(
+    vit: nn.Module,
+    gate_scale: Optional[float] = None,
+    gate_center: Optional[float] = None,
+    eps: float = 0.01,
+    ponder_weight: float = 5e-4,
+    prior_weight: float = 1e-3,
+    target_depth: Optional[float] = None,
+    target_std: float = 1.0,
+    prior: str = "correct",
+    attn_batching: str = "auto",
+) -> AdaViT:
+    """A-ViT on ``vit``. ``gate_scale``/``gate_center`` None take the backbone's entry in ``GATE_DEFAULTS``;
+    ``target_depth`` None is 8/12 of the depth (the official 8 of 12).
+
+    Embedded model (``deit_digits_patch4_32``): gate 5/10, i.e. h = 0.5 at channel-0 value 2. The official
+    centres (30, 75) sit far above channel 0 of a pretrained DeiT, so h starts near 0 and 100 epochs of
+    ponder pressure raise it. The digits baseline trained from scratch has a small channel 0 (|x0| of a few
+    units; see the report), and a fine-tune of a few hundred steps has to reach ~0.75x compute, so the
+    centre sits where the halting score is small but not vanishing (non-zero gradient) at the start, and a
+    softer scale (5) keeps h graded over the channel-0 range the network reaches.
+    """
+    arch = (getattr(vit, "pretrained_cfg", None) or {}).get("architecture")
+    if gate_scale is None or gate_center is None:
+        if arch not in GATE_DEFAULTS:
+            missing = "gate_scale" if gate_scale is None else "gate_center"
+            raise ValueError(
+                f"method.params.{missing}=null but architecture {arch!r} has no default gate constants "
+                f"(defaults exist for {', '.join(GATE_DEFAULTS)}); set method.params.gate_scale and "
+                f"method.params.gate_center, e.g. 10 and 30 as for DeiT-T")
+        default_scale, default_center = GATE_DEFAULTS[arch]
+        gate_scale = default_scale if gate_scale is None else gate_scale
+        gate_center = default_center if gate_center is None else gate_center
+    depth = len(vit.blocks)
+    if target_depth is None:
+        target_depth = depth * 8.0 / 12.0
+    _check("gate_scale", gate_scale, math.isfinite(gate_scale) and gate_scale > 0, "(0, inf)")
+    _check("gate_center", gate_center, math.isfinite(gate_center), "a finite number")
+    _check("eps", eps, 0.0 < eps < 1.0, "(0, 1)")
+    _check("ponder_weight", ponder_weight, ponder_weight >= 0, "[0, inf)")
+    _check("prior_weight", prior_weight, prior_weight >= 0, "[0, inf)")
+    _check("target_depth", target_depth, 1.0 <= target_depth <= depth, f"[1, {depth}] (the model's depth)")
+    _check("target_std", target_std, target_std > 0, "(0, inf)")
+    _check("prior", prior, prior in PRIOR_MODES, " | ".join(PRIOR_MODES))
+    _check("attn_batching", attn_batching, attn_batching in ("auto", "loop", "pad"), "auto | loop | pad")
+    return AdaViT(vit, float(gate_scale), float(gate_center), float(eps), float(ponder_weight),
+                  float(prior_weight), float(target_depth), float(target_std), prior, attn_batching)

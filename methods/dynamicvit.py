@@ -1,0 +1,262 @@
+"""``dynamicvit``: learned token pruning with a light predictor per stage.
+
+Paper: Rao et al., "DynamicViT: Efficient Vision Transformers with Dynamic Token Sparsification",
+NeurIPS 2021 (https://arxiv.org/abs/2106.02034). Official code: https://github.com/raoyongming/DynamicViT.
+
+Before each block in ``locations`` (default 3, 6, 9) a predictor scores the surviving patch tokens and the
+stage keeps the cumulative ratio ``keep_rate ** s`` of the patches (s = 1, 2, ...), rounded down; CLS is always
+kept and never scored. For DeiT-S at 224 px and ``keep_rate=0.7`` the blocks run on 197 / 138 / 97 / 68 tokens.
+
+- ``train()`` mode: the keep decision is a hard, straight-through Gumbel-softmax (tau = 1) times the previous
+  stage's decision. Tokens stay in the batch; every block from the first stage on masks dropped tokens as
+  attention keys (``backbone.attention(key_policy=...)``: fp32 masked softmax, each query keeps itself).
+- ``eval()`` mode: each stage gathers the top-k tokens by keep score, a fixed count per image.
+- Loss terms: ``ratio`` (mean over stages and images of ``(mean keep - keep_rate ** s) ** 2``), ``kl``
+  (KL(teacher || student) on the logits) and ``token_mse`` (kept final patch tokens against the teacher's),
+  weighted 2.0 / 0.5 / 0.5 by default. The teacher is the frozen dense model the harness builds.
+- ``param_groups``: the backbone trains at ``backbone_lr_scale`` (0.01) times the predictors' learning rate.
+
+Where we deviate from the official code:
+
+- The predictor's policy-weighted mean divides by ``max(sum(policy), eps)``, so a stage that happened to drop
+  every patch gives zeros instead of NaN (the official code divides by the plain sum).
+- ``token_counts`` in ``train()`` mode report the counts inference would run (the deployed cost), not the
+  full, masked sequence the training pass computes.
+- ``inference_keep_rate`` (our addition) evaluates a checkpoint at another rate; ``null`` restores the
+  original behaviour (inference at the training rate).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import backbone
+from .base import MethodOutput, TokenReducer
+from .registry import register_method
+from .tokens import kept_patch_count, keep_with_cls, topk_patches, validate_locations
+
+
+class KeepPredictor(nn.Module):
+    """Scores patch tokens from their own features and a policy-weighted global summary.
+
+    ``LayerNorm -> Linear(C, C) -> GELU``; the first half of the channels stays per token (local), the second
+    half is averaged over the kept tokens (global); the concatenation goes through
+    ``Linear(C, C/2) -> GELU -> Linear(C/2, C/4) -> GELU -> Linear(C/4, 2) -> log-softmax``. Column 0 = keep.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.local_dim = dim // 2
+        self.embed = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
+        self.score = nn.Sequential(
+            nn.Linear(dim, dim // 2), nn.GELU(),
+            nn.Linear(dim // 2, dim // 4), nn.GELU(),
+            nn.Linear(dim // 4, 2), nn.LogSoftmax(dim=-1),
+        )
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, patches: Tensor, policy: Tensor, eps: float = 1e-6) -> Tensor:
+        """``patches`` ``[B, P, C]``, ``policy`` ``[B, P, 1]`` (1 = kept) -> log-probabilities ``[B, P, 2]``."""
+        x = self.embed(patches)
+        local, glob = x[..., : self.local_dim], x[..., self.local_dim:]
+        glob = (glob * policy).sum(dim=1, keepdim=True) / policy.sum(dim=1, keepdim=True).clamp_min(eps)
+        return self.score(torch.cat([local, glob.expand(-1, local.shape[1], -1)], dim=-1))
+
+    def macs_per_token(self) -> int:
+        """``C^2 + C^2/2 + C^2/8``: the three wide linear layers (the 2-way output layer is not counted)."""
+        return sum(m.in_features * m.out_features for m in self.modules()
+                   if isinstance(m, nn.Linear) and m.out_features != 2)
+
+
+class DynamicViT(TokenReducer):
+    """DeiT with a :class:`KeepPredictor` before each block in ``locations``; see the module docstring."""
+
+    needs_teacher = True
+
+    def __init__(
+        self,
+        vit: nn.Module,
+        keep_rate: float = 0.7,
+        locations: Sequence[int] = (3, 6, 9),
+        ratio_weight: float = 2.0,
+        kl_weight: float = 0.5,
+        token_mse_weight: float = 0.5,
+        backbone_lr_scale: float = 0.01,
+        inference_keep_rate: Optional[float] = None,
+    ) -> None:
+        """
+        Args:
+            keep_rate: per-stage keep ratio rho in (0, 1]; stage s keeps ``floor(rho ** s * patches)`` patches.
+            locations: strictly increasing block indices in [1, depth) to prune before.
+            ratio_weight, kl_weight, token_mse_weight: loss weights (official: 2.0 / 0.5 / 0.5).
+            backbone_lr_scale: learning-rate factor of the backbone relative to the predictors.
+            inference_keep_rate: keep rate of the ``eval()`` forward; ``None`` = ``keep_rate``.
+        """
+        super().__init__(vit)
+        self.keep_rate = _check_rate(keep_rate, "method.params.keep_rate")
+        rate = keep_rate if inference_keep_rate is None else inference_keep_rate
+        self.inference_keep_rate = _check_rate(rate, "method.params.inference_keep_rate")
+        self.locations = validate_locations(locations, self.depth, key="method.params.locations")
+        for key, value in (("ratio_weight", ratio_weight), ("kl_weight", kl_weight),
+                           ("token_mse_weight", token_mse_weight), ("backbone_lr_scale", backbone_lr_scale)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"method.params.{key}={value!r} must be a finite number >= 0")
+        self.ratio_weight, self.kl_weight, self.token_mse_weight = ratio_weight, kl_weight, token_mse_weight
+        self.backbone_lr_scale = backbone_lr_scale
+        # Target cumulative keep ratios (training) and kept patch counts (inference), one per stage.
+        self.ratio_targets = [self.keep_rate ** (s + 1) for s in range(len(self.locations))]
+        self.keep_counts = [kept_patch_count(self.num_patches, self.inference_keep_rate ** (s + 1))
+                            for s in range(len(self.locations))]
+        self.predictors = nn.ModuleList(KeepPredictor(self.embed_dim) for _ in self.locations)
+
+    def forward(self, images: Tensor) -> MethodOutput:
+        """``aux``: ``keep_ratio`` [B, stages] (kept fraction of the patches after each stage),
+        ``final_tokens`` [B, K+1, C] (after the final norm, as the official token loss uses), ``patch_index`` [B, K] (original patch of each
+        final patch token) and ``final_keep`` [B, K] (its keep weight: the hard policy in training, else 1)."""
+        x = backbone.embed(self.vit, images)
+        batch = x.shape[0]
+        patch_depth = torch.full((batch, self.num_patches), self.depth, dtype=torch.long, device=x.device)
+        run = self._forward_masked if self.training else self._forward_pruned
+        x, aux = run(x, patch_depth)
+        counts = torch.tensor(self.block_counts(), dtype=torch.long, device=x.device)
+        token_counts = counts[None, :, None].expand(batch, -1, 2).clone()
+        aux["final_tokens"] = self.vit.norm(x)
+        return MethodOutput(backbone.head(self.vit, x), token_counts, patch_depth, aux)
+
+    def _forward_masked(self, x: Tensor, patch_depth: Tensor) -> tuple[Tensor, dict]:
+        """Training: hard Gumbel decisions mask attention keys; the sequence keeps its length."""
+        batch = x.shape[0]
+        keep = x.new_ones(batch, self.num_patches, 1)  # cumulative decision per patch
+        cls_keep = x.new_ones(batch, 1)
+        policy = None
+        ratios = []
+        for index, block in enumerate(self.vit.blocks):
+            if index in self.locations:
+                stage = self.locations.index(index)
+                log_probs = self.predictors[stage](x[:, 1:], keep)
+                new_keep = self._sample_keep(stage, log_probs, keep)
+                patch_depth[(keep[..., 0] > 0.5) & (new_keep[..., 0] < 0.5)] = index
+                keep = new_keep
+                ratios.append(keep[..., 0].float().mean(dim=1))
+                policy = torch.cat([cls_keep, keep[..., 0]], dim=1)
+            x, _ = backbone.attn_residual(block, x, key_policy=policy)
+            x = backbone.mlp_residual(block, x)
+        aux = {
+            "keep_ratio": torch.stack(ratios, dim=1),  # [B, stages]
+            "patch_index": torch.arange(self.num_patches, device=x.device).expand(batch, -1),
+            "final_keep": keep[..., 0],  # [B, P] weights of the final patch tokens
+        }
+        return x, aux
+
+    def _sample_keep(self, stage: int, log_probs: Tensor, prev_keep: Tensor) -> Tensor:
+        """Hard straight-through Gumbel-softmax (tau = 1) keep decision ``[B, P, 1]``, nested in ``prev_keep``.
+
+        A separate method so that tests can replace the random draw with a deterministic decision."""
+        return F.gumbel_softmax(log_probs, tau=1.0, hard=True)[..., :1] * prev_keep
+
+    def _forward_pruned(self, x: Tensor, patch_depth: Tensor) -> tuple[Tensor, dict]:
+        """Inference: each stage gathers CLS and the top-k patches by keep score (physical removal)."""
+        batch = x.shape[0]
+        origin = torch.arange(self.num_patches, device=x.device).expand(batch, -1)  # original patch index
+        for index, block in enumerate(self.vit.blocks):
+            if index in self.locations:
+                stage = self.locations.index(index)
+                patches = x[:, 1:]
+                log_probs = self.predictors[stage](patches, patches.new_ones(*patches.shape[:2], 1))
+                keep, drop = topk_patches(log_probs[..., 0], self.keep_counts[stage])
+                patch_depth.scatter_(1, origin.gather(1, drop), index)
+                origin = origin.gather(1, keep)
+                x = keep_with_cls(x, keep)
+            x, _ = backbone.attn_residual(block, x)
+            x = backbone.mlp_residual(block, x)
+        ratios = torch.tensor([k / self.num_patches for k in self.keep_counts], device=x.device)
+        aux = {
+            "keep_ratio": ratios.expand(batch, -1),
+            "patch_index": origin,
+            "final_keep": x.new_ones(origin.shape),
+        }
+        return x, aux
+
+    def block_counts(self) -> list[int]:
+        """Tokens (CLS included) each block runs on at inference, e.g. 197 x3, 138 x3, 97 x3, 68 x3."""
+        counts, current = [], self.num_tokens
+        for index in range(self.depth):
+            if index in self.locations:
+                current = 1 + self.keep_counts[self.locations.index(index)]
+            counts.append(current)
+        return counts
+
+    def loss_terms(
+        self, out: MethodOutput, targets: Tensor, teacher_out: Optional[MethodOutput] = None
+    ) -> dict[str, Tensor]:
+        keep_ratio = out.aux["keep_ratio"].float()  # [B, stages]
+        target = torch.tensor(self.ratio_targets, device=keep_ratio.device)
+        terms = {"ratio": self.ratio_weight * ((keep_ratio - target) ** 2).mean()}
+        if teacher_out is None:
+            return terms
+        student_log = F.log_softmax(out.logits.float(), dim=-1)
+        teacher_log = F.log_softmax(teacher_out.logits.float(), dim=-1)
+        terms["kl"] = self.kl_weight * F.kl_div(student_log, teacher_log, reduction="batchmean", log_target=True)
+        terms["token_mse"] = self.token_mse_weight * _kept_token_mse(out, teacher_out)
+        return terms
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """The weight-decay groups of the base class, each split into predictors (lr_scale 1) and backbone."""
+        predictor_ids = {id(p) for p in self.predictors.parameters()}
+        groups = []
+        for group in super().param_groups(weight_decay):
+            params = list(group["params"])
+            for scale, is_predictor in ((1.0, True), (self.backbone_lr_scale, False)):
+                chosen = [p for p in params if (id(p) in predictor_ids) == is_predictor]
+                if chosen:
+                    groups.append({**group, "params": chosen, "lr_scale": scale})
+        return groups
+
+    def extra_macs(self, token_counts: Tensor) -> Tensor:
+        """Per image, each predictor's ``(N_s - 1) * (C^2 + C^2/2 + C^2/8)``, N_s = tokens entering its stage."""
+        macs = torch.zeros(token_counts.shape[0], dtype=torch.float64, device=token_counts.device)
+        for location, predictor in zip(self.locations, self.predictors):
+            entering = token_counts[:, location - 1, 1].double()  # the MLP output of the block before
+            macs += (entering - 1) * predictor.macs_per_token()
+        return macs
+
+
+def _kept_token_mse(out: MethodOutput, teacher_out: MethodOutput) -> Tensor:
+    """MSE between the student's kept final patch tokens and the teacher's tokens at the same patches."""
+    student = out.aux["final_tokens"][:, 1:].float()  # [B, K, C]
+    index = out.aux["patch_index"]  # [B, K] original patch index of each final token
+    teacher = teacher_out.aux["final_tokens"][:, 1:].float()
+    teacher = teacher.gather(1, index.unsqueeze(-1).expand(-1, -1, teacher.shape[-1]))
+    kept = out.aux["final_keep"] > 0.5
+    if not kept.any():
+        return student.sum() * 0.0
+    return F.mse_loss(student[kept], teacher[kept])
+
+
+def _check_rate(value: float, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{key}={value!r} is outside the valid range (0, 1]")
+    return float(value)
+
+
+@register_method("dynamicvit")
+def build_dynamicvit(
+    vit: nn.Module,
+    keep_rate: float = 0.7,
+    locations: Sequence[int] = (3, 6, 9),
+    ratio_weight: float = 2.0,
+    kl_weight: float = 0.5,
+    token_mse_weight: float = 0.5,
+    backbone_lr_scale: float = 0.01,
+    inference_keep_rate: Optional[float] = None,
+) -> DynamicViT:
+    return DynamicViT(vit, keep_rate=keep_rate, locations=locations, ratio_weight=ratio_weight,
+                      kl_weight=kl_weight, token_mse_weight=token_mse_weight,
+                      backbone_lr_scale=backbone_lr_scale, inference_keep_rate=inference_keep_rate)

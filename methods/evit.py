@@ -1,0 +1,162 @@
+"""``evit``: keep the attentive tokens, fuse the inattentive ones. No new parameters, no extra loss.
+
+Paper: Liang et al., "Not All Patches are What You Need: Expediting Vision Transformers via Token
+Reorganizations", ICLR 2022 (https://arxiv.org/abs/2202.07800). Official code: https://github.com/youweiliang/evit
+(``evit.py``: ``Attention.forward`` and ``Block.forward``).
+
+At each block in ``locations`` (default 3, 6, 9), *between attention and the MLP*, the block keeps the
+``ceil(keep_rate * (N - 1))`` non-CLS tokens with the highest CLS attention (that block's softmax row of the CLS
+query, averaged over heads); N counts the tokens the block's attention ran on. With ``fuse`` the dropped tokens
+are summed into one extra token, weighted by their CLS attention as it is (not renormalised), and appended
+after the kept tokens. The MLP then runs on the reduced sequence, so ``token_counts`` differ between the
+attention (``[..., 0]``) and the MLP (``[..., 1]``) of a pruning block.
+
+The fused token of an earlier stage is an ordinary token at later stages, as in the official code: it counts in
+``N - 1``, it is scored by its own CLS attention, and it is either kept or dropped and summed into the new fused
+token. DeiT-S at 224 px, ``keep_rate=0.7``: the MLP of blocks 3 / 6 / 9 and the blocks after them run on
+140 / 100 / 72 tokens with fusion and 139 / 98 / 69 without. In ``patch_depth`` a dropped patch stops counting
+at the block that dropped it (depth ``l + 1``); the fused token stands for no patch.
+
+Train mode runs the same physical removal (differentiable through the kept tokens and, with fusion, through
+the attention weights), so fine-tuning works; evaluating a dense checkpoint needs no training.
+
+Where we deviate from the official code:
+
+- The keep-rate warm-up of the official from-scratch recipe (``--shrink_start_epoch``, ``--shrink_epochs``) is
+  not implemented: the keep rate is constant. Sweep ``keep_rate`` at inference instead.
+- The official ``Attention`` reads the CLS row after attention dropout; we read it before. DeiT has no
+  attention dropout, so both agree there.
+
+:class:`AttentionPruning` is the engine shared with ``topk`` and ``random`` (``methods/topk.py``), so
+``topk`` with ``schedule=evit`` equals ``evit`` with ``fuse=false`` by construction.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import backbone, tokens
+from .base import MethodOutput, TokenReducer
+from .registry import register_method
+
+
+class AttentionPruning(TokenReducer):
+    """Prune between attention and MLP: keep the highest-scoring non-CLS tokens, optionally fuse the rest.
+
+    Subclasses say how many non-CLS tokens each block keeps (:meth:`keep_plan`) and may replace the score
+    (:meth:`token_scores`, the CLS attention by default).
+    """
+
+    def __init__(self, vit: nn.Module, fuse: bool = False) -> None:
+        super().__init__(vit)
+        self.fuse = bool(fuse)
+
+    def keep_plan(self, num_tokens: int) -> list[Optional[int]]:
+        """Per block, the non-CLS tokens kept after its attention (``None``: no pruning in that block)."""
+        raise NotImplementedError
+
+    def token_scores(self, cls_attn: Tensor) -> Tensor:
+        """Score of each non-CLS token ``[B, N - 1]`` from its CLS attention; the highest are kept."""
+        return cls_attn
+
+    def forward(self, images: Tensor) -> MethodOutput:
+        x = backbone.embed(self.vit, images)
+        batch, num_tokens, _ = x.shape
+        patches = num_tokens - 1
+        # Original patch id of every token; CLS and fused tokens carry `patches`, a slot cut off at the end.
+        ids = (torch.arange(num_tokens, device=x.device) - 1).remainder(num_tokens).expand(batch, -1)
+        depth = torch.full((batch, patches + 1), self.depth, dtype=torch.long, device=x.device)
+        counts = []
+        for index, (block, keep) in enumerate(zip(self.vit.blocks, self.keep_plan(num_tokens))):
+            attn_tokens = x.shape[1]
+            prune = keep is not None and keep < attn_tokens - 1
+            x, attn = backbone.attn_residual(block, x, return_cls_attn=prune)
+            if prune:
+                x, ids, dropped = self._prune(x, attn.cls_attn, ids, keep)
+                depth.scatter_(1, dropped, index + 1)
+            counts.append((attn_tokens, x.shape[1]))
+            x = backbone.mlp_residual(block, x)
+        token_counts = torch.tensor(counts, dtype=torch.long, device=x.device).expand(batch, -1, -1).clone()
+        return MethodOutput(backbone.head(self.vit, x), token_counts, depth[:, :patches], {"final_tokens": x})
+
+    def _prune(self, x: Tensor, cls_attn: Tensor, ids: Tensor, keep: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Keep CLS and ``keep`` tokens (plus the fused token); return tokens, their ids and the dropped ids."""
+        attn_rest, rest, rest_ids = cls_attn[:, 1:], x[:, 1:], ids[:, 1:]
+        kept, dropped = tokens.topk_patches(self.token_scores(attn_rest), keep)
+        parts = [x[:, :1], tokens.gather_tokens(rest, kept)]
+        new_ids = [ids[:, :1], rest_ids.gather(1, kept)]
+        if self.fuse:
+            parts.append(tokens.fuse_tokens(tokens.gather_tokens(rest, dropped), attn_rest.gather(1, dropped)))
+            new_ids.append(ids[:, :1])  # the fused token stands for no patch: CLS's dump slot
+        return torch.cat(parts, dim=1), torch.cat(new_ids, dim=1), rest_ids.gather(1, dropped)
+
+
+class EViT(AttentionPruning):
+    """EViT; see the module docstring."""
+
+    def __init__(self, vit: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9),
+                 fuse: bool = True) -> None:
+        """
+        Args:
+            keep_rate: fraction in (0, 1] of the current non-CLS tokens kept at each location (rounded up).
+            locations: strictly increasing block indices in [0, depth - 1]; pruning runs inside these blocks,
+                between attention and MLP.
+            fuse: sum the dropped tokens into one extra token weighted by their CLS attention (``false``:
+                plain top-k pruning, i.e. ``topk`` with ``schedule=evit``).
+        """
+        super().__init__(vit, fuse=check_bool(fuse, "method.params.fuse"))
+        self.keep_rate = check_keep_rate(keep_rate)
+        self.locations = check_locations(locations, self.depth)
+
+    def keep_plan(self, num_tokens: int) -> list[Optional[int]]:
+        return evit_plan(num_tokens, self.depth, self.keep_rate, self.locations, self.fuse)
+
+
+def evit_plan(num_tokens: int, depth: int, keep_rate: float, locations: Sequence[int],
+              fuse: bool) -> list[Optional[int]]:
+    """EViT's counts: at each location keep ``ceil(keep_rate * (N - 1))`` of the current non-CLS tokens."""
+    plan: list[Optional[int]] = [None] * depth
+    current = num_tokens
+    for location in locations:
+        keep = tokens.kept_patch_count(current - 1, keep_rate, mode="ceil")
+        if keep < current - 1:
+            plan[location] = keep
+            current = 1 + keep + int(fuse)
+    return plan
+
+
+# --- parameter checks shared with topk.py: errors name the config key, the value and the valid range --------
+
+
+def check_keep_rate(value, key: str = "method.params.keep_rate") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{key}={value!r} is outside the valid range (0, 1]")
+    return float(value)
+
+
+def check_locations(value, depth: int, key: str = "method.params.locations") -> list[int]:
+    """Block indices in [0, depth - 1], strictly increasing (pruning happens inside the block, after attention)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        raise ValueError(f"{key}={value!r} must be a non-empty list of block indices in [0, {depth - 1}]")
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+        raise ValueError(f"{key}={list(value)!r} must hold integer block indices in [0, {depth - 1}]")
+    bad = [v for v in value if not 0 <= v < depth]
+    if bad:
+        raise ValueError(f"{key}={list(value)}: {bad} outside the valid block range [0, {depth - 1}]")
+    if any(b <= a for a, b in zip(value, value[1:])):
+        raise ValueError(f"{key}={list(value)} must be strictly increasing (valid: indices in [0, {depth - 1}])")
+    return list(value)
+
+
+def check_bool(value, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}={value!r} must be true or false")
+    return value
+
+
+@register_method("evit")
+def build_evit(vit: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9),
+               fuse: bool = True) -> EViT:
+    return EViT(vit, keep_rate=keep_rate, locations=locations, fuse=fuse)

@@ -1,0 +1,260 @@
+"""Cost measurement: config validation, the throughput protocol, ``measure_for_record`` and the measure.py CLI.
+
+Timing values are not asserted (the machine is shared); the protocol is: what runs where, in which order,
+with which switches, and what the records hold.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+import methods
+from experiments import measure, records, throughput
+from experiments.engine import EvalResult
+from experiments.pipeline import ConfigError
+from methods.models import create_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "experiments" / "conf"
+ENTRY_KEYS = {"device", "device_name", "batch_size", "dtype", "img_per_s", "dense_img_per_s", "speedup_vs_dense",
+              "flops_ratio", "efficiency", "peak_mem_mb", "threads", "compile", "fused_attn", "torch", "timm",
+              "repeats", "warmup"}
+FAST = ["measure.images=6", "measure.batch_sizes=[1,3]", "measure.warmup=1", "measure.repeats=2",
+        "measure.min_time_s=0", "progress=false", "eval.map_images=2"]
+
+
+def make_cfg(tmp_path: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=[f"paths.results_dir={tmp_path / 'results'}",
+                                            f"paths.run_dir={tmp_path / 'run'}", "device=cpu", *overrides])
+
+
+def fast_settings(**changes) -> throughput.Settings:
+    base = dict(batch_sizes=[2], dtypes=["fp32"], warmup=1, repeats=3, min_time_s=0.0)
+    return throughput.Settings(**{**base, **changes})
+
+
+def tiny_method(name: str = "dense", **params) -> methods.TokenReducer:
+    torch.manual_seed(0)
+    return methods.create_method(name, create_backbone("deit_digits_patch4_32", 10), **params).eval()
+
+
+def no_records(tmp_path: Path) -> bool:
+    return not list((tmp_path / "results").rglob("*.json"))
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("override,key,valid", [
+    ("measure.batch_sizes=[1,0]", "measure.batch_sizes", "positive integers"),
+    ("measure.batch_sizes=[-4]", "measure.batch_sizes", "positive integers"),
+    ("measure.dtypes=[fp32,fp64]", "measure.dtypes", "fp32, bf16, fp16"),
+    ("measure.dtypes=[half]", "measure.dtypes", "fp32, bf16, fp16"),
+    ("measure.images=0", "measure.images", ">= 1"),
+    ("measure.images=-3", "measure.images", ">= 1"),
+    ("measure.repeats=0", "measure.repeats", ">= 1"),
+    ("measure.warmup=-1", "measure.warmup", ">= 0"),
+    ("measure.min_time_s=-1", "measure.min_time_s", ">= 0"),
+    ("measure.fused_attn=maybe", "measure.fused_attn", "null, true, false"),
+])
+def test_bad_measure_config_names_key_and_choices(tmp_path, override, key, valid):
+    cfg = make_cfg(tmp_path, override)
+    with pytest.raises(ConfigError) as error:
+        measure.check_config(cfg)
+    assert key in str(error.value) and valid in str(error.value)
+    with pytest.raises(ConfigError):
+        measure.measure_run(cfg)
+    assert no_records(tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_gpu_is_an_error_not_a_cpu_fallback(tmp_path):
+    cfg = make_cfg(tmp_path)
+    with open_dict(cfg):
+        cfg.device = "cuda"
+    with pytest.raises(ConfigError, match="device=cuda"):
+        measure.check_config(cfg)
+    with pytest.raises(ConfigError, match="device=cuda"):
+        measure.measure_run(cfg)
+    assert no_records(tmp_path)
+
+
+def test_defaults_per_device(tmp_path):
+    cfg = make_cfg(tmp_path)
+    measure.check_config(cfg)
+    cpu = measure.settings_for(cfg, torch.device("cpu"))
+    assert list(cpu.batch_sizes) == [1, 32] and list(cpu.dtypes) == ["fp32"]
+    gpu = measure.settings_for(cfg, torch.device("cuda"))
+    assert list(gpu.batch_sizes) == [1, 64, 256] and list(gpu.dtypes) == ["fp32", "bf16"]
+    assert cpu.warmup >= 10 and cpu.repeats >= 5
+    single = measure.settings_for(make_cfg(tmp_path, "measure.batch_sizes=8", "measure.dtypes=bf16"),
+                                  torch.device("cpu"))
+    assert list(single.batch_sizes) == [8] and list(single.dtypes) == ["bf16"]
+
+
+# ------------------------------------------------------------------------------------------ timing protocol
+class Probe(torch.nn.Module):
+    """Wraps a method; logs every call with the autograd/inference state and the input's device and size."""
+
+    def __init__(self, inner, name, log):
+        super().__init__()
+        self.inner, self.name, self.log = inner, name, log
+
+    @property
+    def vit(self):
+        return self.inner.vit
+
+    def forward(self, images):
+        self.log.append((self.name, torch.is_inference_mode_enabled(), torch.is_grad_enabled(), self.training,
+                         images.device.type, images.shape[0], tuple(b.attn.fused_attn for b in self.vit.blocks)))
+        return self.inner(images)
+
+
+def test_protocol_interleaves_dense_and_method_in_inference_mode():
+    log: list = []
+    method = tiny_method("dense")
+    probe_m, probe_d = Probe(method, "method", log), Probe(methods.create_method("dense", method.vit), "dense", log)
+    probe_m.train()
+    entries = throughput.measure(probe_m, probe_d, torch.device("cpu"), fast_settings(repeats=4, warmup=3), 0.5,
+                                 images=torch.randn(5, 3, 32, 32))
+    assert probe_m.training  # restored
+    assert all(inf and not grad and not training and dev == "cpu" and size == 2
+               for _, inf, grad, training, dev, size, _ in log)
+    names = [entry[0] for entry in log]
+    assert names[:6] == ["method"] * 3 + ["dense"] * 3  # warm-up (>= 1 forward each), iters 1 per run
+    assert names[6:] == ["method", "dense", "dense", "method", "method", "dense", "dense", "method"]
+    (entry,) = entries
+    assert ENTRY_KEYS <= set(entry)
+    paired = sorted(m / d for m, d in zip(entry["img_per_s_runs"], entry["dense_img_per_s_runs"]))
+    assert entry["speedup_vs_dense"] == pytest.approx((paired[1] + paired[2]) / 2)  # median of 4 paired ratios
+    assert entry["speedup_of_medians"] == pytest.approx(entry["img_per_s"] / entry["dense_img_per_s"])
+    assert entry["efficiency"] == pytest.approx(entry["speedup_vs_dense"] * 0.5)
+    assert entry["repeats"] == 4 and entry["warmup"] == 3 and len(entry["img_per_s_runs"]) == 4
+    assert entry["device"] == "cpu" and entry["dtype"] == "fp32" and entry["batch_size"] == 2
+    assert entry["peak_mem_mb"] > 0 and entry["threads"] == torch.get_num_threads() and entry["inputs"] == "images"
+
+
+def test_protocol_switches_are_applied_and_restored():
+    log: list = []
+    method = tiny_method("dense")
+    before = [b.attn.fused_attn for b in method.vit.blocks]
+    threads = torch.get_num_threads()
+    entries = throughput.measure(Probe(method, "method", log), None, torch.device("cpu"),
+                                 fast_settings(fused_attn=not before[0], threads=1, batch_sizes=[1, 3]), 1.0)
+    assert {entry[-1] for entry in log} == {tuple([not before[0]] * len(before))}
+    assert [b.attn.fused_attn for b in method.vit.blocks] == before and torch.get_num_threads() == threads
+    assert [e["batch_size"] for e in entries] == [1, 3] and {e["fused_attn"] for e in entries} == {not before[0]}
+    assert all(e["threads"] == 1 and e["speedup_vs_dense"] == 1.0 and not e["dense_measured"] for e in entries)
+    assert {e["inputs"] for e in entries} == {"random"}
+
+
+def test_min_time_calibrates_iterations():
+    assert throughput.iters_for(0.01, 0.05) == 5 and throughput.iters_for(1.0, 0.05) == 1
+    assert throughput.iters_for(0.01, 0.0) == 1
+
+
+def test_bf16_autocast_on_cpu_runs():
+    (entry,) = throughput.measure(tiny_method("dense"), None, torch.device("cpu"),
+                                  fast_settings(dtypes=["bf16"], batch_sizes=[2]), 1.0)
+    assert entry["dtype"] == "bf16" and entry["amp"] == "autocast" and entry["img_per_s"] > 0
+
+
+def test_make_inputs_cycles_real_images():
+    images = torch.arange(3.0)[:, None, None, None].expand(3, 3, 4, 4)
+    batch = throughput.make_inputs(5, torch.device("cpu"), images)
+    assert batch[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0, 0.0, 1.0]
+    assert throughput.make_inputs(2, torch.device("cpu"), None, (3, 4, 4)).shape == (2, 3, 4, 4)
+
+
+# --------------------------------------------------------------------------------------- measure_for_record
+def test_measure_for_record_uses_the_same_backbone_for_dense(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake(method, dense, device, settings, ratio, images=None, input_shape=None):
+        seen.update(dense=dense, ratio=ratio, images=images, settings=settings)
+        return []
+
+    monkeypatch.setattr(throughput, "measure", fake)
+    method = tiny_method("topk") if "topk" in methods.list_methods() else tiny_method("dense")
+    counts = method(torch.randn(2, 3, 32, 32)).token_counts
+    result = EvalResult({"top1": 0.0}, counts, torch.zeros(2, 64, dtype=torch.long))
+    cfg = make_cfg(tmp_path, *FAST)
+    dataset = torch.utils.data.TensorDataset(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long))
+    costs = measure.measure_for_record(method, result, cfg, torch.device("cpu"), dataset=dataset)
+    if isinstance(method, methods.dense.Dense):
+        assert seen["dense"] is None
+    else:
+        assert seen["dense"].vit is method.vit  # same weights, no copy
+    assert seen["ratio"] == pytest.approx(costs["flops"]["flops_ratio"])
+    assert seen["images"].shape == (3, 3, 32, 32)  # the first images of the dataset, as many as batch 3 needs
+    assert costs["flops"]["images"] == 2
+
+
+def test_measure_for_record_switches(tmp_path):
+    method = tiny_method("dense")
+    result = EvalResult({"top1": 0.0}, method.full_counts(2, torch.device("cpu")), torch.zeros(2, 64))
+    off = make_cfg(tmp_path, "measure.throughput=false", "measure.flops=false")
+    assert measure.measure_for_record(method, result, off, torch.device("cpu")) == {"flops": None,
+                                                                                      "throughput": None}
+    check = make_cfg(tmp_path, "measure.throughput=false", "measure.fvcore_images=1")
+    dataset = torch.utils.data.TensorDataset(torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))
+    costs = measure.measure_for_record(method, result, check, torch.device("cpu"), dataset=dataset)
+    assert costs["flops"]["fvcore_check"]["rel_diff"] == pytest.approx(0.0, abs=1e-9)
+
+
+# ----------------------------------------------------------------------------------------- the measure CLI
+@pytest.mark.parametrize("name", methods.list_methods())
+def test_measure_run_writes_a_measure_record(tmp_path, name):
+    throughput_on = name in ("dense", "evit")
+    # a method without its own config file yet runs with its factory defaults
+    choose = f"method={name}" if (CONF / "method" / f"{name}.yaml").exists() else f"method.name={name}"
+    cfg = make_cfg(tmp_path, choose, *FAST, f"measure.throughput={str(throughput_on).lower()}")
+    record = measure.measure_run(cfg)
+    saved = records.load_record(Path(record["path"]))
+    assert saved["kind"] == "measure" and saved["method"] == name and saved["train"]["init"] == "random"
+    assert saved["metrics"]["num_images"] == 6 and saved["metrics"]["top1"] is None
+    for key in ("model", "data", "seed", "config", "provenance", "tokens", "params", "method_params"):
+        assert key in saved
+    flops = saved["flops"]
+    assert flops["images"] == 6 and flops["gflops_min"] <= flops["gflops"] <= flops["gflops_max"]
+    assert flops["convention"] == records.FLOP_CONVENTION and flops["dense_gflops"] > 0
+    assert len(saved["tokens"]["attn_mean"]) == 12
+    if throughput_on:
+        assert [e["batch_size"] for e in saved["throughput"]] == [1, 3]
+        assert all(ENTRY_KEYS <= set(e) for e in saved["throughput"])
+    else:
+        assert saved["throughput"] is None
+    line = measure.summary_line(record)
+    assert {"gflops", "gflops_std", "params_m", "tokens_attn_mean", "throughput"} <= set(line)
+    json.dumps(line)
+
+
+def test_measure_run_without_record(tmp_path):
+    record = measure.measure_run(make_cfg(tmp_path, *FAST, "measure.record=false", "measure.throughput=false"))
+    assert "path" not in record and no_records(tmp_path)
+
+
+@pytest.mark.slow
+def test_cli_prints_one_json_line_and_rejects_bad_input(tmp_path):
+    common = [f"paths.results_dir={tmp_path / 'results'}", f"hydra.run.dir={tmp_path / 'run'}", "device=cpu",
+              *FAST]
+    script = str(ROOT / "experiments" / "measure.py")
+    ok = subprocess.run([sys.executable, script, "method=dense", *common], capture_output=True, text=True,
+                        cwd=tmp_path, timeout=600)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    lines = [line for line in ok.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1
+    summary = json.loads(lines[0])
+    assert summary["method"] == "dense" and summary["gflops"] > 0 and len(summary["throughput"]) == 2
+    assert Path(summary["record"]).is_file()
+    bad = subprocess.run([sys.executable, script, "method=dense", *common, "measure.dtypes=[fp64]",
+                          f"paths.results_dir={tmp_path / 'bad'}"], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=600)
+    assert bad.returncode != 0 and "measure.dtypes" in bad.stderr + bad.stdout
+    assert "fp32, bf16, fp16" in bad.stderr + bad.stdout and not (tmp_path / "bad").exists()

@@ -1,0 +1,467 @@
+"""Config validation (``experiments/schema.py``): every bad input fails at startup, before any data is loaded and
+before anything is written, with an error naming the key, the bad value and the valid range or choices.
+
+``BAD_INPUTS`` is the catalogue: one row per distinct bad input, each run through ``pipeline.run`` with data
+loading booby-trapped (it fails the test if reached) and the output folders compared before and after.
+"""
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
+from PIL import Image
+
+import methods
+from experiments import pipeline, schema
+from experiments.data import DataError
+from experiments.schema import ConfigError
+from methods.models import CheckpointError
+
+CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two shared cores: oversubscribed intra-op threads make tiny models 30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_cfg(tmp_path, *overrides, hydra=False):
+    base = [f"paths.results_dir={tmp_path}/results", f"paths.cache_dir={tmp_path}/cache",
+            f"paths.run_dir={tmp_path}/run", f"paths.state_dir={tmp_path}/state", "progress=false",
+            "measure.throughput=false", "baseline.epochs=1", "train.epochs=1"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=base + list(overrides), return_hydra_config=hydra)
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Data loading fails the test: a bad input must be refused before it."""
+    def refuse(cfg):
+        raise AssertionError("data loading started: the bad input was not caught by validation")
+
+    monkeypatch.setattr(pipeline, "build_data", refuse)
+
+
+def assert_refused_at_startup(tmp_path, overrides, error, message):
+    before = files_under(tmp_path)
+    with pytest.raises(error, match=message):
+        pipeline.run(make_cfg(tmp_path, *overrides))
+    assert files_under(tmp_path) == before, "a refused run wrote something"
+
+
+ADAVIT = ["method=adavit"]
+DEPTH = r"\[0, 11\]"
+B = pytest.param
+
+# (overrides, error, message) -- one row per distinct bad input.
+BAD_INPUTS = [
+    # ---- method parameters: ranges (raised by the method factories, on a meta-device backbone) ----
+    B(["method=evit", "method.params.keep_rate=0"], ConfigError,
+      r"method\.params\.keep_rate=0 is outside the valid range \(0, 1\]", id="evit-keep_rate-zero"),
+    B(["method=dynamicvit", "method.params.keep_rate=1.5"], ConfigError,
+      r"method\.params\.keep_rate=1\.5 is outside the valid range \(0, 1\]", id="dynamicvit-keep_rate-above-1"),
+    B(["method=topk", "method.params.keep_rate=-0.2"], ConfigError,
+      r"method\.params\.keep_rate=-0\.2 is outside the valid range \(0, 1\]", id="topk-keep_rate-negative"),
+    B(["method=dynamicvit", "method.params.inference_keep_rate=0"], ConfigError,
+      r"method\.params\.inference_keep_rate=0 is outside", id="dynamicvit-inference_keep_rate-zero"),
+    B(["method=evit", "method.params.locations=[3,6,12]"], ConfigError,
+      rf"method\.params\.locations=\[3, 6, 12\]: \[12\] outside the valid block range {DEPTH}",
+      id="evit-locations-out-of-range"),
+    B(["method=evit", "method.params.locations=[6,3,9]"], ConfigError,
+      r"method\.params\.locations=\[6, 3, 9\] must be strictly increasing", id="evit-locations-not-increasing"),
+    B(["method=topk", "method.params.locations=[]"], ConfigError,
+      r"method\.params\.locations=\[\] must be a non-empty list", id="topk-locations-empty"),
+    B(["method=dynamicvit", "method.params.locations=[3,6,20]"], ConfigError,
+      r"method\.params\.locations=\[3, 6, 20\]: \[20\] outside the valid block range \[1, 11\]",
+      id="dynamicvit-locations-out-of-range"),
+    B(["method=dynamicvit", "method.params.locations=[3,3,9]"], ConfigError,
+      r"method\.params\.locations=\[3, 3, 9\] must be strictly increasing", id="dynamicvit-locations-not-increasing"),
+    B(["method=dynamicvit", "method.params.ratio_weight=-1"], ConfigError,
+      r"method\.params\.ratio_weight=-1 must be a finite number >= 0", id="dynamicvit-negative-loss-weight"),
+    B(["method=tome", "method.params.r=-1"], ConfigError,
+      r"method\.params\.r=-1 is negative; valid: an integer >= 0", id="tome-r-negative"),
+    B(["method=tome", "method.params.r=[1,2,3,4,5,6,7,8,9,10,11,12,13]"], ConfigError,
+      r"method\.params\.r has 13 entries but the model has 12 blocks", id="tome-r-list-longer-than-depth"),
+    B(["method=tome", "method.params.r=[4,-2]"], ConfigError,
+      r"method\.params\.r=\[4, -2\] has negative entries \[-2\]", id="tome-r-list-negative-entry"),
+    B(["method=topk", "method.params.token_counts=[65,65,65,65,65,65,65,65,65,65,65,65,65]"], ConfigError,
+      r"method\.params\.token_counts has 13 entries but the model has 12 blocks",
+      id="topk-token_counts-longer-than-depth"),
+    B(["method=topk", "method.params.token_counts=[65,40,50]"], ConfigError,
+      r"method\.params\.token_counts=\[65, 40, 50\] increases at block", id="topk-token_counts-increasing"),
+    B(["method=random", "method.params.token_counts=[60,40]"], ConfigError,
+      r"method\.params\.token_counts=\[60, 40\] starts at 60", id="random-token_counts-not-starting-full"),
+    B(["method=random", "method.params.seed=-1"], ConfigError,
+      r"method\.params\.seed=-1 must be an integer >= 0", id="random-seed-negative"),
+    B([*ADAVIT, "method.params.eps=1.5"], ConfigError,
+      r"method\.params\.eps=1\.5 is invalid; valid range: \(0, 1\)", id="adavit-eps-above-1"),
+    B([*ADAVIT, "method.params.eps=0"], ConfigError,
+      r"method\.params\.eps=0 is invalid; valid range: \(0, 1\)", id="adavit-eps-zero"),
+    B([*ADAVIT, "method.params.ponder_weight=-0.1"], ConfigError,
+      r"method\.params\.ponder_weight=-0\.1 is invalid; valid range: \[0, inf\)", id="adavit-negative-ponder-weight"),
+    B([*ADAVIT, "method.params.prior_weight=-1"], ConfigError,
+      r"method\.params\.prior_weight=-1 is invalid", id="adavit-negative-prior-weight"),
+    B([*ADAVIT, "method.params.target_depth=13"], ConfigError,
+      r"method\.params\.target_depth=13 is invalid; valid range: \[1, 12\] \(the model's depth\)",
+      id="adavit-target-depth-beyond-model"),
+    B([*ADAVIT, "method.params.prior=strict"], ConfigError,
+      r"method\.params\.prior='strict' is invalid; valid range: correct \| official", id="adavit-unknown-prior"),
+    B([*ADAVIT, "model=deit_base", "data.img_size=224"], ConfigError,
+      r"method\.params\.gate_scale=null but architecture 'deit_base_patch16_224' has no default gate constants",
+      id="adavit-no-gate-defaults-for-model"),
+    B(["+model.depth=2", "method=evit"], ConfigError,
+      r"method\.params\.locations=\[3, 6, 9\]: \[3, 6, 9\] outside the valid block range \[0, 1\]",
+      id="locations-beyond-overridden-depth"),
+    # ---- method parameters: types (from the factory's signature annotations) ----
+    B(["method=evit", "method.params.keep_rate=high"], ConfigError,
+      r"method\.params\.keep_rate='high' is not a number$", id="type-keep_rate-string"),
+    B(["method=evit", "method.params.locations=abc"], ConfigError,
+      r"method\.params\.locations='abc' is not a list of integers", id="type-locations-string"),
+    B(["method=evit", "method.params.locations=[3,6.5,9]"], ConfigError,
+      r"method\.params\.locations=\[3, 6\.5, 9\] is not a list of integers", id="type-locations-float-entry"),
+    B(["method=evit", "method.params.fuse=maybe"], ConfigError,
+      r"method\.params\.fuse='maybe' is not true or false", id="type-fuse-string"),
+    B(["method=tome", "method.params.r=1.5"], ConfigError,
+      r"method\.params\.r=1\.5 is not an integer or a list of integers", id="type-tome-r-float"),
+    B(["method=tome", "method.params.prop_attn=1"], ConfigError,
+      r"method\.params\.prop_attn=1 is not true or false", id="type-prop_attn-int"),
+    B(["method=topk", "method.params.schedule=linear"], ConfigError,
+      r"method\.params\.schedule='linear' unknown; valid: dynamicvit, evit", id="topk-unknown-schedule"),
+    B(["method=dynamicvit", "method.params.kl_weight=nan"], ConfigError,
+      r"method\.params\.kl_weight=nan must be a finite number", id="type-loss-weight-nan"),
+    B(["method=evit", "+method.params.keeprate=0.5"], ConfigError,
+      r"method\.params: unknown key\(s\) \['keeprate'\] for 'evit'; valid: keep_rate, locations, fuse",
+      id="method-param-typo"),
+    B(["method.name=nope"], ConfigError,
+      r"method\.name='nope' unknown; valid choices: adavit, dense", id="method-unknown"),
+    B(["method.finetune=sometimes"], ConfigError,
+      r"method\.finetune='sometimes' is not true or false", id="method-finetune-type"),
+    # ---- recipes ----
+    B(["train.epochs=-1"], ConfigError, r"train\.epochs=-1 must be >= 0", id="train-epochs-negative"),
+    B(["baseline.epochs=-3"], ConfigError, r"baseline\.epochs=-3 must be >= 0", id="baseline-epochs-negative"),
+    B(["train.epochs=abc"], ConfigError,
+      r"train\.epochs='abc' is not an integer; valid: an integer >= 0", id="type-train-epochs-string"),
+    B(["train.epochs=2.5"], ConfigError, r"train\.epochs=2\.5 is not an integer", id="type-train-epochs-float"),
+    B(["train.lr=-0.1"], ConfigError, r"train\.lr=-0\.1 must be > 0", id="train-lr-negative"),
+    B(["train.lr=0"], ConfigError, r"train\.lr=0 must be > 0", id="train-lr-zero"),
+    B(["baseline.lr=-1e-3"], ConfigError, r"baseline\.lr=-0\.001 must be > 0", id="baseline-lr-negative"),
+    B(["train.lr=fast"], ConfigError,
+      r"train\.lr='fast' is not a number; valid: a number > 0", id="type-train-lr-string"),
+    B(["train.lr=inf"], ConfigError, r"train\.lr=inf must be a finite number > 0", id="train-lr-inf"),
+    B(["train.opt=adamx"], ConfigError,
+      r"train\.opt='adamx' unknown; valid: adamw, adam, sgd, momentum, lamb", id="train-optimizer-unknown"),
+    B(["baseline.opt=rmsprop"], ConfigError,
+      r"baseline\.opt='rmsprop' unknown; valid: adamw", id="baseline-optimizer-unknown"),
+    B(["train.batch_size=0"], ConfigError, r"train\.batch_size=0 must be >= 1", id="train-batch-size-zero"),
+    B(["train.min_lr=-1e-5"], ConfigError, r"train\.min_lr=-1e-05 must be >= 0", id="train-min-lr-negative"),
+    B(["train.warmup_epochs=-1"], ConfigError, r"train\.warmup_epochs=-1 must be >= 0", id="train-warmup-negative"),
+    B(["train.weight_decay=-0.05"], ConfigError,
+      r"train\.weight_decay=-0\.05 must be >= 0", id="train-weight-decay-negative"),
+    B(["train.clip_grad=-1"], ConfigError, r"train\.clip_grad=-1 must be >= 0", id="train-clip-grad-negative"),
+    B(["train.label_smoothing=1.0"], ConfigError,
+      r"train\.label_smoothing=1\.0 must be in \[0, 1\)", id="train-label-smoothing-1"),
+    B(["train.nan_policy=ignore"], ConfigError,
+      r"train\.nan_policy='ignore' unknown; valid: stop, skip_step", id="train-nan-policy-unknown"),
+    B(["train.amp=maybe"], ConfigError, r"train\.amp='maybe' is not true or false", id="type-train-amp"),
+    B(["baseline.enabled=yes_please"], ConfigError,
+      r"baseline\.enabled='yes_please' is not true or false", id="type-baseline-enabled"),
+    B(["+train.lrr=0.1"], ConfigError,
+      r"train: unknown key\(s\) \['lrr'\]; valid: epochs, batch_size", id="train-unknown-key"),
+    # ---- top level, eval ----
+    B(["seed=-1"], ConfigError, r"seed=-1 must be >= 0", id="seed-negative"),
+    B(["seed=abc"], ConfigError, r"seed='abc' is not an integer", id="type-seed-string"),
+    B(["device=gpu"], ConfigError, r"device='gpu' unknown; valid: auto, cpu, cuda", id="device-unknown"),
+    B(["num_workers=-2"], ConfigError, r"num_workers=-2 must be >= 0", id="num-workers-negative"),
+    B(["progress=loud"], ConfigError, r"progress='loud' is not true or false", id="type-progress"),
+    B(["experiment.train=sometimes"], ConfigError,
+      r"experiment\.train='sometimes' is not true or false or null", id="type-experiment-train"),
+    B(["eval.batch_size=0"], ConfigError, r"eval\.batch_size=0 must be >= 1", id="eval-batch-size-zero"),
+    B(["eval.map_images=-1"], ConfigError, r"eval\.map_images=-1 must be >= 0", id="eval-map-images-negative"),
+    # ---- model ----
+    B(["model.name=deit_nope"], ConfigError, r"model\.name: unknown timm model 'deit_nope'", id="model-unknown"),
+    B(["model.drop_path_rate=1.5"], ConfigError,
+      r"model\.drop_path_rate=1\.5 must be in \[0, 1\)", id="model-drop-path-above-1"),
+    B(["model.pretrained=yes_please"], ConfigError,
+      r"model\.pretrained='yes_please' is not true or false", id="type-model-pretrained"),
+    B(["model.pretrained=true"], ConfigError,
+      r"model\.pretrained=true but timm has no pretrained weights for 'deit_digits_patch4_32'",
+      id="model-pretrained-without-weights"),
+    B(["+model.depth=0"], ConfigError, r"model\.depth=0 must be >= 1", id="model-depth-zero"),
+    B(["+model.num_heads=3"], ConfigError,
+      r"model: cannot build deit_digits_patch4_32 .*", id="model-heads-not-dividing-width"),
+    B(["+model.widht=3"], ConfigError,
+      r"model: unknown key\(s\) \['widht'\]; valid: name, short_name, pretrained, checkpoint, drop_path_rate",
+      id="model-unknown-key"),
+    # ---- data ----
+    B(["data.name=nope"], DataError, r"data\.name='nope' unknown; valid: digits, imagefolder", id="data-unknown"),
+    B(["data.img_size=30"], ConfigError,
+      r"data\.img_size=30 is not a positive multiple of the patch size 4", id="img-size-not-divisible-by-patch"),
+    B(["model=deit_small", "data.img_size=100"], ConfigError,
+      r"data\.img_size=100 is not a positive multiple of the patch size 16", id="img-size-not-divisible-by-patch-16"),
+    B(["data.img_size=0"], ConfigError, r"data\.img_size=0 must be >= 1", id="img-size-zero"),
+    B(["data.img_size=big"], ConfigError, r"data\.img_size='big' is not an integer", id="type-img-size-string"),
+    B(["data.val_fraction=1.0"], ConfigError, r"data\.val_fraction=1\.0 must be in \(0, 1\)", id="val-fraction-1"),
+    B(["data.augment_shift=-1"], ConfigError, r"data\.augment_shift=-1 must be >= 0", id="augment-shift-negative"),
+    B(["data.augment_shift=40"], ConfigError,
+      r"data\.augment_shift=40 must be < data\.img_size \(32\)", id="augment-shift-beyond-image"),
+    B(["data=imagefolder", "data.root=/does/not/exist"], DataError,
+      r"data\.root=/does/not/exist does not exist", id="imagefolder-root-missing"),
+    B(["data=imagefolder"], DataError, r"data\.root is not set", id="imagefolder-root-unset"),
+    B(["data=imagefolder", "data.reprob=2"], ConfigError,
+      r"data\.reprob=2 must be in \[0, 1\]", id="imagefolder-reprob-above-1"),
+    B(["data=imagefolder", "data.std=[0.2,0,0.2]"], ConfigError,
+      r"data\.std=\[0\.2, 0, 0\.2\] must be > 0", id="imagefolder-std-zero"),
+    B(["data=imagefolder", "data.mean=[0.5,0.5]"], ConfigError,
+      r"data\.mean=\[0\.5, 0\.5\] must have 3 entries", id="imagefolder-mean-two-channels"),
+    B(["data=imagefolder", "data.crop_pct=0"], ConfigError,
+      r"data\.crop_pct=0 must be in \(0, 1\]", id="imagefolder-crop-zero"),
+    # ---- paths ----
+    B(["paths.results_dir="], ConfigError, r"paths\.results_dir='' is empty", id="results-dir-empty"),
+    # ---- model.checkpoint files ----
+    B(["model.checkpoint=/no/such.pth"], CheckpointError,
+      r"model\.checkpoint: file not found: /no/such\.pth", id="checkpoint-missing"),
+    # ---- measure (owned by experiments.measure, called at startup) ----
+    B(["measure.batch_sizes=[1,0]"], ConfigError,
+      r"measure\.batch_sizes=\[1, 0\]: \[0\]", id="measure-batch-size-zero"),
+    B(["measure.dtypes=[fp8]"], ConfigError, r"measure\.dtypes=\['fp8'\]: unknown dtype", id="measure-dtype-unknown"),
+    B(["measure.images=0"], ConfigError, r"measure\.images=0 must be an integer >= 1", id="measure-images-zero"),
+    B(["measure.repeats=-1"], ConfigError,
+      r"measure\.repeats=-1 must be an integer >= 1", id="measure-repeats-negative"),
+]
+
+
+@pytest.mark.parametrize("overrides, error, message", BAD_INPUTS)
+def test_bad_input_is_refused_at_startup(tmp_path, no_data, overrides, error, message):
+    assert_refused_at_startup(tmp_path, overrides, error, message)
+
+
+def test_bad_inputs_are_distinct():
+    ids = [row.id for row in BAD_INPUTS]
+    assert len(ids) == len(set(ids))
+    assert len({tuple(row.values[0]) for row in BAD_INPUTS}) == len(BAD_INPUTS)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_gpu_is_refused(tmp_path, no_data):
+    assert_refused_at_startup(tmp_path, ["device=cuda"], ConfigError, r"device=cuda but no CUDA GPU is available")
+
+
+# ------------------------------------------------------------------------------------ files and folders
+def save_weights(tmp_path, name="w.pth", num_classes=10, depth=2, **content):
+    torch.manual_seed(0)
+    vit = pipeline.create_backbone("deit_digits_patch4_32", num_classes=num_classes, depth=depth)
+    path = tmp_path / "inputs" / name
+    path.parent.mkdir(exist_ok=True)
+    torch.save({"model": vit.state_dict(), **content}, path)
+    return path
+
+
+def test_checkpoint_with_another_class_count_is_refused_before_data(tmp_path, no_data):
+    path = save_weights(tmp_path, num_classes=7)
+    assert_refused_at_startup(tmp_path, ["+model.depth=2", f"model.checkpoint={path}"], CheckpointError,
+                              r"has a 7-class head but data\.name=digits has 10 classes; valid: a checkpoint with a "
+                              r"10-class head")
+
+
+def test_checkpoint_of_another_depth_names_the_missing_keys(tmp_path, no_data):
+    path = save_weights(tmp_path, depth=2)
+    assert_refused_at_startup(tmp_path, ["+model.depth=3", f"model.checkpoint={path}"], CheckpointError,
+                              r"does not match the model: missing keys: blocks\.2\.")
+
+
+def test_checkpoint_of_another_method_is_refused(tmp_path, no_data):
+    torch.manual_seed(0)
+    vit = pipeline.create_backbone("deit_digits_patch4_32", num_classes=10, depth=2)
+    trained = methods.create_method("dynamicvit", vit, locations=[1])
+    path = tmp_path / "inputs" / "dyn.pth"
+    path.parent.mkdir()
+    torch.save({"method": "dynamicvit", "model": trained.state_dict()}, path)
+    assert_refused_at_startup(tmp_path, ["+model.depth=2", "method=evit", "method.params.locations=[1]",
+                                         f"model.checkpoint={path}"], CheckpointError,
+                              r"was trained with method 'dynamicvit', not 'evit'")
+
+
+def test_checkpoint_that_is_not_a_state_dict_is_refused(tmp_path, no_data):
+    path = tmp_path / "inputs" / "list.pth"
+    path.parent.mkdir()
+    torch.save([1, 2, 3], path)
+    assert_refused_at_startup(tmp_path, [f"model.checkpoint={path}"], CheckpointError,
+                              r"holds a list, not a state dict")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_corrupt_model_checkpoint_is_refused_before_data(tmp_path, no_data, damage):
+    path = save_weights(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes({"garbage": b"PK\x03\x04 not a checkpoint", "truncated": data[: len(data) // 2],
+                      "empty": b""}[damage])
+    assert_refused_at_startup(tmp_path, ["+model.depth=2", f"model.checkpoint={path}"], CheckpointError,
+                              r"model\.checkpoint: cannot read .*w\.pth")
+
+
+def test_valid_checkpoint_passes_validation(tmp_path):
+    path = save_weights(tmp_path)
+    checked = schema.validate_config(make_cfg(tmp_path, "+model.depth=2", f"model.checkpoint={path}"))
+    assert checked.num_classes == 10 and checked.method.depth == 2
+
+
+def write_png_folder(root: Path, classes=("cat", "dog"), per_class=2, size=16):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_imagefolder_num_classes_mismatching_folders_is_refused(tmp_path, no_data):
+    write_png_folder(tmp_path / "inputs")
+    assert_refused_at_startup(tmp_path, ["data=imagefolder", f"data.root={tmp_path}/inputs", "data.img_size=32",
+                                         "data.num_classes=3"], DataError,
+                              r"data\.num_classes=3 but .*train has 2 class folders")
+
+
+def test_imagefolder_classes_mismatching_checkpoint_head_is_refused(tmp_path, no_data):
+    write_png_folder(tmp_path / "inputs")
+    path = save_weights(tmp_path, num_classes=10)
+    assert_refused_at_startup(tmp_path, ["data=imagefolder", f"data.root={tmp_path}/inputs", "data.img_size=32",
+                                         "+model.depth=2", f"model.checkpoint={path}"], CheckpointError,
+                              r"has a 10-class head but data\.name=imagefolder has 2 classes")
+
+
+def test_measure_num_classes_head_is_accepted_for_measure_runs(tmp_path):
+    """measure.py builds a ``measure.num_classes`` head: a checkpoint with that head passes its validation."""
+    path = save_weights(tmp_path, num_classes=7)
+    cfg = make_cfg(tmp_path, "+model.depth=2", f"model.checkpoint={path}", "measure.num_classes=7")
+    assert schema.validate_config(cfg).num_classes == 7
+    with pytest.raises(CheckpointError, match="7-class head"):
+        schema.validate_config(cfg, num_classes=10)
+
+
+@pytest.mark.parametrize("key", ["results_dir", "state_dir", "cache_dir"])
+def test_unwritable_output_folder_is_refused(tmp_path, no_data, key):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert_refused_at_startup(tmp_path, [f"paths.{key}={blocker}/sub", "experiment.train=true"], ConfigError,
+                              rf"paths\.{key}={blocker}/sub is not writable: {blocker} is a file")
+
+
+def test_read_only_results_dir_is_refused(tmp_path, no_data, monkeypatch):
+    """A folder that refuses new files (read-only mount, quota): the probe's OSError is reported."""
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    assert_refused_at_startup(tmp_path, [], ConfigError, r"paths\.results_dir=.* is not writable: .*Read-only")
+
+
+def test_validation_creates_nothing(tmp_path):
+    pipeline.validate(make_cfg(tmp_path, "method=dynamicvit", "experiment.train=true"))
+    assert files_under(tmp_path) == set()
+
+
+# ----------------------------------------------------------------------------------------- launcher keys
+def validate_in_hydra(tmp_path, *overrides):
+    """Validate as a sweep cell is validated: HydraConfig set (so ``hydra.launcher`` is visible)."""
+    cfg = make_cfg(tmp_path, *overrides, hydra=True)
+    task = copy.deepcopy(cfg)
+    with open_dict(task):
+        del task["hydra"]
+    instance = HydraConfig.instance()
+    saved = instance.cfg
+    try:
+        instance.set_config(cfg)
+        pipeline.validate(task)
+    finally:
+        instance.cfg = saved
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["hydra.launcher.timeout_min=0"], r"hydra\.launcher\.timeout_min=0 must be >= 1"),
+    (["hydra.launcher.tasks_per_node=0"], r"hydra\.launcher\.tasks_per_node=0 must be >= 1"),
+    (["hydra.launcher.gpus_per_node=-1"], r"hydra\.launcher\.gpus_per_node=-1 must be >= 0"),
+    (["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=120"],
+     r"hydra\.launcher\.signal_delay_s=120 must be < hydra\.launcher\.timeout_min \* 60 \(60\)"),
+], ids=["timeout-zero", "tasks-zero", "gpus-negative", "signal-after-timeout"])
+def test_bad_launcher_values_are_refused(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_in_hydra(tmp_path, "launcher=slurm", *overrides)
+
+
+def test_launcher_defaults_pass(tmp_path):
+    validate_in_hydra(tmp_path, "launcher=slurm")
+    validate_in_hydra(tmp_path, "launcher=local")
+
+
+# ------------------------------------------------------------------------------------------ good configs
+def method_options():
+    return sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("method", method_options())
+@pytest.mark.parametrize("model", ["deit_digits", "deit_small"])
+def test_every_shipped_method_config_validates(tmp_path, method, model):
+    extra = ["data.img_size=224"] if model != "deit_digits" else []
+    checked = schema.validate_config(make_cfg(tmp_path, f"method={method}", f"model={model}", *extra,
+                                              "experiment.train=true"))
+    assert checked.method.depth == 12
+    assert next(checked.method.parameters()).device.type == "meta"
+
+
+def test_params_from_the_yaml_are_typed_by_the_factory_signature(tmp_path):
+    hints = schema.factory_hints("tome")
+    assert schema.matches([1, 2], hints["r"]) and schema.matches(3, hints["r"])
+    assert not schema.matches(True, hints["r"]) and not schema.matches("3", hints["r"])
+
+
+def test_architecture_override_reaches_the_built_model(tmp_path):
+    cfg = make_cfg(tmp_path, "+model.depth=2")
+    assert len(pipeline.build_method(cfg, 10).vit.blocks) == 2
+    assert schema.validate_config(cfg).method.depth == 2
+
+
+# -------------------------------------------------------------------------------------------- unit level
+@pytest.mark.parametrize("value, tp, ok", [
+    (1, int, True), (True, int, False), (1.0, int, False), (1, float, True), (True, float, False),
+    (None, schema.Optional[int], True), ("x", schema.Optional[int], False), ([1, 2], list[int], True),
+    ([1, "a"], list[int], False), ("abc", list[int], False), ("evit", schema.Literal["evit", "dynamicvit"], True),
+    ({"a": 1}, dict, True),
+])
+def test_matches(value, tp, ok):
+    assert schema.matches(value, tp) is ok
+
+
+def test_range_text():
+    assert schema.Range(ge=0).text() == ">= 0"
+    assert schema.Range(gt=0, le=1).text() == "in (0, 1]"
+    assert schema.Range(ge=0, lt=1).text() == "in [0, 1)"
+    assert 0.5 in schema.Range(gt=0, le=1) and 0 not in schema.Range(gt=0, le=1)
+
+
+def test_schema_covers_every_shipped_key(tmp_path):
+    """A key added to config.yaml without a schema field would be refused at startup: this test says which."""
+    cfg = OmegaConf.to_container(make_cfg(tmp_path), resolve=False)
+    for section, dataclass in (("train", schema.TrainRecipe), ("baseline", schema.BaselineRecipe),
+                               ("eval", schema.EvalConfig), ("paths", schema.PathsConfig),
+                               ("experiment", schema.ExperimentConfig)):
+        assert set(cfg[section]) == {f.name for f in schema.fields(dataclass)}, section
+    for option in (CONF / "data").glob("*.yaml"):
+        data = OmegaConf.load(option)
+        assert set(data) == {f.name for f in schema.fields(schema.DATA_SCHEMAS[data.name])}, option.name
+    for option in (CONF / "model").glob("*.yaml"):
+        assert set(OmegaConf.load(option)) == {f.name for f in schema.fields(schema.ModelConfig)}, option.name
