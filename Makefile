@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) experiments/run.py method=dense
+	$(PY) experiments/run.py method=adavit
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not benchmark" --timeout=1200

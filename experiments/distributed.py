@@ -85,8 +85,9 @@ def setup(device: torch.device) -> tuple[DistEnv, torch.device]:
     """Join the job's process group if it has several tasks; returns this task's env and device.
 
     On GPU each task takes the GPU of its local rank (``cuda:<local_rank mod visible GPUs>``) and NCCL; on CPU,
-    gloo, and torch's thread count is set to the task's CPUs (``SLURM_CPUS_PER_TASK``) so tasks sharing a node
-    do not oversubscribe it.
+    gloo. In any SLURM task, torch's thread count is set to the task's CPUs (``SLURM_CPUS_PER_TASK``): tasks
+    sharing a node must not oversubscribe it (OpenMP threads spinning on shared cores slow everything tenfold).
+    Ranks other than 0 then log warnings and errors only.
     """
     _limit_threads()
     tasks = job_tasks()
@@ -117,6 +118,8 @@ def setup(device: torch.device) -> tuple[DistEnv, torch.device]:
     atexit.register(_destroy)  # also when the run raises
     log.info("distributed: rank %d of %d (local rank %d), backend %s, device %s", rank, world, local_rank, backend,
              device)
+    if rank != 0:  # the job log (Hydra's <job>.log) is shared: rank 0 reports progress, the others only problems
+        logging.getLogger().setLevel(logging.WARNING)
     return DistEnv(rank, world, local_rank, backend), device
 
 

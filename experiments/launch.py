@@ -1,24 +1,28 @@
 """Sweep launchers: hydra-submitit-launcher, plus what happens before submission and after the jobs end.
 
 ``launcher=slurm`` and ``launcher=local`` (``experiments/conf/launcher/``) select hydra-submitit-launcher's
-``submitit_slurm`` / ``submitit_local`` configs with these classes as ``_target_``. The job side is the plugin's,
-unchanged: each job runs ``experiments/run.py``'s task in its own Hydra output directory, and ``checkpoint()``
-resubmits it on submitit's signal (``experiments/preemption.py`` has the training side of that). Added here:
+``submitit_slurm`` / ``submitit_local`` configs with these classes as ``_target_`` (through
+``hydra_plugins/adaptive_vit_bench_launcher``: Hydra instantiates launchers from ``hydra_plugins`` only). The job
+side is the plugin's: each job runs ``experiments/run.py``'s task in its own Hydra output directory, and
+``checkpoint()`` resubmits it on submitit's signal (``experiments/preemption.py`` has the training side of that);
+a run that raises also gets its traceback into the job's logs. Added on the launching side:
 
 Before anything is submitted
-  - every sweep cell is composed and checked with ``experiments.pipeline.validate``; all failing cells are reported
-    together (``SweepError``) and nothing is submitted;
-  - two cells whose output directory (Hydra's job dir or ``paths.run_dir``) is the same are refused: they would
-    share, and resume from, each other's checkpoints;
+  - every sweep cell is composed and checked with ``experiments.pipeline.validate`` (checks about this machine's
+    hardware are left to SLURM jobs); all failing cells are reported together (``SweepError``), nothing is
+    submitted;
+  - two cells resolving to the same Hydra output directory, ``paths.run_dir`` or resume folder are refused: they
+    would share, and resume from, each other's checkpoints;
   - the sweep directory is resolved once and pinned (an absolute ``hydra.sweep.dir`` override), so a requeued job,
-    which composes its config again, lands in the same directory and finds its checkpoint.
+    which composes its config again, lands in the same directory;
+  - this checkout goes first on the jobs' ``PYTHONPATH`` (they run the code that launched them).
 Submission
   - one ``sbatch`` job array (``array_parallelism`` at a time); if sbatch refuses it (unknown partition, bad
     resources) a ``SubmissionError`` names the job and its cells and carries sbatch's message.
 After
   - every job is waited for; one failure does not stop the others;
   - the summary (log lines and ``<sweep dir>/sweep_summary.json``) gives each job's state, its results record and,
-    for failures, the log files; the command then exits with the first failure's error.
+    for failures, the error and the log files; the command then exits with the first failure's error.
 """
 from __future__ import annotations
 
@@ -306,8 +310,17 @@ def write_summary(sweep_dir: Path, launcher: str, summaries: Sequence[JobSummary
         else:
             log.error("%s  error: %s  log: %s", line, s.error, " ".join(s.logs))
     path = sweep_dir / SUMMARY_NAME
-    payload = {"sweep_dir": str(sweep_dir), "launcher": launcher, "completed": ok, "total": len(summaries),
-               "jobs": [asdict(s) for s in summaries]}
+    jobs = {s.num: asdict(s) for s in summaries}
+    if path.exists():  # an earlier batch of this sweep (hydra.sweeper.max_batch_size)
+        try:
+            earlier = json.loads(path.read_text()).get("jobs", [])
+        except (OSError, json.JSONDecodeError):
+            earlier = []
+        jobs = {**{job["num"]: job for job in earlier}, **jobs}
+    ordered = [jobs[num] for num in sorted(jobs)]
+    payload = {"sweep_dir": str(sweep_dir), "launcher": launcher,
+               "completed": sum(job["state"] == "COMPLETED" for job in ordered), "total": len(ordered),
+               "jobs": ordered}
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(payload, indent=1))
     os.replace(tmp, path)

@@ -393,6 +393,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start_time = records.now_iso()
     validate(cfg)
     run_dir = Path(cfg.paths.run_dir)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # inside SLURM tasks distributed.setup() then uses the task's CPUs
     device = resolve_device(cfg)
     dist, device = distributed.setup(device)  # a multi-task job: DDP, one task per GPU; else single process
     seed_everything(cfg.seed)

@@ -183,6 +183,7 @@ class RunConfig:
     seed: int = spec(ge=0)
     device: Literal["auto", "cpu", "cuda"] = spec()
     num_workers: int = spec(ge=0)
+    threads: Optional[int] = spec(ge=1)
     progress: bool = spec()
     experiment: ExperimentConfig = spec()
     train: TrainRecipe = spec()

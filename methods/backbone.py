@@ -131,22 +131,22 @@ def mlp_residual(block: Block, x: Tensor) -> Tensor:
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
-def packed_attn_residual(block: Block, x: Tensor, lengths: Tensor, batching: str = "auto") -> Tensor:
+def packed_attn_residual(block: Block, x: Tensor, lengths: Tensor, group: int = 0) -> Tensor:
     """The attention half of a timm ``Block`` on sequences packed one after another in ``x`` ``[T, C]``.
 
     ``lengths`` (``[S]``, summing to T) are the sequence lengths, e.g. the active tokens of each image. Norm,
-    QKV and output projection run on the T real tokens only; softmax attention runs within each sequence:
-    one batched call when all lengths are equal, else per sequence (``batching="loop"``, the fastest on CPU)
-    or padded to the longest with the padding masked as keys (``"pad"``, fewer kernel launches on GPU).
-    ``"auto"`` picks loop on CPU and pad elsewhere.
+    QKV and output projection run on the T real tokens only; softmax attention runs within each sequence.
+    Sequences are sorted by length and attended ``group`` at a time, each call padded to its longest member
+    with the padding masked as keys: ``group=1`` is one call per sequence (no padding), ``0`` one call for
+    all. Equal lengths always take a single unpadded call.
     """
     attn = block.attn
     heads, head_dim = attn.num_heads, attn.head_dim
     qkv = attn.qkv(block.norm1(x))  # [T, 3 * heads * head_dim]
     sizes = lengths.tolist()
-    count, longest, total = len(sizes), max(sizes), x.shape[0]
+    count, total = len(sizes), x.shape[0]
 
-    def attend(rows: Tensor, batch: int, tokens: int, key_mask: Optional[Tensor] = None) -> Tensor:
+    def attend(rows: Tensor, batch: int, tokens: int, key_mask: Optional[Tensor]) -> Tensor:
         q, k, v = rows.view(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
         dropout = attn.attn_drop.p if attn.training else 0.0
@@ -159,19 +159,35 @@ def packed_attn_residual(block: Block, x: Tensor, lengths: Tensor, batching: str
             out = attn.attn_drop(logits.softmax(dim=-1)) @ v
         return out.transpose(1, 2).reshape(batch * tokens, heads * head_dim)
 
-    if count * longest == total:  # equal lengths: a plain batch
-        out = attend(qkv, count, longest)
-    elif batching == "loop" or (batching == "auto" and x.device.type == "cpu"):
-        out = torch.cat([attend(rows, 1, size) for rows, size in zip(qkv.split(sizes), sizes)])
-    elif batching in ("pad", "auto"):
-        starts = torch.cumsum(lengths, 0) - lengths
-        sequence = torch.repeat_interleave(torch.arange(count, device=x.device), lengths)
-        slot = sequence * longest + torch.arange(total, device=x.device) - starts[sequence]
-        padded = qkv.new_zeros(count * longest, qkv.shape[1]).index_copy_(0, slot, qkv)
-        key_mask = (torch.arange(longest, device=x.device) < lengths[:, None])[:, None, None, :]
-        out = attend(padded, count, longest, key_mask).index_select(0, slot)
+    if min(sizes) == max(sizes):
+        out = attend(qkv, count, sizes[0], None)
     else:
-        raise ValueError(f"batching={batching!r}; valid: auto, loop, pad")
+        # Row of each sequence's first token in a padded buffer that holds the calls one after another.
+        group = count if group <= 0 else group
+        order = sorted(range(count), key=sizes.__getitem__)
+        base, calls, rows = [0] * count, [], 0
+        for first in range(0, count, group):
+            members = order[first: first + group]
+            longest = sizes[members[-1]]
+            for j, seq in enumerate(members):
+                base[seq] = rows + j * longest
+            calls.append((rows, [sizes[seq] for seq in members], longest))
+            rows += len(members) * longest
+        sequence = torch.repeat_interleave(torch.arange(count, device=x.device), lengths)
+        offset = torch.tensor(base, device=x.device) - (torch.cumsum(lengths, 0) - lengths)
+        slot = offset[sequence] + torch.arange(total, device=x.device)
+        # Gather (much faster than a scatter on CPU); padding rows repeat row 0, finite and masked as keys.
+        source = torch.zeros(rows, dtype=torch.long, device=x.device)
+        source[slot] = torch.arange(total, device=x.device)
+        padded = qkv.index_select(0, source)
+        outs = []
+        for start, members, longest in calls:
+            mask = None
+            if members[0] != longest:
+                valid = torch.tensor(members, device=x.device)[:, None]
+                mask = (torch.arange(longest, device=x.device) < valid)[:, None, None, :]
+            outs.append(attend(padded[start: start + len(members) * longest], len(members), longest, mask))
+        out = torch.cat(outs).index_select(0, slot)
     out = attn.proj_drop(attn.proj(attn.norm(out)))
     return x + block.drop_path1(block.ls1(out))
 

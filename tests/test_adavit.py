@@ -69,12 +69,14 @@ def test_hand_computed_halting(mode):
         assert terms["ponder"].item() == pytest.approx(5e-4 * 13.8 / 5, rel=1e-5)
 
 
-def mixed_model(attn_batching="auto"):
+def mixed_model(attn_group=None, fused=True):
     """Random tiny model whose gate constants give CLS depths that differ between images."""
     vit = make_tiny_vit(depth=6, seed=0)
     with torch.no_grad():
         vit.cls_token[..., 0] = 0.0
-    return create_method("adavit", vit, gate_scale=3.0, gate_center=1.5, attn_batching=attn_batching).eval()
+    for block in vit.blocks:
+        block.attn.fused_attn = fused
+    return create_method("adavit", vit, gate_scale=3.0, gate_center=1.5, attn_group=attn_group).eval()
 
 
 def mixed_images(count=6):
@@ -82,9 +84,9 @@ def mixed_images(count=6):
     return torch.randn(count, 3, 32, 32) * 2
 
 
-@pytest.mark.parametrize("attn_batching", ["loop", "pad"])
-def test_removal_equals_masked_on_mixed_depths(attn_batching):
-    model, images = mixed_model(attn_batching), mixed_images()
+@pytest.mark.parametrize("attn_group, fused", [(1, True), (2, True), (0, True), (2, False)])
+def test_removal_equals_masked_on_mixed_depths(attn_group, fused):
+    model, images = mixed_model(attn_group, fused), mixed_images()
     with torch.no_grad():
         masked, removed = model.forward_masked(images), model(images)
     depth = masked.aux["halting_depth"]
@@ -210,7 +212,7 @@ def test_gate_defaults_by_architecture():
     ("ponder_weight", -1e-4, "[0, inf)"), ("prior_weight", -1.0, "[0, inf)"),
     ("target_depth", 13.0, "[1, 4]"), ("target_depth", 0.5, "[1, 4]"),
     ("target_std", 0.0, "(0, inf)"), ("prior", "paper", "correct | official"),
-    ("gate_scale", -10.0, "(0, inf)"), ("attn_batching", "nested", "auto | loop | pad"),
+    ("gate_scale", -10.0, "(0, inf)"), ("attn_group", -1, "an int >= 0"),
 ])
 def test_bad_configs_name_the_key(key, value, valid):
     params = {"gate_scale": 10.0, "gate_center": 30.0, key: value}

@@ -179,8 +179,8 @@ def test_preempted_and_requeued_job_resumes_to_an_uninterrupted_runs_metrics(clu
         cluster.run("scancel", "--signal=USR2", job_id)  # to the job's tasks, as SLURM does before the time limit
         cluster.wait_state(job_id, ("PENDING",), timeout=120)  # submitit requeued it after checkpointing
         cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-        wait_for_log(tmp_path, launcher, lambda text: text.count("epoch ") >= 4 and "resumed from" in text
-                     and text.split("resumed from")[-1].count("epoch ") >= 2)
+        wait_for_log(tmp_path, launcher, lambda text: "resumed from" in text  # and an epoch done since
+                     and len(re.findall(r"epoch \d+: ", text.split("resumed from")[-1])) >= 1)
         cluster.requeue(job_id)  # scontrol requeue, then StartTime=now
         out, err = launcher.communicate(timeout=300)
     finally:
