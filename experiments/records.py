@@ -96,13 +96,24 @@ class RecordWriteError(OSError):
     """A record (or other JSON file) could not be written; the message names the file. Nothing partial is left."""
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def atomic_write_json(path: Path, payload: dict[str, Any]) -> Path:
     """Write ``payload`` to ``path`` via temp file + fsync + rename; on any error no file is left behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(payload, indent=1, sort_keys=False, allow_nan=False, default=_json_default)
+    # Compact: indenting would put every pixel of the depth-map thumbnails on a line of its own.
+    text = json.dumps(payload, separators=(",", ":"), sort_keys=False, allow_nan=False, default=_json_default)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; records are shared results, readable by others
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
             handle.flush()
