@@ -65,9 +65,7 @@ class AttentionPruning(TokenReducer):
         x = backbone.embed(self.vit, images)
         batch, num_tokens, _ = x.shape
         patches = num_tokens - 1
-        # Original patch id of every token; CLS and fused tokens carry `patches`, a slot cut off at the end.
-        ids = (torch.arange(num_tokens, device=x.device) - 1).remainder(num_tokens).expand(batch, -1)
-        depth = torch.full((batch, patches + 1), self.depth, dtype=torch.long, device=x.device)
+        ids, depth = tokens.track_patches(batch, num_tokens, self.depth, x.device)  # CLS/fused carry `patches`
         counts = []
         for index, (block, keep) in enumerate(zip(self.vit.blocks, self.keep_plan(num_tokens))):
             attn_tokens = x.shape[1]
@@ -79,7 +77,7 @@ class AttentionPruning(TokenReducer):
             counts.append((attn_tokens, x.shape[1]))
             x = backbone.mlp_residual(block, x)
         token_counts = torch.tensor(counts, dtype=torch.long, device=x.device).expand(batch, -1, -1).clone()
-        return MethodOutput(backbone.head(self.vit, x), token_counts, depth[:, :patches], {"final_tokens": x})
+        return MethodOutput(backbone.head(self.vit, x), token_counts, depth[:, :patches], {"final_tokens": self.vit.norm(x)})
 
     def _prune(self, x: Tensor, cls_attn: Tensor, ids: Tensor, keep: int) -> tuple[Tensor, Tensor, Tensor]:
         """Keep CLS and ``keep`` tokens (plus the fused token); return tokens, their ids and the dropped ids."""

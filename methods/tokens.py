@@ -144,3 +144,15 @@ def merge_index(index: Tensor, match: BipartiteMatch) -> tuple[Tensor, Tensor]:
     """
     a, b = index[:, ::2], index[:, 1::2]
     return torch.cat([a.gather(1, match.unmerged), b], dim=1), a.gather(1, match.src)
+
+
+def track_patches(batch: int, num_tokens: int, depth: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Start tracking which original patch each token is, for ``patch_depth``.
+
+    Returns ``ids`` ``[B, N]``, the original patch id of every token (CLS, and any token standing for no single
+    patch, carries ``N - 1``: a slot cut off at the end), and ``depths`` ``[B, N]`` (the patches plus that slot)
+    filled with ``depth``, to be lowered where a patch leaves.
+    """
+    ids = (torch.arange(num_tokens, device=device) - 1).remainder(num_tokens).expand(batch, -1)
+    depths = torch.full((batch, num_tokens), depth, dtype=torch.long, device=device)
+    return ids, depths

@@ -64,9 +64,7 @@ class ToMe(TokenReducer):
         x = backbone.embed(self.vit, images)
         batch, num_tokens, _ = x.shape
         patches = num_tokens - 1
-        # Original patch id of every token; CLS carries `patches`, a slot cut off at the end.
-        ids = (torch.arange(num_tokens, device=x.device) - 1).remainder(num_tokens).expand(batch, -1)
-        depth = torch.full((batch, patches + 1), self.depth, dtype=torch.long, device=x.device)
+        ids, depth = tokens.track_patches(batch, num_tokens, self.depth, x.device)  # CLS/fused carry `patches`
         size = None  # [B, N, 1] fp32 patches per token, created at the first merge
         counts = []
         for index, block in enumerate(self.vit.blocks):
@@ -86,7 +84,7 @@ class ToMe(TokenReducer):
         if size is None:
             size = x.new_ones(batch, x.shape[1], 1, dtype=torch.float32)
         token_counts = torch.tensor(counts, dtype=torch.long, device=x.device).expand(batch, -1, -1).clone()
-        aux = {"final_tokens": x, "size": size[..., 0]}
+        aux = {"final_tokens": self.vit.norm(x), "size": size[..., 0]}
         return MethodOutput(backbone.head(self.vit, x), token_counts, depth[:, :patches], aux)
 
     def extra_macs(self, token_counts: Tensor) -> Tensor:
