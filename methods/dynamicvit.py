@@ -118,8 +118,9 @@ class DynamicViT(TokenReducer):
 
     def forward(self, images: Tensor) -> MethodOutput:
         """``aux``: ``keep_ratio`` [B, stages] (kept fraction of the patches after each stage),
-        ``final_tokens`` [B, K+1, C] (after the final norm, as the official token loss uses), ``patch_index`` [B, K] (original patch of each
-        final patch token) and ``final_keep`` [B, K] (its keep weight: the hard policy in training, else 1)."""
+        ``final_tokens`` [B, K+1, C] (after the final norm, as the official token loss uses),
+        ``patch_index`` [B, K] (original patch of each final patch token) and ``final_keep`` [B, K] (its keep
+        weight: the hard policy in training, else 1)."""
         x = backbone.embed(self.vit, images)
         batch = x.shape[0]
         patch_depth = torch.full((batch, self.num_patches), self.depth, dtype=torch.long, device=x.device)

@@ -77,7 +77,8 @@ class AttentionPruning(TokenReducer):
             counts.append((attn_tokens, x.shape[1]))
             x = backbone.mlp_residual(block, x)
         token_counts = torch.tensor(counts, dtype=torch.long, device=x.device).expand(batch, -1, -1).clone()
-        return MethodOutput(backbone.head(self.vit, x), token_counts, depth[:, :patches], {"final_tokens": self.vit.norm(x)})
+        aux = {"final_tokens": self.vit.norm(x)}
+        return MethodOutput(backbone.head(self.vit, x), token_counts, depth[:, :patches], aux)
 
     def _prune(self, x: Tensor, cls_attn: Tensor, ids: Tensor, keep: int) -> tuple[Tensor, Tensor, Tensor]:
         """Keep CLS and ``keep`` tokens (plus the fused token); return tokens, their ids and the dropped ids."""
