@@ -137,16 +137,20 @@ class AdaViT(TokenReducer):
 
     def __init__(self, vit: nn.Module, gate_scale: float, gate_center: float, eps: float, ponder_weight: float,
                  prior_weight: float, target_depth: float, target_std: float, prior: str,
-                 attn_group: Optional[int]) -> None:
+                 attn_group: Optional[int], inference_gate_shift: float = 0.0) -> None:
         super().__init__(vit)
         self.gate_scale, self.gate_center, self.eps = gate_scale, gate_center, eps
+        self.inference_gate_shift = inference_gate_shift
         self.ponder_weight, self.prior_weight = ponder_weight, prior_weight
         self.target_depth, self.target_std, self.prior = target_depth, target_std, prior
         self.attn_group = attn_group
 
     def halting_score(self, x: Tensor) -> Tensor:
-        """``sigmoid(gate_scale * x[..., 0] - gate_center)`` in fp32, from a block's output tokens."""
-        return torch.sigmoid(self.gate_scale * x[..., 0].float() - self.gate_center)
+        """``sigmoid(gate_scale * x[..., 0] - gate_center)`` in fp32, from a block's output tokens. In ``eval()``
+        mode the centre moves by ``inference_gate_shift``: one trained checkpoint, a range of compute levels
+        (a larger shift lowers the scores, so tokens halt later)."""
+        center = self.gate_center if self.training else self.gate_center + self.inference_gate_shift
+        return torch.sigmoid(self.gate_scale * x[..., 0].float() - center)
 
     def forward(self, images: Tensor) -> MethodOutput:
         return self.forward_masked(images) if self.training else self.forward_removal(images)
@@ -303,9 +307,11 @@ def build_adavit(
     target_std: float = 1.0,
     prior: str = "correct",
     attn_group: Optional[int] = None,
+    inference_gate_shift: float = 0.0,
 ) -> AdaViT:
     """A-ViT on ``vit``. ``gate_scale``/``gate_center`` None take the backbone's entry in ``GATE_DEFAULTS``;
-    ``target_depth`` None is 8/12 of the depth (the official 8 of 12).
+    ``target_depth`` None is 8/12 of the depth (the official 8 of 12). ``inference_gate_shift`` is added to
+    ``gate_center`` in ``eval()`` mode only: the post-training compute knob (larger = more compute).
 
     Embedded model (``deit_digits_patch4_32``): gate 5/10, i.e. h = 0.5 at channel-0 value 2. Its dense
     baseline is trained from scratch, so channel 0 has no designed scale: in the default baseline (seed 0)
@@ -332,10 +338,12 @@ def build_adavit(
         target_depth = depth * 8.0 / 12.0
     for key, value in (("gate_scale", gate_scale), ("gate_center", gate_center), ("eps", eps),
                        ("ponder_weight", ponder_weight), ("prior_weight", prior_weight),
-                       ("target_depth", target_depth), ("target_std", target_std)):
+                       ("target_depth", target_depth), ("target_std", target_std),
+                       ("inference_gate_shift", inference_gate_shift)):
         _check(key, value, isinstance(value, (int, float)) and not isinstance(value, bool), "a real number")
     _check("gate_scale", gate_scale, math.isfinite(gate_scale) and gate_scale > 0, "(0, inf)")
     _check("gate_center", gate_center, math.isfinite(gate_center), "a finite number")
+    _check("inference_gate_shift", inference_gate_shift, math.isfinite(inference_gate_shift), "a finite number")
     _check("eps", eps, 0.0 < eps < 1.0, "(0, 1)")
     _check("ponder_weight", ponder_weight, ponder_weight >= 0, "[0, inf)")
     _check("prior_weight", prior_weight, prior_weight >= 0, "[0, inf)")
@@ -345,4 +353,5 @@ def build_adavit(
     _check("attn_group", attn_group, attn_group is None or (isinstance(attn_group, int) and attn_group >= 0),
            "null (auto) or an int >= 0 (0: all images in one call)")
     return AdaViT(vit, float(gate_scale), float(gate_center), float(eps), float(ponder_weight),
-                  float(prior_weight), float(target_depth), float(target_std), prior, attn_group)
+                  float(prior_weight), float(target_depth), float(target_std), prior, attn_group,
+                  float(inference_gate_shift))

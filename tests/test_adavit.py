@@ -252,3 +252,29 @@ def test_gradients_reach_every_block_and_the_halting_score():
     model.loss_terms(out, targets)["ponder"].backward()
     assert all(h.grad.abs().sum() > 0 for h in scores[:-1])  # the last block's score is forced to 1
     assert all(p.grad.abs().sum() > 0 for p in model.vit.blocks[0].parameters())
+
+
+def test_inference_gate_shift_trades_compute_after_training_only():
+    """The post-training knob: raising the gate centre at inference makes tokens halt later (values computed
+    once on this fixed model and checked by value); the training path ignores the shift."""
+    vit = make_tiny_vit(depth=6)
+    torch.manual_seed(3)
+    images = torch.randn(8, 3, 32, 32)
+    method = create_method("adavit", vit, gate_scale=1.0, gate_center=0.0).eval()
+    mean_tokens, mean_depth = [], []
+    for shift in (0.0, 1.0, 2.0, 3.0):
+        method.inference_gate_shift = shift
+        with torch.no_grad():
+            out = method(images)
+        mean_tokens.append(out.token_counts.double().mean().item())
+        mean_depth.append(out.patch_depth.double().mean().item())
+    assert mean_tokens == pytest.approx([5.666667, 10.291667, 16.25, 16.979167], abs=1e-5)
+    assert mean_depth == pytest.approx([2.0, 3.609375, 5.71875, 5.9921875])
+    x = torch.randn(2, 17, 32)
+    method.train()
+    method.inference_gate_shift = 0.0
+    unshifted = method.halting_score(x)
+    method.inference_gate_shift = 3.0
+    torch.testing.assert_close(method.halting_score(x), unshifted)
+    with pytest.raises(ValueError, match=r"method\.params\.inference_gate_shift=inf"):
+        create_method("adavit", make_tiny_vit(), gate_scale=1.0, gate_center=0.0, inference_gate_shift=float("inf"))
