@@ -137,16 +137,7 @@ def check_keep_rate(value, key: str = "method.params.keep_rate") -> float:
 
 def check_locations(value, depth: int, key: str = "method.params.locations") -> list[int]:
     """Block indices in [0, depth - 1], strictly increasing (pruning happens inside the block, after attention)."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
-        raise ValueError(f"{key}={value!r} must be a non-empty list of block indices in [0, {depth - 1}]")
-    if any(isinstance(v, bool) or not isinstance(v, int) for v in value):
-        raise ValueError(f"{key}={list(value)!r} must hold integer block indices in [0, {depth - 1}]")
-    bad = [v for v in value if not 0 <= v < depth]
-    if bad:
-        raise ValueError(f"{key}={list(value)}: {bad} outside the valid block range [0, {depth - 1}]")
-    if any(b <= a for a, b in zip(value, value[1:])):
-        raise ValueError(f"{key}={list(value)} must be strictly increasing (valid: indices in [0, {depth - 1}])")
-    return list(value)
+    return tokens.validate_locations(value, depth, key, first=0)
 
 
 def check_bool(value, key: str) -> bool:

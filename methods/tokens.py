@@ -47,16 +47,22 @@ def keep_with_cls(x: Tensor, keep_patches: Tensor) -> Tensor:
     return torch.cat([x[:, :1], gather_tokens(x[:, 1:], keep_patches)], dim=1)
 
 
-def validate_locations(locations: Sequence[int], depth: int, key: str = "method.locations") -> list[int]:
-    """Block indices must be ints in [1, depth), strictly increasing (pruning before block 0 is pointless)."""
-    locations = [int(v) for v in locations]
-    if not locations:
-        raise ValueError(f"{key} is empty; give block indices in [1, {depth - 1}]")
-    bad = [v for v in locations if not 1 <= v < depth]
+def validate_locations(locations: Sequence[int], depth: int, key: str = "method.params.locations",
+                       first: int = 1) -> list[int]:
+    """Block indices must be ints in [first, depth), strictly increasing. ``first`` is 1 for pruning *before* a
+    block (DynamicViT: before block 0 there is nothing to score with) and 0 for pruning *inside* a block after
+    its attention (EViT, top-k)."""
+    valid = f"[{first}, {depth - 1}]"
+    if isinstance(locations, (str, bytes)) or not isinstance(locations, Sequence) or not locations:
+        raise ValueError(f"{key}={locations!r} must be a non-empty list of block indices in {valid}")
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in locations):
+        raise ValueError(f"{key}={list(locations)!r} must hold integer block indices in {valid}")
+    locations = list(locations)
+    bad = [v for v in locations if not first <= v < depth]
     if bad:
-        raise ValueError(f"{key}={locations}: {bad} outside the valid block range [1, {depth - 1}]")
+        raise ValueError(f"{key}={locations}: {bad} outside the valid block range {valid}")
     if any(b <= a for a, b in zip(locations, locations[1:])):
-        raise ValueError(f"{key}={locations} must be strictly increasing")
+        raise ValueError(f"{key}={locations} must be strictly increasing (valid: indices in {valid})")
     return locations
 
 

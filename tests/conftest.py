@@ -26,3 +26,14 @@ def tiny_vit():
 def images():
     torch.manual_seed(1)
     return torch.randn(4, 3, 32, 32)
+
+
+def assert_batch_invariant(method, images) -> None:
+    """Each image's logits, token counts and patch depths are the same alone as inside the batch."""
+    with torch.no_grad():
+        full = method(images)
+        for i in range(len(images)):
+            single = method(images[i:i + 1])
+            torch.testing.assert_close(single.logits[0], full.logits[i], atol=1e-5, rtol=1e-5)
+            assert torch.equal(single.token_counts[0], full.token_counts[i])
+            assert torch.equal(single.patch_depth[0], full.patch_depth[i])

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from methods import backbone, create_method
 from methods.tokens import fuse_tokens
-from conftest import make_tiny_vit
+from conftest import assert_batch_invariant, make_tiny_vit
 
 CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf" / "method"
 
@@ -107,13 +107,7 @@ def test_deit_small_counts(deit_small):
 
 def test_batch_invariance(tiny_vit, images):
     method = create_method("evit", tiny_vit, keep_rate=0.5, locations=[1, 2]).eval()
-    with torch.no_grad():
-        full = method(images)
-        for i in range(len(images)):
-            single = method(images[i:i + 1])
-            torch.testing.assert_close(single.logits[0], full.logits[i], atol=1e-5, rtol=1e-5)
-            assert torch.equal(single.token_counts[0], full.token_counts[i])
-            assert torch.equal(single.patch_depth[0], full.patch_depth[i])
+    assert_batch_invariant(method, images)
 
 
 def test_train_mode_is_differentiable(tiny_vit, images):

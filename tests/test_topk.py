@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from methods import backbone, create_method
-from conftest import make_tiny_vit
+from conftest import assert_batch_invariant, make_tiny_vit
 
 CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf" / "method"
 
@@ -95,13 +95,7 @@ def test_random_eval_subsets_repeat_and_train_subsets_vary(tiny_vit, images):
 @pytest.mark.parametrize("name", ["topk", "random"])
 def test_batch_invariance(tiny_vit, images, name):
     method = create_method(name, tiny_vit, keep_rate=0.5, locations=[1, 2]).eval()
-    with torch.no_grad():
-        full = method(images)
-        for i in range(len(images)):
-            single = method(images[i:i + 1])
-            torch.testing.assert_close(single.logits[0], full.logits[i], atol=1e-5, rtol=1e-5)
-            assert torch.equal(single.token_counts[0], full.token_counts[i])
-            assert torch.equal(single.patch_depth[0], full.patch_depth[i])
+    assert_batch_invariant(method, images)
 
 
 @pytest.mark.parametrize("name", ["topk", "random"])
