@@ -1,8 +1,13 @@
 """Shared fixtures: tiny timm ViTs that run in milliseconds on CPU, and the markers' defaults."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
+import timm
 import torch
+from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
 import methods  # noqa: F401  (registers methods and the embedded model)
@@ -37,3 +42,21 @@ def assert_batch_invariant(method, images) -> None:
             torch.testing.assert_close(single.logits[0], full.logits[i], atol=1e-5, rtol=1e-5)
             assert torch.equal(single.token_counts[0], full.token_counts[i])
             assert torch.equal(single.patch_depth[0], full.patch_depth[i])
+
+
+@pytest.fixture(scope="module")
+def deit_small():
+    """DeiT-S at 224 px with random weights (token counts and FLOPs do not depend on the weights)."""
+    torch.manual_seed(0)
+    return timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+
+
+def write_png_folder(root: Path, classes=("cat", "dog"), per_class: int = 3, size: int = 40) -> None:
+    """An ImageNet-style ``root/{train,val}/<class>/<i>.png`` tree of random images."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")

@@ -6,7 +6,6 @@ from pathlib import Path
 import math
 
 import pytest
-import timm
 import torch
 from omegaconf import OmegaConf
 
@@ -34,12 +33,6 @@ def evit_reference(vit, image, keep_rate, locations, fuse):
             y = torch.stack(rows)
         x = backbone.mlp_residual(block, y[None])[0]
     return backbone.head(vit, x[None])[0]
-
-
-@pytest.fixture(scope="module")
-def deit_small():
-    torch.manual_seed(0)
-    return timm.create_model("deit_small_patch16_224", pretrained=False).eval()
 
 
 @torch.no_grad()

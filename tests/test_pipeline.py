@@ -5,13 +5,12 @@ Every bad input must fail before a results record exists.
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from PIL import Image
 
 import methods
+from conftest import write_png_folder
 from experiments import pipeline
 from experiments.data import DataError
 from methods.models import CheckpointError
@@ -123,16 +122,6 @@ def test_unwritable_results_dir_is_refused(tmp_path):
     blocker.write_text("")
     with pytest.raises(pipeline.ConfigError, match=r"paths\.results_dir=.*not writable"):
         pipeline.run(make_cfg(tmp_path, *TINY, f"paths.results_dir={blocker}/sub"))
-
-
-def write_png_folder(root: Path, classes=("cat", "dog"), per_class=3, size=40):
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for name in classes:
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
 
 
 @pytest.mark.slow

@@ -7,15 +7,14 @@ loading booby-trapped (it fails the test if reached) and the output folders comp
 import copy
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
-from PIL import Image
 
 import methods
+from conftest import write_png_folder
 from experiments import pipeline, schema
 from experiments.data import DataError
 from experiments.schema import ConfigError
@@ -317,25 +316,15 @@ def test_valid_checkpoint_passes_validation(tmp_path):
     assert checked.num_classes == 10 and checked.method.depth == 2
 
 
-def write_png_folder(root: Path, classes=("cat", "dog"), per_class=2, size=16):
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for name in classes:
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-
-
 def test_imagefolder_num_classes_mismatching_folders_is_refused(tmp_path, no_data):
-    write_png_folder(tmp_path / "inputs")
+    write_png_folder(tmp_path / "inputs", per_class=2, size=16)
     assert_refused_at_startup(tmp_path, ["data=imagefolder", f"data.root={tmp_path}/inputs", "data.img_size=32",
                                          "data.num_classes=3"], DataError,
                               r"data\.num_classes=3 but .*train has 2 class folders")
 
 
 def test_imagefolder_classes_mismatching_checkpoint_head_is_refused(tmp_path, no_data):
-    write_png_folder(tmp_path / "inputs")
+    write_png_folder(tmp_path / "inputs", per_class=2, size=16)
     path = save_weights(tmp_path, num_classes=10)
     assert_refused_at_startup(tmp_path, ["data=imagefolder", f"data.root={tmp_path}/inputs", "data.img_size=32",
                                          "+model.depth=2", f"model.checkpoint={path}"], CheckpointError,

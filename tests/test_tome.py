@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
@@ -45,12 +44,6 @@ def tome_reference(vit, image, schedule, prop_attn=True):
             size = torch.stack([mass[j] for j in order])
         x = backbone.mlp_residual(block, y[None])[0]
     return backbone.head(vit, x[None])[0]
-
-
-@pytest.fixture(scope="module")
-def deit_small():
-    torch.manual_seed(0)
-    return timm.create_model("deit_small_patch16_224", pretrained=False).eval()
 
 
 def random_match(batch=2, tokens=9, r=3, seed=0):

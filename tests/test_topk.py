@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from omegaconf import OmegaConf
 
@@ -12,12 +11,6 @@ from methods import backbone, create_method
 from conftest import assert_batch_invariant, make_tiny_vit
 
 CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf" / "method"
-
-
-@pytest.fixture(scope="module")
-def deit_small():
-    torch.manual_seed(0)
-    return timm.create_model("deit_small_patch16_224", pretrained=False).eval()
 
 
 def run(name, vit, images, **params):
