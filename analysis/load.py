@@ -8,6 +8,9 @@ needs (required keys, the ``status`` check) so that ``analysis/`` never imports 
   ``<folder>/runs/``), skips corrupt or incomplete files with a :class:`RecordWarning` naming the file, drops
   older duplicates of the same run, and returns one tidy DataFrame, one row per record (see ``COLUMNS``).
   Nested parts stay as objects in the ``tokens`` and ``throughput`` columns.
+- Records of kind ``tradeoff`` (``experiments/tradeoff.py``, one point of an accuracy-vs-compute curve) also
+  fill ``knob``, ``knob_value``, ``curve`` (the curve's id) and ``curve_key`` (``method_params`` without the
+  knob: points of one setting at different knob values share it); other records have ``None`` there.
 - :func:`throughput_frame` expands the ``throughput`` lists into one row per record and measuring condition
   (device, batch size, dtype).
 - :func:`grid_shape`, :func:`mean_patch_depth` and :func:`depth_maps` read the token statistics in the shapes
@@ -40,7 +43,8 @@ REQUIRED_KEYS = ("schema_version", "record_id", "kind", "method", "model", "data
 REPORT_DIRNAME = "report"
 COLUMNS = ("path", "record_id", "kind", "model", "architecture", "data", "method", "method_params", "params_key",
            "seed", "top1", "top5", "val_loss", "num_images", "params", "gflops", "gflops_std", "dense_gflops",
-           "flops_ratio", "tokens", "throughput", "end_time", "torch", "timm")
+           "flops_ratio", "tokens", "throughput", "end_time", "torch", "timm", "knob", "knob_value", "curve",
+           "curve_key")
 _DTYPE_SHORT = {"float32": "fp32", "torch.float32": "fp32", "fp32": "fp32", "bfloat16": "bf16",
                 "torch.bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "torch.float16": "fp16",
                 "fp16": "fp16", "half": "fp16"}
@@ -111,8 +115,11 @@ def read_record(path: str | Path) -> dict[str, Any]:
     metrics = record["metrics"]
     if not isinstance(metrics, dict):
         raise RecordError(f"{path}: corrupt record, metrics is not an object")
-    if record["kind"] == "run" and math.isnan(_number(metrics.get("top1"))):
-        raise RecordError(f"{path}: incomplete record, a run without a numeric metrics.top1")
+    if record["kind"] in ("run", "tradeoff") and math.isnan(_number(metrics.get("top1"))):
+        raise RecordError(f"{path}: incomplete record, a {record['kind']} without a numeric metrics.top1")
+    if record["kind"] == "tradeoff" and not (isinstance(record.get("tradeoff"), dict)
+                                             and _name(record["tradeoff"].get("knob"))):
+        raise RecordError(f"{path}: incomplete record, a tradeoff point without tradeoff.knob")
     if not _name(record["method"]) or not _name(record["model"]):
         raise RecordError(f"{path}: incomplete record, empty method or model")
     if not isinstance(record.get("method_params", {}) or {}, dict):
@@ -128,6 +135,8 @@ def _flatten(record: dict[str, Any], rel: str) -> dict[str, Any]:
     provenance = record.get("provenance") if isinstance(record.get("provenance"), dict) else {}
     packages = provenance.get("packages") if isinstance(provenance.get("packages"), dict) else {}
     method_params = record.get("method_params") or {}
+    point = record.get("tradeoff") if isinstance(record.get("tradeoff"), dict) else {}
+    knob = _name(point.get("knob"))
     gflops, dense = _number(flops.get("gflops")), _number(flops.get("dense_gflops"))
     ratio = _number(flops.get("flops_ratio"))
     if math.isnan(ratio) and dense > 0:
@@ -142,7 +151,9 @@ def _flatten(record: dict[str, Any], rel: str) -> dict[str, Any]:
         "params": _number(record.get("params")), "gflops": gflops, "gflops_std": _number(flops.get("gflops_std")),
         "dense_gflops": dense, "flops_ratio": ratio, "tokens": tokens, "throughput": throughput,
         "end_time": str(provenance.get("end_time") or ""), "torch": packages.get("torch"),
-        "timm": packages.get("timm"),
+        "timm": packages.get("timm"), "knob": knob, "knob_value": point.get("value") if knob else None,
+        "curve": _name(point.get("curve")),
+        "curve_key": params_key({k: v for k, v in method_params.items() if k != knob}) if knob else None,
     }
 
 

@@ -545,8 +545,9 @@ FIGURES = (plot_accuracy_vs_gflops, plot_accuracy_vs_throughput, plot_tokens_per
 
 def write_figures(records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     """Every figure for every backbone; returns the written paths."""
+    records = records[records["kind"] != "tradeoff"] if not records.empty else records  # analysis.curves
     if records.empty:
-        print("note: no records, no figures written")
+        print("note: no run or measure records, no figures written")
         return []
     paths: list[Path] = []
     for figure in FIGURES:

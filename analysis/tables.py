@@ -275,11 +275,12 @@ class Table:
     def to_csv(self) -> str:
         return self.numeric.to_csv(index=False, float_format="%.10g", lineterminator="\n")
 
-    def write(self, stem: Path, label: str) -> list[Path]:
+    def write(self, stem: Path, label: str, footnote: str = FOOTNOTE) -> list[Path]:
         """Write ``<stem>.md``, ``<stem>.tex`` and ``<stem>.csv``; returns the paths."""
         stem.parent.mkdir(parents=True, exist_ok=True)
         paths = []
-        for suffix, text in ((".md", self.to_markdown()), (".tex", self.to_latex(label)), (".csv", self.to_csv())):
+        for suffix, text in ((".md", self.to_markdown(footnote)), (".tex", self.to_latex(label, footnote)),
+                             (".csv", self.to_csv())):
             path = stem.with_suffix(suffix)
             path.write_text(text, encoding="utf-8")
             paths.append(path)
@@ -384,10 +385,12 @@ def write_tables(records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
 
     Files: ``main_<backbone>.{md,tex,csv}``, ``adavit_ablation_<backbone>.{md,tex,csv}`` (backbone = model
     name, plus the data set name when a model was run on several) and ``all_settings.csv`` (every aggregate).
+    Records of kind ``tradeoff`` are left out here: ``analysis.curves`` tabulates them.
     """
     out = Path(out_dir)
+    records = records[records["kind"] != "tradeoff"] if not records.empty else records  # analysis.curves
     if records.empty:
-        print("note: no records, no tables written")
+        print("note: no run or measure records, no tables written")
         return []
     agg = aggregate(records)
     out.mkdir(parents=True, exist_ok=True)

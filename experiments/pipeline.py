@@ -388,10 +388,43 @@ def baseline_lock(path: Path, dist: distributed.DistEnv = distributed.SINGLE):
 
 
 # ------------------------------------------------------------------------------------------------ the run
+@dataclasses.dataclass
+class Session:
+    """A built (and, if asked, fine-tuned) method with everything evaluation and recording need."""
+
+    cfg: DictConfig
+    dist: distributed.DistEnv
+    device: torch.device
+    data: Any
+    method: methods.TokenReducer
+    weights: str  # where the weights came from: checkpoint:PATH, pretrained:timm, baseline:FILE, random
+    weights_file: Optional[Path]  # the file behind them, if any
+    train_summary: dict[str, Any]
+    trained: bool
+    resume_dir: Optional[Path]
+    run_dir: Path
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Validate, build, train, evaluate, measure and write one results record; returns the record."""
     start_time = records.now_iso()
     validate(cfg)
+    session = prepare(cfg)
+    result, tokens = evaluate_session(session, session.method)
+    if not session.dist.is_main:  # rank 0 measures and writes the record
+        distributed.teardown(session.dist)
+        return {"metrics": result.metrics, "tokens": tokens, "path": None, "rank": session.dist.rank}
+    record = write_session_record(session, session.method, result, tokens, start_time)
+    if session.trained:
+        clear_resume_state(session.resume_dir)  # finished: a new run of this config starts afresh
+    distributed.teardown(session.dist)
+    return record
+
+
+def prepare(cfg: DictConfig, train: Optional[bool] = None) -> Session:
+    """Set up the process (threads, device, DDP), load the data, resolve the weights, build the method and
+    fine-tune it when ``train`` (default: ``experiment.train``, null meaning ``method.finetune``) says so.
+    ``cfg`` must have passed :func:`validate`."""
     run_dir = Path(cfg.paths.run_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)  # inside SLURM tasks distributed.setup() then uses the task's CPUs
@@ -400,22 +433,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     data = build_data(cfg)
 
-    init_state, init = None, "random"
+    init_state, init, weights_file = None, "random", None
     if cfg.model.checkpoint:
-        init = f"checkpoint:{cfg.model.checkpoint}"
+        init, weights_file = f"checkpoint:{cfg.model.checkpoint}", Path(cfg.model.checkpoint)
     elif cfg.model.pretrained:
         init = "pretrained:timm"
     elif cfg.baseline.enabled:
-        path, reused = ensure_baseline(cfg, data, device, dist)
-        init_state = strip_prefix(read_checkpoint(path)["model"], "vit.")
-        init = f"baseline:{path.name}" + (" (cached)" if reused else " (trained now)")
+        weights_file, reused = ensure_baseline(cfg, data, device, dist)
+        init_state = strip_prefix(read_checkpoint(weights_file)["model"], "vit.")
+        init = f"baseline:{weights_file.name}" + (" (cached)" if reused else " (trained now)")
     seed_everything(cfg.seed)
     method = build_method(cfg, data.num_classes, init_state).to(device)
     log.info("method %s on %s (%s), weights from %s", cfg.method.name, cfg.model.name, cfg.data.name, init)
 
-    do_train = cfg.experiment.train if cfg.experiment.train is not None else cfg.method.finetune
+    if train is None:
+        train = cfg.experiment.train if cfg.experiment.train is not None else cfg.method.finetune
+    trained = bool(train) and cfg.train.epochs > 0
     train_summary: dict[str, Any] = {"epochs": 0, "history": [], "wall_time_s": 0.0}
-    if do_train and cfg.train.epochs > 0:
+    resume_dir = None
+    if trained:
         teacher = None
         if method.needs_teacher:
             teacher = methods.create_method("dense", copy.deepcopy(method.vit)).to(device).eval()
@@ -423,15 +459,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         resume_dir = Path(cfg.paths.state_dir) / run_key(cfg)
         train_summary = fit(method, data, cfg.train, cfg, device, resume_dir, cfg.method.name, teacher, dist)
         if dist.is_main:
-            save_checkpoint(run_dir / "checkpoints" / "final.pth", {
+            weights_file = run_dir / "checkpoints" / "final.pth"
+            save_checkpoint(weights_file, {
                 "version": CHECKPOINT_VERSION, "method": cfg.method.name, "model": method.state_dict(),
                 "method_params": method_params(cfg)})
     train_summary["init"] = init
+    return Session(cfg, dist, device, data, method, init, weights_file, train_summary, trained, resume_dir, run_dir)
 
+
+def evaluate_session(session: Session, method: methods.TokenReducer):
+    """Evaluate ``method`` on the session's validation split (all ranks); returns the engine's result and the
+    record's token summary."""
+    cfg, dist, device = session.cfg, session.dist, session.device
     if dist.enabled:  # each rank evaluates whole batches; merged in order, the metrics are single-process ones
-        eval_loader = distributed.eval_loader(data.val, cfg.eval.batch_size, cfg.num_workers, dist)
+        eval_loader = distributed.eval_loader(session.data.val, cfg.eval.batch_size, cfg.num_workers, dist)
     else:
-        eval_loader = make_loader(data.val, cfg.eval.batch_size, False, cfg.num_workers, cfg.seed)
+        eval_loader = make_loader(session.data.val, cfg.eval.batch_size, False, cfg.num_workers, cfg.seed)
     result = engine.evaluate(method, eval_loader, device, amp_dtype_for(cfg, device), cfg.eval.map_images,
                              progress=cfg.progress,
                              merge=(lambda parts: distributed.merge_batches(parts, dist)) if dist.enabled else None)
@@ -439,29 +482,34 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tokens = engine.token_summary(result, method.depth, grid, cfg.eval.map_images)
     log.info("top-1 %.2f%%, top-5 %.2f%%, tokens per block %s", result.metrics["top1"], result.metrics["top5"],
              [round(v, 1) for v in tokens["attn_mean"]])
-    if not dist.is_main:  # rank 0 measures and writes the record
-        distributed.teardown(dist)
-        return {"metrics": result.metrics, "tokens": tokens, "path": None, "rank": dist.rank}
+    return result, tokens
 
+
+def write_session_record(session: Session, method: methods.TokenReducer, result, tokens, start_time: str,
+                         cfg: Optional[DictConfig] = None, kind: str = "run",
+                         extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Measure ``method`` and write its record (rank 0 only); ``cfg`` (default: the session's) is the config
+    the record carries, ``extra`` adds top-level entries. Returns the record with its ``path``."""
     from . import measure  # the measurement layer is optional at import time for lightweight tools
 
-    costs = measure.measure_for_record(method, result, cfg, device, dataset=data.val)
-    record = make_record(cfg, method, result.metrics, tokens, costs, train_summary, start_time, run_dir)
+    cfg = cfg if cfg is not None else session.cfg
+    costs = measure.measure_for_record(method, result, cfg, session.device, dataset=session.data.val)
+    record = make_record(cfg, method, result.metrics, tokens, costs, session.train_summary, start_time,
+                         session.run_dir, kind)
+    record.update(extra or {})
     path = records.write_record(Path(cfg.paths.results_dir), record)
     log.info("results record: %s", path)
-    if do_train and cfg.train.epochs > 0:
-        clear_resume_state(resume_dir)  # finished: a new run of this config starts afresh
     record["path"] = str(path)
-    distributed.teardown(dist)
     return record
 
 
-def make_record(cfg, method, metrics, tokens, costs, train_summary, start_time, run_dir) -> dict[str, Any]:
+def make_record(cfg, method, metrics, tokens, costs, train_summary, start_time, run_dir,
+                kind: str = "run") -> dict[str, Any]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     return {
         "schema_version": records.SCHEMA_VERSION,
         "record_id": records.new_record_id(cfg.method.name, str(cfg.model.get("short_name", cfg.model.name)), cfg.seed),
-        "kind": "run",
+        "kind": kind,
         "status": "complete",
         "method": cfg.method.name,
         "method_params": resolved["method"].get("params") or {},

@@ -444,9 +444,9 @@ def check_method_section(values: Any) -> dict[str, Any]:
     name = values.get("name")
     if name not in methods.list_methods():
         raise ConfigError(f"method.name={name!r} unknown; valid choices: {', '.join(methods.list_methods())}")
-    unknown = sorted(set(values) - {"name", "finetune", "params"})
+    unknown = sorted(set(values) - {"name", "finetune", "params", "tradeoff_values"})
     if unknown:
-        raise ConfigError(f"method: unknown key(s) {unknown}; valid: name, finetune, params")
+        raise ConfigError(f"method: unknown key(s) {unknown}; valid: name, finetune, params, tradeoff_values")
     check_value("method.finetune", values.get("finetune"), bool)
     params = values.get("params") or {}
     if not isinstance(params, dict):
@@ -461,7 +461,35 @@ def check_method_section(values: Any) -> dict[str, Any]:
         if isinstance(tp, str):  # an annotation that could not be resolved: leave it to the factory
             continue
         check_value(f"method.params.{key}", value, tp)
-    return {"name": name, "finetune": values.get("finetune"), "params": params}
+    return {"name": name, "finetune": values.get("finetune"), "params": params,
+            "tradeoff_values": check_tradeoff_values(name, values.get("tradeoff_values"), hints)}
+
+
+def check_tradeoff_values(name: str, grid: Any, hints: dict[str, Any]) -> Optional[list]:
+    """``method.tradeoff_values``: null, or a non-empty list of distinct values of the method's inference knob
+    (each typed like the knob; their ranges are checked by ``experiments.tradeoff``, which builds each point)."""
+    if grid is None:
+        return None
+    knob = methods.inference_knob(name)
+    if knob is None:
+        knobs = ", ".join(f"{m} ({k})" for m, k in methods.methods_with_knob().items())
+        raise ConfigError(f"method.tradeoff_values={grid!r}: method {name!r} has no inference knob; valid: null, "
+                          f"or a list for one of {knobs}")
+    if not isinstance(grid, list) or not grid:
+        raise ConfigError(f"method.tradeoff_values={grid!r} must be a non-empty list of {knob} values")
+    tp = hints.get(knob, methods.method_parameters(name)[knob].annotation)
+    for index, value in enumerate(grid):
+        if value is None:
+            raise ConfigError(f"method.tradeoff_values[{index}]=None: every point needs a value of {knob}")
+        if not isinstance(tp, str):
+            check_value(f"method.tradeoff_values[{index}]", value, tp)
+    if len({json_key(v) for v in grid}) < len(grid):
+        raise ConfigError(f"method.tradeoff_values={grid!r} repeats a value; valid: distinct values")
+    return grid
+
+
+def json_key(value: Any) -> str:
+    return repr(float(value)) if isinstance(value, (int, float)) and not isinstance(value, bool) else repr(value)
 
 
 def factory_hints(name: str) -> dict[str, Any]:

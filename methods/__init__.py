@@ -8,6 +8,8 @@ from . import dense  # noqa: F401
 from . import dynamicvit  # noqa: F401
 from . import evit, tome, topk  # noqa: F401
 from .base import MethodOutput, TokenReducer
-from .registry import create_method, list_methods, method_parameters, register_method
+from .registry import (create_method, inference_knob, list_methods, method_parameters, methods_with_knob,
+                       register_method)
 
-__all__ = ["MethodOutput", "TokenReducer", "create_method", "list_methods", "method_parameters", "register_method"]
+__all__ = ["MethodOutput", "TokenReducer", "create_method", "inference_knob", "list_methods", "method_parameters",
+           "methods_with_knob", "register_method"]

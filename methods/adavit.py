@@ -49,6 +49,12 @@ Halting prior, ``method.params.prior`` (README paragraph):
     1-D input divides the sum by the depth, after clamping the observed distribution to [0.01, 0.99], and
     adds the term only when it is positive.
 
+Halting source, ``method.params.halting`` (the paper's ablation of where the score comes from):
+    ``channel0`` (default, the paper's method) reads channel 0 of the block output, no new parameters;
+    ``head`` adds one learned ``Linear(C, 1)`` per block (``halting_heads``), initialised to read channel 0
+    (weight ``e_0``, bias 0), so a fresh head model computes exactly what ``channel0`` does and training
+    then frees channel 0 from halting duty. This variant is ours: the official code has only channel 0.
+
 Deviations from the official code, and the switch that restores it:
     - the prior: ``prior=official`` (above);
     - a token whose accumulation equals ``1 - eps`` exactly halts in neither branch of the official code (it
@@ -82,6 +88,7 @@ GATE_DEFAULTS: dict[str, tuple[float, float]] = {
 }
 
 PRIOR_MODES = ("correct", "official")
+HALTING_SOURCES = ("channel0", "head")
 
 # Images per attention call at inference when attn_group is null, by device type (measured; see the report).
 AUTO_GROUP = {"cpu": 8}
@@ -137,20 +144,26 @@ class AdaViT(TokenReducer):
 
     def __init__(self, vit: nn.Module, gate_scale: float, gate_center: float, eps: float, ponder_weight: float,
                  prior_weight: float, target_depth: float, target_std: float, prior: str,
-                 attn_group: Optional[int], inference_gate_shift: float = 0.0) -> None:
+                 attn_group: Optional[int], inference_gate_shift: float = 0.0, halting: str = "channel0") -> None:
         super().__init__(vit)
+        self.halting = halting
+        self.halting_heads: Optional[nn.ModuleList] = None
+        if halting == "head":
+            self.halting_heads = nn.ModuleList(_channel0_head(vit.embed_dim) for _ in range(self.depth))
         self.gate_scale, self.gate_center, self.eps = gate_scale, gate_center, eps
         self.inference_gate_shift = inference_gate_shift
         self.ponder_weight, self.prior_weight = ponder_weight, prior_weight
         self.target_depth, self.target_std, self.prior = target_depth, target_std, prior
         self.attn_group = attn_group
 
-    def halting_score(self, x: Tensor) -> Tensor:
-        """``sigmoid(gate_scale * x[..., 0] - gate_center)`` in fp32, from a block's output tokens. In ``eval()``
-        mode the centre moves by ``inference_gate_shift``: one trained checkpoint, a range of compute levels
-        (a larger shift lowers the scores, so tokens halt later)."""
+    def halting_score(self, x: Tensor, block: int) -> Tensor:
+        """``sigmoid(gate_scale * s - gate_center)`` in fp32 from block ``block``'s output tokens, with ``s``
+        channel 0 or the block's halting head. In ``eval()`` mode the centre moves by
+        ``inference_gate_shift``: one trained checkpoint, a range of compute levels (a larger shift lowers the
+        scores, so tokens halt later)."""
+        signal = x[..., 0] if self.halting_heads is None else self.halting_heads[block](x)[..., 0]
         center = self.gate_center if self.training else self.gate_center + self.inference_gate_shift
-        return torch.sigmoid(self.gate_scale * x[..., 0].float() - center)
+        return torch.sigmoid(self.gate_scale * signal.float() - center)
 
     def forward(self, images: Tensor) -> MethodOutput:
         return self.forward_masked(images) if self.training else self.forward_removal(images)
@@ -171,7 +184,7 @@ class AdaViT(TokenReducer):
             bias = ((1.0 - keep) * MASK_BIAS)[:, None, None, :]
             x, _ = backbone.attn_residual(block, x, key_bias=bias)
             x = backbone.mlp_residual(block, x)  # the next block reads this raw output
-            h = self.halting_score(x)
+            h = self.halting_score(x, index)
             c, weight, halted, remainder = halting_step(c, remainder, h, index == self.depth - 1, self.eps)
             halted = halted & active  # tokens halted earlier keep halted=True; only new halts count
             weight = weight * active
@@ -209,7 +222,7 @@ class AdaViT(TokenReducer):
             depth_of[flat] = index + 1  # the last block a token runs is its depth
             x = backbone.packed_attn_residual(block, x, lengths[lengths > 0], group)
             x = backbone.mlp_residual(block, x)
-            h = self.halting_score(x)
+            h = self.halting_score(x, index)
             c, weight, halted, remainder = halting_step(c, remainder, h, index == self.depth - 1, self.eps)
             # index_select: several times faster than advanced indexing on CPU
             cls_rows = (token == 0).nonzero().squeeze(1)  # every running image still has its CLS token
@@ -250,6 +263,16 @@ class AdaViT(TokenReducer):
             prior = self.prior_weight * prior_kl(out.aux["halting_scores"], out.aux["ran"], target, self.prior)
         terms["prior"] = prior
         return terms
+
+
+def _channel0_head(dim: int) -> nn.Linear:
+    """A halting head that starts as channel 0's read-out (weight e_0, bias 0)."""
+    head = nn.Linear(dim, 1)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[0, 0] = 1.0
+        head.bias.zero_()
+    return head
 
 
 def _counts_from_depth(depth_of: Tensor, depth: int) -> Tensor:
@@ -295,7 +318,7 @@ def _check(key: str, value, ok: bool, valid: str) -> None:
         raise ValueError(f"method.params.{key}={value!r} is invalid; valid range: {valid}")
 
 
-@register_method("adavit")
+@register_method("adavit", inference_knob="inference_gate_shift")
 def build_adavit(
     vit: nn.Module,
     gate_scale: Optional[float] = None,
@@ -308,10 +331,12 @@ def build_adavit(
     prior: str = "correct",
     attn_group: Optional[int] = None,
     inference_gate_shift: float = 0.0,
+    halting: str = "channel0",
 ) -> AdaViT:
     """A-ViT on ``vit``. ``gate_scale``/``gate_center`` None take the backbone's entry in ``GATE_DEFAULTS``;
     ``target_depth`` None is 8/12 of the depth (the official 8 of 12). ``inference_gate_shift`` is added to
     ``gate_center`` in ``eval()`` mode only: the post-training compute knob (larger = more compute).
+    ``halting``: ``channel0`` (the paper) or ``head`` (a learned linear read-out per block; module docstring).
 
     Embedded model (``deit_digits_patch4_32``): gate 5/10, i.e. h = 0.5 at channel-0 value 2. Its dense
     baseline is trained from scratch, so channel 0 has no designed scale: in the default baseline (seed 0)
@@ -350,8 +375,9 @@ def build_adavit(
     _check("target_depth", target_depth, 1.0 <= target_depth <= depth, f"[1, {depth}] (the model's depth)")
     _check("target_std", target_std, target_std > 0, "(0, inf)")
     _check("prior", prior, prior in PRIOR_MODES, " | ".join(PRIOR_MODES))
+    _check("halting", halting, halting in HALTING_SOURCES, " | ".join(HALTING_SOURCES))
     _check("attn_group", attn_group, attn_group is None or (isinstance(attn_group, int) and attn_group >= 0),
            "null (auto) or an int >= 0 (0: all images in one call)")
     return AdaViT(vit, float(gate_scale), float(gate_center), float(eps), float(ponder_weight),
                   float(prior_weight), float(target_depth), float(target_std), prior, attn_group,
-                  float(inference_gate_shift))
+                  float(inference_gate_shift), halting)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from . import backbone
 from .base import MethodOutput, TokenReducer
 from .registry import register_method
-from .tokens import kept_patch_count, keep_with_cls, topk_patches, validate_locations
+from .tokens import check_cumulative_keep, kept_patch_count, keep_with_cls, topk_patches, validate_locations
 
 
 class KeepPredictor(nn.Module):
@@ -104,6 +104,9 @@ class DynamicViT(TokenReducer):
         rate = keep_rate if inference_keep_rate is None else inference_keep_rate
         self.inference_keep_rate = _check_rate(rate, "method.params.inference_keep_rate")
         self.locations = validate_locations(locations, self.depth, key="method.params.locations")
+        knob = "keep_rate" if inference_keep_rate is None else "inference_keep_rate"
+        check_cumulative_keep(f"method.params.{knob}", self.inference_keep_rate, self.num_patches,
+                              len(self.locations))
         for key, value in (("ratio_weight", ratio_weight), ("kl_weight", kl_weight),
                            ("token_mse_weight", token_mse_weight), ("backbone_lr_scale", backbone_lr_scale)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
@@ -247,7 +250,7 @@ def _check_rate(value: float, key: str) -> float:
     return float(value)
 
 
-@register_method("dynamicvit")
+@register_method("dynamicvit", inference_knob="inference_keep_rate")
 def build_dynamicvit(
     vit: nn.Module,
     keep_rate: float = 0.7,

@@ -146,7 +146,7 @@ def check_bool(value, key: str) -> bool:
     return value
 
 
-@register_method("evit")
+@register_method("evit", inference_knob="keep_rate")
 def build_evit(vit: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9),
                fuse: bool = True) -> EViT:
     return EViT(vit, keep_rate=keep_rate, locations=locations, fuse=fuse)

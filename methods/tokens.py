@@ -15,13 +15,27 @@ from torch import Tensor
 
 
 def kept_patch_count(num_patches: int, keep_rate: float, mode: str = "floor") -> int:
-    """Patch tokens kept out of ``num_patches`` at ``keep_rate``: ``floor`` (DynamicViT) or ``ceil`` (EViT)."""
+    """Patch tokens kept out of ``num_patches`` at ``keep_rate``: ``floor`` (DynamicViT) or ``ceil`` (EViT).
+    A rate that keeps no patch is an error (:func:`check_cumulative_keep` names the parameter)."""
     if not 0.0 < keep_rate <= 1.0:
         raise ValueError(f"keep_rate={keep_rate} is outside (0, 1]")
     exact = num_patches * keep_rate
     # Guard against float noise such as 196 * 0.7 = 137.19999999999998 -> 137 is right, but 0.5*... exact ints.
     count = math.floor(exact + 1e-9) if mode == "floor" else math.ceil(exact - 1e-9)
-    return max(1, min(num_patches, count))
+    if count < 1:
+        raise ValueError(f"keep_rate={keep_rate:.6g} keeps no patch token: {mode}({num_patches} x {keep_rate:.6g}) = 0")
+    return min(num_patches, count)
+
+
+def check_cumulative_keep(key: str, keep_rate: float, num_patches: int, stages: int) -> None:
+    """Cumulative rates ``keep_rate ** s`` (floor, s = 1..stages) must keep a patch at the last stage: a rate
+    that removes every patch token is refused, naming ``key`` and the smallest rate that keeps one."""
+    if stages < 1 or math.floor(num_patches * keep_rate ** stages + 1e-9) >= 1:
+        return
+    smallest = (1.0 / num_patches) ** (1.0 / stages)
+    raise ValueError(f"{key}={keep_rate!r} removes every patch token: after {stages} pruning stage(s), "
+                     f"floor({num_patches} x {keep_rate!r}^{stages}) = 0; valid: a rate in "
+                     f"[{math.ceil(smallest * 1e4) / 1e4:.4f}, 1] for {num_patches} patches")
 
 
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:

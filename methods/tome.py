@@ -116,6 +116,6 @@ def parse_r(r: Union[int, Sequence[int]], depth: int, key: str = "method.params.
     return schedule + [0] * (depth - len(schedule))
 
 
-@register_method("tome")
+@register_method("tome", inference_knob="r")
 def build_tome(vit: nn.Module, r: Union[int, Sequence[int]] = 13, prop_attn: bool = True) -> ToMe:
     return ToMe(vit, r=r, prop_attn=prop_attn)

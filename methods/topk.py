@@ -67,6 +67,9 @@ class TopK(AttentionPruning):
         if schedule not in ("dynamicvit", "evit"):
             raise ValueError(f"method.params.schedule={schedule!r} is not one of: dynamicvit, evit")
         self.schedule = schedule
+        if schedule == "dynamicvit":  # floor counts (evit's ceil always keeps a patch)
+            tokens.check_cumulative_keep("method.params.keep_rate", self.keep_rate, self.num_patches,
+                                         len(self.locations))
 
     def keep_plan(self, num_tokens: int) -> list[Optional[int]]:
         if self.token_counts is not None:
@@ -134,13 +137,13 @@ def check_token_counts(value, depth: int, num_tokens: int, key: str = "method.pa
     return counts + counts[-1:] * (depth - len(counts))
 
 
-@register_method("topk")
+@register_method("topk", inference_knob="keep_rate")
 def build_topk(vit: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9),
                schedule: Schedule = "dynamicvit", token_counts: Optional[Sequence[int]] = None) -> TopK:
     return TopK(vit, keep_rate=keep_rate, locations=locations, schedule=schedule, token_counts=token_counts)
 
 
-@register_method("random")
+@register_method("random", inference_knob="keep_rate")
 def build_random(vit: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9),
                  schedule: Schedule = "dynamicvit", token_counts: Optional[Sequence[int]] = None,
                  seed: int = 0) -> RandomPruning:

@@ -213,6 +213,7 @@ def test_gate_defaults_by_architecture():
     ("target_depth", 13.0, "[1, 4]"), ("target_depth", 0.5, "[1, 4]"),
     ("target_std", 0.0, "(0, inf)"), ("prior", "paper", "correct | official"),
     ("gate_scale", -10.0, "(0, inf)"), ("attn_group", -1, "an int >= 0"),
+    ("halting", "mlp", "channel0 | head"),
 ])
 def test_bad_configs_name_the_key(key, value, valid):
     params = {"gate_scale": 10.0, "gate_center": 30.0, key: value}
@@ -227,8 +228,8 @@ def test_gradients_reach_every_block_and_the_halting_score():
     scores = []
     score_fn = model.halting_score
 
-    def spy(x):
-        h = score_fn(x)
+    def spy(x, block):
+        h = score_fn(x, block)
         h.retain_grad()
         scores.append(h)
         return h
@@ -273,8 +274,38 @@ def test_inference_gate_shift_trades_compute_after_training_only():
     x = torch.randn(2, 17, 32)
     method.train()
     method.inference_gate_shift = 0.0
-    unshifted = method.halting_score(x)
+    unshifted = method.halting_score(x, 0)
     method.inference_gate_shift = 3.0
-    torch.testing.assert_close(method.halting_score(x), unshifted)
+    torch.testing.assert_close(method.halting_score(x, 0), unshifted)
     with pytest.raises(ValueError, match=r"method\.params\.inference_gate_shift=inf"):
         create_method("adavit", make_tiny_vit(), gate_scale=1.0, gate_center=0.0, inference_gate_shift=float("inf"))
+
+
+def test_halting_head_starts_as_channel0_then_learns():
+    """``halting=head``: one Linear(C, 1) per block, initialised to read channel 0, so a fresh model gives the
+    channel-0 model's logits and depths exactly (both paths); its parameters train and are checkpointed."""
+    images = mixed_images(4)
+    channel0 = create_method("adavit", make_tiny_vit(depth=4, seed=0), gate_scale=3.0, gate_center=1.5)
+    head = create_method("adavit", make_tiny_vit(depth=4, seed=0), gate_scale=3.0, gate_center=1.5,
+                         halting="head")
+    extra = {k for k in head.state_dict() if not k.startswith("vit.")}
+    assert extra == {f"halting_heads.{i}.{p}" for i in range(4) for p in ("weight", "bias")}
+    assert sum(p.numel() for p in head.parameters()) - sum(p.numel() for p in channel0.parameters()) == 4 * 33
+    for mode in ("train", "eval"):
+        a, b = getattr(channel0, mode)()(images), getattr(head, mode)()(images)
+        torch.testing.assert_close(b.logits, a.logits)
+        assert torch.equal(b.aux["halting_depth"], a.aux["halting_depth"])
+    assert len(set(a.aux["halting_depth"].flatten().tolist())) >= 3  # the check above sees mixed depths
+
+    head.train()
+    out = head(images)
+    terms = head.loss_terms(out, torch.arange(4))
+    (F.cross_entropy(out.logits, torch.arange(4)) + terms["ponder"]).backward()
+    assert all(h.weight.grad.abs().sum() > 0 for h in head.halting_heads[:-1])  # the last score is forced
+    with torch.no_grad():  # a head that reads channel 1 instead halts differently
+        for h in head.halting_heads:
+            h.weight.zero_()
+            h.weight[0, 1] = 1.0
+    assert not torch.equal(head.eval()(images).aux["halting_depth"], a.aux["halting_depth"])
+    with pytest.raises(RuntimeError, match="halting_heads"):
+        channel0.load_state_dict(head.state_dict())

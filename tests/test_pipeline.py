@@ -45,7 +45,7 @@ def test_end_to_end_tiny_run_writes_one_complete_record(tmp_path):
         "dense", pipeline.create_backbone("deit_digits_patch4_32", num_classes=10, depth=2)).parameters())
     assert saved["tokens"]["attn_mean"] == [65.0, 65.0]
     assert saved["flops"]["flops_ratio"] == pytest.approx(1.0)
-    assert saved["provenance"]["git_commit"] is not None or saved["provenance"]["git_commit"] is None
+    assert torch.__version__.startswith(saved["provenance"]["packages"]["torch"])
     assert saved["train"]["epochs"] == 1 and saved["train"]["init"].startswith("baseline:")
     assert (tmp_path / "run" / "checkpoints" / "final.pth").exists()
     # A second run reuses the cached baseline.

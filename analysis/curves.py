@@ -1,0 +1,219 @@
+"""Accuracy-vs-compute curves from ``tradeoff`` records: owns curve aggregation, matched-FLOPs interpolation,
+the best-method-at-matched-FLOPs table and the curves figure.
+
+A *curve* is one method setting (``method_params`` without the swept knob, see ``analysis.load``) on one
+backbone, swept over its inference knob by ``experiments/tradeoff.py``; seeds are averaged per knob value.
+
+- :func:`curve_points`: one row per backbone, curve and knob value: mean and sample std over seeds of top-1,
+  GFLOPs, FLOPs ratio and, per throughput condition, img/s.
+- :func:`top1_at_flops`: top-1 of one curve at a target FLOPs ratio, linearly interpolated between the two
+  neighbouring points (points at the same ratio are averaged first). A target outside the measured range is
+  NaN: never extrapolated.
+- :func:`matched_flops_table`: per backbone, each curve's top-1 at 50/65/80% of dense FLOPs and the best curve
+  at each; :func:`plot_curves`: top-1 against GFLOPs and against img/s, every curve on the same axes.
+- :func:`write_curves` writes both for every backbone with trade-off records.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from . import load, plots, tables
+
+TARGETS = (0.5, 0.65, 0.8)
+KIND = "tradeoff"
+FOOTNOTE = (
+    "Each curve is one checkpoint per seed swept over its inference knob without retraining "
+    "(experiments/tradeoff.py). Top-1 (%) at a FLOPs budget is linearly interpolated between the two measured "
+    "points around it on the seed-averaged curve (FLOPs ratio = GFLOPs ÷ dense GFLOPs, 1 multiply-add = 1 FLOP); "
+    "— = the budget lies outside the curve's measured range (never extrapolated). Best: the highest top-1 at "
+    "that budget."
+)
+
+
+def tradeoff_records(records: pd.DataFrame) -> pd.DataFrame:
+    return records[records["kind"] == KIND] if not records.empty else records
+
+
+def curve_points(records: pd.DataFrame) -> pd.DataFrame:
+    """One row per (backbone, method, curve, knob value); see the module docstring. Columns: ``model``,
+    ``data``, ``slug``, ``method``, ``curve_key``, ``label``, ``knob``, ``knob_value``, ``n_seeds``,
+    ``top1_mean``/``_std``, ``gflops_mean``/``_std``, ``flops_ratio_mean``/``_std`` and ``img_per_s[c]`` per
+    throughput condition ``c`` (listed in ``frame.attrs["conditions"]``)."""
+    points = tradeoff_records(records)
+    if points.empty:
+        return pd.DataFrame()
+    points = points.copy()
+    through = load.throughput_frame(points)
+    conds = load.conditions(through)
+    several = records.groupby("model")["data"].nunique().to_dict()
+    rows = []
+    keys = ["model", "data", "method", "curve_key", "knob"]
+    for (model, data, method, curve_key, knob), curve in points.groupby(keys, sort=False):
+        for value, group in curve.groupby(curve["knob_value"].map(_value_text), sort=False):
+            row: dict[str, Any] = {
+                "model": model, "data": data, "slug": tables.backbone_slug(model, data, several.get(model, 1) > 1),
+                "method": method, "curve_key": curve_key, "params": _without(group["method_params"].iloc[0], knob),
+                "knob": knob, "knob_value": group["knob_value"].iloc[0], "n_seeds": len(group),
+            }
+            for metric in ("top1", "gflops", "flops_ratio"):
+                row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std(group[metric])
+            sub = through[through["record_id"].isin(group["record_id"])] if not through.empty else through
+            for cond in conds:
+                part = sub[sub["condition"] == cond]["img_per_s"] if not sub.empty else pd.Series(dtype=float)
+                row[f"img_per_s[{cond}]"] = _mean_std(part)[0]
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    frame["label"] = ""
+    for _, idx in frame.groupby(["model", "data", "method"], sort=False).groups.items():
+        keys_seen = list(dict.fromkeys(frame.loc[idx, "curve_key"]))
+        params = [frame.loc[idx][frame.loc[idx, "curve_key"] == k]["params"].iloc[0] for k in keys_seen]
+        labels = dict(zip(keys_seen, tables.setting_labels(params, max_keys=0) if len(params) > 1 else [""]))
+        frame.loc[idx, "label"] = [
+            f"{m} ({labels[k]})" if labels[k] else m for m, k in zip(frame.loc[idx, "method"], frame.loc[idx, "curve_key"])]
+    frame["_order"] = [(m, d, tables.method_rank(me), lab, r) for m, d, me, lab, r in
+                       zip(frame["model"], frame["data"], frame["method"], frame["label"], frame["flops_ratio_mean"])]
+    frame = frame.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
+    frame.attrs["conditions"] = conds
+    return frame
+
+
+def _without(params: dict, knob: str) -> dict:
+    return {k: v for k, v in (params or {}).items() if k != knob}
+
+
+def _value_text(value: Any) -> str:
+    return tables.format_value(value)
+
+
+def _mean_std(values: pd.Series) -> tuple[float, float]:
+    values = pd.to_numeric(values, errors="coerce").dropna()
+    if values.empty:
+        return math.nan, math.nan
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else math.nan
+
+
+def top1_at_flops(flops_ratio: Iterable[float], top1: Iterable[float], target: float) -> float:
+    """Top-1 at ``target`` FLOPs ratio by linear interpolation along the curve; NaN outside its range.
+
+    Points are sorted by FLOPs; points at the same FLOPs are averaged; NaN points are ignored.
+    """
+    x = np.asarray(list(flops_ratio), dtype=float)
+    y = np.asarray(list(top1), dtype=float)
+    if x.shape != y.shape:
+        raise ValueError(f"flops_ratio and top1 differ in length: {x.shape} vs {y.shape}")
+    keep = ~(np.isnan(x) | np.isnan(y))
+    x, y = x[keep], y[keep]
+    if x.size == 0 or not (x.min() <= target <= x.max()):
+        return math.nan
+    unique, inverse = np.unique(x, return_inverse=True)
+    mean_y = np.bincount(inverse, weights=y) / np.bincount(inverse)
+    return float(np.interp(target, unique, mean_y))
+
+
+def matched_flops_frame(points: pd.DataFrame, targets: Iterable[float] = TARGETS) -> pd.DataFrame:
+    """One row per backbone and target: each curve's interpolated top-1 (columns ``top1[label]``) and the
+    best curve (``best``, ``best_top1``; ties go to the earlier curve in method order)."""
+    if points.empty:
+        return pd.DataFrame()
+    rows = []
+    for (model, data, slug), part in points.groupby(["model", "data", "slug"], sort=False):
+        labels = list(dict.fromkeys(part["label"]))
+        for target in targets:
+            row: dict[str, Any] = {"model": model, "data": data, "slug": slug, "target": float(target)}
+            best, best_top1 = None, -math.inf
+            for label in labels:
+                curve = part[part["label"] == label]
+                value = top1_at_flops(curve["flops_ratio_mean"], curve["top1_mean"], target)
+                row[f"top1[{label}]"] = value
+                if not math.isnan(value) and value > best_top1:
+                    best, best_top1 = label, value
+            row["best"], row["best_top1"] = best, best_top1 if best else math.nan
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def matched_flops_table(points: pd.DataFrame, model: str, data: str,
+                        targets: Iterable[float] = TARGETS) -> Optional[tables.Table]:
+    part = points[(points["model"] == model) & (points["data"] == data)]
+    frame = matched_flops_frame(part, targets)
+    if frame.empty:
+        return None
+    labels = [c[len("top1["):-1] for c in frame.columns if c.startswith("top1[")]
+    display = pd.DataFrame([{
+        "FLOPs budget": f"{row['target'] * 100:.0f}% of dense",
+        **{label: tables._fmt(row[f"top1[{label}]"], ".2f") for label in labels},
+        "Best": row["best"] or tables.DASH,
+    } for _, row in frame.iterrows()])
+    numeric = frame.drop(columns=["slug"]).reset_index(drop=True)
+    return tables.Table(f"Top-1 at matched FLOPs: {model} on {data}", display, numeric,
+                        "l" + "r" * len(labels) + "l")
+
+
+def plot_curves(points: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """Per backbone: top-1 against GFLOPs (left) and against img/s at the largest measured batch (right),
+    every curve on the same axes, error bars = std over seeds."""
+    paths: list[Path] = []
+    conds = points.attrs.get("conditions", [])
+    styles = plots.method_styles(list(points["method"]))
+    for (model, data, slug), part in points.groupby(["model", "data", "slug"], sort=False):
+        cond = _widest_condition(part, conds)
+        with plots._style():
+            panels = 2 if cond else 1
+            fig = Figure(figsize=(4.2 * panels + 2.0, 4.4))
+            axes = np.atleast_1d(fig.subplots(1, panels, sharey=True))
+            linestyles = ["-", "--", ":", "-."]
+            for i, (label, curve) in enumerate(part.groupby("label", sort=False)):
+                color, marker = styles[curve["method"].iloc[0]]
+                ls = linestyles[list(dict.fromkeys(part[part["method"] == curve["method"].iloc[0]]["label"]))
+                                .index(label) % len(linestyles)]
+                for ax, xcol in zip(axes, ["gflops_mean"] + ([f"img_per_s[{cond}]"] if cond else [])):
+                    ordered = curve.dropna(subset=[xcol, "top1_mean"]).sort_values(xcol, kind="stable")
+                    ax.errorbar(ordered[xcol], ordered["top1_mean"], yerr=ordered["top1_std"].fillna(0.0),
+                                color=color, marker=marker, ms=5, lw=1.2, ls=ls, capsize=2, elinewidth=0.7,
+                                label=f"{label} [{curve['knob'].iloc[0]}]")
+            axes[0].set_xlabel(plots._GFLOPS_LABEL)
+            axes[0].set_ylabel(plots._TOP1_LABEL)
+            axes[0].set_title("accuracy vs GFLOPs")
+            if cond:
+                device, batch, dtype = cond.split(" ")
+                axes[1].set_xlabel("Throughput (images/s)")
+                axes[1].set_title(f"vs throughput ({device}, batch {batch[1:]}, {dtype})")
+            fig.suptitle(f"{model} on {data}: one checkpoint per curve, inference knob swept", y=1.0)
+            plots._legend_outside(axes[-1], title="method [knob]")
+            paths += plots._save(fig, Path(out_dir), f"tradeoff_curves_{slug}")
+    return paths
+
+
+def _widest_condition(part: pd.DataFrame, conds: list[str]) -> Optional[str]:
+    """The measured condition with the largest batch (fp32 first): the regime token reduction targets."""
+    present = [c for c in conds if f"img_per_s[{c}]" in part and part[f"img_per_s[{c}]"].notna().any()]
+    if not present:
+        return None
+    return max(present, key=lambda c: (c.split(" ")[2] == "fp32", int(c.split(" ")[1][1:])))
+
+
+def write_curves(records: pd.DataFrame, out_dir: str | Path) -> tuple[list[Path], list[Path]]:
+    """The matched-FLOPs tables (``matched_flops_<backbone>.{md,tex,csv}``), ``tradeoff_points.csv`` and the
+    curves figures (``tradeoff_curves_<backbone>.{png,pdf}``); returns ``(table paths, figure paths)``."""
+    points = curve_points(records)
+    if points.empty:
+        print("note: no tradeoff records (experiments/tradeoff.py); no trade-off curves or matched-FLOPs table")
+        return [], []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table_paths: list[Path] = []
+    for (model, data, slug), _ in points.groupby(["model", "data", "slug"], sort=False):
+        table = matched_flops_table(points, model, data)
+        if table is not None:
+            table_paths += table.write(out / f"matched_flops_{slug}", f"tab:matched-{slug}", footnote=FOOTNOTE)
+    csv = out / "tradeoff_points.csv"
+    numeric = points.drop(columns=["params", "slug"])
+    csv.write_text(numeric.to_csv(index=False, float_format="%.10g", lineterminator="\n"), encoding="utf-8")
+    table_paths.append(csv)
+    return table_paths, plot_curves(points, out)
