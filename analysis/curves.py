@@ -55,7 +55,7 @@ def curve_points(records: pd.DataFrame) -> pd.DataFrame:
     rows = []
     keys = ["model", "data", "method", "curve_key", "knob"]
     for (model, data, method, curve_key, knob), curve in points.groupby(keys, sort=False):
-        for value, group in curve.groupby(curve["knob_value"].map(_value_text), sort=False):
+        for _, group in curve.groupby(curve["knob_value"].map(tables.format_value), sort=False):
             row: dict[str, Any] = {
                 "model": model, "data": data, "slug": tables.backbone_slug(model, data, several.get(model, 1) > 1),
                 "method": method, "curve_key": curve_key, "params": _without(group["method_params"].iloc[0], knob),
@@ -71,11 +71,12 @@ def curve_points(records: pd.DataFrame) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     frame["label"] = ""
     for _, idx in frame.groupby(["model", "data", "method"], sort=False).groups.items():
-        keys_seen = list(dict.fromkeys(frame.loc[idx, "curve_key"]))
-        params = [frame.loc[idx][frame.loc[idx, "curve_key"] == k]["params"].iloc[0] for k in keys_seen]
-        labels = dict(zip(keys_seen, tables.setting_labels(params, max_keys=0) if len(params) > 1 else [""]))
-        frame.loc[idx, "label"] = [
-            f"{m} ({labels[k]})" if labels[k] else m for m, k in zip(frame.loc[idx, "method"], frame.loc[idx, "curve_key"])]
+        part = frame.loc[idx]
+        firsts = part.drop_duplicates("curve_key")  # one setting per curve; label it by what differs
+        labels = tables.setting_labels(list(firsts["params"]), max_keys=0) if len(firsts) > 1 else [""]
+        by_key = dict(zip(firsts["curve_key"], labels))
+        frame.loc[idx, "label"] = [f"{m} ({by_key[k]})" if by_key[k] else m
+                                   for m, k in zip(part["method"], part["curve_key"])]
     frame["_order"] = [(m, d, tables.method_rank(me), lab, r) for m, d, me, lab, r in
                        zip(frame["model"], frame["data"], frame["method"], frame["label"], frame["flops_ratio_mean"])]
     frame = frame.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
@@ -85,10 +86,6 @@ def curve_points(records: pd.DataFrame) -> pd.DataFrame:
 
 def _without(params: dict, knob: str) -> dict:
     return {k: v for k, v in (params or {}).items() if k != knob}
-
-
-def _value_text(value: Any) -> str:
-    return tables.format_value(value)
 
 
 def _mean_std(values: pd.Series) -> tuple[float, float]:
@@ -167,11 +164,12 @@ def plot_curves(points: pd.DataFrame, out_dir: str | Path) -> list[Path]:
             panels = 2 if cond else 1
             fig = Figure(figsize=(4.2 * panels + 2.0, 4.4))
             axes = np.atleast_1d(fig.subplots(1, panels, sharey=True))
-            linestyles = ["-", "--", ":", "-."]
-            for i, (label, curve) in enumerate(part.groupby("label", sort=False)):
-                color, marker = styles[curve["method"].iloc[0]]
-                ls = linestyles[list(dict.fromkeys(part[part["method"] == curve["method"].iloc[0]]["label"]))
-                                .index(label) % len(linestyles)]
+            linestyles = ("-", "--", ":", "-.")
+            for label, curve in part.groupby("label", sort=False):
+                method = curve["method"].iloc[0]
+                color, marker = styles[method]
+                siblings = list(dict.fromkeys(part.loc[part["method"] == method, "label"]))  # settings of a method
+                ls = linestyles[siblings.index(label) % len(linestyles)]
                 for ax, xcol in zip(axes, ["gflops_mean"] + ([f"img_per_s[{cond}]"] if cond else [])):
                     ordered = curve.dropna(subset=[xcol, "top1_mean"]).sort_values(xcol, kind="stable")
                     ax.errorbar(ordered[xcol], ordered["top1_mean"], yerr=ordered["top1_std"].fillna(0.0),

@@ -44,7 +44,7 @@ REPORT_DIRNAME = "report"
 COLUMNS = ("path", "record_id", "kind", "model", "architecture", "data", "method", "method_params", "params_key",
            "seed", "top1", "top5", "val_loss", "num_images", "params", "gflops", "gflops_std", "dense_gflops",
            "flops_ratio", "tokens", "throughput", "end_time", "torch", "timm", "knob", "knob_value", "curve",
-           "curve_key")
+           "curve_key", "img_size")
 _DTYPE_SHORT = {"float32": "fp32", "torch.float32": "fp32", "fp32": "fp32", "bfloat16": "bf16",
                 "torch.bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "torch.float16": "fp16",
                 "fp16": "fp16", "half": "fp16"}
@@ -136,6 +136,8 @@ def _flatten(record: dict[str, Any], rel: str) -> dict[str, Any]:
     packages = provenance.get("packages") if isinstance(provenance.get("packages"), dict) else {}
     method_params = record.get("method_params") or {}
     point = record.get("tradeoff") if isinstance(record.get("tradeoff"), dict) else {}
+    config = record["config"] if isinstance(record["config"], dict) else {}
+    data_config = config.get("data") if isinstance(config.get("data"), dict) else {}
     knob = _name(point.get("knob"))
     gflops, dense = _number(flops.get("gflops")), _number(flops.get("dense_gflops"))
     ratio = _number(flops.get("flops_ratio"))
@@ -154,6 +156,7 @@ def _flatten(record: dict[str, Any], rel: str) -> dict[str, Any]:
         "timm": packages.get("timm"), "knob": knob, "knob_value": point.get("value") if knob else None,
         "curve": _name(point.get("curve")),
         "curve_key": params_key({k: v for k, v in method_params.items() if k != knob}) if knob else None,
+        "img_size": _number(data_config.get("img_size")),
     }
 
 

@@ -320,7 +320,8 @@ def representative_settings(agg: pd.DataFrame, records: pd.DataFrame, model: str
         ok = bool(load.depth_maps(tokens)) if need == "maps" else load.mean_patch_depth(tokens) is not None
         if ok:
             has.add((rec["method"], rec["params_key"], rec["kind"]))
-    part = part[[key in has for key in zip(part["method"], part["params_key"], part["kind"])]]
+    # a boolean array, not a list: an empty list would select columns (a backbone with dense records only)
+    part = part[np.array([key in has for key in zip(part["method"], part["params_key"], part["kind"])], dtype=bool)]
     if (part["kind"] == "run").any():
         part = part[part["kind"] == "run"]  # trained models, when there are any
     if part.empty:

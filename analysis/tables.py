@@ -64,7 +64,10 @@ def params_sort_key(params: dict[str, Any]) -> tuple:
 
 
 def format_value(value: Any) -> str:
-    """A parameter value as short text: ``5e-04`` -> ``0.0005``, ``8.0`` -> ``8``."""
+    """A parameter value as short text: ``5e-04`` -> ``0.0005``, ``8.0`` -> ``8``, ``None`` -> ``default`` (a
+    null parameter takes the method's or backbone's default, e.g. A-ViT's gate constants)."""
+    if value is None:
+        return "default"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, numbers.Real):

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import hydra
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 from tqdm.auto import tqdm
 
 if __package__ in (None, ""):  # run as a script: make the repository importable, as experiments/run.py does
@@ -71,12 +71,11 @@ def validate(cfg: DictConfig) -> tuple[str, list]:
     if knob is None:
         knobs = ", ".join(f"{m} ({k})" for m, k in methods.methods_with_knob().items())
         raise ConfigError(f"method={name} has no inference knob to sweep; valid methods: {knobs}")
-    values = cfg.method.get("tradeoff_values")
+    checked = schema.validate_config(cfg)  # types method.tradeoff_values too
+    values = checked.config["method"]["tradeoff_values"]
     if values is None:
         raise ConfigError(f"method.tradeoff_values is null; pass the {knob} values to sweep, e.g. "
                           f"'method.tradeoff_values=[...]'")
-    values = OmegaConf.to_container(values, resolve=True)
-    checked = schema.validate_config(cfg)
     for value in values:
         point = copy.deepcopy(checked.config)
         point["method"] = {**point["method"], "params": {**point["method"]["params"], knob: value}}

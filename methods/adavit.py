@@ -252,6 +252,13 @@ class AdaViT(TokenReducer):
         aux.update({"halting_depth": depth_of, "cls_output": cls_out, "alt_token_counts": alt})
         return MethodOutput(logits, counts, depth_of[:, 1:], aux)
 
+    def extra_macs(self, token_counts: Tensor) -> Tensor:
+        """The halting heads' ``C`` MACs per token and block run (``halting=head``); channel 0 costs nothing."""
+        macs = torch.zeros(token_counts.shape[0], dtype=torch.float64, device=token_counts.device)
+        if self.halting_heads is not None:
+            macs += token_counts[:, :, 1].double().sum(dim=1) * self.vit.embed_dim
+        return macs
+
     def loss_terms(self, out: MethodOutput, targets: Tensor, teacher_out: Optional[MethodOutput] = None):
         """``ponder_weight * mean(rho)`` and ``prior_weight * KL``, from a training-mode output."""
         if "rho" not in out.aux:

@@ -309,3 +309,5 @@ def test_halting_head_starts_as_channel0_then_learns():
     assert not torch.equal(head.eval()(images).aux["halting_depth"], a.aux["halting_depth"])
     with pytest.raises(RuntimeError, match="halting_heads"):
         channel0.load_state_dict(head.state_dict())
+    counts = torch.tensor([[[17, 17], [9, 9], [4, 4], [1, 1]]])  # a head costs C = 32 MACs per token and block
+    assert head.extra_macs(counts).item() == 32 * (17 + 9 + 4 + 1) and channel0.extra_macs(counts).item() == 0

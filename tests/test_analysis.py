@@ -16,6 +16,7 @@ import pytest
 
 from analysis import load, plots, run_report, tables
 from analysis.load import RecordWarning
+from test_curves import point_record
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "records"
@@ -223,6 +224,12 @@ def test_missing_flops_and_throughput_give_nan_columns_and_skipped_figures(tmp_p
 
 # --- Pareto fronts and token statistics -----------------------------------------------------------------------
 
+@pytest.mark.parametrize("value, text", [(5e-4, "0.0005"), (8.0, "8"), (None, "default"), (True, "true"),
+                                         ([3, 6, 9], "[3,6,9]"), ("head", "head")])
+def test_format_value(value, text):
+    assert tables.format_value(value) == text
+
+
 def test_pareto_front_on_crafted_points():
     gflops = [1.0, 2.0, 2.0, 3.0, 4.0, 0.5, math.nan, 4.0]
     top1 = [70.0, 75.0, 74.0, 75.0, 80.0, 60.0, 99.0, 80.0]
@@ -269,6 +276,17 @@ def test_token_maps_in_the_engine_layout_and_alternatives():
     assert load.depth_maps(None) == [] and load.mean_patch_depth({}) is None
 
 
+def test_a_backbone_with_dense_records_only_gets_notes_not_a_crash(tmp_path):
+    """E.g. a dense DeiT-T cost measurement next to the embedded results: no method settings to compare."""
+    results = copy_results(tmp_path, names=[p.name for p in FIXTURES.glob("*_dense_*s0*.json")])
+    [path] = list((results / "runs").glob("*.json"))
+    record = json.loads(path.read_text())
+    record.update(model="deit_tiny", record_id="dense_tiny")
+    (results / "runs" / "dense_tiny.json").write_text(json.dumps(record))
+    figures = plots.write_figures(load.load_records(results), tmp_path / "report")
+    assert any(p.name == "top1_vs_gflops_deit_digits.png" for p in figures)
+
+
 def test_kept_iou_frame_on_fixtures_is_symmetric_with_unit_diagonal():
     frame = plots.kept_iou_frame(fixture_records(), "deit_digits", "digits")
     assert set(frame["block"]) == {3, 6, 9, 11}
@@ -289,7 +307,8 @@ def test_notebook_is_stored_without_outputs():
 
 
 def test_analysis_imports_neither_torch_nor_the_suite():
-    script = ("import sys, analysis.load, analysis.tables, analysis.plots, analysis.run_report; "
+    script = ("import sys, analysis.load, analysis.tables, analysis.plots, analysis.run_report, analysis.curves, "
+              "analysis.published; "
               "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'methods', 'experiments', 'timm')]; "
               "assert not bad, bad")
     subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, timeout=120)
@@ -298,13 +317,20 @@ def test_analysis_imports_neither_torch_nor_the_suite():
 @pytest.mark.slow
 def test_notebook_executes_headless_on_the_fixture_records(tmp_path, capsys):
     results = copy_results(tmp_path)
+    curve = [point_record("evit", "keep_rate", k, 0, top1, ratio) for k, top1, ratio in ((0.5, 90.0, 0.5),
+                                                                                         (1.0, 97.0, 1.0))]
+    for record in curve:
+        (results / "runs" / f"{record['record_id']}.json").write_text(json.dumps(record))
     assert run_report.main([str(results)]) == 0
     out = capsys.readouterr()
     for name in BAD_FILES:
         assert name in out.err, f"the skipped file {name} is not named in the notebook's output"
     report = results / "report"
     expected = ["report.md", "report.ipynb", "all_settings.csv", "kept_iou_deit_digits.csv"]
-    expected += [f"{stem}_deit_digits.{ext}" for stem in ("main", "adavit_ablation") for ext in ("md", "tex", "csv")]
+    expected += [f"{stem}_deit_digits.{ext}" for stem in ("main", "adavit_ablation", "matched_flops")
+                 for ext in ("md", "tex", "csv")]
+    expected += ["tradeoff_points.csv", "tradeoff_curves_deit_digits.png", "tradeoff_curves_deit_digits.pdf"]
+    expected += [f"published_vs_measured.{ext}" for ext in ("md", "tex", "csv")]
     expected += [f"{stem}_deit_digits.{ext}" for stem in ("top1_vs_gflops", "top1_vs_throughput", "tokens_per_block",
                                                           "adavit_depth", "depth_maps", "mean_depth", "kept_iou")
                  for ext in ("png", "pdf")]
@@ -313,5 +339,6 @@ def test_notebook_executes_headless_on_the_fixture_records(tmp_path, capsys):
     assert all((report / name).stat().st_size > 0 for name in expected)
     with pytest.warns(RecordWarning):
         records = load.load_records(results)
+    runs = records[records["kind"] != "tradeoff"]
     assert (report / "main_deit_digits.md").read_text() == \
-        tables.main_table(tables.aggregate(records), "deit_digits", "digits").to_markdown()
+        tables.main_table(tables.aggregate(runs), "deit_digits", "digits").to_markdown()

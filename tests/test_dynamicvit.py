@@ -201,6 +201,17 @@ def test_bad_params_name_the_key(params, key):
         or ">= 0" in str(error.value)
 
 
+def test_a_rate_that_keeps_no_patch_is_refused_naming_the_knob():
+    """16 patches, three stages: floor(16 x 0.3^3) = 0; the smallest valid rate is (1/16)^(1/3) = 0.397."""
+    with pytest.raises(ValueError, match=r"method\.params\.inference_keep_rate=0\.3 removes every patch token: "
+                                         r"after 3 pruning stage\(s\), floor\(16 x 0\.3\^3\) = 0; valid: a rate "
+                                         r"in \[0\.3969, 1\]"):
+        tiny_dynamicvit(inference_keep_rate=0.3)
+    with pytest.raises(ValueError, match=r"method\.params\.keep_rate=0\.3 removes every patch token"):
+        tiny_dynamicvit(keep_rate=0.3)  # keep_rate is also the eval rate when inference_keep_rate is null
+    assert tiny_dynamicvit(keep_rate=0.3, inference_keep_rate=0.4).keep_counts == [6, 2, 1]
+
+
 def test_config_mirrors_factory_defaults():
     config = yaml.safe_load(CONFIG.read_text())
     assert config["name"] == "dynamicvit"

@@ -20,7 +20,8 @@ DEIT_WITHOUT_SDPA = {"deit_tiny_patch16_224": 1.080, "deit_small_patch16_224": 4
 
 # Settings exercised per method; keys a method does not accept are dropped (other helpers own the methods).
 SETTINGS = {
-    "adavit": [{}, {"gate_scale": 5.0, "gate_center": 1.0}, {"gate_scale": 2.0, "gate_center": 2.0}],
+    "adavit": [{}, {"gate_scale": 5.0, "gate_center": 1.0}, {"gate_scale": 2.0, "gate_center": 2.0},
+               {"gate_scale": 5.0, "gate_center": 1.0, "halting": "head"}],
     "dynamicvit": [{}, {"keep_rate": 0.5}, {"keep_rate": 0.9, "locations": [2, 5, 8]}],
     "evit": [{}, {"keep_rate": 0.5}, {"fuse": False, "keep_rate": 0.9}],
     "tome": [{}, {"r": 4}, {"r": [8, 8, 4, 4, 2]}, {"prop_attn": False}],

@@ -23,6 +23,18 @@ def test_duplicate_registration_is_refused():
         methods.register_method("dense")(lambda vit: None)
 
 
+def test_inference_knobs_are_declared_factory_parameters():
+    assert methods.methods_with_knob() == {
+        "adavit": "inference_gate_shift", "dynamicvit": "inference_keep_rate", "evit": "keep_rate",
+        "random": "keep_rate", "tome": "r", "topk": "keep_rate"}
+    assert methods.inference_knob("dense") is None
+    with pytest.raises(ValueError, match=r"unknown method 'nope'"):
+        methods.inference_knob("nope")
+    with pytest.raises(ValueError, match=r"method 'knobby': inference knob 'rate' is not a factory parameter"):
+        methods.register_method("knobby", inference_knob="rate")(lambda vit, keep=0.5: None)
+    assert "knobby" not in methods.list_methods()
+
+
 @pytest.mark.parametrize("name", methods.list_methods())
 def test_every_method_keeps_timm_keys_and_reports_counts(name, images):
     vit = timm.create_model("deit_digits_patch4_32").eval()  # 64 patches, 12 blocks: every default fits

@@ -110,6 +110,8 @@ def test_train_mode_is_differentiable(tiny_vit, images, name):
     ({"token_counts": [17, 0]}, "method.params.token_counts", "[1, 17]"),
     ({"token_counts": 12}, "method.params.token_counts", "non-increasing"),
     ({"seed": -1}, "method.params.seed", ">= 0"),
+    ({"keep_rate": 0.2}, "method.params.keep_rate", "removes every patch token: after 2 pruning stage(s), "
+                                                    "floor(16 x 0.2^2) = 0; valid: a rate in [0.2500, 1]"),
 ])
 def test_bad_input(tiny_vit, params, key, fragment):
     name = "random" if "seed" in params else "topk"
@@ -119,6 +121,13 @@ def test_bad_input(tiny_vit, params, key, fragment):
     value = next(iter(params.values()))
     assert key in message and fragment in message
     assert repr(value) in message or (isinstance(value, list) and str(len(value)) in message)
+
+
+def test_the_smallest_valid_keep_rate_keeps_one_patch(tiny_vit, images):
+    """floor(16 x 0.25^2) = 1 patch after the second stage; EViT's ceil schedule never reaches 0."""
+    counts = create_method("topk", tiny_vit, keep_rate=0.25, locations=[1, 2]).eval()(images).token_counts
+    assert counts[0, :, 1].tolist() == [17, 5, 2, 2]
+    create_method("topk", tiny_vit, keep_rate=0.01, locations=[1, 2], schedule="evit")
 
 
 @pytest.mark.parametrize("name", ["topk", "random"])

@@ -143,7 +143,9 @@ def test_train_true_fine_tunes_once_then_sweeps(tmp_path):
     (["method=evit", "method.tradeoff_values=[0.5,0.5]"], ConfigError, r"repeats a value"),
     (["method=evit", "method.tradeoff_values=[]"], ConfigError, r"must be a non-empty list of keep_rate values"),
     (["method=evit", "method.tradeoff_values=[high]"], ConfigError, r"method\.tradeoff_values\[0\]='high' is not"),
-    (["method=evit", "method.tradeoff_values=null"], ConfigError, r"method\.tradeoff_values is null"),
+    (["method=evit", AT_1_2_3, "method.tradeoff_values=null"], ConfigError, r"method\.tradeoff_values is null"),
+    (["method=evit", "method.tradeoff_values=0.5"], ConfigError,
+     r"method\.tradeoff_values=0\.5 must be a non-empty list"),
     (["method=dense"], ConfigError, r"method=dense has no inference knob to sweep; valid methods: adavit "
                                     r"\(inference_gate_shift\), dynamicvit \(inference_keep_rate\)"),
     (["method=dynamicvit", AT_1_2_3], CheckpointError, r"the dense weights has no trained predictors for method "
