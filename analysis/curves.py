@@ -62,11 +62,11 @@ def curve_points(records: pd.DataFrame) -> pd.DataFrame:
                 "knob": knob, "knob_value": group["knob_value"].iloc[0], "n_seeds": len(group),
             }
             for metric in ("top1", "gflops", "flops_ratio"):
-                row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std(group[metric])
+                row[f"{metric}_mean"], row[f"{metric}_std"] = tables._mean_std(group[metric])
             sub = through[through["record_id"].isin(group["record_id"])] if not through.empty else through
             for cond in conds:
                 part = sub[sub["condition"] == cond]["img_per_s"] if not sub.empty else pd.Series(dtype=float)
-                row[f"img_per_s[{cond}]"] = _mean_std(part)[0]
+                row[f"img_per_s[{cond}]"] = tables._mean_std(part)[0]
             rows.append(row)
     frame = pd.DataFrame(rows)
     frame["label"] = ""
@@ -86,13 +86,6 @@ def curve_points(records: pd.DataFrame) -> pd.DataFrame:
 
 def _without(params: dict, knob: str) -> dict:
     return {k: v for k, v in (params or {}).items() if k != knob}
-
-
-def _mean_std(values: pd.Series) -> tuple[float, float]:
-    values = pd.to_numeric(values, errors="coerce").dropna()
-    if values.empty:
-        return math.nan, math.nan
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else math.nan
 
 
 def top1_at_flops(flops_ratio: Iterable[float], top1: Iterable[float], target: float) -> float:

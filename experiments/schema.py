@@ -483,12 +483,13 @@ def check_tradeoff_values(name: str, grid: Any, hints: dict[str, Any]) -> Option
             raise ConfigError(f"method.tradeoff_values[{index}]=None: every point needs a value of {knob}")
         if not isinstance(tp, str):
             check_value(f"method.tradeoff_values[{index}]", value, tp)
-    if len({json_key(v) for v in grid}) < len(grid):
+    if len({_value_identity(v) for v in grid}) < len(grid):
         raise ConfigError(f"method.tradeoff_values={grid!r} repeats a value; valid: distinct values")
     return grid
 
 
-def json_key(value: Any) -> str:
+def _value_identity(value: Any) -> str:
+    """Equal values compare equal across int/float (``1`` and ``1.0`` are one point)."""
     return repr(float(value)) if isinstance(value, (int, float)) and not isinstance(value, bool) else repr(value)
 
 

@@ -146,7 +146,6 @@ class AdaViT(TokenReducer):
                  prior_weight: float, target_depth: float, target_std: float, prior: str,
                  attn_group: Optional[int], inference_gate_shift: float = 0.0, halting: str = "channel0") -> None:
         super().__init__(vit)
-        self.halting = halting
         self.halting_heads: Optional[nn.ModuleList] = None
         if halting == "head":
             self.halting_heads = nn.ModuleList(_channel0_head(vit.embed_dim) for _ in range(self.depth))
