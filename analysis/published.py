@@ -31,7 +31,8 @@ COLUMNS = ("method", "backbone", "setting", "training", "top1", "gflops", "throu
            "throughput_hardware", "throughput_batch", "throughput_precision", "source", "locator", "url", "note")
 REQUIRED = ("method", "backbone", "source", "locator", "url")
 NUMERIC = ("top1", "gflops", "throughput")
-BACKBONES = ("deit_tiny", "deit_small", "deit_base")
+# timm's AugReg ViT-S/B (ToMe's README) share DeiT-S/B's architecture but not their weights: own names
+BACKBONES = ("deit_tiny", "deit_small", "deit_base", "vit_small", "vit_base")
 IMG_SIZE = 224  # every published DeiT number is at 224 px
 MEASURED_KINDS = ("run", "measure")
 FOOTNOTE = (
