@@ -311,14 +311,19 @@ def clear_resume_state(folder: Path) -> None:
         folder.rmdir()
 
 
+def content_digest(content: Any, length: int = 16) -> str:
+    """A short, stable hash of JSON-able ``content`` (keys sorted): the identity behind run, baseline and curve
+    keys."""
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
 def run_key(cfg: DictConfig) -> str:
     """Identity of a run for resuming: the config minus paths, launcher and cosmetic keys. Re-running the same
     command (after a kill, or a SLURM requeue) finds the same resume folder."""
     content = OmegaConf.to_container(cfg, resolve=False)
     for key in ("paths", "hydra", "progress", "num_workers", "launcher"):
         content.pop(key, None)
-    digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return f"{cfg.method.name}_{cfg.model.get('short_name', cfg.model.name)}_s{cfg.seed}_{digest}"
+    return f"{cfg.method.name}_{cfg.model.get('short_name', cfg.model.name)}_s{cfg.seed}_{content_digest(content)}"
 
 
 # ---------------------------------------------------------------------------------------- cached baseline
@@ -335,8 +340,7 @@ def baseline_key(cfg: DictConfig, architecture: dict[str, tuple], world_size: in
     }
     if world_size > 1:
         parts["world_size"] = world_size
-    text = json.dumps(parts, sort_keys=True)
-    return f"{cfg.model.name}_{cfg.data.name}_s{cfg.seed}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    return f"{cfg.model.name}_{cfg.data.name}_s{cfg.seed}_{content_digest(parts, 12)}"
 
 
 def ensure_baseline(cfg: DictConfig, data, device: torch.device,

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import logging
 import sys
 from pathlib import Path
@@ -124,7 +123,7 @@ def curve_id(cfg: DictConfig, knob: str, weights: str) -> str:
     params = {k: v for k, v in pipeline.method_params(cfg).items() if k != knob}
     key = {"method": cfg.method.name, "model": cfg.model.name, "data": cfg.data.name, "seed": cfg.seed,
            "params": params, "weights": weights}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return pipeline.content_digest(key)
 
 
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
