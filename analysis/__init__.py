@@ -1,9 +1,14 @@
 """Analysis of results records: the small library behind ``analysis/report.ipynb``.
 
-- :mod:`analysis.load`: record JSON files -> one tidy DataFrame (bad files skipped with a warning);
-- :mod:`analysis.tables`: seed aggregation, the main and A-ViT ablation tables (Markdown, LaTeX, CSV), Pareto
-  fronts;
-- :mod:`analysis.plots`: the report's figures (PNG and PDF);
+- :mod:`analysis.load`: record JSON files -> one tidy DataFrame (bad files skipped with a warning), and the
+  decoding of the records' compact token maps;
+- :mod:`analysis.tables`: seed aggregation (once per report), the main and A-ViT ablation tables (Markdown,
+  LaTeX, CSV), Pareto fronts;
+- :mod:`analysis.plots`: the report's figures (PNG and PDF), all drawn from that one aggregate;
+- :mod:`analysis.curves`: trade-off curves and the matched-FLOPs table from ``tradeoff`` records;
+- :mod:`analysis.published`: published numbers next to ours;
+- :mod:`analysis.formatting` (numbers and settings as text, method order) and :mod:`analysis.style` (the
+  figures' look and saving), shared by all of the above;
 - :mod:`analysis.run_report`: executes the notebook headless (``make report``).
 
 It reads record files only (schema: ``experiments/records.py``) and imports neither torch, ``methods`` nor

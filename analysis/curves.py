@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from . import load, plots, tables
+from . import load, style, tables
+from .formatting import DASH, fmt, format_value, mean_std, method_rank
 
 TARGETS = (0.5, 0.65, 0.8)
 KIND = "tradeoff"
@@ -55,18 +56,18 @@ def curve_points(records: pd.DataFrame) -> pd.DataFrame:
     rows = []
     keys = ["model", "data", "method", "curve_key", "knob"]
     for (model, data, method, curve_key, knob), curve in points.groupby(keys, sort=False):
-        for _, group in curve.groupby(curve["knob_value"].map(tables.format_value), sort=False):
+        for _, group in curve.groupby(curve["knob_value"].map(format_value), sort=False):
             row: dict[str, Any] = {
                 "model": model, "data": data, "slug": tables.backbone_slug(model, data, several.get(model, 1) > 1),
                 "method": method, "curve_key": curve_key, "params": _without(group["method_params"].iloc[0], knob),
                 "knob": knob, "knob_value": group["knob_value"].iloc[0], "n_seeds": len(group),
             }
             for metric in ("top1", "gflops", "flops_ratio"):
-                row[f"{metric}_mean"], row[f"{metric}_std"] = tables._mean_std(group[metric])
+                row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std(group[metric])
             sub = through[through["record_id"].isin(group["record_id"])] if not through.empty else through
             for cond in conds:
                 part = sub[sub["condition"] == cond]["img_per_s"] if not sub.empty else pd.Series(dtype=float)
-                row[f"img_per_s[{cond}]"] = tables._mean_std(part)[0]
+                row[f"img_per_s[{cond}]"] = mean_std(part)[0]
             rows.append(row)
     frame = pd.DataFrame(rows)
     frame["label"] = ""
@@ -77,7 +78,7 @@ def curve_points(records: pd.DataFrame) -> pd.DataFrame:
         by_key = dict(zip(firsts["curve_key"], labels))
         frame.loc[idx, "label"] = [f"{m} ({by_key[k]})" if by_key[k] else m
                                    for m, k in zip(part["method"], part["curve_key"])]
-    frame["_order"] = [(m, d, tables.method_rank(me), lab, r) for m, d, me, lab, r in
+    frame["_order"] = [(m, d, method_rank(me), lab, r) for m, d, me, lab, r in
                        zip(frame["model"], frame["data"], frame["method"], frame["label"], frame["flops_ratio_mean"])]
     frame = frame.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
     frame.attrs["conditions"] = conds
@@ -137,8 +138,8 @@ def matched_flops_table(points: pd.DataFrame, model: str, data: str,
     labels = [c[len("top1["):-1] for c in frame.columns if c.startswith("top1[")]
     display = pd.DataFrame([{
         "FLOPs budget": f"{row['target'] * 100:.0f}% of dense",
-        **{label: tables._fmt(row[f"top1[{label}]"], ".2f") for label in labels},
-        "Best": row["best"] or tables.DASH,
+        **{label: fmt(row[f"top1[{label}]"], ".2f") for label in labels},
+        "Best": row["best"] or DASH,
     } for _, row in frame.iterrows()])
     numeric = frame.drop(columns=["slug"]).reset_index(drop=True)
     return tables.Table(f"Top-1 at matched FLOPs: {model} on {data}", display, numeric,
@@ -150,10 +151,10 @@ def plot_curves(points: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     every curve on the same axes, error bars = std over seeds."""
     paths: list[Path] = []
     conds = points.attrs.get("conditions", [])
-    styles = plots.method_styles(list(points["method"]))
+    styles = style.method_styles(list(points["method"]))
     for (model, data, slug), part in points.groupby(["model", "data", "slug"], sort=False):
         cond = _widest_condition(part, conds)
-        with plots._style():
+        with style.figure_style():
             panels = 2 if cond else 1
             fig = Figure(figsize=(4.2 * panels + 2.0, 4.4))
             axes = np.atleast_1d(fig.subplots(1, panels, sharey=True))
@@ -168,16 +169,16 @@ def plot_curves(points: pd.DataFrame, out_dir: str | Path) -> list[Path]:
                     ax.errorbar(ordered[xcol], ordered["top1_mean"], yerr=ordered["top1_std"].fillna(0.0),
                                 color=color, marker=marker, ms=5, lw=1.2, ls=ls, capsize=2, elinewidth=0.7,
                                 label=f"{label} [{curve['knob'].iloc[0]}]")
-            axes[0].set_xlabel(plots._GFLOPS_LABEL)
-            axes[0].set_ylabel(plots._TOP1_LABEL)
+            axes[0].set_xlabel(style.GFLOPS_LABEL)
+            axes[0].set_ylabel(style.TOP1_LABEL)
             axes[0].set_title("accuracy vs GFLOPs")
             if cond:
                 device, batch, dtype = cond.split(" ")
                 axes[1].set_xlabel("Throughput (images/s)")
                 axes[1].set_title(f"vs throughput ({device}, batch {batch[1:]}, {dtype})")
             fig.suptitle(f"{model} on {data}: one checkpoint per curve, inference knob swept", y=1.0)
-            plots._legend_outside(axes[-1], title="method [knob]")
-            paths += plots._save(fig, Path(out_dir), f"tradeoff_curves_{slug}")
+            style.legend_outside(axes[-1], title="method [knob]")
+            paths += style.save_figure(fig, Path(out_dir), f"tradeoff_curves_{slug}")
     return paths
 
 

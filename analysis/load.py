@@ -8,6 +8,8 @@ needs (required keys, the ``status`` check) so that ``analysis/`` never imports 
   ``<folder>/runs/``), skips corrupt or incomplete files with a :class:`RecordWarning` naming the file, drops
   older duplicates of the same run, and returns one tidy DataFrame, one row per record (see ``COLUMNS``).
   Nested parts stay as objects in the ``tokens`` and ``throughput`` columns.
+- ``method_info`` is the record's ``method_info`` object (what the method reports about itself, e.g. A-ViT's
+  ``prior_target``), ``None`` when the record has none.
 - Records of kind ``tradeoff`` (``experiments/tradeoff.py``, one point of an accuracy-vs-compute curve) also
   fill ``knob``, ``knob_value``, ``curve`` (the curve's id) and ``curve_key`` (``method_params`` without the
   knob: points of one setting at different knob values share it); other records have ``None`` there.
@@ -19,18 +21,24 @@ needs (required keys, the ``status`` check) so that ``analysis/`` never imports 
 Token-map format read by :func:`depth_maps` (``tokens.maps``, a list, one entry per image)::
 
     {"index": 0, "label": 3,                  # eval-set index (matches images across methods), class
-     "thumbnail": [[...], ...],               # H x W (gray) or H x W x 3 / 3 x H x W, values 0..1 or 0..255
-     "patch_depth": [[...], ...]}             # grid rows x cols, or flat (reshaped with ``grid``)
+     "thumbnail": PACKED or [[...], ...],     # H x W x C (C = 1: grey); lists: also 3 x H x W, 0..1 or 0..255
+     "patch_depth": PACKED or [[...], ...]}   # grid rows x cols, or flat (reshaped with ``grid``)
 
-``image``/``depth`` and ``image_index`` are accepted as aliases. ``tokens.mean_patch_depth`` may be flat (with
-``tokens.grid``), nested rows, or ``{"grid": [r, c], "values": [...]}``.
+PACKED is the compact form ``experiments/token_maps.py`` writes (its docstring is the specification):
+``{"dtype": "uint8", "shape": [...], "filter": null | "diff2d", "zlib_base64": "..."}``, decoded by
+:func:`unpack_array`; packed thumbnails hold 0..255. Plain nested lists are the form of records written before
+it. ``image``/``depth`` and ``image_index`` are accepted as aliases. ``tokens.mean_patch_depth`` may be flat
+(with ``tokens.grid``), nested rows, or ``{"grid": [r, c], "values": [...]}``.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import numbers
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,7 +52,7 @@ REPORT_DIRNAME = "report"
 COLUMNS = ("path", "record_id", "kind", "model", "architecture", "data", "method", "method_params", "params_key",
            "seed", "top1", "top5", "val_loss", "num_images", "params", "gflops", "gflops_std", "dense_gflops",
            "flops_ratio", "tokens", "throughput", "end_time", "torch", "timm", "knob", "knob_value", "curve",
-           "curve_key", "img_size")
+           "curve_key", "img_size", "method_info")
 _DTYPE_SHORT = {"float32": "fp32", "torch.float32": "fp32", "fp32": "fp32", "bfloat16": "bf16",
                 "torch.bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "torch.float16": "fp16",
                 "fp16": "fp16", "half": "fp16"}
@@ -76,8 +84,8 @@ def find_record_files(folder: str | Path) -> list[Path]:
     return sorted(found)
 
 
-def _number(value: Any) -> float:
-    """A finite-or-NaN float from a JSON value (``None``, strings and bools become NaN)."""
+def number(value: Any) -> float:
+    """A float from a JSON value (``None``, strings and bools become NaN)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return math.nan
     return float(value)
@@ -115,7 +123,7 @@ def read_record(path: str | Path) -> dict[str, Any]:
     metrics = record["metrics"]
     if not isinstance(metrics, dict):
         raise RecordError(f"{path}: corrupt record, metrics is not an object")
-    if record["kind"] in ("run", "tradeoff") and math.isnan(_number(metrics.get("top1"))):
+    if record["kind"] in ("run", "tradeoff") and math.isnan(number(metrics.get("top1"))):
         raise RecordError(f"{path}: incomplete record, a {record['kind']} without a numeric metrics.top1")
     if record["kind"] == "tradeoff" and not (isinstance(record.get("tradeoff"), dict)
                                              and _name(record["tradeoff"].get("knob"))):
@@ -139,8 +147,8 @@ def _flatten(record: dict[str, Any], rel: str) -> dict[str, Any]:
     config = record["config"] if isinstance(record["config"], dict) else {}
     data_config = config.get("data") if isinstance(config.get("data"), dict) else {}
     knob = _name(point.get("knob"))
-    gflops, dense = _number(flops.get("gflops")), _number(flops.get("dense_gflops"))
-    ratio = _number(flops.get("flops_ratio"))
+    gflops, dense = number(flops.get("gflops")), number(flops.get("dense_gflops"))
+    ratio = number(flops.get("flops_ratio"))
     if math.isnan(ratio) and dense > 0:
         ratio = gflops / dense
     return {
@@ -148,15 +156,16 @@ def _flatten(record: dict[str, Any], rel: str) -> dict[str, Any]:
         "model": _name(record["model"]), "architecture": _name(record.get("architecture")),
         "data": _name(record["data"]) or "unknown", "method": _name(record["method"]), "method_params": method_params,
         "params_key": params_key(method_params), "seed": record["seed"],
-        "top1": _number(metrics.get("top1")), "top5": _number(metrics.get("top5")),
-        "val_loss": _number(metrics.get("val_loss")), "num_images": _number(metrics.get("num_images")),
-        "params": _number(record.get("params")), "gflops": gflops, "gflops_std": _number(flops.get("gflops_std")),
+        "top1": number(metrics.get("top1")), "top5": number(metrics.get("top5")),
+        "val_loss": number(metrics.get("val_loss")), "num_images": number(metrics.get("num_images")),
+        "params": number(record.get("params")), "gflops": gflops, "gflops_std": number(flops.get("gflops_std")),
         "dense_gflops": dense, "flops_ratio": ratio, "tokens": tokens, "throughput": throughput,
         "end_time": str(provenance.get("end_time") or ""), "torch": packages.get("torch"),
         "timm": packages.get("timm"), "knob": knob, "knob_value": point.get("value") if knob else None,
         "curve": _name(point.get("curve")),
         "curve_key": params_key({k: v for k, v in method_params.items() if k != knob}) if knob else None,
-        "img_size": _number(data_config.get("img_size")),
+        "img_size": number(data_config.get("img_size")),
+        "method_info": record["method_info"] if isinstance(record.get("method_info"), dict) else None,
     }
 
 
@@ -238,8 +247,8 @@ def throughput_frame(records: pd.DataFrame) -> pd.DataFrame:
         for entry in rec["throughput"] or []:
             if not isinstance(entry, dict):
                 continue
-            img, dense = _number(entry.get("img_per_s")), _number(entry.get("dense_img_per_s"))
-            speedup = _number(entry.get("speedup_vs_dense"))
+            img, dense = number(entry.get("img_per_s")), number(entry.get("dense_img_per_s"))
+            speedup = number(entry.get("speedup_vs_dense"))
             if math.isnan(speedup) and dense > 0:
                 speedup = img / dense
             batch = entry.get("batch_size")
@@ -248,7 +257,7 @@ def throughput_frame(records: pd.DataFrame) -> pd.DataFrame:
                          "params_key": rec["params_key"], "seed": rec["seed"], "record_id": rec["record_id"],
                          "device": device, "batch_size": batch, "dtype": dtype,
                          "condition": f"{device} b{batch} {dtype}", "img_per_s": img, "dense_img_per_s": dense,
-                         "speedup": speedup, "peak_mem_mb": _number(entry.get("peak_mem_mb")),
+                         "speedup": speedup, "peak_mem_mb": number(entry.get("peak_mem_mb")),
                          "condition_order": (device, _DTYPE_ORDER.get(dtype, 9), dtype,
                                              batch if isinstance(batch, int) else 0)})
     columns = ["model", "data", "method", "params_key", "seed", "record_id", "device", "batch_size", "dtype",
@@ -278,7 +287,46 @@ def grid_shape(tokens: Optional[dict], count: Optional[int] = None) -> Optional[
     return None
 
 
+PACKED_KEYS = ("dtype", "shape", "filter", "zlib_base64")
+_PACKED_DTYPES = ("uint8",)
+
+
+def is_packed(value: Any) -> bool:
+    """Whether ``value`` is a PACKED array (module docstring)."""
+    return isinstance(value, dict) and "zlib_base64" in value
+
+
+def unpack_array(value: dict[str, Any]) -> np.ndarray:
+    """A PACKED array (module docstring) as a numpy array of its dtype; raises ``ValueError`` when malformed."""
+    missing = [key for key in PACKED_KEYS if key not in value]
+    if missing:
+        raise ValueError(f"packed array lacks {', '.join(missing)}")
+    if value["dtype"] not in _PACKED_DTYPES:
+        raise ValueError(f"packed array dtype {value['dtype']!r} unknown; valid: {', '.join(_PACKED_DTYPES)}")
+    try:
+        raw = zlib.decompress(base64.b64decode(value["zlib_base64"], validate=True))
+        array = np.frombuffer(raw, dtype=value["dtype"]).reshape([int(n) for n in value["shape"]])
+    except (binascii.Error, zlib.error, TypeError, ValueError) as error:
+        raise ValueError(f"packed array is corrupt ({error})") from error
+    if value["filter"] == "diff2d":  # differences along axes 0 and 1, modulo 256: undo with running sums
+        return np.cumsum(np.cumsum(array, axis=1, dtype=array.dtype), axis=0, dtype=array.dtype)
+    if value["filter"] is not None:
+        raise ValueError(f"packed array filter {value['filter']!r} unknown; valid: null, diff2d")
+    return array.copy()
+
+
+def _packed_or_none(value: Any) -> Optional[np.ndarray]:
+    try:
+        return unpack_array(value)
+    except ValueError:
+        return None  # like a malformed list: the map entry is dropped, the report goes on
+
+
 def _as_grid(values: Any, grid: Optional[tuple[int, int]]) -> Optional[np.ndarray]:
+    if is_packed(values):
+        values = _packed_or_none(values)
+        if values is None:
+            return None
     try:
         array = np.asarray(values, dtype=float)
     except (TypeError, ValueError):
@@ -306,23 +354,30 @@ def depth_histogram(tokens: Optional[dict]) -> Optional[np.ndarray]:
     value = (tokens or {}).get("depth_histogram")
     if not isinstance(value, (list, tuple)) or not value:
         return None
-    hist = np.asarray([_number(v) for v in value])
+    hist = np.asarray([number(v) for v in value])
     total = np.nansum(hist)
     return hist / total if total > 0 else None
 
 
 def _image(value: Any) -> Optional[np.ndarray]:
-    try:
-        image = np.asarray(value, dtype=float)
-    except (TypeError, ValueError):
-        return None
-    if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3):
-        image = np.moveaxis(image, 0, -1)
+    packed = is_packed(value)
+    if packed:  # H x W x C in 0..255, whatever its maximum
+        image = _packed_or_none(value)
+        if image is None:
+            return None
+        image = image.astype(float) / 255.0
+    else:
+        try:
+            image = np.asarray(value, dtype=float)
+        except (TypeError, ValueError):
+            return None
+        if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3):
+            image = np.moveaxis(image, 0, -1)
     if image.ndim == 3 and image.shape[-1] == 1:
         image = image[..., 0]
     if image.ndim not in (2, 3) or not image.size:
         return None
-    if np.nanmax(image) > 1.0:
+    if not packed and np.nanmax(image) > 1.0:
         image = image / 255.0
     return np.clip(image, 0.0, 1.0)
 

@@ -2,13 +2,18 @@
 per-block kept-token IoU computation. Each figure is written as PNG and PDF; every function returns the paths
 it wrote and prints a ``note:`` instead of failing when the records lack what it needs.
 
+Every figure takes ``(agg, records, out_dir)``: ``records`` are the run and measure records
+(``tables.without_tradeoff``) and ``agg`` is ``tables.aggregate(records)``, computed once by the caller
+(:func:`write_figures` passes it on). The look (style, colours, saving) is :mod:`analysis.style`'s.
+
 Per backbone (``model`` on ``data``):
 
 - ``top1_vs_gflops``: top-1 vs GFLOPs, one marker per method, settings of a method joined, Pareto front dashed;
 - ``top1_vs_throughput``: the same against img/s, one panel per device / batch size / dtype;
 - ``tokens_per_block``: tokens each block's attention (solid) and MLP (dotted) ran on, one panel per method;
-- ``adavit_depth``: A-ViT's halting-depth histogram against its prior target, a Gaussian over the halting
-  depth 1..L with mean ``target_depth`` (default 8/12·L) and std ``target_std`` (default 1), normalised;
+- ``adavit_depth``: A-ViT's halting-depth histogram against the prior target the method used, read from the
+  record (``method_info.prior_target``: the target probability of halting depth 1..L, as the method computed
+  it for its ``prior`` mode); a record without it gets no target line and a ``note:``;
 - ``depth_maps``: per-image token depth overlaid on a few validation images (as in the A-ViT paper);
 - ``mean_depth``: per-patch average depth over the validation set;
 - ``kept_iou``: IoU of the kept-token sets between methods at a few blocks (as in the TokenReduction suite):
@@ -20,13 +25,10 @@ median ratio of all reduced settings (a common budget), see :func:`representativ
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import textwrap
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
-import matplotlib
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -34,46 +36,8 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from . import load, tables
-
-DPI = 150
-_MARKERS = ("*", "o", "s", "D", "^", "v", "P", "X", "h", "<", ">", "p")
-_GFLOPS_LABEL = "GFLOPs per image (1 multiply-add = 1 FLOP)"
-_TOP1_LABEL = "Top-1 accuracy (%)"
-
-
-@contextlib.contextmanager
-def _style() -> Iterator[None]:
-    rc = {"pdf.fonttype": 42, "ps.fonttype": 42, "axes.titlesize": 11, "legend.fontsize": 8.5,
-          "legend.title_fontsize": 9}
-    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.85, rc=rc), \
-            matplotlib.rc_context({"svg.hashsalt": "report", "image.interpolation": "nearest"}):
-        yield
-
-
-def _save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    png, pdf = out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"
-    fig.savefig(png, dpi=DPI, bbox_inches="tight", metadata={"Software": None})
-    fig.savefig(pdf, bbox_inches="tight", metadata={"CreationDate": None, "Producer": None, "Creator": None})
-    return [png, pdf]
-
-
-def method_styles(methods: list[str]) -> dict[str, tuple[tuple[float, float, float], str]]:
-    """A fixed colour and marker per method (dense is dark grey with a star), stable across figures."""
-    ordered = sorted(set(methods), key=tables.method_rank)
-    palette = sns.color_palette("colorblind", 10)
-    styles, k = {}, 0
-    for method in ordered:
-        if method == "dense":
-            styles[method] = ((0.2, 0.2, 0.2), "*")
-            continue
-        styles[method] = (palette[k % len(palette)], _MARKERS[1 + k % (len(_MARKERS) - 1)])
-        k += 1
-    return styles
-
-
-def _wrap(text: str, width: int = 30) -> str:
-    return "\n".join(textwrap.wrap(text, width)) or text
+from .formatting import DASH, method_rank
+from .style import GFLOPS_LABEL, TOP1_LABEL, figure_style, legend_outside, method_styles, save_figure, wrap
 
 
 def _backbones(agg: pd.DataFrame) -> list[tuple[str, str, str, pd.DataFrame]]:
@@ -90,13 +54,6 @@ def _depth_of(records: pd.DataFrame) -> Optional[int]:
         if isinstance(hist, list) and len(hist) > 1:
             return len(hist) - 1
     return None
-
-
-def _legend_outside(ax, **kwargs) -> None:
-    handles, labels = ax.get_legend_handles_labels()
-    if handles:
-        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
-                  frameon=False, **kwargs)
 
 
 def _draw_front(ax, x: pd.Series, y: pd.Series, maximize_x: bool) -> None:
@@ -120,9 +77,8 @@ def _accuracy_scatter(ax, part: pd.DataFrame, xcol: str, xerr: Optional[str], st
                     ms=11 if marker == "*" else 7, lw=1.0, capsize=2, elinewidth=0.8, label=method, zorder=3)
 
 
-def plot_accuracy_vs_gflops(records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+def plot_accuracy_vs_gflops(agg: pd.DataFrame, records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     """Top-1 against GFLOPs per backbone, with the Pareto front (lower GFLOPs and higher top-1 are better)."""
-    agg = tables.aggregate(records)
     paths: list[Path] = []
     if agg.empty:
         return paths
@@ -132,24 +88,23 @@ def plot_accuracy_vs_gflops(records: pd.DataFrame, out_dir: str | Path) -> list[
         if usable.empty:
             print(f"note: no record of {model} on {data} has both FLOPs and top-1; skipped top-1 vs GFLOPs")
             continue
-        missing = sorted(set(part["method"]) - set(usable["method"]), key=tables.method_rank)
-        with _style():
+        missing = sorted(set(part["method"]) - set(usable["method"]), key=method_rank)
+        with figure_style():
             fig = Figure(figsize=(7.2, 4.6))
             ax = fig.subplots()
             _accuracy_scatter(ax, part, "gflops_mean", "gflops_std", styles)
             _draw_front(ax, usable["gflops_mean"], usable["top1_mean"], maximize_x=False)
-            ax.set_xlabel(_GFLOPS_LABEL)
-            ax.set_ylabel(_TOP1_LABEL)
+            ax.set_xlabel(GFLOPS_LABEL)
+            ax.set_ylabel(TOP1_LABEL)
             title = f"{model} on {data}: accuracy vs compute"
             ax.set_title(title + (f"\n(no FLOPs: {', '.join(missing)})" if missing else ""))
-            _legend_outside(ax, title="method")
-            paths += _save(fig, Path(out_dir), f"top1_vs_gflops_{slug}")
+            legend_outside(ax, title="method")
+            paths += save_figure(fig, Path(out_dir), f"top1_vs_gflops_{slug}")
     return paths
 
 
-def plot_accuracy_vs_throughput(records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+def plot_accuracy_vs_throughput(agg: pd.DataFrame, records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     """Top-1 against img/s per backbone, one panel per condition, with the Pareto front (higher is better)."""
-    agg = tables.aggregate(records)
     paths: list[Path] = []
     if agg.empty:
         return paths
@@ -164,7 +119,7 @@ def plot_accuracy_vs_throughput(records: pd.DataFrame, out_dir: str | Path) -> l
             print(f"note: no record of {model} on {data} has both throughput and top-1; "
                   f"skipped top-1 vs throughput")
             continue
-        with _style():
+        with figure_style():
             fig = Figure(figsize=(3.6 * len(present) + 1.6, 4.4))
             axes = np.atleast_1d(fig.subplots(1, len(present), sharey=True))
             for ax, cond in zip(axes, present):
@@ -175,10 +130,10 @@ def plot_accuracy_vs_throughput(records: pd.DataFrame, out_dir: str | Path) -> l
                 device, batch, dtype = cond.split(" ")
                 ax.set_title(f"{device}, batch {batch[1:]}, {dtype}")
                 ax.set_xlabel("Throughput (images/s)")
-            axes[0].set_ylabel(_TOP1_LABEL)
+            axes[0].set_ylabel(TOP1_LABEL)
             fig.suptitle(f"{model} on {data}: accuracy vs measured throughput", y=1.0)
-            _legend_outside(axes[-1], title="method")
-            paths += _save(fig, Path(out_dir), f"top1_vs_throughput_{slug}")
+            legend_outside(axes[-1], title="method")
+            paths += save_figure(fig, Path(out_dir), f"top1_vs_throughput_{slug}")
     return paths
 
 
@@ -190,9 +145,8 @@ def _mean_curve(group: pd.DataFrame, key: str) -> Optional[np.ndarray]:
     return np.mean(curves, axis=0)
 
 
-def plot_tokens_per_block(records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+def plot_tokens_per_block(agg: pd.DataFrame, records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     """Survival curves: mean tokens per image at each block, one panel per method, dense as reference."""
-    agg = tables.aggregate(records)
     paths: list[Path] = []
     for model, data, slug, part in _backbones(agg) if not agg.empty else []:
         recs = records[(records["model"] == model) & (records["data"] == data)]
@@ -215,7 +169,7 @@ def plot_tokens_per_block(records: pd.DataFrame, out_dir: str | Path) -> list[Pa
             continue
         ncols = min(4, len(panels))
         nrows = math.ceil(len(panels) / ncols)
-        with _style():
+        with figure_style():
             fig = Figure(figsize=(3.3 * ncols, 3.0 * nrows + 0.4))
             axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)).ravel()
             for ax, (method, lines) in zip(axes, panels):
@@ -224,7 +178,7 @@ def plot_tokens_per_block(records: pd.DataFrame, out_dir: str | Path) -> list[Pa
                     ax.plot(np.arange(len(dense_curve)), dense_curve, color="0.6", lw=1.5, label="dense")
                 for (label, attn, mlp), color in zip(lines, palette):
                     blocks = np.arange(len(attn))
-                    ax.plot(blocks, attn, color=color, lw=1.8, marker="o", ms=3, label=_wrap(label, 26))
+                    ax.plot(blocks, attn, color=color, lw=1.8, marker="o", ms=3, label=wrap(label, 26))
                     if mlp is not None and len(mlp) == len(attn) and not np.allclose(mlp, attn):
                         ax.plot(blocks, mlp, color=color, lw=1.2, ls=":")
                 ax.set_title(method)
@@ -241,25 +195,27 @@ def plot_tokens_per_block(records: pd.DataFrame, out_dir: str | Path) -> list[Pa
             fig.suptitle(f"{model} on {data}: tokens per block (solid: attention; dotted: MLP, where it differs)",
                          y=1.0)
             fig.tight_layout()
-            paths += _save(fig, Path(out_dir), f"tokens_per_block_{slug}")
+            paths += save_figure(fig, Path(out_dir), f"tokens_per_block_{slug}")
     return paths
 
 
-def prior_target(depth: int, target_depth: Optional[float] = None, target_std: Optional[float] = None) -> np.ndarray:
-    """A-ViT's prior over halting depth ``1..depth``: a Gaussian with mean ``target_depth`` (default
-    ``8/12·depth``) and std ``target_std`` (default 1), normalised to sum 1. Index ``d`` of the result is the
-    probability of halting depth ``d`` (index 0, depth 0, is always 0)."""
-    mean = 8.0 / 12.0 * depth if target_depth is None else float(target_depth)
-    std = 1.0 if target_std is None else float(target_std)
-    d = np.arange(depth + 1, dtype=float)
-    density = np.exp(-0.5 * ((d - mean) / std) ** 2)
-    density[0] = 0.0
-    return density / density.sum()
+def recorded_prior_target(group: pd.DataFrame, depth: int) -> Optional[np.ndarray]:
+    """The prior target the method used, from the first record of ``group`` (by seed) whose
+    ``method_info.prior_target`` is a list of ``depth`` numbers: index ``d - 1`` is the target probability of
+    halting depth ``d``. ``None`` when no record carries one (the method alone knows its target)."""
+    for _, rec in group.sort_values("seed", key=load.text_sort_key, kind="stable").iterrows():
+        info = rec["method_info"] if isinstance(rec["method_info"], dict) else {}
+        target = info.get("prior_target")
+        if isinstance(target, list) and len(target) == depth:
+            values = np.asarray([load.number(v) for v in target])
+            if np.isfinite(values).all():
+                return values
+    return None
 
 
-def plot_adavit_depth(records: pd.DataFrame, out_dir: str | Path, method: str = "adavit") -> list[Path]:
-    """A-ViT's halting-depth distribution (bars, mean over seeds) against its prior target (line)."""
-    agg = tables.aggregate(records)
+def plot_adavit_depth(agg: pd.DataFrame, records: pd.DataFrame, out_dir: str | Path,
+                      method: str = "adavit") -> list[Path]:
+    """A-ViT's halting-depth distribution (bars, mean over seeds) against the recorded prior target (line)."""
     paths: list[Path] = []
     if agg.empty or not (agg["method"] == method).any():
         print(f"note: no {method} records; skipped the halting-depth histogram")
@@ -271,30 +227,35 @@ def plot_adavit_depth(records: pd.DataFrame, out_dir: str | Path, method: str = 
             group = _records_of(records, row)
             hists = [h for h in (load.depth_histogram(t) for t in group["tokens"]) if h is not None]
             if hists and len({len(h) for h in hists}) == 1:
-                panels.append((row, np.mean(hists, axis=0)))
+                prior = recorded_prior_target(group, len(hists[0]) - 1)
+                if prior is None:
+                    print(f"note: {method} {row['setting']} on {model}/{data}: no method_info.prior_target in its "
+                          f"records; its halting histogram is drawn without a prior target")
+                panels.append((row, np.mean(hists, axis=0), prior))
         if not panels:
             if not settings.empty:
                 print(f"note: {method} records of {model} on {data} lack tokens.depth_histogram; skipped")
             continue
         ncols = min(3, len(panels))
         nrows = math.ceil(len(panels) / ncols)
-        with _style():
+        with figure_style():
             fig = Figure(figsize=(4.2 * ncols, 3.3 * nrows + 0.4))
-            axes = np.atleast_1d(fig.subplots(nrows, ncols, sharey=True, squeeze=False)).ravel()
-            for ax, (row, hist) in zip(axes, panels):
+            # own y-ranges: prior=official's target is not normalised (its peak can exceed 1)
+            axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+            for ax, (row, hist, prior) in zip(axes, panels):
                 depth = len(hist) - 1
-                params = row["method_params"]
-                prior = prior_target(depth, params.get("target_depth"), params.get("target_std"))
                 d = np.arange(depth + 1)
                 ax.bar(d, hist, width=0.8, color=sns.color_palette("colorblind")[0], alpha=0.85,
                        label="observed")
-                ax.plot(d[1:], prior[1:], color="black", marker="o", ms=3, lw=1.3,
-                        label=f"prior N({tables.format_value(params.get('target_depth', 8 / 12 * depth))}, "
-                              f"{tables.format_value(params.get('target_std', 1.0))}²)")
+                if prior is not None:
+                    total = None if math.isclose(prior.sum(), 1.0, abs_tol=1e-6) else f"sums to {prior.sum():.2f}"
+                    detail = ", ".join(filter(None, (row["method_params"].get("prior"), total)))
+                    ax.plot(d[1:], prior, color="black", marker="o", ms=3, lw=1.3,
+                            label="prior target" + (f" ({detail})" if detail else ""))
                 observed_mean = float(np.sum(hist * d))
                 ax.axvline(observed_mean, color=sns.color_palette("colorblind")[3], ls="--", lw=1.2,
                            label=f"observed mean {observed_mean:.2f}")
-                ax.set_title(_wrap(row["setting"], 40), fontsize=9)
+                ax.set_title(wrap(row["setting"], 40), fontsize=9)
                 ax.set_xlabel("Halting depth (blocks that processed the token)")
                 ax.set_xticks(d[:: 2 if depth > 12 else 1])
                 ax.legend(fontsize=7, frameon=False, loc="upper left")
@@ -304,7 +265,7 @@ def plot_adavit_depth(records: pd.DataFrame, out_dir: str | Path, method: str = 
                 ax.set_ylabel("Fraction of patch tokens")
             fig.suptitle(f"{model} on {data}: A-ViT halting depth vs prior target", y=1.0)
             fig.tight_layout()
-            paths += _save(fig, Path(out_dir), f"adavit_depth_{slug}")
+            paths += save_figure(fig, Path(out_dir), f"adavit_depth_{slug}")
     return paths
 
 
@@ -352,9 +313,9 @@ def _maps_by_seed(records: pd.DataFrame, row: pd.Series) -> dict:
     return out
 
 
-def plot_depth_maps(records: pd.DataFrame, out_dir: str | Path, max_images: int = 4) -> list[Path]:
+def plot_depth_maps(agg: pd.DataFrame, records: pd.DataFrame, out_dir: str | Path,
+                    max_images: int = 4) -> list[Path]:
     """Per-image token depth overlaid on validation images: one row per method, one column per image."""
-    agg = tables.aggregate(records)
     paths: list[Path] = []
     for model, data, slug, part in _backbones(agg) if not agg.empty else []:
         recs = records[(records["model"] == model) & (records["data"] == data)]
@@ -373,7 +334,7 @@ def plot_depth_maps(records: pd.DataFrame, out_dir: str | Path, max_images: int 
         depth = _depth_of(recs) or int(max(np.max(maps[i]["depth"]) for _, maps in rows for i in common))
         norm = Normalize(vmin=0, vmax=depth)
         n_rows, n_cols = len(rows) + 1, len(common)
-        with _style():
+        with figure_style():
             fig = Figure(figsize=(1.7 * n_cols + 3.0, 1.75 * n_rows + 0.4), layout="constrained")
             axes = fig.subplots(n_rows, n_cols, squeeze=False)
             image = None
@@ -396,20 +357,19 @@ def plot_depth_maps(records: pd.DataFrame, out_dir: str | Path, max_images: int 
                 ax.grid(False)
             axes[0, 0].set_ylabel("input", rotation=0, ha="right", va="center", fontsize=8.5)
             for r, (row, _) in enumerate(rows, start=1):
-                text = f"{row['method']}\n{_wrap(row['setting'], 22)}"
+                text = f"{row['method']}\n{wrap(row['setting'], 22)}"
                 if not math.isnan(row["gflops_mean"]):
                     text += f"\n{row['gflops_mean']:.3f} GFLOPs"
                 axes[r, 0].set_ylabel(text, rotation=0, ha="right", va="center", fontsize=8)
             cbar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, aspect=30)
             cbar.set_label("Token depth (blocks that processed the patch)")
             fig.suptitle(f"{model} on {data}: per-image token depth")
-            paths += _save(fig, Path(out_dir), f"depth_maps_{slug}")
+            paths += save_figure(fig, Path(out_dir), f"depth_maps_{slug}")
     return paths
 
 
-def plot_mean_depth(records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+def plot_mean_depth(agg: pd.DataFrame, records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     """Per-patch average depth over the validation set, one heatmap per reduction setting (mean over seeds)."""
-    agg = tables.aggregate(records)
     paths: list[Path] = []
     for model, data, slug, part in _backbones(agg) if not agg.empty else []:
         recs = records[(records["model"] == model) & (records["data"] == data)]
@@ -426,13 +386,13 @@ def plot_mean_depth(records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
         norm = Normalize(vmin=0, vmax=depth)
         ncols = min(5, len(panels))
         nrows = math.ceil(len(panels) / ncols)
-        with _style():
+        with figure_style():
             fig = Figure(figsize=(2.3 * ncols + 1.2, 2.75 * nrows + 0.3))
             axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
             image = None
             for ax, (row, grid) in zip(axes, panels):
                 image = ax.imshow(grid, cmap="viridis", norm=norm, interpolation="nearest")
-                ax.set_title(f"{row['method']}\n{_wrap(row['setting'], 24)}\nmean {grid.mean():.2f}", fontsize=8)
+                ax.set_title(f"{row['method']}\n{wrap(row['setting'], 24)}\nmean {grid.mean():.2f}", fontsize=8)
             for ax in axes:
                 ax.set_xticks([])
                 ax.set_yticks([])
@@ -442,7 +402,7 @@ def plot_mean_depth(records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
             cbar = fig.colorbar(image, ax=axes.tolist(), shrink=0.85, pad=0.02)
             cbar.set_label("Mean token depth over the validation set (blocks)")
             fig.suptitle(f"{model} on {data}: per-patch average depth (dense: {depth} everywhere)", y=1.0)
-            paths += _save(fig, Path(out_dir), f"mean_depth_{slug}")
+            paths += save_figure(fig, Path(out_dir), f"mean_depth_{slug}")
     return paths
 
 
@@ -459,13 +419,13 @@ def iou_blocks(depth: int) -> list[int]:
     return sorted({min(depth - 1, math.ceil(depth * f)) for f in (0.25, 0.5, 0.75)} | {depth - 1})
 
 
-def kept_iou_frame(records: pd.DataFrame, model: str, data: str, blocks: Optional[list[int]] = None) -> pd.DataFrame:
+def kept_iou_frame(agg: pd.DataFrame, records: pd.DataFrame, model: str, data: str,
+                   blocks: Optional[list[int]] = None) -> pd.DataFrame:
     """Mean kept-token IoU between the representative settings of each pair of methods, per block.
 
     Columns ``block`` (0-based), ``method_a``, ``method_b``, ``iou`` (mean over matched seeds and shared
     images), ``n`` (image pairs). Seeds are matched when both methods have them, else the first of each.
     """
-    agg = tables.aggregate(records)
     columns = ["block", "method_a", "method_b", "iou", "n"]
     if agg.empty:
         return pd.DataFrame(columns=columns)
@@ -491,12 +451,11 @@ def kept_iou_frame(records: pd.DataFrame, model: str, data: str, blocks: Optiona
     return pd.DataFrame(rows, columns=columns)
 
 
-def plot_kept_iou(records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+def plot_kept_iou(agg: pd.DataFrame, records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     """Heatmaps of the kept-token IoU between methods at a few blocks; also writes the values as CSV."""
-    agg = tables.aggregate(records)
     paths: list[Path] = []
     for model, data, slug, _ in _backbones(agg) if not agg.empty else []:
-        frame = kept_iou_frame(records, model, data)
+        frame = kept_iou_frame(agg, records, model, data)
         methods = list(dict.fromkeys(frame["method_a"]))
         if len(methods) < 2:
             print(f"note: fewer than two methods with tokens.maps for {model} on {data}; skipped kept-token IoU")
@@ -508,12 +467,12 @@ def plot_kept_iou(records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
         paths.append(csv)
         blocks = sorted(frame["block"].unique())
         chosen = representative_settings(agg, records, model, data, "maps")
-        ylabels = [f"{r['method']} ({_wrap(r['setting'], 26)})" if r["setting"] not in ("default", tables.DASH)
+        ylabels = [f"{r['method']} ({wrap(r['setting'], 26)})" if r["setting"] not in ("default", DASH)
                    else r["method"] for _, r in chosen.iterrows()]
         ncols = min(2, len(blocks))
         nrows = math.ceil(len(blocks) / ncols)
         size = 0.55 * len(methods) + 1.2
-        with _style():
+        with figure_style():
             fig = Figure(figsize=(size * ncols + 3.4, size * nrows + 0.8), layout="constrained")
             axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)).ravel()
             mesh = None
@@ -536,7 +495,7 @@ def plot_kept_iou(records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
             cbar = fig.colorbar(mesh, ax=axes.tolist(), shrink=0.7, aspect=30)
             cbar.set_label("IoU of kept patch tokens (mean over images)")
             fig.suptitle(f"{model} on {data}: kept-token IoU between methods\n(kept at block l: depth > l)")
-            paths += _save(fig, out, f"kept_iou_{slug}")
+            paths += save_figure(fig, out, f"kept_iou_{slug}")
     return paths
 
 
@@ -544,13 +503,12 @@ FIGURES = (plot_accuracy_vs_gflops, plot_accuracy_vs_throughput, plot_tokens_per
            plot_depth_maps, plot_mean_depth, plot_kept_iou)
 
 
-def write_figures(records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """Every figure for every backbone; returns the written paths."""
-    records = records[records["kind"] != "tradeoff"] if not records.empty else records  # analysis.curves
-    if records.empty:
+def write_figures(agg: pd.DataFrame, records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """Every figure for every backbone, all from the one ``agg`` (module docstring); returns the written paths."""
+    if agg.empty:
         print("note: no run or measure records, no figures written")
         return []
     paths: list[Path] = []
     for figure in FIGURES:
-        paths += figure(records, out_dir)
+        paths += figure(agg, records, out_dir)
     return paths

@@ -25,6 +25,7 @@ from typing import Any, Optional
 import pandas as pd
 
 from . import tables
+from .formatting import DASH, fmt
 
 PUBLISHED = Path(__file__).with_name("published_numbers.csv")
 COLUMNS = ("method", "backbone", "setting", "training", "top1", "gflops", "throughput", "throughput_unit",
@@ -168,15 +169,15 @@ def compare(published: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
 
 def comparison_table(frame: pd.DataFrame) -> tables.Table:
     display = pd.DataFrame([{
-        "Method": row["method"], "Backbone": row["backbone"], "Setting": row["setting"] or tables.DASH,
+        "Method": row["method"], "Backbone": row["backbone"], "Setting": row["setting"] or DASH,
         "Source": f"{row['source']}, {row['locator']}",
         "Top-1 reported": _printed(row["top1"]),
         "GFLOPs reported": _printed(row["gflops"], row["gflops_decimals"]),
         "Throughput reported": _throughput(row),
-        "GFLOPs measured": tables._fmt(row["measured_gflops"], ".3f"),
-        "Δ GFLOPs": tables._fmt(row["gflops_diff"], "+.3f"),
-        "Flag": {"differs": "FLOPs differ", "matches": "ok"}.get(row["flops_flag"], tables.DASH),
-        "Top-1 measured": tables._fmt(row["measured_top1"], ".2f"),
+        "GFLOPs measured": fmt(row["measured_gflops"], ".3f"),
+        "Δ GFLOPs": fmt(row["gflops_diff"], "+.3f"),
+        "Flag": {"differs": "FLOPs differ", "matches": "ok"}.get(row["flops_flag"], DASH),
+        "Top-1 measured": fmt(row["measured_top1"], ".2f"),
     } for _, row in frame.iterrows()])
     return tables.Table("Reported vs measured here", display, frame.reset_index(drop=True), "llll" + "r" * 7)
 
@@ -184,7 +185,7 @@ def comparison_table(frame: pd.DataFrame) -> tables.Table:
 def _printed(value: float, digits: Optional[float] = None) -> str:
     """A reported number with the decimals it was printed with."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return tables.DASH
+        return DASH
     if digits is None or (isinstance(digits, float) and math.isnan(digits)):
         return format(value, "g")
     return f"{value:.{int(digits)}f}"
@@ -192,7 +193,7 @@ def _printed(value: float, digits: Optional[float] = None) -> str:
 
 def _throughput(row: pd.Series) -> str:
     if math.isnan(row["throughput"]):
-        return tables.DASH
+        return DASH
     unit = row["throughput_unit"]
     return f"+{row['throughput']:g}%" if unit == "% gain" else f"{row['throughput']:g} {unit}"
 

@@ -9,11 +9,15 @@
 - :func:`pareto_front` is shared with the figures; :func:`write_index` writes ``report.md``, which links every
   table and figure.
 
+The report aggregates once (``aggregate(without_tradeoff(records))``) and passes that frame to every table and
+figure. Number formats and the method order live in :mod:`analysis.formatting`.
+
 Definitions: ``flops_ratio = GFLOPs / dense GFLOPs`` (per record, the record's own dense reference);
 ``speedup = img/s / dense img/s`` (per record, as measured in the same process); ``efficiency = speedup ×
 flops_ratio``, i.e. the measured speedup over the FLOP reduction (1 = wall clock follows FLOPs). Each is
-computed per record, then averaged over seeds. Rows are sorted by backbone, by :data:`METHOD_ORDER`, then by
-``method_params``; numbers are printed with fixed formats, so the same records always give the same files.
+computed per record, then averaged over seeds. Rows are sorted by backbone, by method
+(:data:`analysis.formatting.METHOD_ORDER`), then by ``method_params``; numbers are printed with fixed formats,
+so the same records always give the same files.
 """
 from __future__ import annotations
 
@@ -28,9 +32,8 @@ import numpy as np
 import pandas as pd
 
 from . import load
+from .formatting import DASH, fmt, fmt_rate, format_value, mean_std, method_rank, plus_minus
 
-METHOD_ORDER = ("dense", "adavit", "dynamicvit", "evit", "tome", "ats", "topk", "random")
-DASH = "—"
 FOOTNOTE = (
     "GFLOPs: mean per-image cost over the evaluation set, counting 1 multiply-add as 1 FLOP (fvcore and the "
     "papers' convention, i.e. GMACs); LayerNorm, softmax, GELU, gather and top-k are not counted. "
@@ -45,11 +48,6 @@ FOOTNOTE = (
 
 # --- ordering and labels --------------------------------------------------------------------------------------
 
-def method_rank(method: str) -> tuple[int, str]:
-    """Sort key of a method name: :data:`METHOD_ORDER`, then unknown methods alphabetically."""
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
-
-
 def _value_key(value: Any) -> tuple:
     if isinstance(value, bool):
         return (1, str(value))
@@ -61,20 +59,6 @@ def _value_key(value: Any) -> tuple:
 def params_sort_key(params: dict[str, Any]) -> tuple:
     """Settings sort by their parameters, key by key, numbers numerically."""
     return tuple((key, _value_key(params[key])) for key in sorted(params))
-
-
-def format_value(value: Any) -> str:
-    """A parameter value as short text: ``5e-04`` -> ``0.0005``, ``8.0`` -> ``8``, ``None`` -> ``default`` (a
-    null parameter takes the method's or backbone's default, e.g. A-ViT's gate constants)."""
-    if value is None:
-        return "default"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, numbers.Real):
-        return format(float(value), "g")
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(format_value(v) for v in value) + "]"
-    return str(value)
 
 
 def varying_keys(params_list: Iterable[dict[str, Any]]) -> list[str]:
@@ -130,11 +114,10 @@ def pareto_front(x: Iterable[float], y: Iterable[float], *, maximize_x: bool = F
 
 # --- aggregation ----------------------------------------------------------------------------------------------
 
-def _mean_std(values: pd.Series) -> tuple[float, float]:
-    values = values.dropna().astype(float)
-    if values.empty:
-        return math.nan, math.nan
-    return float(values.mean()), (float(values.std(ddof=1)) if len(values) > 1 else math.nan)
+def without_tradeoff(records: pd.DataFrame) -> pd.DataFrame:
+    """The ``run`` and ``measure`` records: what the tables and figures aggregate (``tradeoff`` points are
+    :mod:`analysis.curves`')."""
+    return records[records["kind"] != "tradeoff"] if not records.empty else records
 
 
 def mean_depth(tokens: Optional[dict]) -> float:
@@ -185,13 +168,13 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
             "params": group["params"].mean() if group["params"].notna().any() else math.nan,
         }
         for metric in ("top1", "top5", "gflops", "flops_ratio", "depth"):
-            row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std(group[metric])
+            row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std(group[metric])
         sub = through[through["record_id"].isin(group["record_id"])] if not through.empty else through
         for cond in conds:
             part = sub[sub["condition"] == cond] if not sub.empty else sub
             for metric in ("img_per_s", "speedup", "efficiency"):
                 values = part[metric] if not part.empty else pd.Series(dtype=float)
-                row[f"{metric}_mean[{cond}]"], row[f"{metric}_std[{cond}]"] = _mean_std(values)
+                row[f"{metric}_mean[{cond}]"], row[f"{metric}_std[{cond}]"] = mean_std(values)
         rows.append(row)
     frame = pd.DataFrame(rows)
     frame["_order"] = [(m, d, method_rank(me), params_sort_key(p), k != "run", k) for m, d, me, p, k in
@@ -210,26 +193,7 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-# --- formatting -----------------------------------------------------------------------------------------------
-
-def _fmt(value: Any, spec: str, suffix: str = "") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return DASH
-    return format(value, spec) + suffix
-
-
-def _fmt_rate(value: float) -> str:
-    """img/s with at least three significant digits: 2400, 57.3, 3.25."""
-    if math.isnan(value):
-        return DASH
-    return format(value, ".0f" if value >= 100 else ".1f" if value >= 10 else ".2f")
-
-
-def _pm(mean: float, std: float, spec: str) -> str:
-    if math.isnan(mean):
-        return DASH
-    return format(mean, spec) if math.isnan(std) else f"{format(mean, spec)} ± {format(std, spec)}"
-
+# --- table files ----------------------------------------------------------------------------------------------
 
 class Table:
     """A formatted table: ``display`` (strings, for Markdown and LaTeX), ``numeric`` (for CSV), ``title``,
@@ -311,10 +275,10 @@ def _condition_columns(row: pd.Series, conds: list[str], with_images: bool) -> d
     out = {}
     for cond in conds:
         if with_images:
-            out[f"img/s ({cond})"] = _fmt_rate(row[f"img_per_s_mean[{cond}]"])
-        out[f"Speedup ({cond})"] = _fmt(row[f"speedup_mean[{cond}]"], ".2f", "×")
+            out[f"img/s ({cond})"] = fmt_rate(row[f"img_per_s_mean[{cond}]"])
+        out[f"Speedup ({cond})"] = fmt(row[f"speedup_mean[{cond}]"], ".2f", "×")
         if with_images:
-            out[f"Eff. ({cond})"] = _fmt(row[f"efficiency_mean[{cond}]"], ".2f")
+            out[f"Eff. ({cond})"] = fmt(row[f"efficiency_mean[{cond}]"], ".2f")
     return out
 
 
@@ -344,11 +308,11 @@ def main_table(agg: pd.DataFrame, model: str, data: str) -> Table:
         dense = row["method"] == "dense"
         rows.append({
             "Method": row["method"], "Setting": row["setting"], "Seeds": str(row["n_seeds"]),
-            "Params (M)": _fmt(row["params"] / 1e6, ".2f"), "GFLOPs": _fmt(row["gflops_mean"], ".3f"),
-            "Δ GFLOPs": DASH if dense else _fmt(row["gflops_change_pct"], "+.1f", "%"),
+            "Params (M)": fmt(row["params"] / 1e6, ".2f"), "GFLOPs": fmt(row["gflops_mean"], ".3f"),
+            "Δ GFLOPs": DASH if dense else fmt(row["gflops_change_pct"], "+.1f", "%"),
             **_condition_columns(row, conds, with_images=True),
-            "Top-1 (%)": _pm(row["top1_mean"], row["top1_std"], ".2f"),
-            "Δ Top-1": DASH if dense else _fmt(row["top1_delta"], "+.2f"),
+            "Top-1 (%)": plus_minus(row["top1_mean"], row["top1_std"], ".2f"),
+            "Δ Top-1": DASH if dense else fmt(row["top1_delta"], "+.2f"),
         })
     display = pd.DataFrame(rows)
     align = "ll" + "r" * (len(display.columns) - 2)
@@ -369,10 +333,10 @@ def adavit_ablation(agg: pd.DataFrame, model: str, data: str, method: str = "ada
     for _, row in part.iterrows():
         rows.append({
             **{k: format_value(row["method_params"][k]) if k in row["method_params"] else DASH for k in keys},
-            "Seeds": str(row["n_seeds"]), "Top-1 (%)": _pm(row["top1_mean"], row["top1_std"], ".2f"),
-            "Δ Top-1": _fmt(row["top1_delta"], "+.2f"), "GFLOPs": _fmt(row["gflops_mean"], ".3f"),
-            "Δ GFLOPs": _fmt(row["gflops_change_pct"], "+.1f", "%"),
-            "Mean depth": _pm(row["depth_mean"], row["depth_std"], ".2f"),
+            "Seeds": str(row["n_seeds"]), "Top-1 (%)": plus_minus(row["top1_mean"], row["top1_std"], ".2f"),
+            "Δ Top-1": fmt(row["top1_delta"], "+.2f"), "GFLOPs": fmt(row["gflops_mean"], ".3f"),
+            "Δ GFLOPs": fmt(row["gflops_change_pct"], "+.1f", "%"),
+            "Mean depth": plus_minus(row["depth_mean"], row["depth_std"], ".2f"),
             **_condition_columns(row, conds, with_images=False),
         })
     display = pd.DataFrame(rows)
@@ -383,19 +347,18 @@ def adavit_ablation(agg: pd.DataFrame, model: str, data: str, method: str = "ada
     return Table(title, display, numeric, "l" * len(keys) + "r" * (len(display.columns) - len(keys)))
 
 
-def write_tables(records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """Write the main table and the A-ViT ablation of every backbone into ``out_dir``; returns the paths.
+def write_tables(agg: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """Write the main table and the A-ViT ablation of every backbone of ``agg`` (:func:`aggregate` of
+    :func:`without_tradeoff` records: ``analysis.curves`` tabulates the tradeoff points) into ``out_dir``;
+    returns the paths.
 
     Files: ``main_<backbone>.{md,tex,csv}``, ``adavit_ablation_<backbone>.{md,tex,csv}`` (backbone = model
     name, plus the data set name when a model was run on several) and ``all_settings.csv`` (every aggregate).
-    Records of kind ``tradeoff`` are left out here: ``analysis.curves`` tabulates them.
     """
     out = Path(out_dir)
-    records = records[records["kind"] != "tradeoff"] if not records.empty else records  # analysis.curves
-    if records.empty:
+    if agg.empty:
         print("note: no run or measure records, no tables written")
         return []
-    agg = aggregate(records)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for (model, data, slug), _ in agg.groupby(["model", "data", "slug"], sort=True):

@@ -1,1 +1,3 @@
-"""The harness: Hydra entry points, the training/evaluation engine, measurement and results records."""
+"""The harness: config, plan, training, evaluation, measurement and records (importing it registers the config
+schemas in Hydra's ConfigStore)."""
+from . import config  # noqa: F401

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .config import DataError  # noqa: F401  (re-exported: experiments.data.DataError)
+
+DIGITS_CLASSES = 10  # build_digits: the ten digits
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-
-
-class DataError(ValueError):
-    """Bad data configuration or unusable data on disk."""
 
 
 @dataclass
@@ -70,11 +70,11 @@ def build_digits(cfg) -> DataBundle:
     train_idx, val_idx = train_test_split(indices, test_size=cfg.val_fraction, random_state=cfg.split_seed,
                                           stratify=labels.numpy())
     train_idx, val_idx = torch.as_tensor(sorted(train_idx)), torch.as_tensor(sorted(val_idx))
-    shift = int(cfg.get("augment_shift", 0))
+    shift = int(cfg.augment_shift)
     train = DigitsDataset(images[train_idx], labels[train_idx], shift=shift)
     val = DigitsDataset(images[val_idx], labels[val_idx])
     info = {"train_images": len(train), "val_images": len(val), "val_indices": val_idx.tolist()}
-    return DataBundle(train, val, 10, info)
+    return DataBundle(train, val, DIGITS_CLASSES, info)
 
 
 def _check_split(root: Path, split: str) -> Path:
@@ -117,11 +117,28 @@ def build_imagefolder(cfg) -> DataBundle:
 BUILDERS = {"digits": build_digits, "imagefolder": build_imagefolder}
 
 
-def build_data(cfg) -> DataBundle:
-    """Datasets for ``cfg.data`` (``cfg`` is the whole run config)."""
-    if cfg.data.name not in BUILDERS:
-        raise DataError(f"data.name={cfg.data.name!r} unknown; valid: {', '.join(BUILDERS)}")
-    return BUILDERS[cfg.data.name](cfg.data)
+def build_data(data) -> DataBundle:
+    """Datasets for the data config ``data`` (``experiments.config.DigitsData`` or ``ImageFolderData``)."""
+    if data.name not in BUILDERS:
+        raise DataError(f"data.name={data.name!r} unknown; valid: {', '.join(BUILDERS)}")
+    return BUILDERS[data.name](data)
+
+
+def count_classes(data) -> int:
+    """The class count the run's head will have, without loading any image."""
+    if data.name == "digits":
+        return DIGITS_CLASSES
+    if not data.root:
+        raise DataError("data.root is not set; pass data.root=/path/to/imagenet (with train/ and val/ folders)")
+    root = Path(data.root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.root={root} does not exist or is not a folder")
+    train_dir = _check_split(root, data.train_split)
+    _check_split(root, data.val_split)
+    found = sum(1 for p in train_dir.iterdir() if p.is_dir())
+    if data.num_classes and data.num_classes != found:
+        raise DataError(f"data.num_classes={data.num_classes} but {train_dir} has {found} class folders")
+    return found
 
 
 def make_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int, seed: int,

@@ -1,7 +1,8 @@
 """Training and evaluation loops (DeiT's ``engine.py`` role): built objects in, metric dicts out.
 
-The engine knows the method interface only: ``model(images) -> MethodOutput``, ``model.loss_terms(...)`` and
-``model.needs_teacher``. It never asks for a method's name and writes no files.
+The engine knows the method interface only: ``model(images) -> MethodOutput``, ``model.loss_terms(...)``,
+``model.needs_teacher`` and, in evaluation, the ``alt_token_counts(images, out)`` hook. It never asks for a
+method's name and writes no files.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
+
+from .token_maps import encode_maps
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +157,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: Optional
     order, so its metrics equal the single-process ones exactly.
     """
     model.eval()
+    method = unwrap(model)
     parts: list[dict[str, Any]] = []
     keep_batches = 0
     for images, targets in tqdm(loader, desc="eval", leave=False, disable=not progress):
@@ -168,7 +172,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: Optional
             "loss": F.cross_entropy(logits, targets, reduction="none").cpu(),
             "token_counts": out.token_counts.cpu(),
             "patch_depth": out.patch_depth.cpu(),
-            "alt": {name: value.cpu() for name, value in out.aux.get("alt_token_counts", {}).items()},
+            # outside the autocast block; the hook may re-run part of the batch (A-ViT eval)
+            "alt": {name: value.cpu() for name, value in method.alt_token_counts(images, out).items()},
         }
         if keep_images:
             keep_batches = keep_batches or math.ceil(keep_images / images.shape[0])
@@ -210,16 +215,11 @@ def token_summary(result: EvalResult, depth: int, grid: Optional[tuple[int, int]
         thumbs = F.interpolate(images, size=_thumb_size(images.shape[-1]), mode="area")
         low, high = thumbs.amin(dim=(1, 2, 3), keepdim=True), thumbs.amax(dim=(1, 2, 3), keepdim=True)
         thumbs = ((thumbs - low) / (high - low).clamp_min(1e-6) * 255).round().to(torch.uint8)
-        summary["maps"] = [
-            {"index": i, "patch_depth": result.patch_depth[i].tolist(), "thumbnail": thumbs[i].permute(1, 2, 0).tolist()}
-            for i in range(len(images))
-        ]
+        summary["maps"] = encode_maps(result.patch_depth[: len(images)].numpy(), thumbs.permute(0, 2, 3, 1).numpy(),
+                                      grid)
     return summary
 
 
 def _thumb_size(size: int) -> int:
-    return size if size <= 64 else 64
-
-
-def is_finite(value: float) -> bool:
-    return not (math.isnan(value) or math.isinf(value))
+    """Thumbnail side in px: the image's own, at most 64 (over 4 px a patch of a 14x14 grid; keeps records small)."""
+    return min(size, 64)

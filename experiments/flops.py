@@ -31,7 +31,6 @@ Where the two differ, by design (documented, tested within 1%):
 from __future__ import annotations
 
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 from math import prod
 from typing import Any, Optional
@@ -81,7 +80,8 @@ def flops_summary(method: TokenReducer, token_counts: Tensor,
                   alt_counts: Optional[dict[str, Tensor]] = None) -> dict[str, Any]:
     """The record's ``flops`` entry: mean/std/min/max of per-image GFLOPs, the dense reference and the ratio.
 
-    ``alt_counts`` (a method's ``aux["alt_token_counts"]``, e.g. A-ViT's ``official`` masked convention) add
+    ``alt_counts`` (what the method's ``alt_token_counts`` hook gave, e.g. A-ViT's ``official`` masked
+    convention; ``EvalResult.alt_token_counts``) add
     ``gflops_<name>`` means, and ``flops_ratio_<name>``."""
     macs = per_image_macs(method, token_counts)
     dense = dense_macs(method)
@@ -194,10 +194,3 @@ def fvcore_crosscheck(method: TokenReducer, images: Tensor) -> dict[str, Any]:
     return {"images": len(fv), "fvcore_gflops": fv_mean / 1e9, "analytic_gflops": an_mean / 1e9,
             "rel_diff": fv_mean / an_mean - 1.0, "layernorm": "excluded"}
 
-
-def merge_counts(counts: list[FvcoreCount]) -> dict[str, int]:
-    """Sum of by-operator counts over several traces (for reports)."""
-    total: Counter = Counter()
-    for count in counts:
-        total.update(count.by_operator)
-    return dict(total)

@@ -7,8 +7,8 @@ side is the plugin's: each job runs ``experiments/run.py``'s task in its own Hyd
 ``checkpoint()`` resubmits it on submitit's signal (``experiments/preemption.py`` has the training side of that);
 a run that raises also gets its traceback into the job's logs. Added on the launching side:
 
-Before anything is submitted
-  - every sweep cell is composed and checked with ``experiments.pipeline.validate`` (checks about this machine's
+Before anything is submitted (``experiments/sweep_checks.py``)
+  - every sweep cell is composed and checked with ``experiments.plan.validate`` (checks about this machine's
     hardware are left to SLURM jobs); all failing cells are reported together (``SweepError``), nothing is
     submitted;
   - two cells resolving to the same Hydra output directory, ``paths.run_dir`` or resume folder are refused: they
@@ -36,21 +36,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
-from omegaconf import OmegaConf, open_dict, read_write
+from omegaconf import OmegaConf
+
+from .sweep_checks import Cell, SweepError, compose_cells, pin_sweep_dir
 
 log = logging.getLogger(__name__)
 
 SUMMARY_NAME = "sweep_summary.json"
-
-
-class SweepError(ValueError):
-    """The sweep is refused before submission (invalid cells, clashing output directories, bad launcher
-    parameters); nothing was submitted."""
 
 
 class SubmissionError(RuntimeError):
@@ -59,20 +55,6 @@ class SubmissionError(RuntimeError):
 
 class SweepJobError(RuntimeError):
     """A job of the sweep failed; the message names it, its state and its logs."""
-
-
-@dataclass
-class Cell:
-    """One sweep cell as it will run: overrides and the directories it resolves to."""
-
-    num: int
-    overrides: list[str]
-    label: str
-    output_dir: str
-    run_dir: str
-    results_dir: str
-    task_name: str
-    resume_dir: Optional[str] = None  # pipeline's per-config resume folder (paths.state_dir/<run key>)
 
 
 @dataclass
@@ -86,115 +68,6 @@ class JobSummary:
     record: Optional[str] = None
     logs: list[str] = field(default_factory=list)
     error: Optional[str] = None
-
-
-# ---------------------------------------------------------------------------------------- before submission
-def _quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def pin_sweep_dir(config) -> Path:
-    """Resolve ``hydra.sweep.dir`` once (its ``${now:...}``) and pin it as an absolute override."""
-    sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
-    with read_write(config.hydra), open_dict(config.hydra):
-        config.hydra.sweep.dir = str(sweep_dir)
-        kept = [o for o in config.hydra.overrides.hydra if not str(o).startswith("hydra.sweep.dir=")]
-        config.hydra.overrides.hydra = kept + [f"hydra.sweep.dir={_quote(str(sweep_dir))}"]
-    return sweep_dir
-
-
-def compose_cells(config, hydra_context, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
-                  runs_here: bool) -> list[Cell]:
-    """Compose and validate every cell; raise ``SweepError`` listing every problem, before any submission.
-
-    ``runs_here`` is false for cluster launchers: checks about this machine (a GPU present) are left to the job.
-    """
-    from . import pipeline  # noqa: PLC0415 - heavy (torch, timm): only when a sweep is launched
-
-    cells: list[Cell] = []
-    problems: list[str] = []
-    saved = HydraConfig.instance().cfg
-    swept = _swept_keys(job_overrides)
-    try:
-        for i, overrides in enumerate(job_overrides):
-            num = initial_job_idx + i
-            shown = [o for o in filter_overrides(list(overrides)) if _override_key(o) in swept] if swept else []
-            label = " ".join(shown or filter_overrides(list(overrides))) or "(no overrides)"
-            try:
-                cells.append(_compose_cell(config, hydra_context, list(overrides), num, label, runs_here, pipeline))
-            except Exception as error:  # noqa: BLE001 - every cell's problem is reported together
-                problems.append(f"job #{num} ({label}): {type(error).__name__}: {error}")
-    finally:
-        HydraConfig.instance().cfg = saved
-    if problems:
-        raise SweepError(f"sweep refused before submission ({len(problems)} of {len(job_overrides)} jobs "
-                         "invalid; nothing was submitted):\n  " + "\n  ".join(problems))
-    check_distinct_outputs(cells)
-    return cells
-
-
-def _override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def _swept_keys(job_overrides: Sequence[Sequence[str]]) -> set[str]:
-    """Keys whose value differs between cells (the labels show only these)."""
-    values: dict[str, set[str]] = {}
-    for overrides in job_overrides:
-        for override in overrides:
-            values.setdefault(_override_key(override), set()).add(override)
-    return {key for key, seen in values.items() if len(seen) > 1}
-
-
-def _compose_cell(config, hydra_context, overrides: list[str], num: int, label: str, runs_here: bool,
-                  pipeline) -> Cell:
-    cfg = hydra_context.config_loader.load_sweep_config(config, overrides)
-    with read_write(cfg.hydra), open_dict(cfg.hydra):
-        cfg.hydra.job.num = num
-        cfg.hydra.job.id = f"job_id_for_{num}"
-    HydraConfig.instance().set_config(cfg)
-    output_dir = os.path.abspath(os.path.join(str(cfg.hydra.sweep.dir), str(cfg.hydra.sweep.subdir)))
-    with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
-        cfg.hydra.runtime.output_dir = output_dir
-    HydraConfig.instance().set_config(cfg)  # ${hydra:runtime.output_dir} now resolves to this cell's directory
-    task_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    with open_dict(task_cfg):
-        del task_cfg["hydra"]
-    OmegaConf.copy_cache(from_config=cfg, to_config=task_cfg)
-    run_dir = os.path.abspath(str(cfg.paths.run_dir))  # resolved while HydraConfig is this cell's
-    task_cfg.paths.run_dir = run_dir
-    resume_dir = None
-    if "state_dir" in task_cfg.paths and hasattr(pipeline, "run_key"):
-        resume_dir = os.path.abspath(os.path.join(str(task_cfg.paths.state_dir), pipeline.run_key(task_cfg)))
-    if not runs_here and task_cfg.device == "cuda":
-        import torch  # noqa: PLC0415
-
-        if not torch.cuda.is_available():
-            task_cfg.device = "auto"  # the jobs run on GPU nodes; this machine need not have one
-    pipeline.validate(task_cfg)
-    return Cell(num, overrides, label, output_dir, run_dir, os.path.abspath(str(task_cfg.paths.results_dir)),
-                str(cfg.hydra.job.name), resume_dir)
-
-
-def check_distinct_outputs(cells: Sequence[Cell]) -> None:
-    """Refuse cells that share Hydra's output directory, ``paths.run_dir`` or the resume folder (cells whose
-    configs differ only in paths or cosmetic keys)."""
-    problems = []
-    names = {"output_dir": "Hydra output directory", "run_dir": "paths.run_dir",
-             "resume_dir": "resume folder (same config apart from paths/cosmetic keys)"}
-    for key, what in names.items():
-        seen: dict[str, list[Cell]] = {}
-        for cell in cells:
-            if getattr(cell, key) is not None:
-                seen.setdefault(getattr(cell, key), []).append(cell)
-        for path, group in seen.items():
-            if len(group) > 1:
-                jobs = ", ".join(f"#{c.num} ({c.label})" for c in group)
-                problems.append(f"jobs {jobs} resolve to the same {what} {path}")
-    if problems:
-        raise SweepError("sweep refused before submission (nothing was submitted): " + "; ".join(problems)
-                         + ". Make hydra.sweep.subdir and paths.run_dir distinct per job, e.g. include "
-                         "${hydra.job.num} or the swept keys.")
 
 
 # -------------------------------------------------------------------------------------------------- after
@@ -338,7 +211,27 @@ def _export_checkout() -> None:
 
 
 class _SweepLauncher(BaseSubmititLauncher):
-    """``BaseSubmititLauncher`` with the checks, error messages and summary described in the module docstring."""
+    """``BaseSubmititLauncher`` with the checks, error messages and summary described in the module docstring.
+
+    The job side (``__call__``, ``checkpoint``) is the plugin's. ``launch`` is a fork of the plugin's
+    ``BaseSubmititLauncher.launch`` (hydra-submitit-launcher 1.2.0), which has no hook between building the
+    executor, submitting and waiting. Kept as the plugin does it, and compared with it by
+    ``tests/test_launcher.py::test_launch_submits_what_the_plugins_launch_submits``:
+      - the executor: ``AutoExecutor(cluster, folder=submitit_folder, <cluster>_max_num_timeout=...)``, then every
+        other parameter, prefixed with ``<cluster>_`` unless it is one of ``BaseQueueConf``'s;
+      - the sweep directory: created, and ``chmod``-ed to ``hydra.sweep.mode`` (octal) when that key is set;
+      - one ``map_array`` of ``(overrides, "hydra.sweep.dir", num, "job_id_for_<num>", Singleton state)``;
+      - the list of rank-0 ``JobReturn``s, in cell order.
+    Different from it:
+      - before the executor: ``pin_sweep_dir`` and ``compose_cells`` (``experiments/sweep_checks.py``), then the
+        checkout is put on the jobs' ``PYTHONPATH``;
+      - an executor that refuses the parameters raises ``SweepError``, a refused ``map_array``
+        ``SubmissionError``;
+      - each cell is logged by its label (the swept keys) rather than by all its overrides;
+      - instead of ``[j.results()[0] for j in jobs]``, which raises at the first failed job and leaves the others
+        unwaited, ``collect`` waits for every job and turns a failure into a failed ``JobReturn`` carrying a
+        ``SweepJobError``; then ``write_summary``.
+    """
 
     _RUNS_HERE = True
 
@@ -353,7 +246,8 @@ class _SweepLauncher(BaseSubmititLauncher):
         return ret
 
     def _executor(self):
-        import submitit  # noqa: PLC0415
+        """The plugin's executor and parameter mapping; parameters submitit refuses raise ``SweepError``."""
+        import submitit  # noqa: PLC0415 - as the plugin: keeps plugin discovery fast
 
         params = dict(self.params)
         init_params: dict[str, Any] = {"folder": params.pop("submitit_folder")}
@@ -368,19 +262,16 @@ class _SweepLauncher(BaseSubmititLauncher):
                              f"{error}") from error
         return executor
 
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        assert self.config is not None and self.hydra_context is not None
-        sweep_dir = pin_sweep_dir(self.config)
-        cells = compose_cells(self.config, self.hydra_context, job_overrides, initial_job_idx, self._RUNS_HERE)
-        executor = self._executor()
-        _export_checkout()
+    def _make_sweep_dir(self, sweep_dir: Path) -> None:
+        """As the plugin: create it, with ``hydra.sweep.mode`` (octal) when set."""
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        log.info("Submitit '%s' sweep output dir: %s", self._EXECUTOR, sweep_dir)
-        for cell in cells:
-            log.info("\t#%d : %s", cell.num, cell.label)
+        if "mode" in self.config.hydra.sweep:
+            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+
+    def _submit(self, executor, cells: Sequence[Cell]) -> list:
+        """One ``map_array`` with the plugin's job arguments; a refusal raises ``SubmissionError``."""
         job_params = [(cell.overrides, "hydra.sweep.dir", cell.num, f"job_id_for_{cell.num}", Singleton.get_state())
                       for cell in cells]
-        started = time.time()
         try:
             jobs = executor.map_array(self, *zip(*job_params))
         except Exception as error:  # noqa: BLE001 - sbatch's refusal, a missing sbatch, ...
@@ -390,6 +281,20 @@ class _SweepLauncher(BaseSubmititLauncher):
             raise SubmissionError(f"{self._EXECUTOR} refused job '{name}' ({len(cells)} cells: {listed}): "
                                   f"{message}") from error
         log.info("Submitted %d jobs: %s", len(jobs), ", ".join(str(j.job_id) for j in jobs))
+        return jobs
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        assert self.config is not None and self.hydra_context is not None
+        sweep_dir = pin_sweep_dir(self.config)
+        cells = compose_cells(self.config, self.hydra_context, job_overrides, initial_job_idx, self._RUNS_HERE)
+        executor = self._executor()
+        _export_checkout()
+        log.info("Submitit '%s' sweep output dir: %s", self._EXECUTOR, sweep_dir)
+        self._make_sweep_dir(sweep_dir)
+        for cell in cells:
+            log.info("\t#%d : %s", cell.num, cell.label)
+        started = time.time()
+        jobs = self._submit(executor, cells)
         collected = [collect(job, cell, started) for job, cell in zip(jobs, cells)]
         write_summary(sweep_dir, self._EXECUTOR, [summary for _, summary in collected])
         return [ret for ret, _ in collected]

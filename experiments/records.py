@@ -5,14 +5,16 @@ are fsynced, then renamed, so a reader never sees a partial record and a failed 
 
 Schema (``schema_version`` 1); ``analysis/`` reads these keys:
 
-- ``record_id``, ``kind`` (``run`` or ``measure``), ``status`` (``complete``);
-- ``method``, ``method_params``, ``model`` (config name), ``architecture`` (timm name), ``data``, ``seed``;
+- ``record_id``, ``kind`` (``run``, ``measure`` or ``tradeoff``), ``status`` (``complete``);
+- ``method``, ``method_params`` (the factory's defaults applied), ``method_info`` (facts the built method reports,
+  e.g. A-ViT's ``prior_target``), ``model`` (config name), ``architecture`` (timm name), ``data``, ``seed``;
 - ``config``: the full resolved Hydra config;
 - ``metrics``: ``top1``, ``top5`` (percent), ``val_loss``, ``num_images``;
 - ``params``: parameter count of the method's model;
 - ``tokens``: ``attn_mean`` and ``mlp_mean`` (per block, mean over images), ``depth_histogram`` (patch tokens
   by the number of blocks that saw them, 0..depth), ``mean_patch_depth`` (per patch, over the eval set, with
-  ``grid``), ``maps`` (per-patch depth and a thumbnail for a few eval images);
+  ``grid``), ``maps`` (per-patch depth and a thumbnail for a few eval images, packed as in
+  ``experiments/token_maps.py``; trade-off points have none);
 - ``flops``: ``gflops`` (mean per image; 1 multiply-add = 1 FLOP), ``gflops_std/min/max``, ``dense_gflops``,
   ``flops_ratio``, ``convention``; ``null`` until measured;
 - ``throughput``: list of ``{device, batch_size, dtype, img_per_s, dense_img_per_s, speedup_vs_dense,
@@ -154,3 +156,36 @@ def load_record(path: Path) -> dict[str, Any]:
     if missing:
         raise ValueError(f"{path}: incomplete record, missing {missing}")
     return record
+
+
+def build_record(kind: str, config: dict[str, Any], method: str, method_params: dict[str, Any],
+                 metrics: dict[str, Any], tokens: dict[str, Any], costs: dict[str, Any], train: dict[str, Any],
+                 start_time: str, run_dir: str | None, params: int, method_info: dict[str, Any] | None = None,
+                 **extra: Any) -> dict[str, Any]:
+    """The one record builder of ``run``, ``measure`` and ``tradeoff`` records. ``config`` is the resolved config;
+    ``method_params`` have the factory's defaults applied (a record written before a parameter existed stays
+    comparable); ``extra`` adds top-level entries (``tradeoff``, ``subset_metrics``)."""
+    model = config["model"]
+    short = str(model.get("short_name") or model["name"])
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "record_id": new_record_id(method, short, config["seed"]),
+        "kind": kind,
+        "status": "complete",
+        "method": method,
+        "method_params": method_params,
+        "method_info": method_info or {},
+        "model": short,
+        "architecture": model["name"],
+        "data": config["data"]["name"],
+        "seed": config["seed"],
+        "metrics": metrics,
+        "params": params,
+        "tokens": tokens,
+        "flops": costs.get("flops"),
+        "throughput": costs.get("throughput"),
+        "train": train,
+        "config": config,
+        "provenance": provenance(start_time, run_dir),
+        **extra,
+    }

@@ -18,7 +18,8 @@ sweeps, so a single command can also start from scratch. A method with trained m
 a fine-tuned method swept on weights it was not fine-tuned on (A-ViT with channel-0 halting on the dense
 baseline) runs with a warning.
 
-Every point is checked before anything runs: a value out of its range, or one that removes every patch token,
+The grid is ``method.tradeoff_values``, else the method's registered default grid. Every point is checked
+before anything runs: a value out of its range, or one that removes every patch token,
 is a ``ConfigError`` naming ``method.params.<knob>`` and the valid range, and nothing is written. Each record
 carries ``tradeoff``: ``{"knob", "value", "values", "curve", "weights", "weights_sha256"}``; ``curve`` identifies
 the curve (method, backbone, data, seed, the other parameters and the weights' content), which is how
@@ -41,8 +42,11 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import methods  # noqa: E402
-from experiments import distributed, pipeline, records, schema  # noqa: E402
-from experiments.schema import ConfigError  # noqa: E402
+from experiments import distributed, identity, pipeline, records  # noqa: E402
+from experiments.build import build_method  # noqa: E402
+from experiments.checkpoints import clear_resume_state  # noqa: E402
+from experiments.config import ConfigError  # noqa: E402
+from experiments.plan import RunPlan, build_on_meta, validate  # noqa: E402
 from methods.models import CheckpointError, read_checkpoint  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -54,56 +58,58 @@ def point_config(cfg: DictConfig, knob: str, value: Any) -> DictConfig:
     """``cfg`` with ``method.params.<knob>`` set to ``value``: the config a point's record carries."""
     point = copy.deepcopy(cfg)
     with open_dict(point):
-        if point.method.get("params") is None:
-            point.method.params = {}
         point.method.params[knob] = value
     return point
 
 
-def validate(cfg: DictConfig) -> tuple[str, list]:
-    """Everything a sweep needs, checked before anything is loaded or written; returns ``(knob, values)``.
+def validate_sweep(cfg: DictConfig) -> tuple[RunPlan, str, list]:
+    """Everything a sweep needs, checked before anything is loaded or written; returns ``(plan, knob, values)``.
     ``experiment.train`` null becomes false in ``cfg`` (a sweep does not retrain unless asked)."""
     with open_dict(cfg):
         cfg.experiment.train = bool(cfg.experiment.train)
     name = cfg.method.name
-    knob = methods.inference_knob(name)
-    if knob is None:
-        knobs = ", ".join(f"{m} ({k})" for m, k in methods.methods_with_knob().items())
-        raise ConfigError(f"method={name} has no inference knob to sweep; valid methods: {knobs}")
-    checked = schema.validate_config(cfg)  # types method.tradeoff_values too
-    values = checked.config["method"]["tradeoff_values"]
-    if values is None:
-        raise ConfigError(f"method.tradeoff_values is null; pass the {knob} values to sweep, e.g. "
-                          f"'method.tradeoff_values=[...]'")
+    if name in methods.list_methods() and methods.inference_knob(name) is None:
+        raise ConfigError(f"method={name} has no inference knob to sweep; valid methods: {_knobbed()}")
+    plan = validate(cfg)
+    knob, values = methods.inference_knob(plan.method_name), check_grid(plan)
     for value in values:
-        point = copy.deepcopy(checked.config)
-        point["method"] = {**point["method"], "params": {**point["method"]["params"], knob: value}}
+        params = {**plan.method_params, knob: value}
         try:
-            schema.build_on_meta(point, checked.num_classes)
+            build_on_meta(plan.config, plan.method_name, params, plan.num_classes)
         except ConfigError as error:
             raise ConfigError(f"method.tradeoff_values: the point {knob}={value!r} is invalid: {error}") from error
-    check_weights(cfg, checked.method)
-    return knob, values
+    check_weights(plan)
+    return plan, knob, values
 
 
-def check_weights(cfg: DictConfig, meta_method) -> None:
+def _knobbed() -> str:
+    return ", ".join(f"{m} ({k})" for m, k in methods.methods_with_knob().items())
+
+
+def check_grid(plan: RunPlan) -> list:
+    """The grid to sweep (typed and checked by ``plan.check_grid``): it must exist."""
+    if plan.tradeoff_values is None:
+        knob = methods.inference_knob(plan.method_name)
+        raise ConfigError(f"method.tradeoff_values is null; pass the {knob} values to sweep, e.g. "
+                          f"'method.tradeoff_values=[...]'")
+    return plan.tradeoff_values
+
+
+def check_weights(plan: RunPlan) -> None:
     """Refuse a sweep whose weights lack the method's own trained modules (they would stay random)."""
-    if cfg.experiment.train:
+    if plan.trains:
         return
-    name = cfg.method.name
-    saved = None
-    if cfg.model.checkpoint:
-        saved = read_checkpoint(cfg.model.checkpoint).get("method")
-    if saved == name:
+    name, checkpoint = plan.method_name, plan.config.model.checkpoint
+    if checkpoint and read_checkpoint(checkpoint).get("method") == name:
         return
-    own = sorted({key.split(".")[0] for key in meta_method.state_dict() if not key.startswith("vit.")})
-    source = f"model.checkpoint={cfg.model.checkpoint}" if cfg.model.checkpoint else "the dense weights"
+    own = sorted({key.split(".")[0] for key in plan.meta_method.state_dict() if not key.startswith("vit.")})
+    source = f"model.checkpoint={checkpoint}" if checkpoint else "the dense weights"
     if own:
         raise CheckpointError(
             f"{source} has no trained {', '.join(own)} for method {name!r}; valid: model.checkpoint=<the "
             f"final.pth of 'run.py method={name}' (in its run dir, checkpoints/)>, or experiment.train=true to "
             f"fine-tune once before the sweep")
-    if cfg.method.finetune:
+    if methods.method_spec(name).finetune:
         log.warning("sweeping %s on %s, which were not fine-tuned with %s; pass its final.pth as model.checkpoint "
                     "or experiment.train=true for the method's real curve", name, source, name)
 
@@ -118,47 +124,39 @@ def file_sha256(path: Optional[Path]) -> Optional[str]:
     return digest.hexdigest()
 
 
-def curve_id(cfg: DictConfig, knob: str, weights: str) -> str:
-    """The identity of one curve: everything but the knob value."""
-    params = {k: v for k, v in pipeline.method_params(cfg).items() if k != knob}
-    key = {"method": cfg.method.name, "model": cfg.model.name, "data": cfg.data.name, "seed": cfg.seed,
-           "params": params, "weights": weights}
-    return pipeline.content_digest(key)
-
-
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
     """Validate, load (and fine-tune if ``experiment.train=true``) once, then evaluate, measure and record every
     point; returns the records (rank 0; other ranks get their metrics only)."""
-    knob, values = validate(cfg)
-    session = pipeline.prepare(cfg, train=cfg.experiment.train)
+    plan, knob, values = validate_sweep(cfg)
+    session = pipeline.prepare(plan)
     sha = file_sha256(session.weights_file) if session.dist.is_main else None
-    weights_id = sha or session.weights
-    curve = curve_id(cfg, knob, weights_id)
+    curve = identity.curve_id(plan.method_name, cfg, plan.recorded_params, knob, sha or session.weights)
     trained_state = session.method.state_dict()
     done = []
-    for value in tqdm(values, desc=f"{cfg.method.name} {knob}", disable=not cfg.progress, dynamic_ncols=True):
+    for value in tqdm(values, desc=f"{plan.method_name} {knob}", disable=not plan.config.progress,
+                      dynamic_ncols=True):
         start_time = records.now_iso()
-        point_cfg = point_config(cfg, knob, value)
-        point = methods.create_method(cfg.method.name, copy.deepcopy(session.method.vit),
-                                      **pipeline.method_params(point_cfg))
+        params = {**plan.method_params, knob: value}
+        point = build_method(plan, params=params, vit=copy.deepcopy(session.method.vit))
         point.load_state_dict(trained_state)  # same weights (predictors, halting heads included), new knob
         point = point.to(session.device).eval()
         log.info("point %s=%r", knob, value)
-        result, tokens = pipeline.evaluate_session(session, point)
+        result, tokens = pipeline.evaluate(session, point, map_images=0)  # no figure reads a point's maps
         if not session.dist.is_main:
             done.append({"metrics": result.metrics, "rank": session.dist.rank})
             continue
-        extra = {"tradeoff": {"knob": knob, "value": value, "values": values, "curve": curve,
-                              "weights": session.weights, "weights_sha256": sha}}
-        done.append(pipeline.write_session_record(session, point, result, tokens, start_time, cfg=point_cfg,
-                                                  kind=KIND, extra=extra))
+        tradeoff = {"knob": knob, "value": value, "values": values, "curve": curve, "weights": session.weights,
+                    "weights_sha256": sha}
+        done.append(pipeline.write_record(session, point, result, tokens, start_time,
+                                          cfg=point_config(cfg, knob, value), params=params, kind=KIND,
+                                          tradeoff=tradeoff))
     if session.dist.is_main:
         for record in done:
             fl = record.get("flops") or {}
             log.info("%s=%-8s top-1 %6.2f%%  GFLOPs %.4g (x%.3f dense)", knob, record["tradeoff"]["value"],
                      record["metrics"]["top1"], fl.get("gflops", float("nan")), fl.get("flops_ratio", float("nan")))
-    if session.trained and session.dist.is_main:
-        pipeline.clear_resume_state(session.resume_dir)
+    if plan.trains and session.dist.is_main:
+        clear_resume_state(plan.resume_dir)
     distributed.teardown(session.dist)
     return done
 

@@ -1,15 +1,28 @@
 """Token-reduction methods on a shared timm DeiT backbone, registered by name.
 
-Importing this package registers every method (one module each) and the embedded timm model.
+Importing this package imports every module in it (:func:`discover`), so each method's ``@register_method``
+runs and ``methods.models`` registers the embedded timm model. A new method is one new file here: no import
+list names it.
 """
-from . import models  # noqa: F401  (registers the embedded timm model)
-from . import adavit  # noqa: F401
-from . import dense  # noqa: F401
-from . import dynamicvit  # noqa: F401
-from . import evit, tome, topk  # noqa: F401
-from .base import MethodOutput, TokenReducer
-from .registry import (create_method, inference_knob, list_methods, method_parameters, methods_with_knob,
-                       register_method)
+import importlib
+import pkgutil
 
-__all__ = ["MethodOutput", "TokenReducer", "create_method", "inference_knob", "list_methods", "method_parameters",
-           "methods_with_knob", "register_method"]
+from .base import MethodOutput, TokenReducer
+from .registry import (MethodSpec, create_method, inference_knob, list_methods, method_parameters, method_spec,
+                       methods_with_knob, register_method, resolved_params)
+
+
+def discover() -> list[str]:
+    """Import every module of this package (those on ``methods.__path__``); returns their names. Idempotent:
+    modules already imported are not run again."""
+    names = [info.name for info in pkgutil.iter_modules(__path__)]
+    for name in names:
+        importlib.import_module(f"{__name__}.{name}")
+    return names
+
+
+discover()
+
+__all__ = ["MethodOutput", "MethodSpec", "TokenReducer", "create_method", "discover", "inference_knob",
+           "list_methods", "method_parameters", "method_spec", "methods_with_knob", "register_method",
+           "resolved_params"]

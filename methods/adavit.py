@@ -26,13 +26,15 @@ depend on the other images in its batch.
 
 Outputs, per image, the same in both modes (training reports what the removal path would execute).
 ``token_counts`` ``[B, depth, 2]``: executed counts (tokens still running when their CLS halts stop with
-it); ``patch_depth``: blocks each patch ran. ``aux``: ``halting_depth`` ``[B, N]`` (1-based block at which
-each token, CLS first, stopped, in that executed sense), ``cls_output`` (the CLS mix before the final norm)
-and ``alt_token_counts["official"]``, the counts as the official code runs them, every token running until
-it halts itself. In eval mode those need a second, masked pass over the images whose CLS halted first; it
-runs lazily, only when the entry is read, so timing ``model(images)`` is not charged for it. Training adds
-what the losses need: ``rho``, ``halting_scores`` and ``ran`` (``[B, depth, N]``: raw h, and whether the
-token ran the block) and ``halting_depth_official``.
+it); ``patch_depth``: blocks each patch ran. ``state`` (:class:`AdaViTState`): ``halting_depth`` ``[B, N]``
+(1-based block at which each token, CLS first, stopped, in that executed sense) and ``cls_output`` (the CLS
+mix before the final norm); training adds a :class:`HaltingTrace` with what the losses need: ``rho``,
+``halting_scores`` and ``ran`` (``[B, depth, N]``: raw h, and whether the token ran the block) and
+``halting_depth_official``. The hook ``alt_token_counts(images, out)["official"]`` gives the counts as the
+official code runs them, every token running until it halts itself. Training knows them already; in eval
+mode they need a second, masked pass over the images whose CLS halted while other tokens ran, which the hook
+runs when measurement calls it (never inside ``model(images)``, so timing is not charged for it; the output
+keeps only the mask of those images, not the batch).
 
 Halting prior, ``method.params.prior`` (README paragraph):
     ``correct`` (default) follows the paper. The observed distribution is the per-block mean halting score
@@ -47,7 +49,10 @@ Halting prior, ``method.params.prior`` (README paragraph):
     block later than the correct form's), scaled so that the first ``int(target_depth)`` entries sum to
     0.98; (3) it computes KL(target || observed) via ``KLDivLoss(reduction="batchmean")``, which on this
     1-D input divides the sum by the depth, after clamping the observed distribution to [0.01, 0.99], and
-    adds the term only when it is positive.
+    adds the term only when it is positive. Its loss values match the official code's; its gradients do
+    not: the official ``out.data = out.data * mask`` hides the zeroing of halted tokens from autograd, while
+    ours is the true gradient (see the deviations below).
+    The target a built model uses is in ``record_info()["prior_target"]``, which records keep.
 
 Halting source, ``method.params.halting`` (the paper's ablation of where the score comes from):
     ``channel0`` (default, the paper's method) reads channel 0 of the block output, no new parameters;
@@ -57,6 +62,11 @@ Halting source, ``method.params.halting`` (the paper's ablation of where the sco
 
 Deviations from the official code, and the switch that restores it:
     - the prior: ``prior=official`` (above);
+    - gradients, with either prior: the official forward zeroes halted tokens with ``out.data = out.data *
+      mask``, which autograd does not see (it treats the zeroing as the identity and sends gradient through
+      the halted tokens' values); we multiply by the mask, so our gradient is the true gradient of the loss
+      the forward computes. Hence ``prior=official`` reproduces the official loss values, not its gradients
+      (no switch: the official gradient is not the gradient of any loss);
     - a token whose accumulation equals ``1 - eps`` exactly halts in neither branch of the official code (it
       is dropped without adding its remainder); here "not halted" is the exact complement of "halted" (no
       switch: a measure-zero case);
@@ -66,8 +76,9 @@ Deviations from the official code, and the switch that restores it:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -138,13 +149,36 @@ def prior_kl(scores: Tensor, ran: Tensor, target: Tensor, mode: str) -> Tensor:
     return kl * (kl > 0)  # the official loop adds the term only when positive
 
 
+# ------------------------------------------------------------------------------------------------ outputs
+@dataclass
+class HaltingTrace:
+    """Per token and block, what the training path records for the losses (``[B, depth, N]`` or ``[B, N]``)."""
+
+    rho: Tensor  # [B, N] ponder cost N_k + r_k
+    halting_scores: Tensor  # [B, depth, N] raw h of every token at every block (fp32)
+    ran: Tensor  # [B, depth, N] bool: the token ran the block (had not halted before it)
+    halting_depth_official: Tensor  # [B, N] 1-based halting block, every token running until it halts itself
+
+
+@dataclass
+class AdaViTState:
+    """What an A-ViT pass leaves besides the shared outputs; see the module docstring."""
+
+    halting_depth: Tensor  # [B, N] 1-based block at which each token (CLS first) stopped, as executed
+    cls_output: Tensor  # [B, C] fp32: the CLS token's halting mix, before the final norm
+    official_counts: Optional[Tensor] = None  # [B, depth, 2] official-convention counts, when known (training)
+    rerun: Optional[Tensor] = None  # [B] bool (eval): images whose official counts need a masked pass
+    trace: Optional[HaltingTrace] = None  # training only
+
+
 # ------------------------------------------------------------------------------------------------- method
 class AdaViT(TokenReducer):
     """A-ViT token halting on a timm DeiT: masked in training, physical per-image removal in eval."""
 
     def __init__(self, vit: nn.Module, gate_scale: float, gate_center: float, eps: float, ponder_weight: float,
                  prior_weight: float, target_depth: float, target_std: float, prior: str,
-                 attn_group: Optional[int], inference_gate_shift: float = 0.0, halting: str = "channel0") -> None:
+                 attn_group: Optional[int], inference_gate_shift: float, halting: str) -> None:
+        """Checked by :func:`build_adavit`, where the defaults live."""
         super().__init__(vit)
         self.halting_heads: Optional[nn.ModuleList] = None
         if halting == "head":
@@ -181,7 +215,7 @@ class AdaViT(TokenReducer):
             keep = active.to(x.dtype)
             x = x * keep[..., None]
             bias = ((1.0 - keep) * MASK_BIAS)[:, None, None, :]
-            x, _ = backbone.attn_residual(block, x, key_bias=bias)
+            x, _ = backbone.attn_residual(block, x, partial(backbone.softmax_attention, key_bias=bias))
             x = backbone.mlp_residual(block, x)  # the next block reads this raw output
             h = self.halting_score(x, index)
             c, weight, halted, remainder = halting_step(c, remainder, h, index == self.depth - 1, self.eps)
@@ -196,10 +230,10 @@ class AdaViT(TokenReducer):
         logits = backbone.head(self.vit, cls_out[:, None].to(x.dtype))
         official = torch.stack(ran, dim=1).sum(dim=-1)  # [B, depth]: every token runs until it halts
         executed = torch.minimum(depth_of, depth_of[:, :1])  # the CLS halting stops the image
-        aux = {"rho": rho, "halting_scores": torch.stack(scores, dim=1), "ran": torch.stack(ran, dim=1),
-               "halting_depth_official": depth_of}
-        return self._output(logits, executed, _counts_from_depth(executed, self.depth), cls_out, aux,
-                            {"official": torch.stack([official, official], dim=-1)})
+        trace = HaltingTrace(rho, torch.stack(scores, dim=1), torch.stack(ran, dim=1), depth_of)
+        state = AdaViTState(executed, cls_out, official_counts=torch.stack([official, official], dim=-1),
+                            trace=trace)
+        return MethodOutput(logits, _counts_from_depth(executed, self.depth), executed[:, 1:], state=state)
 
     def forward_removal(self, images: Tensor) -> MethodOutput:
         """The inference path: halted tokens leave the packed batch; an image stops when its CLS halts."""
@@ -242,14 +276,33 @@ class AdaViT(TokenReducer):
         depth_of = depth_of.view(batch, tokens)
         executed = torch.stack([counts, counts], dim=-1)
         # Images that stopped early with other tokens running may have been cut short (or those tokens halted
-        # with the CLS; the lazy re-run then finds official = executed).
+        # with the CLS; the re-run then finds official = executed).
         stop = depth_of[:, 0]
         cut = (stop < self.depth) & (counts.gather(1, (stop - 1)[:, None]).squeeze(1) > 1)
-        return self._output(logits, depth_of, executed, cls_out, {}, _OfficialCounts(self, images, executed, cut))
+        return MethodOutput(logits, executed, depth_of[:, 1:], state=AdaViTState(depth_of, cls_out, rerun=cut))
 
-    def _output(self, logits, depth_of, counts, cls_out, aux, alt) -> MethodOutput:
-        aux.update({"halting_depth": depth_of, "cls_output": cls_out, "alt_token_counts": alt})
-        return MethodOutput(logits, counts, depth_of[:, 1:], aux)
+    def alt_token_counts(self, images: Tensor, out: MethodOutput) -> dict[str, Tensor]:
+        """``{"official": counts}``: every token runs until it halts itself, as the official code runs them.
+
+        A training output has them already. For an eval output, images whose tokens all halted by the time
+        their CLS did have official = executed counts; the others re-run through the masked path."""
+        state: AdaViTState = out.state
+        if state.official_counts is not None:
+            return {"official": state.official_counts}
+        counts = out.token_counts.clone()
+        if state.rerun.any():
+            with torch.inference_mode():
+                counts[state.rerun] = self.forward_masked(images[state.rerun]).state.official_counts
+        return {"official": counts}
+
+    def record_info(self) -> dict[str, Any]:
+        """``prior_target``: the target halting distribution the prior compares with, one entry per block
+        (entry l for halting at 1-based block l + 1), as the configured ``prior`` mode builds it: normalised
+        for ``correct``, the official code's unnormalised pdf for ``official``."""
+        return {"prior_target": self.prior_target().tolist()}
+
+    def prior_target(self) -> Tensor:
+        return prior_target(self.depth, self.target_depth, self.target_std, self.prior)
 
     def extra_macs(self, token_counts: Tensor) -> Tensor:
         """The halting heads' ``C`` MACs per token and block run (``halting=head``); channel 0 costs nothing."""
@@ -260,13 +313,13 @@ class AdaViT(TokenReducer):
 
     def loss_terms(self, out: MethodOutput, targets: Tensor, teacher_out: Optional[MethodOutput] = None):
         """``ponder_weight * mean(rho)`` and ``prior_weight * KL``, from a training-mode output."""
-        if "rho" not in out.aux:
+        trace = out.state.trace if isinstance(out.state, AdaViTState) else None
+        if trace is None:
             raise ValueError("adavit loss terms need the output of the training path (model.train())")
-        terms = {"ponder": self.ponder_weight * out.aux["rho"].mean()}
+        terms = {"ponder": self.ponder_weight * trace.rho.mean()}
         prior = torch.zeros((), device=out.logits.device)
         if self.prior_weight > 0:
-            target = prior_target(self.depth, self.target_depth, self.target_std, self.prior)
-            prior = self.prior_weight * prior_kl(out.aux["halting_scores"], out.aux["ran"], target, self.prior)
+            prior = self.prior_weight * prior_kl(trace.halting_scores, trace.ran, self.prior_target(), self.prior)
         terms["prior"] = prior
         return terms
 
@@ -288,43 +341,14 @@ def _counts_from_depth(depth_of: Tensor, depth: int) -> Tensor:
     return torch.stack([counts, counts], dim=-1)
 
 
-class _OfficialCounts(Mapping):
-    """``{"official": counts}`` for an eval output, computed when first read.
-
-    Images whose tokens all halted by the time their CLS did already have official = executed counts; the
-    others are re-run through the masked path, which keeps every token running until it halts itself.
-    """
-
-    def __init__(self, method: AdaViT, images: Tensor, executed: Tensor, cut: Tensor) -> None:
-        self._method, self._images, self._executed, self._cut = method, images, executed, cut
-        self._counts: Optional[Tensor] = None
-
-    def __getitem__(self, key: str) -> Tensor:
-        if key != "official":
-            raise KeyError(key)
-        if self._counts is None:
-            counts = self._executed.clone()
-            if self._cut.any():
-                with torch.inference_mode():
-                    rerun = self._method.forward_masked(self._images[self._cut])
-                counts[self._cut] = rerun.aux["alt_token_counts"]["official"]
-            self._counts, self._images = counts, None
-        return self._counts
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(("official",))
-
-    def __len__(self) -> int:
-        return 1
-
-
 # ------------------------------------------------------------------------------------------------ factory
 def _check(key: str, value, ok: bool, valid: str) -> None:
     if not ok:
         raise ValueError(f"method.params.{key}={value!r} is invalid; valid range: {valid}")
 
 
-@register_method("adavit", inference_knob="inference_gate_shift")
+@register_method("adavit", inference_knob="inference_gate_shift", finetune=True,
+                 tradeoff_values=(-8, -6, -4, -2, -1, 0, 1, 2, 4, 8))
 def build_adavit(
     vit: nn.Module,
     gate_scale: Optional[float] = None,
@@ -339,7 +363,9 @@ def build_adavit(
     inference_gate_shift: float = 0.0,
     halting: str = "channel0",
 ) -> AdaViT:
-    """A-ViT on ``vit``. ``gate_scale``/``gate_center`` None take the backbone's entry in ``GATE_DEFAULTS``;
+    """A-ViT: tokens halt on a score read from their block output; removed per image at inference (trained).
+
+    ``gate_scale``/``gate_center`` None take the backbone's entry in ``GATE_DEFAULTS``;
     ``target_depth`` None is 8/12 of the depth (the official 8 of 12). ``inference_gate_shift`` is added to
     ``gate_center`` in ``eval()`` mode only: the post-training compute knob (larger = more compute).
     ``halting``: ``channel0`` (the paper) or ``head`` (a learned linear read-out per block; module docstring).

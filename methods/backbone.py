@@ -5,14 +5,17 @@ and MLP halves of each ``Block`` (with ``ls1``/``ls2``, ``drop_path1``/``drop_pa
 the final norm and the head. Methods call these functions instead of copying timm's forwards, so a change
 in timm's block order breaks ``tests/test_backbone.py`` here, once, rather than every method silently.
 
-``attention`` is the one attention routine of the suite. Besides the output it can return the head-mean
-attention of the CLS query (EViT, top-k) and the head-mean keys (ToMe), and it accepts an additive key bias
-(A-ViT's halting mask, ToMe's log-size) or a multiplicative key policy (DynamicViT's masked softmax).
+Attention comes in small pieces that a method combines instead of asking one routine for a flag per method:
+:func:`project_qkv` (norm'ed heads), a mixing step (:func:`softmax_attention` with an additive key bias or a
+boolean key mask, fused or not as the timm module says; :func:`policy_attention`, DynamicViT's masked softmax),
+:func:`project_out` (merge heads, output projection) and :func:`cls_attention` (the head-mean CLS row, EViT and
+top-k's score). :func:`attn_residual` runs a block's attention half with any mixing step and returns the heads,
+so a method reads e.g. the keys (ToMe) or the CLS row from them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +27,16 @@ _ATTN_PARTS = ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_dro
 
 
 @dataclass
-class AttentionResult:
-    """Output of :func:`attention`; the optional fields are filled only when asked for."""
+class Heads:
+    """Per-head queries, keys and values ``[B, heads, N, head_dim]`` (after ``q_norm``/``k_norm``)."""
 
-    out: Tensor  # [B, N, C], after the output projection
-    cls_attn: Optional[Tensor] = None  # [B, N] head-mean softmax row of the CLS query (CLS column included)
-    keys: Optional[Tensor] = None  # [B, N, head_dim] keys averaged over heads (ToMe's similarity metric)
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    dtype: torch.dtype  # of the tokens they were projected from (results derived from them return to it)
+
+
+Mix = Callable[[nn.Module, Heads], Tensor]  # (timm Attention, heads) -> per-head outputs [B, heads, N, head_dim]
 
 
 def check_supported(vit: nn.Module) -> None:
@@ -58,56 +65,44 @@ def head(vit: VisionTransformer, tokens: Tensor) -> Tensor:
     return vit.forward_head(vit.norm(tokens[:, :1]))
 
 
-def attention(
-    attn: nn.Module,
-    x: Tensor,
-    key_bias: Optional[Tensor] = None,
-    key_policy: Optional[Tensor] = None,
-    return_cls_attn: bool = False,
-    return_keys: bool = False,
-) -> AttentionResult:
-    """Multi-head self-attention of a timm ``Attention`` module over ``x`` ``[B, N, C]``.
+def project_qkv(attn: nn.Module, x: Tensor) -> Heads:
+    """The QKV projection of a timm ``Attention`` over ``x`` ``[B, N, C]``, split into heads."""
+    return _split_heads(attn, attn.qkv(x), *x.shape[:2], x.dtype)
+
+
+def _split_heads(attn: nn.Module, qkv: Tensor, batch: int, tokens: int, dtype: torch.dtype) -> Heads:
+    q, k, v = qkv.reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return Heads(attn.q_norm(q), attn.k_norm(k), v, dtype)
+
+
+def softmax_attention(attn: nn.Module, heads: Heads, key_bias: Optional[Tensor] = None,
+                      key_mask: Optional[Tensor] = None) -> Tensor:
+    """Softmax attention ``[B, heads, N, head_dim]``, through SDPA when ``attn.fused_attn`` is set.
 
     Args:
-        key_bias: additive logit bias broadcastable to ``[B, heads, N, N]``, e.g. ``[B, 1, 1, N]``.
-        key_policy: ``[B, N]`` keep weights in [0, 1]. Key j is weighted by ``policy[j]`` inside a masked
-            softmax computed in fp32, and each query always attends to itself (DynamicViT's training rule).
-        return_cls_attn: also return the head-mean attention row of the CLS query.
-        return_keys: also return the head-mean keys.
+        key_bias: additive logit bias broadcastable to ``[B, heads, N, N]``, e.g. ``[B, 1, 1, N]`` (A-ViT's
+            halting mask, ToMe's log-size).
+        key_mask: boolean, broadcastable likewise, ``True`` where a key may be attended (padding masks);
+            not combined with ``key_bias``.
     """
-    batch, tokens, _ = x.shape
-    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = heads.q, heads.k, heads.v
     dropout = attn.attn_drop.p if attn.training else 0.0
-
-    if key_policy is not None:
-        out = _policy_attention(q * attn.scale, k, v, key_policy, key_bias, attn.attn_drop)
-    elif attn.fused_attn:
-        mask = key_bias.to(q.dtype) if key_bias is not None else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-    else:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
-        if key_bias is not None:
-            logits = logits + key_bias
-        out = attn.attn_drop(logits.softmax(dim=-1)) @ v
-
-    cls_attn = None
-    if return_cls_attn:
-        # Only the CLS row is needed; recomputing it keeps the fused kernel for the full attention.
-        cls_logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
-        if key_bias is not None:
-            cls_logits = cls_logits + key_bias[..., :1, :]
-        cls_attn = cls_logits.float().softmax(dim=-1).mean(dim=1)[:, 0].to(x.dtype)
-
-    out = out.transpose(1, 2).reshape(batch, tokens, attn.num_heads * attn.head_dim)
-    out = attn.proj_drop(attn.proj(attn.norm(out)))
-    return AttentionResult(out=out, cls_attn=cls_attn, keys=k.mean(dim=1) if return_keys else None)
+    if attn.fused_attn:
+        mask = key_bias.to(q.dtype) if key_bias is not None else key_mask
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    if key_bias is not None:
+        logits = logits + key_bias
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask, float("-inf"))
+    return attn.attn_drop(logits.softmax(dim=-1)) @ v
 
 
-def _policy_attention(q: Tensor, k: Tensor, v: Tensor, policy: Tensor, key_bias, attn_drop, eps: float = 1e-6):
-    """Softmax whose keys are weighted by ``policy`` (self always kept), in fp32 with a small eps."""
-    logits = (q @ k.transpose(-2, -1)).float()
+def policy_attention(attn: nn.Module, heads: Heads, policy: Tensor, key_bias: Optional[Tensor] = None,
+                     eps: float = 1e-6) -> Tensor:
+    """DynamicViT's masked softmax: key j is weighted by ``policy[:, j]`` (``[B, N]`` in [0, 1]) inside a
+    softmax computed in fp32 with a small ``eps``, and each query always attends to itself."""
+    logits = ((heads.q * attn.scale) @ heads.k.transpose(-2, -1)).float()
     if key_bias is not None:
         logits = logits + key_bias.float()
     tokens = policy.shape[1]
@@ -117,13 +112,32 @@ def _policy_attention(q: Tensor, k: Tensor, v: Tensor, policy: Tensor, key_bias,
     logits = logits - logits.max(dim=-1, keepdim=True).values
     scores = logits.exp() * weight
     probs = (scores + eps / tokens) / (scores.sum(dim=-1, keepdim=True) + eps)
-    return attn_drop(probs.to(v.dtype)) @ v
+    return attn.attn_drop(probs.to(heads.v.dtype)) @ heads.v
 
 
-def attn_residual(block: Block, x: Tensor, **attention_kwargs) -> tuple[Tensor, AttentionResult]:
-    """The attention half of a timm ``Block``: ``x + drop_path1(ls1(attn(norm1(x))))``."""
-    result = attention(block.attn, block.norm1(x), **attention_kwargs)
-    return x + block.drop_path1(block.ls1(result.out)), result
+def cls_attention(attn: nn.Module, heads: Heads, key_bias: Optional[Tensor] = None) -> Tensor:
+    """The head-mean softmax row of the CLS query ``[B, N]`` (CLS column included), in fp32, returned in the
+    tokens' dtype. Recomputed from the heads so that the full attention may still take the fused kernel."""
+    cls_logits = (heads.q[:, :, :1] * attn.scale) @ heads.k.transpose(-2, -1)
+    if key_bias is not None:
+        cls_logits = cls_logits + key_bias[..., :1, :]
+    return cls_logits.float().softmax(dim=-1).mean(dim=1)[:, 0].to(heads.dtype)
+
+
+def project_out(attn: nn.Module, out: Tensor) -> Tensor:
+    """Merge the heads of ``out`` ``[B, heads, N, head_dim]`` and apply the output projection: ``[B, N, C]``."""
+    batch, _, tokens, _ = out.shape
+    out = out.transpose(1, 2).reshape(batch, tokens, attn.num_heads * attn.head_dim)
+    return attn.proj_drop(attn.proj(attn.norm(out)))
+
+
+def attn_residual(block: Block, x: Tensor, mix: Mix = softmax_attention) -> tuple[Tensor, Heads]:
+    """The attention half of a timm ``Block``, ``x + drop_path1(ls1(attn(norm1(x))))``, with ``mix`` as its
+    attention step (e.g. ``lambda attn, heads: softmax_attention(attn, heads, key_bias=bias)``). Returns the
+    new tokens and the heads."""
+    heads = project_qkv(block.attn, block.norm1(x))
+    out = project_out(block.attn, mix(block.attn, heads))
+    return x + block.drop_path1(block.ls1(out)), heads
 
 
 def mlp_residual(block: Block, x: Tensor) -> Tensor:
@@ -147,16 +161,7 @@ def packed_attn_residual(block: Block, x: Tensor, lengths: Tensor, group: int = 
     count, total = len(sizes), x.shape[0]
 
     def attend(rows: Tensor, batch: int, tokens: int, key_mask: Optional[Tensor]) -> Tensor:
-        q, k, v = rows.view(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        dropout = attn.attn_drop.p if attn.training else 0.0
-        if attn.fused_attn:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout)
-        else:
-            logits = (q * attn.scale) @ k.transpose(-2, -1)
-            if key_mask is not None:
-                logits = logits.masked_fill(~key_mask, float("-inf"))
-            out = attn.attn_drop(logits.softmax(dim=-1)) @ v
+        out = softmax_attention(attn, _split_heads(attn, rows, batch, tokens, x.dtype), key_mask=key_mask)
         return out.transpose(1, 2).reshape(batch * tokens, heads * head_dim)
 
     if min(sizes) == max(sizes):

@@ -11,10 +11,20 @@ this class alone and never asks for a method's name:
 - ``param_groups(weight_decay)`` gives optimizer parameter groups (``lr_scale`` is honoured by timm's
   schedulers), so a method can train its own modules at a different learning rate.
 - ``extra_macs(token_counts)`` gives the per-image MACs of the method's own modules (predictors, matching).
+- ``alt_token_counts(images, out)`` gives token counts under other FLOP conventions (A-ViT's ``official``). It
+  is a hook that measurement calls explicitly, because it may cost another pass: ``forward`` never runs it and
+  an output never holds its input batch.
+- ``record_info()`` gives JSON-able facts about the built method that a results record keeps (A-ViT's prior
+  target), so analysis reads them instead of re-deriving them.
+
+Typed outputs: :class:`MethodOutput` has named fields for what the harness shares across methods (logits,
+counts, depths, ``final_tokens``). What only the method itself reads back (its loss inputs and diagnostics)
+travels in ``state``, a small dataclass each method defines next to its code (``AdaViTState``,
+``DynamicViTState``, ``ToMeState``); a method without any leaves it ``None``. Nothing is looked up by string.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -35,15 +45,19 @@ class MethodOutput:
         patch_depth: int ``[B, num_patches]``: per original patch, the number of blocks whose attention still
             saw it (as itself, not merged or fused away). Depth maps, survival curves and kept-token IoU
             (kept at block l means ``patch_depth > l``) are built on it.
-        aux: method-specific tensors for its own loss terms (ponder cost, policies...). By convention
-            ``final_tokens`` holds the output tokens after the final norm, and ``alt_token_counts`` maps a name
-            to alternative ``[B, depth, 2]`` counts (another FLOP convention) that measurement also reports.
+        final_tokens: ``[B, K, C]`` the output tokens after the final norm (CLS first), for methods that keep a
+            token sequence to the end (DynamicViT's token distillation reads the teacher's and its own);
+            ``None`` where there is none (A-ViT's output is the CLS token's halting mix).
+        state: the method's own typed record of the pass (its loss inputs, diagnostics), e.g.
+            :class:`methods.adavit.AdaViTState`; ``None`` for methods without one. Only the method that made
+            it reads it back, so its type is the method's business.
     """
 
     logits: Tensor
     token_counts: Tensor
     patch_depth: Tensor
-    aux: dict[str, Any] = field(default_factory=dict)
+    final_tokens: Optional[Tensor] = None
+    state: Any = None
 
 
 class TokenReducer(nn.Module):
@@ -91,6 +105,16 @@ class TokenReducer(nn.Module):
     def extra_macs(self, token_counts: Tensor) -> Tensor:
         """Per-image MACs of the method's own modules, ``[B]``; zero for methods without any."""
         return torch.zeros(token_counts.shape[0], dtype=torch.float64, device=token_counts.device)
+
+    def alt_token_counts(self, images: Tensor, out: MethodOutput) -> dict[str, Tensor]:
+        """Counts ``[B, depth, 2]`` of ``out`` under other FLOP conventions, by name; ``images`` is the batch
+        ``out`` was computed from (a method may re-run part of it). Empty for methods with one convention.
+        Measurement calls it explicitly, outside any timed region."""
+        return {}
+
+    def record_info(self) -> dict[str, Any]:
+        """JSON-able facts about the built method that analysis needs (stored as a record's ``method_info``)."""
+        return {}
 
     def full_counts(self, batch: int, device: torch.device) -> Tensor:
         """Token counts of a dense pass: every block runs attention and MLP on all tokens."""

@@ -19,10 +19,11 @@ class Dense(TokenReducer):
             x = backbone.mlp_residual(block, x)
         batch = images.shape[0]
         patch_depth = torch.full((batch, self.num_patches), self.depth, dtype=torch.long, device=x.device)
-        aux = {"final_tokens": self.vit.norm(x)}  # normed, as DynamicViT's token distillation reads them
-        return MethodOutput(backbone.head(self.vit, x), self.full_counts(batch, x.device), patch_depth, aux)
+        return MethodOutput(backbone.head(self.vit, x), self.full_counts(batch, x.device), patch_depth,
+                            final_tokens=self.vit.norm(x))  # normed, as DynamicViT's token distillation reads them
 
 
 @register_method("dense")
 def build_dense(vit: nn.Module) -> Dense:
+    """The unreduced DeiT: every block on every token, the 100% cost every ratio refers to."""
     return Dense(vit)

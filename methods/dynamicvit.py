@@ -9,7 +9,7 @@ kept and never scored. For DeiT-S at 224 px and ``keep_rate=0.7`` the blocks run
 
 - ``train()`` mode: the keep decision is a hard, straight-through Gumbel-softmax (tau = 1) times the previous
   stage's decision. Tokens stay in the batch; every block from the first stage on masks dropped tokens as
-  attention keys (``backbone.attention(key_policy=...)``: fp32 masked softmax, each query keeps itself).
+  attention keys (``backbone.policy_attention``: fp32 masked softmax, each query keeps itself).
 - ``eval()`` mode: each stage gathers the top-k tokens by keep score, a fixed count per image.
 - Loss terms: ``ratio`` (mean over stages and images of ``(mean keep - keep_rate ** s) ** 2``), ``kl``
   (KL(teacher || student) on the logits) and ``token_mse`` (kept final patch tokens against the teacher's),
@@ -28,6 +28,8 @@ Where we deviate from the official code:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import partial
 from typing import Optional, Sequence
 
 import torch
@@ -75,23 +77,25 @@ class KeepPredictor(nn.Module):
                    if isinstance(m, nn.Linear) and m.out_features != 2)
 
 
+@dataclass
+class DynamicViTState:
+    """What a DynamicViT pass leaves for its loss terms (the final tokens are ``MethodOutput.final_tokens``)."""
+
+    keep_ratio: Tensor  # [B, stages]: kept fraction of the patches after each stage
+    patch_index: Tensor  # [B, K]: original patch of each final patch token
+    final_keep: Tensor  # [B, K]: its keep weight (the hard policy in training, else 1)
+
+
 class DynamicViT(TokenReducer):
     """DeiT with a :class:`KeepPredictor` before each block in ``locations``; see the module docstring."""
 
     needs_teacher = True
 
-    def __init__(
-        self,
-        vit: nn.Module,
-        keep_rate: float = 0.7,
-        locations: Sequence[int] = (3, 6, 9),
-        ratio_weight: float = 2.0,
-        kl_weight: float = 0.5,
-        token_mse_weight: float = 0.5,
-        backbone_lr_scale: float = 0.01,
-        inference_keep_rate: Optional[float] = None,
-    ) -> None:
-        """
+    def __init__(self, vit: nn.Module, keep_rate: float, locations: Sequence[int], ratio_weight: float,
+                 kl_weight: float, token_mse_weight: float, backbone_lr_scale: float,
+                 inference_keep_rate: Optional[float]) -> None:
+        """Defaults live in :func:`build_dynamicvit`.
+
         Args:
             keep_rate: per-stage keep ratio rho in (0, 1]; stage s keeps ``floor(rho ** s * patches)`` patches.
             locations: strictly increasing block indices in [1, depth) to prune before.
@@ -120,21 +124,19 @@ class DynamicViT(TokenReducer):
         self.predictors = nn.ModuleList(KeepPredictor(self.embed_dim) for _ in self.locations)
 
     def forward(self, images: Tensor) -> MethodOutput:
-        """``aux``: ``keep_ratio`` [B, stages] (kept fraction of the patches after each stage),
-        ``final_tokens`` [B, K+1, C] (after the final norm, as the official token loss uses),
-        ``patch_index`` [B, K] (original patch of each final patch token) and ``final_keep`` [B, K] (its keep
-        weight: the hard policy in training, else 1)."""
+        """``final_tokens`` [B, K+1, C] are taken after the final norm, as the official token loss uses them;
+        ``state`` is a :class:`DynamicViTState`."""
         x = backbone.embed(self.vit, images)
         batch = x.shape[0]
         patch_depth = torch.full((batch, self.num_patches), self.depth, dtype=torch.long, device=x.device)
         run = self._forward_masked if self.training else self._forward_pruned
-        x, aux = run(x, patch_depth)
+        x, state = run(x, patch_depth)
         counts = torch.tensor(self.block_counts(), dtype=torch.long, device=x.device)
         token_counts = counts[None, :, None].expand(batch, -1, 2).clone()
-        aux["final_tokens"] = self.vit.norm(x)
-        return MethodOutput(backbone.head(self.vit, x), token_counts, patch_depth, aux)
+        return MethodOutput(backbone.head(self.vit, x), token_counts, patch_depth, final_tokens=self.vit.norm(x),
+                            state=state)
 
-    def _forward_masked(self, x: Tensor, patch_depth: Tensor) -> tuple[Tensor, dict]:
+    def _forward_masked(self, x: Tensor, patch_depth: Tensor) -> tuple[Tensor, DynamicViTState]:
         """Training: hard Gumbel decisions mask attention keys; the sequence keeps its length."""
         batch = x.shape[0]
         keep = x.new_ones(batch, self.num_patches, 1)  # cumulative decision per patch
@@ -150,14 +152,11 @@ class DynamicViT(TokenReducer):
                 keep = new_keep
                 ratios.append(keep[..., 0].float().mean(dim=1))
                 policy = torch.cat([cls_keep, keep[..., 0]], dim=1)
-            x, _ = backbone.attn_residual(block, x, key_policy=policy)
+            mix = backbone.softmax_attention if policy is None else partial(backbone.policy_attention, policy=policy)
+            x, _ = backbone.attn_residual(block, x, mix)
             x = backbone.mlp_residual(block, x)
-        aux = {
-            "keep_ratio": torch.stack(ratios, dim=1),  # [B, stages]
-            "patch_index": torch.arange(self.num_patches, device=x.device).expand(batch, -1),
-            "final_keep": keep[..., 0],  # [B, P] weights of the final patch tokens
-        }
-        return x, aux
+        patch_index = torch.arange(self.num_patches, device=x.device).expand(batch, -1)
+        return x, DynamicViTState(torch.stack(ratios, dim=1), patch_index, keep[..., 0])
 
     def _sample_keep(self, stage: int, log_probs: Tensor, prev_keep: Tensor) -> Tensor:
         """Hard straight-through Gumbel-softmax (tau = 1) keep decision ``[B, P, 1]``, nested in ``prev_keep``.
@@ -165,7 +164,7 @@ class DynamicViT(TokenReducer):
         A separate method so that tests can replace the random draw with a deterministic decision."""
         return F.gumbel_softmax(log_probs, tau=1.0, hard=True)[..., :1] * prev_keep
 
-    def _forward_pruned(self, x: Tensor, patch_depth: Tensor) -> tuple[Tensor, dict]:
+    def _forward_pruned(self, x: Tensor, patch_depth: Tensor) -> tuple[Tensor, DynamicViTState]:
         """Inference: each stage gathers CLS and the top-k patches by keep score (physical removal)."""
         batch = x.shape[0]
         origin = torch.arange(self.num_patches, device=x.device).expand(batch, -1)  # original patch index
@@ -181,12 +180,7 @@ class DynamicViT(TokenReducer):
             x, _ = backbone.attn_residual(block, x)
             x = backbone.mlp_residual(block, x)
         ratios = torch.tensor([k / self.num_patches for k in self.keep_counts], device=x.device)
-        aux = {
-            "keep_ratio": ratios.expand(batch, -1),
-            "patch_index": origin,
-            "final_keep": x.new_ones(origin.shape),
-        }
-        return x, aux
+        return x, DynamicViTState(ratios.expand(batch, -1), origin, x.new_ones(origin.shape))
 
     def block_counts(self) -> list[int]:
         """Tokens (CLS included) each block runs on at inference, e.g. 197 x3, 138 x3, 97 x3, 68 x3."""
@@ -200,7 +194,7 @@ class DynamicViT(TokenReducer):
     def loss_terms(
         self, out: MethodOutput, targets: Tensor, teacher_out: Optional[MethodOutput] = None
     ) -> dict[str, Tensor]:
-        keep_ratio = out.aux["keep_ratio"].float()  # [B, stages]
+        keep_ratio = out.state.keep_ratio.float()  # [B, stages]
         target = torch.tensor(self.ratio_targets, device=keep_ratio.device)
         terms = {"ratio": self.ratio_weight * ((keep_ratio - target) ** 2).mean()}
         if teacher_out is None:
@@ -234,11 +228,11 @@ class DynamicViT(TokenReducer):
 
 def _kept_token_mse(out: MethodOutput, teacher_out: MethodOutput) -> Tensor:
     """MSE between the student's kept final patch tokens and the teacher's tokens at the same patches."""
-    student = out.aux["final_tokens"][:, 1:].float()  # [B, K, C]
-    index = out.aux["patch_index"]  # [B, K] original patch index of each final token
-    teacher = teacher_out.aux["final_tokens"][:, 1:].float()
+    student = out.final_tokens[:, 1:].float()  # [B, K, C]
+    index = out.state.patch_index  # [B, K] original patch index of each final token
+    teacher = teacher_out.final_tokens[:, 1:].float()
     teacher = teacher.gather(1, index.unsqueeze(-1).expand(-1, -1, teacher.shape[-1]))
-    kept = out.aux["final_keep"] > 0.5
+    kept = out.state.final_keep > 0.5
     if not kept.any():
         return student.sum() * 0.0
     return F.mse_loss(student[kept], teacher[kept])
@@ -250,7 +244,8 @@ def _check_rate(value: float, key: str) -> float:
     return float(value)
 
 
-@register_method("dynamicvit", inference_knob="inference_keep_rate")
+@register_method("dynamicvit", inference_knob="inference_keep_rate", finetune=True,
+                 tradeoff_values=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
 def build_dynamicvit(
     vit: nn.Module,
     keep_rate: float = 0.7,
@@ -261,6 +256,7 @@ def build_dynamicvit(
     backbone_lr_scale: float = 0.01,
     inference_keep_rate: Optional[float] = None,
 ) -> DynamicViT:
+    """DynamicViT: a learned predictor before blocks 3/6/9 keeps keep_rate ** s of the patches (trained)."""
     return DynamicViT(vit, keep_rate=keep_rate, locations=locations, ratio_weight=ratio_weight,
                       kl_weight=kl_weight, token_mse_weight=token_mse_weight,
                       backbone_lr_scale=backbone_lr_scale, inference_keep_rate=inference_keep_rate)

@@ -49,7 +49,7 @@ class AttentionPruning(TokenReducer):
     (:meth:`token_scores`, the CLS attention by default).
     """
 
-    def __init__(self, vit: nn.Module, fuse: bool = False) -> None:
+    def __init__(self, vit: nn.Module, fuse: bool) -> None:
         super().__init__(vit)
         self.fuse = bool(fuse)
 
@@ -70,15 +70,15 @@ class AttentionPruning(TokenReducer):
         for index, (block, keep) in enumerate(zip(self.vit.blocks, self.keep_plan(num_tokens))):
             attn_tokens = x.shape[1]
             prune = keep is not None and keep < attn_tokens - 1
-            x, attn = backbone.attn_residual(block, x, return_cls_attn=prune)
+            x, heads = backbone.attn_residual(block, x)
             if prune:
-                x, ids, dropped = self._prune(x, attn.cls_attn, ids, keep)
+                x, ids, dropped = self._prune(x, backbone.cls_attention(block.attn, heads), ids, keep)
                 depth.scatter_(1, dropped, index + 1)
             counts.append((attn_tokens, x.shape[1]))
             x = backbone.mlp_residual(block, x)
         token_counts = torch.tensor(counts, dtype=torch.long, device=x.device).expand(batch, -1, -1).clone()
-        aux = {"final_tokens": self.vit.norm(x)}
-        return MethodOutput(backbone.head(self.vit, x), token_counts, depth[:, :patches], aux)
+        return MethodOutput(backbone.head(self.vit, x), token_counts, depth[:, :patches],
+                            final_tokens=self.vit.norm(x))
 
     def _prune(self, x: Tensor, cls_attn: Tensor, ids: Tensor, keep: int) -> tuple[Tensor, Tensor, Tensor]:
         """Keep CLS and ``keep`` tokens (plus the fused token); return tokens, their ids and the dropped ids."""
@@ -95,9 +95,9 @@ class AttentionPruning(TokenReducer):
 class EViT(AttentionPruning):
     """EViT; see the module docstring."""
 
-    def __init__(self, vit: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9),
-                 fuse: bool = True) -> None:
-        """
+    def __init__(self, vit: nn.Module, keep_rate: float, locations: Sequence[int], fuse: bool) -> None:
+        """Defaults live in :func:`build_evit`.
+
         Args:
             keep_rate: fraction in (0, 1] of the current non-CLS tokens kept at each location (rounded up).
             locations: strictly increasing block indices in [0, depth - 1]; pruning runs inside these blocks,
@@ -146,7 +146,11 @@ def check_bool(value, key: str) -> bool:
     return value
 
 
-@register_method("evit", inference_knob="keep_rate")
+KEEP_RATE_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # default trade-off grid of keep_rate (also topk, random)
+
+
+@register_method("evit", inference_knob="keep_rate", tradeoff_values=KEEP_RATE_GRID)
 def build_evit(vit: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9),
                fuse: bool = True) -> EViT:
+    """EViT: keep the tokens with the highest CLS attention inside blocks 3/6/9, fuse the rest into one."""
     return EViT(vit, keep_rate=keep_rate, locations=locations, fuse=fuse)

@@ -1,73 +1,145 @@
 """Registry of token-reduction methods by name, as timm's ``register_model``/``create_model`` do for models.
 
 ``create_method`` is the only place in the suite where a method name is read. Unknown names and unknown
-parameters raise errors that list the valid choices. A method may declare its *inference knob*: the parameter
+parameters raise errors that list the valid choices.
+
+Registration carries each method's metadata (:class:`MethodSpec`), so every default is written once: the
+parameters' defaults in the factory's signature, the harness defaults (``finetune``, ``tradeoff_values``) and
+the README summary in the ``@register_method`` call. A method may declare its *inference knob*: the parameter
 that sets its compute at evaluation without retraining (``experiments/tradeoff.py`` sweeps it on one
 checkpoint); changing it must not change the method's parameter shapes, so one checkpoint serves every value.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Optional
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 from torch import nn
 
 from .base import TokenReducer
 
-_METHODS: dict[str, Callable[..., TokenReducer]] = {}
-_KNOBS: dict[str, str] = {}
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the registry knows about one method."""
+
+    name: str
+    factory: Callable[..., TokenReducer]  # fn(vit, **params) -> TokenReducer; its signature holds the defaults
+    inference_knob: Optional[str]  # the factory parameter that trades compute at evaluation, or None
+    finetune: bool  # whether the harness fine-tunes the method by default (else: evaluated off the shelf)
+    tradeoff_values: Optional[tuple]  # default grid of the knob for experiments/tradeoff.py; None without a knob
+    summary: str  # one line for the README's method table
 
 
-def register_method(name: str, inference_knob: Optional[str] = None) -> Callable:
-    """Decorator filing a factory ``fn(vit, **params) -> TokenReducer`` under ``name``; ``inference_knob``
-    names the factory parameter that sets the compute at evaluation (see the module docstring)."""
+_SPECS: dict[str, MethodSpec] = {}
+
+
+def register_method(name: str, *, inference_knob: Optional[str] = None, finetune: bool = False,
+                    tradeoff_values: Optional[Sequence] = None, summary: Optional[str] = None) -> Callable:
+    """Decorator filing a factory ``fn(vit, **params) -> TokenReducer`` under ``name`` (see :class:`MethodSpec`).
+
+    ``summary`` defaults to the first line of the factory's docstring. The knob must be a factory parameter,
+    and a grid needs a knob and distinct values."""
 
     def decorate(factory: Callable[..., TokenReducer]) -> Callable[..., TokenReducer]:
-        if name in _METHODS:
+        if name in _SPECS:
             raise ValueError(f"method {name!r} is registered twice")
         if inference_knob is not None and inference_knob not in inspect.signature(factory).parameters:
             raise ValueError(f"method {name!r}: inference knob {inference_knob!r} is not a factory parameter")
-        _METHODS[name] = factory
-        if inference_knob is not None:
-            _KNOBS[name] = inference_knob
+        if not isinstance(finetune, bool):
+            raise ValueError(f"method {name!r}: finetune={finetune!r} must be true or false")
+        _SPECS[name] = MethodSpec(name, factory, inference_knob, finetune,
+                                  _check_grid(name, inference_knob, tradeoff_values),
+                                  summary if summary is not None else _first_line(factory.__doc__))
         return factory
 
     return decorate
 
 
+def _check_grid(name: str, knob: Optional[str], values: Optional[Sequence]) -> Optional[tuple]:
+    if values is None:
+        return None
+    if knob is None:
+        raise ValueError(f"method {name!r}: tradeoff_values={values!r} given without an inference knob")
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+        raise ValueError(f"method {name!r}: tradeoff_values={values!r} must be a non-empty list of {knob} values")
+    if len({repr(v) for v in values}) != len(values):
+        raise ValueError(f"method {name!r}: tradeoff_values={list(values)!r} repeats a value")
+    return tuple(values)
+
+
+def _first_line(doc: Optional[str]) -> str:
+    lines = inspect.cleandoc(doc or "").splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The registration of method ``name``; an unknown name raises, listing the valid choices."""
+    if name not in _SPECS:
+        raise ValueError(f"unknown method {name!r}; valid choices: {', '.join(list_methods())}")
+    return _SPECS[name]
+
+
+def get_factory(name: str) -> Callable[..., TokenReducer]:
+    return method_spec(name).factory
+
+
 def inference_knob(name: str) -> Optional[str]:
     """The parameter of method ``name`` that trades compute at evaluation, or ``None`` (e.g. ``dense``)."""
-    get_factory(name)
-    return _KNOBS.get(name)
+    return method_spec(name).inference_knob
 
 
 def methods_with_knob() -> dict[str, str]:
-    return dict(sorted(_KNOBS.items()))
+    return {name: spec.inference_knob for name, spec in sorted(_SPECS.items()) if spec.inference_knob}
 
 
 def list_methods() -> list[str]:
-    return sorted(_METHODS)
+    return sorted(_SPECS)
 
 
 def method_parameters(name: str) -> dict[str, inspect.Parameter]:
     """Keyword parameters a method accepts (its factory's signature, without the backbone)."""
-    factory = get_factory(name)
-    params = list(inspect.signature(factory).parameters.values())[1:]
+    params = list(inspect.signature(get_factory(name)).parameters.values())[1:]
     return {p.name: p for p in params}
 
 
-def get_factory(name: str) -> Callable[..., TokenReducer]:
-    if name not in _METHODS:
-        raise ValueError(f"unknown method {name!r}; valid choices: {', '.join(list_methods())}")
-    return _METHODS[name]
-
-
-def create_method(name: str, vit: nn.Module, **params) -> TokenReducer:
-    """Wrap the timm ViT ``vit`` with method ``name``; ``params`` are checked against the factory's keywords."""
+def _check_params(name: str, params: Mapping[str, Any]) -> dict[str, inspect.Parameter]:
     valid = method_parameters(name)
     unknown = sorted(set(params) - set(valid))
     if unknown:
         raise ValueError(
             f"unknown parameter(s) {unknown} for method {name!r}; valid: {', '.join(valid) or '(none)'}"
         )
+    return valid
+
+
+def resolved_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The factory's signature defaults with ``params`` applied on top, as plain JSON-able values (tuples and
+    config lists become lists): what a record stores, so a record written before a parameter existed compares
+    equal to a newer one that leaves it at its default. Unknown parameters raise as in :func:`create_method`."""
+    valid = _check_params(name, params)
+    missing = [key for key, p in valid.items() if key not in params and p.default is inspect.Parameter.empty]
+    if missing:
+        raise ValueError(f"method {name!r} needs parameter(s) {missing}, which have no default")
+    merged = {key: params[key] if key in params else p.default for key, p in valid.items()}
+    return {key: _plain(value, f"method.params.{key}") for key, value in merged.items()}
+
+
+def _plain(value: Any, key: str) -> Any:
+    """``value`` as JSON-able Python: mappings -> dict, sequences -> list; anything else unsupported raises."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, bytes):
+        return [_plain(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    raise ValueError(f"{key}={value!r} is a {type(value).__name__}, not a JSON value (number, string, bool, "
+                     f"null, list or mapping)")
+
+
+def create_method(name: str, vit: nn.Module, **params) -> TokenReducer:
+    """Wrap the timm ViT ``vit`` with method ``name``; ``params`` are checked against the factory's keywords."""
+    _check_params(name, params)
     return get_factory(name)(vit, **params)

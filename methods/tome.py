@@ -27,6 +27,8 @@ Where we deviate from the official code:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
 from typing import Sequence, Union
 
 import torch
@@ -38,11 +40,19 @@ from .evit import check_bool
 from .registry import register_method
 
 
+@dataclass
+class ToMeState:
+    """What a ToMe pass leaves besides the shared outputs."""
+
+    size: Tensor  # [B, K] fp32: original tokens (CLS counts 1) each final token stands for; sums to N per image
+
+
 class ToMe(TokenReducer):
     """Token merging in every block; see the module docstring."""
 
-    def __init__(self, vit: nn.Module, r: Union[int, Sequence[int]] = 13, prop_attn: bool = True) -> None:
-        """
+    def __init__(self, vit: nn.Module, r: Union[int, Sequence[int]], prop_attn: bool) -> None:
+        """Defaults live in :func:`build_tome`.
+
         Args:
             r: tokens merged per block, an int for every block or a per-block list (at most ``depth`` long).
                 A plain knob: assigning ``method.r = 8`` re-parses it, e.g. for an inference-time sweep.
@@ -71,9 +81,9 @@ class ToMe(TokenReducer):
             attn_tokens = x.shape[1]
             r = tokens.clamp_merge_count(self.schedule[index], attn_tokens)
             bias = size.log()[:, None, None, :, 0] if self.prop_attn and size is not None else None
-            x, attn = backbone.attn_residual(block, x, key_bias=bias, return_keys=r > 0)
+            x, heads = backbone.attn_residual(block, x, partial(backbone.softmax_attention, key_bias=bias))
             if r > 0:
-                match = tokens.bipartite_soft_matching(attn.keys, r)
+                match = tokens.bipartite_soft_matching(heads.k.mean(dim=1), r)  # head-mean keys
                 if size is None:
                     size = x.new_ones(batch, attn_tokens, 1, dtype=torch.float32)
                 x, size = tokens.merge_wavg(x, size, match)
@@ -84,8 +94,8 @@ class ToMe(TokenReducer):
         if size is None:
             size = x.new_ones(batch, x.shape[1], 1, dtype=torch.float32)
         token_counts = torch.tensor(counts, dtype=torch.long, device=x.device).expand(batch, -1, -1).clone()
-        aux = {"final_tokens": self.vit.norm(x), "size": size[..., 0]}
-        return MethodOutput(backbone.head(self.vit, x), token_counts, depth[:, :patches], aux)
+        return MethodOutput(backbone.head(self.vit, x), token_counts, depth[:, :patches],
+                            final_tokens=self.vit.norm(x), state=ToMeState(size=size[..., 0]))
 
     def extra_macs(self, token_counts: Tensor) -> Tensor:
         """Per image, ``ceil(N/2) * floor(N/2) * C`` for each block that merged (N = its attention tokens)."""
@@ -116,6 +126,7 @@ def parse_r(r: Union[int, Sequence[int]], depth: int, key: str = "method.params.
     return schedule + [0] * (depth - len(schedule))
 
 
-@register_method("tome", inference_knob="r")
+@register_method("tome", inference_knob="r", tradeoff_values=(0, 1, 2, 3, 4, 6, 8, 13, 16))
 def build_tome(vit: nn.Module, r: Union[int, Sequence[int]] = 13, prop_attn: bool = True) -> ToMe:
+    """ToMe: merge the r most similar token pairs in every block (bipartite matching), proportional attention."""
     return ToMe(vit, r=r, prop_attn=prop_attn)

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from . import tokens
-from .evit import AttentionPruning, check_keep_rate, check_locations, evit_plan
+from .evit import KEEP_RATE_GRID, AttentionPruning, check_keep_rate, check_locations, evit_plan
 from .registry import register_method
 
 Schedule = Literal["dynamicvit", "evit"]
@@ -45,9 +45,10 @@ Schedule = Literal["dynamicvit", "evit"]
 class TopK(AttentionPruning):
     """Static CLS-attention top-k pruning; see the module docstring."""
 
-    def __init__(self, vit: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9),
-                 schedule: Schedule = "dynamicvit", token_counts: Optional[Sequence[int]] = None) -> None:
-        """
+    def __init__(self, vit: nn.Module, keep_rate: float, locations: Sequence[int], schedule: Schedule,
+                 token_counts: Optional[Sequence[int]]) -> None:
+        """Defaults live in :func:`build_topk`.
+
         Args:
             keep_rate: per-stage keep ratio in (0, 1].
             locations: strictly increasing block indices in [0, depth - 1] to prune in (after attention).
@@ -89,9 +90,8 @@ class TopK(AttentionPruning):
 class RandomPruning(TopK):
     """The same counts as :class:`TopK`, chosen at random from a seeded generator; see the module docstring."""
 
-    def __init__(self, vit: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9),
-                 schedule: Schedule = "dynamicvit", token_counts: Optional[Sequence[int]] = None,
-                 seed: int = 0) -> None:
+    def __init__(self, vit: nn.Module, keep_rate: float, locations: Sequence[int], schedule: Schedule,
+                 token_counts: Optional[Sequence[int]], seed: int) -> None:
         super().__init__(vit, keep_rate=keep_rate, locations=locations, schedule=schedule,
                          token_counts=token_counts)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -137,15 +137,17 @@ def check_token_counts(value, depth: int, num_tokens: int, key: str = "method.pa
     return counts + counts[-1:] * (depth - len(counts))
 
 
-@register_method("topk", inference_knob="keep_rate")
+@register_method("topk", inference_knob="keep_rate", tradeoff_values=KEEP_RATE_GRID)
 def build_topk(vit: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9),
                schedule: Schedule = "dynamicvit", token_counts: Optional[Sequence[int]] = None) -> TopK:
+    """Top-k: keep the tokens with the highest CLS attention at fixed blocks (EViT without fusion)."""
     return TopK(vit, keep_rate=keep_rate, locations=locations, schedule=schedule, token_counts=token_counts)
 
 
-@register_method("random", inference_knob="keep_rate")
+@register_method("random", inference_knob="keep_rate", tradeoff_values=KEEP_RATE_GRID)
 def build_random(vit: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9),
                  schedule: Schedule = "dynamicvit", token_counts: Optional[Sequence[int]] = None,
                  seed: int = 0) -> RandomPruning:
+    """Random: top-k's token counts, tokens chosen by a seeded generator (the sanity floor)."""
     return RandomPruning(vit, keep_rate=keep_rate, locations=locations, schedule=schedule,
                          token_counts=token_counts, seed=seed)

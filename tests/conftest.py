@@ -60,3 +60,10 @@ def write_png_folder(root: Path, classes=("cat", "dog"), per_class: int = 3, siz
             folder.mkdir(parents=True)
             for i in range(per_class):
                 Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def build_for(cfg, num_classes=None):
+    """The method a run of ``cfg`` builds: the validated plan, built with the weights it names."""
+    from experiments import build, plan
+
+    return build.build_method(plan.validate(cfg, num_classes))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import make_tiny_vit
 from methods import MethodOutput, create_method
-from methods.adavit import GATE_DEFAULTS
+from methods.adavit import GATE_DEFAULTS, AdaViT, AdaViTState, HaltingTrace
 
 
 def logit(p: float) -> float:
@@ -45,26 +45,27 @@ def hand_model(**params):
 def test_hand_computed_halting(mode):
     model = hand_model()
     model.train(mode == "train")
-    out = model(torch.zeros(1, 3, 32, 32))
+    images = torch.zeros(1, 3, 32, 32)
+    out = model(images)
     # Accumulation: CLS 0.5+0.5=1.0 > 0.99 at block 2; 0.3 and 0.2 never reach it before the forced block 3;
     # 0.995 halts at block 1; 0.7+0.7 at block 2.
     official_depth = [2, 3, 1, 3, 2]
     executed_depth = [2, 2, 1, 2, 2]  # the image stops when its CLS halts, at block 2
-    assert out.aux["halting_depth"][0].tolist() == executed_depth
+    assert out.state.halting_depth[0].tolist() == executed_depth
     assert out.patch_depth[0].tolist() == executed_depth[1:]
     assert out.token_counts[0].tolist() == [[5, 5], [4, 4], [0, 0]]
-    assert out.aux["alt_token_counts"]["official"][0].tolist() == [[5, 5], [4, 4], [2, 2]]
+    assert model.alt_token_counts(images, out)["official"][0].tolist() == [[5, 5], [4, 4], [2, 2]]
     # CLS mix: 0.5 * x_1 + r * x_2 with r = 1 - 0.5; channel 1 holds the block number.
     cls_out = torch.zeros(8)
     cls_out[1] = 0.5 * 1 + 0.5 * 2
-    assert torch.allclose(out.aux["cls_output"][0], cls_out, atol=1e-6)
+    assert torch.allclose(out.state.cls_output[0], cls_out, atol=1e-6)
     vit = model.vit
     assert torch.allclose(out.logits, vit.head(vit.norm(cls_out))[None], atol=1e-5)
     if mode == "train":
-        assert out.aux["halting_depth_official"][0].tolist() == official_depth
+        assert out.state.trace.halting_depth_official[0].tolist() == official_depth
         remainders = [1 - 0.5, 1 - 0.3 - 0.3, 1.0, 1 - 0.2 - 0.2, 1 - 0.7]
         rho = torch.tensor([n + r for n, r in zip(official_depth, remainders)])  # 2.5 3.4 2.0 3.6 2.3
-        assert torch.allclose(out.aux["rho"][0], rho, atol=1e-5)
+        assert torch.allclose(out.state.trace.rho[0], rho, atol=1e-5)
         terms = model.loss_terms(out, torch.zeros(1, dtype=torch.long))
         assert terms["ponder"].item() == pytest.approx(5e-4 * 13.8 / 5, rel=1e-5)
 
@@ -89,18 +90,19 @@ def test_removal_equals_masked_on_mixed_depths(attn_group, fused):
     model, images = mixed_model(attn_group, fused), mixed_images()
     with torch.no_grad():
         masked, removed = model.forward_masked(images), model(images)
-    depth = masked.aux["halting_depth"]
-    official = masked.aux["halting_depth_official"]
+    depth = masked.state.halting_depth
+    official = masked.state.trace.halting_depth_official
     assert len(set(depth[:, 0].tolist())) > 1, "CLS depths should differ between images"
     assert len(set(depth.flatten().tolist())) >= 4, "token depths should be mixed"
     assert (official > depth).any(), "some tokens should outlive their CLS"
     assert (depth[:, 1:] < depth[:, :1]).any(), "some patches should halt before their CLS"
     assert torch.allclose(removed.logits, masked.logits, atol=1e-4)
-    assert torch.equal(removed.aux["halting_depth"], depth)
+    assert torch.equal(removed.state.halting_depth, depth)
     assert torch.equal(removed.patch_depth, masked.patch_depth)
     assert torch.equal(removed.token_counts, masked.token_counts)
-    assert torch.equal(removed.aux["alt_token_counts"]["official"], masked.aux["alt_token_counts"]["official"])
-    assert (removed.token_counts.sum(dim=(1, 2)) < removed.aux["alt_token_counts"]["official"].sum(dim=(1, 2))).any()
+    official_counts = model.alt_token_counts(images, removed)["official"]
+    assert torch.equal(official_counts, model.alt_token_counts(images, masked)["official"])
+    assert (removed.token_counts.sum(dim=(1, 2)) < official_counts.sum(dim=(1, 2))).any()
 
 
 def test_batch_invariance():
@@ -111,10 +113,10 @@ def test_batch_invariance():
         permuted = model(images[order])
         alone = [model(images[i : i + 1]) for i in range(len(images))]
     assert torch.allclose(permuted.logits, whole.logits[order], atol=1e-5)
-    assert torch.equal(permuted.aux["halting_depth"], whole.aux["halting_depth"][order])
+    assert torch.equal(permuted.state.halting_depth, whole.state.halting_depth[order])
     for i, out in enumerate(alone):
         assert torch.allclose(out.logits[0], whole.logits[i], atol=1e-5)
-        assert torch.equal(out.aux["halting_depth"][0], whole.aux["halting_depth"][i])
+        assert torch.equal(out.state.halting_depth[0], whole.state.halting_depth[i])
         assert torch.equal(out.token_counts[0], whole.token_counts[i])
 
 
@@ -124,7 +126,7 @@ def test_all_tokens_halt_at_block_one_gives_no_nan():
     images = mixed_images(3)
     model.train()
     out = model(images)
-    assert (out.aux["halting_depth_official"] == 1).all()
+    assert (out.state.trace.halting_depth_official == 1).all()
     terms = model.loss_terms(out, torch.zeros(3, dtype=torch.long))
     loss = F.cross_entropy(out.logits, torch.zeros(3, dtype=torch.long)) + sum(terms.values())
     loss.backward()
@@ -148,8 +150,9 @@ def hand_distribution_output():
     ran = torch.ones(2, 4, 3, dtype=torch.bool)
     ran[0, 2:, 2] = False
     rho = torch.tensor([[1.5, 4.25, 2.5], [3.0, 4.0, 3.5]])
-    return MethodOutput(torch.zeros(2, 10), torch.zeros(2, 4, 2), torch.zeros(2, 2),
-                        {"rho": rho, "halting_scores": scores, "ran": ran})
+    trace = HaltingTrace(rho, scores, ran, halting_depth_official=torch.zeros(2, 3, dtype=torch.long))
+    state = AdaViTState(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 8), trace=trace)
+    return MethodOutput(torch.zeros(2, 10), torch.zeros(2, 4, 2), torch.zeros(2, 2), state=state)
 
 
 def test_loss_values_both_prior_modes():
@@ -237,7 +240,7 @@ def test_gradients_reach_every_block_and_the_halting_score():
     model.halting_score = spy
     images, targets = mixed_images(4), torch.arange(4)
     out = model(images)
-    depth = out.aux["halting_depth_official"]
+    depth = out.state.trace.halting_depth_official
     assert len(set(depth.flatten().tolist())) >= 3
     terms = model.loss_terms(out, targets)
     (F.cross_entropy(out.logits, targets) + terms["ponder"] + terms["prior"]).backward()
@@ -294,8 +297,8 @@ def test_halting_head_starts_as_channel0_then_learns():
     for mode in ("train", "eval"):
         a, b = getattr(channel0, mode)()(images), getattr(head, mode)()(images)
         torch.testing.assert_close(b.logits, a.logits)
-        assert torch.equal(b.aux["halting_depth"], a.aux["halting_depth"])
-    assert len(set(a.aux["halting_depth"].flatten().tolist())) >= 3  # the check above sees mixed depths
+        assert torch.equal(b.state.halting_depth, a.state.halting_depth)
+    assert len(set(a.state.halting_depth.flatten().tolist())) >= 3  # the check above sees mixed depths
 
     head.train()
     out = head(images)
@@ -306,8 +309,61 @@ def test_halting_head_starts_as_channel0_then_learns():
         for h in head.halting_heads:
             h.weight.zero_()
             h.weight[0, 1] = 1.0
-    assert not torch.equal(head.eval()(images).aux["halting_depth"], a.aux["halting_depth"])
+    assert not torch.equal(head.eval()(images).state.halting_depth, a.state.halting_depth)
     with pytest.raises(RuntimeError, match="halting_heads"):
         channel0.load_state_dict(head.state_dict())
     counts = torch.tensor([[[17, 17], [9, 9], [4, 4], [1, 1]]])  # a head costs C = 32 MACs per token and block
     assert head.extra_macs(counts).item() == 32 * (17 + 9 + 4 + 1) and channel0.extra_macs(counts).item() == 0
+
+
+def test_record_info_holds_the_prior_target_of_each_mode():
+    """By value, depth 4, target N(3, 1): ``correct`` is the normalised Gaussian over 1-based blocks 1..4;
+    ``official`` the pdf at 0-based indices 0..3, scaled so that its first int(3) entries sum to 0.98."""
+    gauss = [math.exp(-0.5 * (d - 3.0) ** 2) for d in (1, 2, 3, 4)]
+    correct = [g / sum(gauss) for g in gauss]
+    pdf = [math.exp(-0.5 * (i - 3.0) ** 2) / math.sqrt(2 * math.pi) for i in (0, 1, 2, 3)]
+    official = [p * 0.98 / sum(pdf[:3]) for p in pdf]
+    for mode, expected in (("correct", correct), ("official", official)):
+        method = create_method("adavit", make_tiny_vit(depth=4), gate_scale=1.0, gate_center=0.0,
+                               target_depth=3.0, target_std=1.0, prior=mode)
+        info = method.record_info()
+        assert set(info) == {"prior_target"} and info["prior_target"] == pytest.approx(expected, rel=1e-12)
+    assert sum(correct) == pytest.approx(1.0) and sum(official) > 1.5  # the official target is not normalised
+
+
+def test_eval_output_does_not_hold_the_batch_and_its_official_counts_come_from_the_hook():
+    """No forward runs when the output is read, and the output keeps no reference to the images: the official
+    counts of an eval output are the hook's explicit job, from the images it is given again."""
+    import gc
+    import weakref
+
+    model, images = mixed_model(), mixed_images()
+    with torch.no_grad():
+        expected = model.alt_token_counts(images, model.forward_masked(images))["official"]
+        probe = images.clone()
+        alive = weakref.ref(probe)
+        out = model(probe)
+    del probe
+    gc.collect()
+    assert alive() is None
+    assert out.state.rerun.any() and out.state.official_counts is None
+    calls = []
+    model.forward_masked = lambda batch: calls.append(len(batch)) or AdaViT.forward_masked(model, batch)
+    assert torch.equal(model.alt_token_counts(images, out)["official"], expected)
+    assert calls == [int(out.state.rerun.sum())]  # one masked pass, over the images cut short only
+
+
+def test_evaluation_reports_the_official_counts_of_every_image():
+    """``engine.evaluate`` asks the hook batch by batch: its ``alt_token_counts`` equal the masked path's
+    official counts on the whole set, and exceed the executed counts where an image stopped early."""
+    from experiments import engine
+
+    model, images = mixed_model(), mixed_images()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(6, dtype=torch.long)),
+                                         batch_size=4)
+    result = engine.evaluate(model, loader, torch.device("cpu"), progress=False)
+    with torch.no_grad():
+        official = model.forward_masked(images).state.official_counts
+    assert set(result.alt_token_counts) == {"official"}
+    assert torch.equal(result.alt_token_counts["official"], official)
+    assert (result.alt_token_counts["official"].sum(dim=(1, 2)) > result.token_counts.sum(dim=(1, 2))).any()

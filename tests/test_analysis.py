@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import load, plots, run_report, tables
+from analysis import formatting, load, plots, run_report, tables
 from analysis.load import RecordWarning
 from test_curves import point_record
 
@@ -116,8 +116,9 @@ def test_empty_results_folder_gives_a_clear_message(tmp_path, capsys):
     assert records.empty
     message = load.summary(records, empty)
     assert "No usable records" in message and str(empty) in message and "nothing to report" in message
-    assert tables.write_tables(records, empty / "report") == []
-    assert plots.write_figures(records, empty / "report") == []
+    agg = tables.aggregate(tables.without_tradeoff(records))
+    assert agg.empty and tables.write_tables(agg, empty / "report") == []
+    assert plots.write_figures(agg, records, empty / "report") == []
     assert not (empty / "report").exists()
     missing = tmp_path / "nowhere"
     assert "No results folder" in load.summary(load.load_records(missing), missing)
@@ -145,11 +146,11 @@ def test_table_values_match_hand_computed_aggregates():
     adavit = table_row(main, Method="adavit", Setting="ponder_weight=0.001, prior=correct, target_depth=8")
     assert adavit["Top-1 (%)"] == "95.70 ± 0.82" and adavit["Δ Top-1"] == "-1.80"
     assert table_row(main, Method="ats")["Top-1 (%)"] == "95.25 ± 0.35"  # two seeds: 95.0, 95.5
-    assert table_row(main, Method="ats")["GFLOPs"] == tables.DASH  # not measured
+    assert table_row(main, Method="ats")["GFLOPs"] == formatting.DASH  # not measured
     assert table_row(main, Method="dense")["Seeds"] == "3"
     assert not (main.display["Setting"] == "keep_rate=0.6").any()  # the corrupt record stays out
     measured = table_row(main, Method="tome", Setting="r=4 [measure]")  # untrained: costs only, own row
-    assert measured["Top-1 (%)"] == tables.DASH and measured["Seeds"] == "1"
+    assert measured["Top-1 (%)"] == formatting.DASH and measured["Seeds"] == "1"
     assert table_row(main, Method="tome", Setting="r=4")["Top-1 (%)"] == "96.00 ± 0.50"
 
     # GFLOPs change vs dense and efficiency, from the raw JSON
@@ -182,9 +183,9 @@ def test_adavit_ablation_has_one_column_per_differing_param():
 
 def test_table_files_are_written_and_deterministic(tmp_path):
     records = fixture_records()
-    first = tables.write_tables(records, tmp_path / "a")
+    first = tables.write_tables(tables.aggregate(records), tmp_path / "a")
     shuffled = records.sample(frac=1.0, random_state=3).reset_index(drop=True)
-    second = tables.write_tables(shuffled, tmp_path / "b")
+    second = tables.write_tables(tables.aggregate(shuffled), tmp_path / "b")
     assert [p.name for p in first] == [p.name for p in second]
     assert {p.name for p in first} >= {"main_deit_digits.md", "main_deit_digits.tex", "main_deit_digits.csv",
                                        "adavit_ablation_deit_digits.md", "all_settings.csv"}
@@ -212,12 +213,12 @@ def test_missing_flops_and_throughput_give_nan_columns_and_skipped_figures(tmp_p
     agg = tables.aggregate(records)
     assert agg["gflops_mean"].isna().all() and agg.attrs["conditions"] == []
     main = tables.main_table(agg, "deit_digits", "digits")
-    assert (main.display["GFLOPs"] == tables.DASH).all()
+    assert (main.display["GFLOPs"] == formatting.DASH).all()
     assert table_row(main, Method="evit", Setting="keep_rate=0.7")["Top-1 (%)"] == "96.50 ± 0.50"
-    assert tables.write_tables(records, tmp_path / "report")
+    assert tables.write_tables(agg, tmp_path / "report")
     capsys.readouterr()
-    assert plots.plot_accuracy_vs_gflops(records, tmp_path / "report") == []
-    assert plots.plot_accuracy_vs_throughput(records, tmp_path / "report") == []
+    assert plots.plot_accuracy_vs_gflops(agg, records, tmp_path / "report") == []
+    assert plots.plot_accuracy_vs_throughput(agg, records, tmp_path / "report") == []
     notes = capsys.readouterr().out
     assert "skipped top-1 vs GFLOPs" in notes and "skipped top-1 vs throughput" in notes
 
@@ -227,7 +228,7 @@ def test_missing_flops_and_throughput_give_nan_columns_and_skipped_figures(tmp_p
 @pytest.mark.parametrize("value, text", [(5e-4, "0.0005"), (8.0, "8"), (None, "default"), (True, "true"),
                                          ([3, 6, 9], "[3,6,9]"), ("head", "head")])
 def test_format_value(value, text):
-    assert tables.format_value(value) == text
+    assert formatting.format_value(value) == text
 
 
 def test_pareto_front_on_crafted_points():
@@ -245,17 +246,13 @@ def test_pareto_front_on_crafted_points():
         tables.pareto_front([1.0], [1.0, 2.0])
 
 
-def test_kept_iou_and_prior_target():
+def test_kept_iou_by_hand():
     a = np.array([[12, 3], [5, 1]])
     b = np.array([[12, 12], [2, 1]])
     assert plots.kept_iou(a, b, 0) == pytest.approx(1.0)  # every patch saw block 0
     assert plots.kept_iou(a, b, 2) == pytest.approx(2 / 3)  # kept: a {0,1,2}, b {0,1}
     assert plots.kept_iou(a, b, 4) == pytest.approx(1 / 3)  # kept: a {0,2}, b {0,1}
     assert math.isnan(plots.kept_iou(a, b, 12))
-    prior = plots.prior_target(12)
-    assert prior.sum() == pytest.approx(1.0) and prior[0] == 0 and int(np.argmax(prior)) == 8
-    assert int(np.argmax(plots.prior_target(12, target_depth=6, target_std=2))) == 6
-    assert int(np.argmax(plots.prior_target(24))) == 16  # default 8/12 of the depth
 
 
 def test_token_maps_in_the_engine_layout_and_alternatives():
@@ -276,6 +273,75 @@ def test_token_maps_in_the_engine_layout_and_alternatives():
     assert load.depth_maps(None) == [] and load.mean_patch_depth({}) is None
 
 
+def test_packed_token_maps_decode_to_what_was_packed():
+    """The compact map format of ``experiments/token_maps.py`` (the writer) read back by ``analysis.load``."""
+    from experiments import token_maps
+
+    rng = np.random.default_rng(0)
+    depth = rng.integers(0, 13, size=(3, 16))
+    thumbs = np.empty((3, 8, 8, 3), dtype=np.uint8)
+    thumbs[0] = rng.integers(0, 256, size=(8, 8, 1))  # grey: every channel equal
+    thumbs[1] = rng.integers(0, 256, size=(8, 8, 3))  # colour
+    thumbs[2] = 1  # dark: packed values are 0..255 whatever their maximum
+    maps = json.loads(json.dumps(token_maps.encode_maps(depth, thumbs, (4, 4))))
+    assert [m["thumbnail"]["shape"] for m in maps] == [[8, 8, 1], [8, 8, 3], [8, 8, 1]]
+    assert maps[0]["patch_depth"]["shape"] == [4, 4] and maps[0]["thumbnail"]["filter"] == "diff2d"
+    decoded = load.depth_maps({"grid": [4, 4], "maps": maps})
+    assert [m["index"] for m in decoded] == [0, 1, 2]
+    for i, entry in enumerate(decoded):
+        assert np.array_equal(entry["depth"], depth[i].reshape(4, 4))
+    assert np.array_equal(decoded[0]["image"], thumbs[0, :, :, 0] / 255.0)
+    assert np.array_equal(decoded[1]["image"], thumbs[1] / 255.0)
+    assert np.allclose(decoded[2]["image"], 1 / 255.0)
+    flat = token_maps.pack_depth(depth[0], None)  # no grid: flat, reshaped by the reader when square
+    assert flat["shape"] == [16] and load.depth_maps({"maps": [{"patch_depth": flat}]})[0]["depth"].shape == (4, 4)
+
+    maps[1]["patch_depth"]["zlib_base64"] = "not base64!"
+    assert [m["index"] for m in load.depth_maps({"grid": [4, 4], "maps": maps})] == [0, 2]  # dropped, no crash
+    with pytest.raises(ValueError, match="corrupt"):
+        load.unpack_array(maps[1]["patch_depth"])
+    with pytest.raises(ValueError, match="filter 'png' unknown"):
+        load.unpack_array({**maps[0]["patch_depth"], "filter": "png"})
+    with pytest.raises(ValueError, match="0..255, got 0..300"):
+        token_maps.pack(np.array([0, 300]))
+    with pytest.raises(ValueError, match=r"\[H, W, C\], got shape \[8, 8\]"):
+        token_maps.pack_thumbnail(thumbs[0, :, :, 0])
+
+
+def _drawn_panels(monkeypatch, draw) -> dict[str, object]:
+    """The axes of the figures ``draw()`` saves, by panel title (nothing is written)."""
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, out_dir, stem: figures.append(fig) or [])
+    draw()
+    return {ax.get_title().replace("\n", " "): ax for fig in figures for ax in fig.axes if ax.get_visible()}
+
+
+def test_adavit_depth_figure_draws_the_prior_target_its_records_carry(monkeypatch, capsys):
+    records = fixture_records()
+    agg = tables.aggregate(records)
+    panels = _drawn_panels(monkeypatch, lambda: plots.plot_adavit_depth(agg, records, "unused"))
+    official = next(ax for title, ax in panels.items() if "prior=official" in title)
+    [line] = [line for line in official.get_lines() if line.get_label().startswith("prior target")]
+    recorded = raw_records("adavit", prior="official")[0]["method_info"]["prior_target"]
+    assert list(line.get_ydata()) == recorded and list(line.get_xdata()) == list(range(1, 13))
+    # the official target is the unnormalised pdf at 0-based blocks: target_depth=6 peaks at halting depth 7
+    assert line.get_label() == f"prior target (official, sums to {sum(recorded):.2f})"
+    assert int(np.argmax(line.get_ydata())) + 1 == 7 and sum(recorded) != pytest.approx(1.0)
+    correct = next(ax for title, ax in panels.items() if "prior=correct, target_depth=8" in title)
+    [line] = [line for line in correct.get_lines() if line.get_label().startswith("prior target")]
+    assert line.get_label() == "prior target (correct)" and int(np.argmax(line.get_ydata())) + 1 == 8
+
+    stripped = records.copy()
+    without = (stripped["method"] == "adavit") & stripped["params_key"].str.contains('"prior":"official"')
+    stripped.loc[without, "method_info"] = None  # records written before method_info existed
+    capsys.readouterr()
+    panels = _drawn_panels(monkeypatch, lambda: plots.plot_adavit_depth(agg, stripped, "unused"))
+    official = next(ax for title, ax in panels.items() if "prior=official" in title)
+    assert not [line for line in official.get_lines() if line.get_label().startswith("prior target")]
+    assert official.patches  # the histogram is still drawn
+    assert "no method_info.prior_target" in capsys.readouterr().out
+
+
 def test_a_backbone_with_dense_records_only_gets_notes_not_a_crash(tmp_path):
     """E.g. a dense DeiT-T cost measurement next to the embedded results: no method settings to compare."""
     results = copy_results(tmp_path, names=[p.name for p in FIXTURES.glob("*_dense_*s0*.json")])
@@ -283,12 +349,14 @@ def test_a_backbone_with_dense_records_only_gets_notes_not_a_crash(tmp_path):
     record = json.loads(path.read_text())
     record.update(model="deit_tiny", record_id="dense_tiny")
     (results / "runs" / "dense_tiny.json").write_text(json.dumps(record))
-    figures = plots.write_figures(load.load_records(results), tmp_path / "report")
+    records = load.load_records(results)
+    figures = plots.write_figures(tables.aggregate(records), records, tmp_path / "report")
     assert any(p.name == "top1_vs_gflops_deit_digits.png" for p in figures)
 
 
 def test_kept_iou_frame_on_fixtures_is_symmetric_with_unit_diagonal():
-    frame = plots.kept_iou_frame(fixture_records(), "deit_digits", "digits")
+    records = fixture_records()
+    frame = plots.kept_iou_frame(tables.aggregate(records), records, "deit_digits", "digits")
     assert set(frame["block"]) == {3, 6, 9, 11}
     assert "dense" not in set(frame["method_a"])
     diagonal = frame[frame["method_a"] == frame["method_b"]]
@@ -308,7 +376,7 @@ def test_notebook_is_stored_without_outputs():
 
 def test_analysis_imports_neither_torch_nor_the_suite():
     script = ("import sys, analysis.load, analysis.tables, analysis.plots, analysis.run_report, analysis.curves, "
-              "analysis.published; "
+              "analysis.published, analysis.formatting, analysis.style; "
               "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'methods', 'experiments', 'timm')]; "
               "assert not bad, bad")
     subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, timeout=120)

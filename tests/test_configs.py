@@ -1,4 +1,5 @@
-"""Hydra config composition: every group option composes, and typos give Hydra's error listing the options."""
+"""Hydra config composition: every group option composes, the structured schema (experiments/config.py) types every
+key at composition, and typos give Hydra's error listing the options."""
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 import methods
+from experiments import config, throughput
 
 CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"
 
@@ -40,8 +42,36 @@ def test_method_configs_match_the_registry():
     for name in options("method"):
         cfg = compose_cfg([f"method={name}"])
         params = OmegaConf.to_container(cfg.method.params)
-        assert set(params) <= set(methods.method_parameters(name)), name
-        assert isinstance(cfg.method.finetune, bool)
+        # the yaml extends the factory's signature: every parameter present, defaults written once (the factory)
+        assert params == methods.resolved_params(name, {}), name
+        assert cfg.method.finetune is None and cfg.method.tradeoff_values is None  # null: the registered default
+
+
+@pytest.mark.parametrize("model, size", [("deit_digits", 32), ("deit_tiny", 224), ("deit_small", 224),
+                                         ("deit_base", 224)])
+def test_data_follows_the_models_native_resolution(model, size):
+    assert compose_cfg([f"model={model}"]).data.img_size == size
+    assert compose_cfg([f"model={model}", "data.img_size=64"]).data.img_size == 64
+    assert compose_cfg([f"model={model}", "data=imagefolder"]).data.img_size == size
+
+
+@pytest.mark.parametrize("override, key, words", [
+    ("seed=abc", "seed", "could not be converted to Integer"),
+    ("train.lr=fast", "train.lr", "could not be converted to Float"),
+    ("progress=loud", "progress", "is not a valid bool"),
+    ("data.img_size=big", "data.img_size", "could not be converted to Integer"),
+    ("measure.batch_sizes=[1,x]", "measure.batch_sizes", "could not be converted to Integer"),
+])
+def test_types_are_enforced_at_composition(override, key, words):
+    """OmegaConf refuses a mistyped value while Hydra composes, naming the full key and the value."""
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_cfg([override])
+    message = str(error.value) + str(error.value.__cause__)
+    assert words in message and f"full_key: {key}" in message, message
+
+
+def test_measure_dtypes_are_the_throughput_harness_dtypes():
+    assert set(config.DTYPES) == set(throughput.DTYPES)
 
 
 def test_unknown_group_option_lists_valid_options():

@@ -124,7 +124,7 @@ def test_tradeoff_points_stay_out_of_the_main_tables_and_get_their_own_files(tmp
     results = crafted_results(tmp_path)
     frame = load.load_records(results)
     out = tmp_path / "report"
-    main_files = tables.write_tables(frame, out)
+    main_files = tables.write_tables(tables.aggregate(tables.without_tradeoff(frame)), out)
     main = (out / "main_deit_digits.md").read_text()
     assert "dense" in main and "evit" not in main and "tradeoff" not in main
     table_files, figure_files = curves.write_curves(frame, out)

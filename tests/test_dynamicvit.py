@@ -1,21 +1,19 @@
 """DynamicViT: masked training equals pruned inference, per-block counts on DeiT-S, losses and groups by value."""
 from __future__ import annotations
 
+import dataclasses
 import math
-from pathlib import Path
 
 import pytest
 import timm
 import torch
-import yaml
 from timm.scheduler import CosineLRScheduler
 
-from methods import create_method, method_parameters
+from methods import create_method, method_spec, resolved_params
 from methods.base import MethodOutput
-from methods.dynamicvit import DynamicViT
+from methods.dynamicvit import DynamicViT, DynamicViTState
 from tests.conftest import make_tiny_vit
 
-CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "conf" / "method" / "dynamicvit.yaml"
 
 
 def tiny_dynamicvit(**params) -> DynamicViT:
@@ -53,19 +51,19 @@ def test_masked_training_equals_pruned_inference(images, monkeypatch):
     torch.testing.assert_close(masked.logits, pruned.logits, atol=1e-4, rtol=0)
     assert torch.equal(masked.patch_depth, pruned.patch_depth)
     # The surviving final tokens agree too, wherever eval placed them.
-    index = pruned.aux["patch_index"]
-    kept_masked = masked.aux["final_tokens"][:, 1:].gather(1, index[..., None].expand(-1, -1, 32))
-    torch.testing.assert_close(kept_masked, pruned.aux["final_tokens"][:, 1:], atol=1e-4, rtol=0)
-    torch.testing.assert_close(masked.aux["keep_ratio"], pruned.aux["keep_ratio"])
+    index = pruned.state.patch_index
+    kept_masked = masked.final_tokens[:, 1:].gather(1, index[..., None].expand(-1, -1, 32))
+    torch.testing.assert_close(kept_masked, pruned.final_tokens[:, 1:], atol=1e-4, rtol=0)
+    torch.testing.assert_close(masked.state.keep_ratio, pruned.state.keep_ratio)
 
 
 def test_gumbel_policy_is_hard_nested_and_trains_the_predictor(images):
     model = tiny_dynamicvit().train()
     torch.manual_seed(0)
     out = model(images)
-    keep = out.aux["final_keep"]
+    keep = out.state.final_keep
     assert set(keep.unique().tolist()) <= {0.0, 1.0}
-    ratios = out.aux["keep_ratio"]
+    ratios = out.state.keep_ratio
     assert (ratios[:, 1:] <= ratios[:, :-1]).all()  # each stage only drops more
     # Training reports the deployed (inference) counts; patch depth follows the sampled decisions.
     expected = torch.tensor([17, 12, 8, 6])
@@ -132,15 +130,15 @@ def test_loss_terms_by_value():
     teacher_tokens = torch.zeros(2, 5, 2)  # CLS + 4 patches
     teacher_tokens[0, 1:] = torch.tensor([[100.0, 100.0], [50.0, 50.0], [1.0, 2.0], [70.0, 70.0]])
     teacher_tokens[1, 1:] = torch.tensor([[80.0, 80.0], [3.0, 0.0], [90.0, 90.0], [0.0, 1.0]])
-    aux = {
-        "keep_ratio": torch.tensor([[0.5, 0.3], [0.9, 0.6]]),
-        "final_tokens": student_tokens,
-        "patch_index": torch.tensor([[2, 0], [1, 3]]),  # student token -> original patch
-        "final_keep": torch.tensor([[1.0, 0.0], [1.0, 1.0]]),  # (image 0, patch 0) was masked
-    }
-    out = MethodOutput(torch.zeros(2, 2), torch.zeros(2, 4, 2, dtype=torch.long), torch.zeros(2, 4), aux)
+    state = DynamicViTState(
+        keep_ratio=torch.tensor([[0.5, 0.3], [0.9, 0.6]]),
+        patch_index=torch.tensor([[2, 0], [1, 3]]),  # student token -> original patch
+        final_keep=torch.tensor([[1.0, 0.0], [1.0, 1.0]]),  # (image 0, patch 0) was masked
+    )
+    out = MethodOutput(torch.zeros(2, 2), torch.zeros(2, 4, 2, dtype=torch.long), torch.zeros(2, 4),
+                       final_tokens=student_tokens, state=state)
     teacher = MethodOutput(torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]]), out.token_counts, out.patch_depth,
-                           {"final_tokens": teacher_tokens})
+                           final_tokens=teacher_tokens)
     terms = model.loss_terms(out, torch.zeros(2, dtype=torch.long), teacher)
     assert set(terms) == {"ratio", "kl", "token_mse"}
     # ratio: 2.0 * mean(0.2^2, 0.19^2, 0.2^2, 0.11^2)
@@ -158,9 +156,16 @@ def test_loss_terms_in_eval_mode_use_the_fixed_counts(images):
         out = model(images)
         teacher = create_method("dense", make_tiny_vit())(images)
         terms = model.loss_terms(out, None, teacher)
+        agreeing = model.loss_terms(out, None, dataclasses.replace(teacher, logits=out.logits))
     expected = 2.0 * ((11 / 16 - 0.7) ** 2 + (7 / 16 - 0.49) ** 2 + (5 / 16 - 0.343) ** 2) / 3
     assert terms["ratio"].item() == pytest.approx(expected)
-    assert terms["token_mse"].item() > 0 and terms["kl"].item() >= 0
+    # KL(teacher || student) by value: 0.5 * mean over images of sum_c p_t (log p_t - log p_s)
+    p_t, log_s = teacher.logits.softmax(-1).double(), out.logits.log_softmax(-1).double()
+    kl = (p_t * (p_t.log() - log_s)).sum(-1).mean().item()
+    assert kl > 1e-4 and terms["kl"].item() == pytest.approx(0.5 * kl, rel=1e-4)
+    assert terms["token_mse"].item() > 0
+    assert agreeing["kl"].item() == 0.0  # a teacher that agrees with the student adds nothing
+    assert agreeing["token_mse"].item() == terms["token_mse"].item()
 
 
 @pytest.mark.parametrize("scale", [0.01, 0.1])
@@ -182,23 +187,24 @@ def test_param_groups_scale_the_backbone_lr(scale):
 
 
 @pytest.mark.parametrize(
-    "params, key",
+    "params, message",
     [
-        ({"keep_rate": 0.0}, "method.params.keep_rate"),
-        ({"keep_rate": 1.5}, "method.params.keep_rate"),
-        ({"inference_keep_rate": -0.2}, "method.params.inference_keep_rate"),
-        ({"locations": [0, 2]}, "method.params.locations"),
-        ({"locations": [2, 4]}, "method.params.locations"),
-        ({"locations": [2, 2]}, "method.params.locations"),
-        ({"locations": [3, 1]}, "method.params.locations"),
-        ({"kl_weight": -1.0}, "method.params.kl_weight"),
+        ({"keep_rate": 0.0}, "method.params.keep_rate=0.0 is outside the valid range (0, 1]"),
+        ({"keep_rate": 1.5}, "method.params.keep_rate=1.5 is outside the valid range (0, 1]"),
+        ({"inference_keep_rate": -0.2}, "method.params.inference_keep_rate=-0.2 is outside the valid range (0, 1]"),
+        ({"locations": [0, 2]}, "method.params.locations=[0, 2]: [0] outside the valid block range [1, 3]"),
+        ({"locations": [2, 4]}, "method.params.locations=[2, 4]: [4] outside the valid block range [1, 3]"),
+        ({"locations": [2, 2]}, "method.params.locations=[2, 2] must be strictly increasing (valid: indices in "
+                                "[1, 3])"),
+        ({"locations": [3, 1]}, "method.params.locations=[3, 1] must be strictly increasing (valid: indices in "
+                                "[1, 3])"),
+        ({"kl_weight": -1.0}, "method.params.kl_weight=-1.0 must be a finite number >= 0"),
     ],
 )
-def test_bad_params_name_the_key(params, key):
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")) as error:
+def test_bad_params_name_the_key(params, message):
+    with pytest.raises(ValueError) as error:
         tiny_dynamicvit(**params)
-    assert "(0, 1]" in str(error.value) or "[1, 3]" in str(error.value) or "increasing" in str(error.value) \
-        or ">= 0" in str(error.value)
+    assert str(error.value) == message
 
 
 def test_a_rate_that_keeps_no_patch_is_refused_naming_the_knob():
@@ -212,9 +218,11 @@ def test_a_rate_that_keeps_no_patch_is_refused_naming_the_knob():
     assert tiny_dynamicvit(keep_rate=0.3, inference_keep_rate=0.4).keep_counts == [6, 2, 1]
 
 
-def test_config_mirrors_factory_defaults():
-    config = yaml.safe_load(CONFIG.read_text())
-    assert config["name"] == "dynamicvit"
-    defaults = {name: p.default for name, p in method_parameters("dynamicvit").items()}
-    defaults["locations"] = list(defaults["locations"])
-    assert config["params"] == defaults
+def test_registered_defaults():
+    """Defaults, finetune and the trade-off grid come from the registry (the yaml copies none of them)."""
+    spec = method_spec("dynamicvit")
+    assert spec.finetune is True and spec.inference_knob == "inference_keep_rate"
+    assert spec.tradeoff_values == (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    assert resolved_params("dynamicvit", {}) == {
+        "keep_rate": 0.7, "locations": [3, 6, 9], "ratio_weight": 2.0, "kl_weight": 0.5, "token_mse_weight": 0.5,
+        "backbone_lr_scale": 0.01, "inference_keep_rate": None}

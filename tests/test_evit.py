@@ -1,27 +1,23 @@
 """EViT: fusion, handling of the fused token at later stages, counts on DeiT-S, batch invariance, bad input."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import math
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from methods import backbone, create_method
+from methods import backbone, create_method, method_spec, resolved_params
 from methods.tokens import fuse_tokens
 from conftest import assert_batch_invariant, make_tiny_vit
 
-CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf" / "method"
 
 
 def evit_reference(vit, image, keep_rate, locations, fuse):
     """EViT for one image written with Python lists: every non-CLS token, fused ones included, competes."""
     x = backbone.embed(vit, image[None])[0]
     for index, block in enumerate(vit.blocks):
-        y, attn = backbone.attn_residual(block, x[None], return_cls_attn=True)
-        y, weight = y[0], attn.cls_attn[0]
+        y, heads = backbone.attn_residual(block, x[None])
+        y, weight = y[0], backbone.cls_attention(block.attn, heads)[0]
         if index in locations:
             others = y.shape[0] - 1
             keep = math.ceil(keep_rate * others)
@@ -126,8 +122,8 @@ def test_bad_input(tiny_vit, params, key, fragment):
     assert key in message and fragment in message and repr(next(iter(params.values()))) in message
 
 
-def test_config_builds_the_default_method():
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "evit.yaml"))
-    assert cfg["name"] == "evit" and cfg["finetune"] is False
-    method = create_method(cfg["name"], make_tiny_vit(depth=12), **cfg["params"])
+def test_registered_defaults_build_the_default_method():
+    """What the harness builds by default: the registered defaults (no fine-tuning for this method)."""
+    assert method_spec("evit").finetune is False
+    method = create_method("evit", make_tiny_vit(depth=12), **resolved_params("evit", {}))
     assert (method.keep_rate, method.locations, method.fuse) == (0.7, [3, 6, 9], True)

@@ -1,7 +1,9 @@
 """Sweep launching, DDP and preemption without SLURM: submitit's local and debug executors run the job code that
 SLURM jobs run (``experiments/launch.py``, ``distributed.py``, ``preemption.py`` and the pipeline's resume).
 
-- every shipped sweep config expands to cells that pass ``pipeline.validate``;
+- every shipped sweep config expands to cells that pass ``plan.validate``, and names only registered methods;
+- ``launch`` submits what hydra-submitit-launcher's own ``launch`` submits (executor, parameters, sweep
+  directory and its mode, job arguments) for the same sweep;
 - bad sweeps are refused before anything is submitted: an invalid value in one cell, two cells sharing an output
   directory, launcher parameters sbatch rejects (a fake ``sbatch``);
 - a local sweep whose one job crashes still finishes the others, and the summary names the failure and its log;
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -22,11 +25,19 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra._internal.callbacks import Callbacks
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.types import HydraContext, RunMode
 
 import methods
-from experiments import distributed, engine, launch, pipeline, preemption
+from experiments import distributed, engine, launch, pipeline, preemption, sweep_checks
+from experiments.plan import validate
+from methods.models import create_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "experiments" / "conf"
@@ -95,17 +106,12 @@ def sweep_cells(name: str) -> list[list[str]]:
 def test_sweep_configs_expand_to_valid_cells(tmp_path, name):
     cells = sweep_cells(name)
     assert len(cells) >= 3 and any(c.startswith("seed=") for c in cells[0])
-    configured = {p.stem for p in (CONF / "method").glob("*.yaml")}
-    checked = 0
+    registered = methods.list_methods()
     distinct = {tuple(c for c in cell if not c.startswith("seed=")) for cell in cells}  # seeds never invalidate
     for cell in sorted(distinct):
-        method = next(c.split("=", 1)[1] for c in cell if c.startswith("method="))
-        if method not in configured or method not in methods.list_methods():
-            continue  # a method whose config or code has not landed yet
-        pipeline.validate(compose_cfg(tmp_path, "model=deit_small", "data.img_size=224", *cell))  # 196 patches
-        checked += 1
-    if not checked:
-        pytest.skip(f"sweep {name}: its methods are not available yet")
+        method = dict(c.split("=", 1) for c in cell).get("method")
+        assert method in registered, f"sweep {name}: method={method} is not a registered method ({registered})"
+        validate(compose_cfg(tmp_path, "model=deit_small", "data.img_size=224", *cell))  # 196 patches
 
 
 # ----------------------------------------------------------------------------------- refused before sbatch
@@ -127,11 +133,11 @@ def test_cells_sharing_an_output_directory_are_refused(tmp_path):
 
 
 def test_shared_run_dir_and_resume_folder_are_refused():
-    cells = [launch.Cell(0, [], "seed=0", "/o/0", "/r", "/res", "run", "/state/a"),
-             launch.Cell(1, [], "seed=1", "/o/1", "/r", "/res", "run", "/state/b"),
-             launch.Cell(2, [], "progress=false", "/o/2", "/r2", "/res", "run", "/state/b")]
-    with pytest.raises(launch.SweepError) as error:
-        launch.check_distinct_outputs(cells)
+    cells = [sweep_checks.Cell(0, [], "seed=0", "/o/0", "/r", "/res", "run", "/state/a"),
+             sweep_checks.Cell(1, [], "seed=1", "/o/1", "/r", "/res", "run", "/state/b"),
+             sweep_checks.Cell(2, [], "progress=false", "/o/2", "/r2", "/res", "run", "/state/b")]
+    with pytest.raises(launch.SweepError) as error:  # the same class as sweep_checks.SweepError
+        sweep_checks.check_distinct_outputs(cells)
     message = str(error.value)
     assert "jobs #0 (seed=0), #1 (seed=1) resolve to the same paths.run_dir /r" in message
     assert "#1 (seed=1), #2 (progress=false) resolve to the same resume folder" in message
@@ -152,6 +158,76 @@ def test_sbatch_rejection_names_the_job_and_carries_sbatchs_message(tmp_path):
     assert result.returncode != 0
     assert "SubmissionError: slurm refused job 'run' (2 cells: #0 (seed=0); #1 (seed=1))" in result.stderr
     assert "invalid partition specified: nope" in result.stderr
+
+
+# ------------------------------------------------------------------------------------ the plugin's launch
+class RecordingExecutor:
+    """Stands in for ``submitit.AutoExecutor``: records what a launcher asks of it; its jobs have finished."""
+
+    def __init__(self, calls: list, **init):
+        self.calls = calls
+        calls.append(("executor", init))
+
+    def update_parameters(self, **params):
+        self.calls.append(("parameters", params))
+
+    def map_array(self, fn, *iterables):
+        args = list(zip(*iterables))
+        self.calls.append(("map_array", [arg[:4] for arg in args]))  # the fifth, Singleton state, is live objects
+        return [FinishedJob(overrides, num) for overrides, _, num, *_ in args]
+
+
+class FinishedJob:
+    def __init__(self, overrides: list[str], num: int):
+        self.job_id, self.state = f"42_{num}", "COMPLETED"
+        self.ret = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)
+        self.ret.return_value = num
+
+    def exception(self):
+        return None
+
+    def results(self):
+        return [self.ret]
+
+
+def launch_with_recorder(tmp_path: Path, target: str, monkeypatch) -> tuple[list, list]:
+    """A two-cell sweep through ``target`` (a launcher class) as Hydra sets it up: what it asked the executor,
+    and the results it returned."""
+    import submitit
+
+    task = [*TINY, "train.epochs=1", f"paths.results_dir={tmp_path}/results", f"paths.cache_dir={tmp_path}/cache",
+            f"paths.state_dir={tmp_path}/state"]
+    calls: list = []
+    monkeypatch.setattr(submitit, "AutoExecutor", lambda **init: RecordingExecutor(calls, **init))
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # launch exports the checkout into it
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        hydra = GlobalHydra.instance().hydra
+        config = hydra.compose_config("config", [*task, "launcher=slurm", f"hydra.launcher._target_={target}",
+                                                 f"hydra.sweep.dir={tmp_path}/sweep", "+hydra.sweep.mode=750"],
+                                      run_mode=RunMode.MULTIRUN)
+        HydraConfig.instance().set_config(config)
+        context = HydraContext(config_loader=hydra.config_loader, callbacks=Callbacks(config))
+        launcher = Plugins.instance().instantiate_launcher(hydra_context=context, task_function=lambda cfg: None,
+                                                          config=config)
+        returns = launcher.launch([[*task, "seed=0"], [*task, "seed=1"]], initial_job_idx=3)
+    assert stat.S_IMODE((tmp_path / "sweep").stat().st_mode) == 0o750
+    return calls, [(ret.overrides, ret.return_value) for ret in returns]
+
+
+def test_launch_submits_what_the_plugins_launch_submits(tmp_path, monkeypatch):
+    """``_SweepLauncher.launch`` is a fork of ``BaseSubmititLauncher.launch``: for the same sweep both build the
+    same executor, pass it the same parameters, prepare the sweep directory alike and submit the same jobs."""
+    plugin = launch_with_recorder(tmp_path / "plugin", "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
+                                  "SlurmLauncher", monkeypatch)
+    ours = launch_with_recorder(tmp_path / "ours", "hydra_plugins.adaptive_vit_bench_launcher.SlurmLauncher",
+                                monkeypatch)
+    relocated = json.loads(json.dumps(plugin).replace(str(tmp_path / "plugin"), str(tmp_path / "ours")))
+    assert json.loads(json.dumps(ours)) == relocated
+    calls, returns = ours
+    assert [name for name, _ in calls] == ["executor", "parameters", "map_array"]
+    assert calls[0][1]["slurm_max_num_timeout"] == 3 and calls[1][1]["slurm_array_parallelism"] == 64
+    assert [num for _, _, num, _ in calls[2][1]] == [3, 4] and [value for _, value in returns] == [3, 4]
+    assert [job["state"] for job in summary(tmp_path / "ours")["jobs"]] == ["COMPLETED"] * 2
 
 
 # --------------------------------------------------------------------------------------- local executor
@@ -294,7 +370,7 @@ class Capture:
 def test_evaluate_merge_gives_identical_metrics(monkeypatch):
     """Evaluating shard by shard and merging in batch order reproduces the one-process result exactly."""
     torch.manual_seed(0)
-    vit = pipeline.create_backbone("deit_digits_patch4_32", num_classes=10, depth=2)
+    vit = create_backbone("deit_digits_patch4_32", num_classes=10, depth=2)
     model = methods.create_method("tome", vit, r=5).eval()
     dataset = torch.utils.data.TensorDataset(torch.randn(37, 3, 32, 32), torch.randint(0, 10, (37,)))
     cpu = torch.device("cpu")

@@ -1,4 +1,4 @@
-"""Cost measurement: config validation, the throughput protocol, ``measure_for_record`` and the measure.py CLI.
+"""Cost measurement: config validation, the throughput protocol, ``costs.measure_costs`` and the measure.py CLI.
 
 Timing values are not asserted (the machine is shared); the protocol is: what runs where, in which order,
 with which switches, and what the records hold.
@@ -16,9 +16,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 import methods
-from experiments import measure, records, throughput
+from experiments import costs, measure, plan, records, throughput
 from experiments.engine import EvalResult
-from experiments.pipeline import ConfigError
+from experiments.config import ConfigError
+from hydra.errors import ConfigCompositionException
 from methods.models import create_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +53,9 @@ def no_records(tmp_path: Path) -> bool:
 
 # ------------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("override,key,valid", [
-    ("measure.batch_sizes=[1,0]", "measure.batch_sizes", "positive integers"),
-    ("measure.batch_sizes=[-4]", "measure.batch_sizes", "positive integers"),
+    ("measure.batch_sizes=[1,0]", "measure.batch_sizes", ">= 1"),
+    ("measure.batch_sizes=[-4]", "measure.batch_sizes", ">= 1"),
+    ("measure.batch_sizes=[]", "measure.batch_sizes", "positive integers"),
     ("measure.dtypes=[fp32,fp64]", "measure.dtypes", "fp32, bf16, fp16"),
     ("measure.dtypes=[half]", "measure.dtypes", "fp32, bf16, fp16"),
     ("measure.images=0", "measure.images", ">= 1"),
@@ -61,16 +63,25 @@ def no_records(tmp_path: Path) -> bool:
     ("measure.repeats=0", "measure.repeats", ">= 1"),
     ("measure.warmup=-1", "measure.warmup", ">= 0"),
     ("measure.min_time_s=-1", "measure.min_time_s", ">= 0"),
-    ("measure.fused_attn=maybe", "measure.fused_attn", "null, true, false"),
+    ("measure.min_time_s=inf", "measure.min_time_s", "finite"),
 ])
 def test_bad_measure_config_names_key_and_choices(tmp_path, override, key, valid):
     cfg = make_cfg(tmp_path, override)
     with pytest.raises(ConfigError) as error:
-        measure.check_config(cfg)
+        plan.validate(cfg)
     assert key in str(error.value) and valid in str(error.value)
     with pytest.raises(ConfigError):
         measure.measure_run(cfg)
     assert no_records(tmp_path)
+
+
+@pytest.mark.parametrize("override, key", [("measure.fused_attn=maybe", "measure.fused_attn"),
+                                           ("measure.batch_sizes=8", "measure.batch_sizes"),
+                                           ("measure.images=many", "measure.images")])
+def test_mistyped_measure_settings_are_refused_at_composition(tmp_path, override, key):
+    with pytest.raises(ConfigCompositionException) as error:
+        make_cfg(tmp_path, override)
+    assert f"full_key: {key}" in str(error.value.__cause__)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -79,22 +90,19 @@ def test_cuda_without_gpu_is_an_error_not_a_cpu_fallback(tmp_path):
     with open_dict(cfg):
         cfg.device = "cuda"
     with pytest.raises(ConfigError, match="device=cuda"):
-        measure.check_config(cfg)
-    with pytest.raises(ConfigError, match="device=cuda"):
         measure.measure_run(cfg)
     assert no_records(tmp_path)
 
 
 def test_defaults_per_device(tmp_path):
-    cfg = make_cfg(tmp_path)
-    measure.check_config(cfg)
-    cpu = measure.settings_for(cfg, torch.device("cpu"))
+    settings = plan.validate(make_cfg(tmp_path)).config.measure
+    cpu = costs.settings_for(settings, torch.device("cpu"))
     assert list(cpu.batch_sizes) == [1, 32] and list(cpu.dtypes) == ["fp32"]
-    gpu = measure.settings_for(cfg, torch.device("cuda"))
+    gpu = costs.settings_for(settings, torch.device("cuda"))
     assert list(gpu.batch_sizes) == [1, 64, 256] and list(gpu.dtypes) == ["fp32", "bf16"]
     assert cpu.warmup >= 10 and cpu.repeats >= 5
-    single = measure.settings_for(make_cfg(tmp_path, "measure.batch_sizes=8", "measure.dtypes=bf16"),
-                                  torch.device("cpu"))
+    chosen = plan.validate(make_cfg(tmp_path, "measure.batch_sizes=[8]", "measure.dtypes=[bf16]")).config.measure
+    single = costs.settings_for(chosen, torch.device("cpu"))
     assert list(single.batch_sizes) == [8] and list(single.dtypes) == ["bf16"]
 
 
@@ -172,8 +180,12 @@ def test_make_inputs_cycles_real_images():
     assert throughput.make_inputs(2, torch.device("cpu"), None, (3, 4, 4)).shape == (2, 3, 4, 4)
 
 
-# --------------------------------------------------------------------------------------- measure_for_record
-def test_measure_for_record_uses_the_same_backbone_for_dense(tmp_path, monkeypatch):
+# -------------------------------------------------------------------------------------------- measure_costs
+def measured(method, result, cfg, images=None):
+    return costs.measure_costs(method, result, plan.validate(cfg).config.measure, torch.device("cpu"), images)
+
+
+def test_measure_costs_uses_the_same_backbone_for_dense(tmp_path, monkeypatch):
     seen = {}
 
     def fake(method, dense, device, settings, ratio, images=None, input_shape=None):
@@ -186,26 +198,26 @@ def test_measure_for_record_uses_the_same_backbone_for_dense(tmp_path, monkeypat
     result = EvalResult({"top1": 0.0}, counts, torch.zeros(2, 64, dtype=torch.long))
     cfg = make_cfg(tmp_path, *FAST)
     dataset = torch.utils.data.TensorDataset(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long))
-    costs = measure.measure_for_record(method, result, cfg, torch.device("cpu"), dataset=dataset)
+    need = costs.images_needed(plan.validate(cfg).config.measure, torch.device("cpu"))
+    images, _ = costs.load_images(dataset, need, 0, 0)
+    entries = measured(method, result, cfg, images)
     if isinstance(method, methods.dense.Dense):
         assert seen["dense"] is None
     else:
         assert seen["dense"].vit is method.vit  # same weights, no copy
-    assert seen["ratio"] == pytest.approx(costs["flops"]["flops_ratio"])
+    assert seen["ratio"] == pytest.approx(entries["flops"]["flops_ratio"])
     assert seen["images"].shape == (3, 3, 32, 32)  # the first images of the dataset, as many as batch 3 needs
-    assert costs["flops"]["images"] == 2
+    assert entries["flops"]["images"] == 2
 
 
-def test_measure_for_record_switches(tmp_path):
+def test_measure_costs_switches(tmp_path):
     method = tiny_method("dense")
     result = EvalResult({"top1": 0.0}, method.full_counts(2, torch.device("cpu")), torch.zeros(2, 64))
     off = make_cfg(tmp_path, "measure.throughput=false", "measure.flops=false")
-    assert measure.measure_for_record(method, result, off, torch.device("cpu")) == {"flops": None,
-                                                                                      "throughput": None}
+    assert measured(method, result, off) == {"flops": None, "throughput": None}
     check = make_cfg(tmp_path, "measure.throughput=false", "measure.fvcore_images=1")
-    dataset = torch.utils.data.TensorDataset(torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))
-    costs = measure.measure_for_record(method, result, check, torch.device("cpu"), dataset=dataset)
-    assert costs["flops"]["fvcore_check"]["rel_diff"] == pytest.approx(0.0, abs=1e-9)
+    entries = measured(method, result, check, torch.randn(2, 3, 32, 32))
+    assert entries["flops"]["fvcore_check"]["rel_diff"] == pytest.approx(0.0, abs=1e-9)
 
 
 # ----------------------------------------------------------------------------------------- the measure CLI

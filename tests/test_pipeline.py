@@ -10,10 +10,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import methods
-from conftest import write_png_folder
+from conftest import build_for, write_png_folder
 from experiments import pipeline
 from experiments.data import DataError
-from methods.models import CheckpointError
+from methods.models import CheckpointError, create_backbone
 
 CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"
 
@@ -42,7 +42,7 @@ def test_end_to_end_tiny_run_writes_one_complete_record(tmp_path):
     assert saved["method"] == "dense" and saved["data"] == "digits" and saved["seed"] == 0
     assert 0 <= saved["metrics"]["top1"] <= 100 and saved["metrics"]["num_images"] == 360
     assert saved["params"] == sum(p.numel() for p in methods.create_method(
-        "dense", pipeline.create_backbone("deit_digits_patch4_32", num_classes=10, depth=2)).parameters())
+        "dense", create_backbone("deit_digits_patch4_32", num_classes=10, depth=2)).parameters())
     assert saved["tokens"]["attn_mean"] == [65.0, 65.0]
     assert saved["flops"]["flops_ratio"] == pytest.approx(1.0)
     assert torch.__version__.startswith(saved["provenance"]["packages"]["torch"])
@@ -57,7 +57,7 @@ def test_end_to_end_tiny_run_writes_one_complete_record(tmp_path):
 
 def test_checkpoint_round_trip_through_model_checkpoint(tmp_path):
     cfg = make_cfg(tmp_path, "+model.depth=2")
-    first = pipeline.build_method(cfg, num_classes=10)
+    first = build_for(cfg, 10)
     state = first.vit.state_dict()
     for suffix in (".pth", ".safetensors"):
         path = tmp_path / f"weights{suffix}"
@@ -67,28 +67,28 @@ def test_checkpoint_round_trip_through_model_checkpoint(tmp_path):
             from safetensors.torch import save_file
             save_file({k: v.contiguous() for k, v in state.items()}, str(path))
         torch.manual_seed(123)
-        loaded = pipeline.build_method(make_cfg(tmp_path, "+model.depth=2", f"model.checkpoint={path}"), 10)
+        loaded = build_for(make_cfg(tmp_path, "+model.depth=2", f"model.checkpoint={path}"), 10)
         for key, value in state.items():
             torch.testing.assert_close(loaded.vit.state_dict()[key], value)
 
 
 def test_mismatched_checkpoint_names_missing_and_unexpected_keys(tmp_path):
     cfg = make_cfg(tmp_path, "+model.depth=2")
-    state = pipeline.build_method(cfg, 10).vit.state_dict()
+    state = build_for(cfg, 10).vit.state_dict()
     state["extra.weight"] = torch.zeros(1)
     del state["blocks.1.mlp.fc2.bias"]
     path = tmp_path / "bad.pth"
     torch.save(state, path)
     with pytest.raises(CheckpointError, match=r"missing keys: blocks\.1\.mlp\.fc2\.bias.*unexpected keys: extra\.weight"):
-        pipeline.build_method(make_cfg(tmp_path, "+model.depth=2", f"model.checkpoint={path}"), 10)
+        build_for(make_cfg(tmp_path, "+model.depth=2", f"model.checkpoint={path}"), 10)
 
 
 def test_checkpoint_with_other_class_count_is_refused(tmp_path):
-    state = pipeline.build_method(make_cfg(tmp_path, "+model.depth=2"), 10).vit.state_dict()
+    state = build_for(make_cfg(tmp_path, "+model.depth=2"), 10).vit.state_dict()
     path = tmp_path / "w.pth"
     torch.save(state, path)
-    with pytest.raises(CheckpointError, match=r"head\.weight \(10, 64\) vs model \(7, 64\)"):
-        pipeline.build_method(make_cfg(tmp_path, "+model.depth=2", f"model.checkpoint={path}"), 7)
+    with pytest.raises(CheckpointError, match=r"has a 10-class head but data\.name=digits has 7 classes"):
+        build_for(make_cfg(tmp_path, "+model.depth=2", f"model.checkpoint={path}"), 7)
 
 
 @pytest.mark.parametrize("overrides, error, message", [

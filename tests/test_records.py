@@ -77,3 +77,28 @@ def test_provenance_has_commit_versions_and_device():
     prov = records.provenance(records.now_iso())
     assert {"git_commit", "packages", "device", "hostname", "start_time", "end_time"} <= set(prov)
     assert prov["packages"]["torch"] and prov["packages"]["timm"]
+
+
+def test_token_maps_in_a_record_are_compact_and_lossless():
+    """Eight 224 px eval images of a 14x14-patch model: depths exact, thumbnails 64 px, a few KB in all."""
+    import numpy as np
+    import torch
+
+    from analysis import load
+    from experiments import engine
+
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 224), torch.linspace(-1, 1, 224), indexing="ij")
+    grey = torch.stack([torch.exp(-((xx - 0.1 * i) ** 2 + yy ** 2) / 0.2) for i in range(8)])[:, None]
+    images = grey.expand(8, 3, 224, 224).clone()  # digits are grey images replicated to 3 channels
+    images[7, 0] = 0.0  # one colour image
+    patch_depth = torch.randint(0, 13, (10, 196), generator=torch.Generator().manual_seed(0))
+    result = engine.EvalResult(metrics={}, token_counts=torch.full((10, 12, 2), 197), patch_depth=patch_depth,
+                               map_images=images)
+    tokens = json.loads(json.dumps(engine.token_summary(result, 12, (14, 14), 8)))
+    assert len(json.dumps(tokens["maps"])) < 20_000  # under 2.5 KB a map; the plain lists took 45 KB a map
+    maps = load.depth_maps(tokens)
+    assert [m["index"] for m in maps] == list(range(8))
+    for i, entry in enumerate(maps):
+        assert np.array_equal(entry["depth"], patch_depth[i].reshape(14, 14).numpy())
+    assert [m["image"].shape for m in maps] == [(64, 64)] * 7 + [(64, 64, 3)]
+    assert all(m["image"].min() == 0.0 and m["image"].max() == 1.0 for m in maps)  # min-max scaled per image

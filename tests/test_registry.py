@@ -1,38 +1,150 @@
-"""The method registry: names, parameters, errors listing the valid choices; every method fits the interface."""
+"""The method registry: discovery, metadata, resolved parameters, errors listing the valid choices; every method
+fits the interface; the yaml files and the README tables carry nothing that drifts from the registry."""
+import inspect
+import json
+import re
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import timm
 import torch
+import yaml
 
 import methods
+from methods import registry
 from methods.base import MethodOutput
 from conftest import make_tiny_vit
 
+ROOT = Path(__file__).resolve().parents[1]
+METHOD_CONF = ROOT / "experiments" / "conf" / "method"
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """Registrations made in a test vanish after it."""
+    monkeypatch.setattr(registry, "_SPECS", dict(registry._SPECS))
+
 
 def test_unknown_method_lists_valid_choices():
-    with pytest.raises(ValueError, match=r"unknown method 'nope'.*dense"):
-        methods.create_method("nope", make_tiny_vit())
+    valid = ", ".join(methods.list_methods())
+    for call in (lambda: methods.create_method("nope", make_tiny_vit()), lambda: methods.method_spec("nope"),
+                 lambda: methods.inference_knob("nope"), lambda: methods.resolved_params("nope", {})):
+        with pytest.raises(ValueError) as error:
+            call()
+        assert str(error.value) == f"unknown method 'nope'; valid choices: {valid}"
 
 
 def test_unknown_parameter_is_named():
-    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['bogus'\] for method 'dense'"):
+    message = r"unknown parameter\(s\) \['bogus'\] for method 'dense'; valid: \(none\)"
+    with pytest.raises(ValueError, match=message):
         methods.create_method("dense", make_tiny_vit(), bogus=1)
+    with pytest.raises(ValueError, match=message):
+        methods.resolved_params("dense", {"bogus": 1})
 
 
 def test_duplicate_registration_is_refused():
-    with pytest.raises(ValueError, match="registered twice"):
+    with pytest.raises(ValueError, match="method 'dense' is registered twice"):
         methods.register_method("dense")(lambda vit: None)
 
 
-def test_inference_knobs_are_declared_factory_parameters():
-    assert methods.methods_with_knob() == {
-        "adavit": "inference_gate_shift", "dynamicvit": "inference_keep_rate", "evit": "keep_rate",
-        "random": "keep_rate", "tome": "r", "topk": "keep_rate"}
-    assert methods.inference_knob("dense") is None
-    with pytest.raises(ValueError, match=r"unknown method 'nope'"):
-        methods.inference_knob("nope")
-    with pytest.raises(ValueError, match=r"method 'knobby': inference knob 'rate' is not a factory parameter"):
-        methods.register_method("knobby", inference_knob="rate")(lambda vit, keep=0.5: None)
+@pytest.mark.parametrize("kwargs, message", [
+    ({"inference_knob": "rate"}, "method 'knobby': inference knob 'rate' is not a factory parameter"),
+    ({"tradeoff_values": [0.5]}, "method 'knobby': tradeoff_values=[0.5] given without an inference knob"),
+    ({"inference_knob": "keep", "tradeoff_values": []},
+     "method 'knobby': tradeoff_values=[] must be a non-empty list of keep values"),
+    ({"inference_knob": "keep", "tradeoff_values": [0.5, 0.5]},
+     "method 'knobby': tradeoff_values=[0.5, 0.5] repeats a value"),
+    ({"finetune": "yes"}, "method 'knobby': finetune='yes' must be true or false"),
+])
+def test_bad_registrations_are_refused(scratch_registry, kwargs, message):
+    with pytest.raises(ValueError) as error:
+        methods.register_method("knobby", **kwargs)(lambda vit, keep=0.5: None)
+    assert str(error.value) == message
     assert "knobby" not in methods.list_methods()
+
+
+def test_a_registration_carries_its_metadata(scratch_registry):
+    def build(vit, keep=0.5, blocks=(1, 2)):
+        """Keeps what it keeps.
+
+        Longer text that is not the summary."""
+
+    methods.register_method("knobby", inference_knob="keep", finetune=True, tradeoff_values=[0.25, 0.5])(build)
+    assert methods.method_spec("knobby") == methods.MethodSpec(
+        name="knobby", factory=build, inference_knob="keep", finetune=True, tradeoff_values=(0.25, 0.5),
+        summary="Keeps what it keeps.")
+    assert methods.methods_with_knob()["knobby"] == "keep"
+    assert methods.resolved_params("knobby", {"keep": 0.75}) == {"keep": 0.75, "blocks": [1, 2]}
+    methods.register_method("plain", summary="Given summary.")(lambda vit: None)
+    assert methods.method_spec("plain").summary == "Given summary."
+    assert methods.method_spec("plain").inference_knob is None and methods.method_spec("plain").finetune is False
+
+
+def test_knobs_and_grids_are_declared_factory_parameters():
+    """Derived from the registry: a knob is a factory parameter, a grid belongs to a knob, and every grid
+    point builds the method (here on the embedded model, where every default fits)."""
+    assert methods.inference_knob("dense") is None and methods.method_spec("dense").tradeoff_values is None
+    knobs = methods.methods_with_knob()
+    assert knobs and set(knobs) < set(methods.list_methods())
+    for name, knob in knobs.items():
+        assert knob in methods.method_parameters(name)
+        grid = methods.method_spec(name).tradeoff_values
+        assert grid, name
+        for value in grid:
+            methods.create_method(name, timm.create_model("deit_digits_patch4_32"), **{knob: value})
+
+
+@pytest.mark.parametrize("name", methods.list_methods())
+def test_resolved_params_apply_the_given_ones_over_the_signature_defaults(name):
+    defaults = {key: p.default for key, p in methods.method_parameters(name).items()}
+    resolved = methods.resolved_params(name, {})
+    assert list(resolved) == list(defaults)
+    json.dumps(resolved)  # JSON-able
+    for key, value in resolved.items():
+        default = defaults[key]
+        assert value == (list(default) if isinstance(default, tuple) else default), key
+    if defaults:
+        key = next(iter(defaults))
+        assert methods.resolved_params(name, {key: "given"})[key] == "given"
+
+
+def test_resolved_params_take_config_containers():
+    from omegaconf import OmegaConf
+
+    given = OmegaConf.create({"r": [4, 4, 2], "prop_attn": False})
+    assert methods.resolved_params("tome", given) == {"r": [4, 4, 2], "prop_attn": False}
+    assert type(methods.resolved_params("tome", given)["r"]) is list
+
+
+def test_resolved_params_refuse_values_that_are_not_json():
+    with pytest.raises(ValueError, match=r"method\.params\.r=\{1\} is a set, not a JSON value"):
+        methods.resolved_params("tome", {"r": {1}})
+
+
+def test_a_new_module_in_the_package_is_discovered(scratch_registry, tmp_path, monkeypatch):
+    """A method is one new file: discovery imports it from the package path, no import list names it."""
+    (tmp_path / "throwaway_method.py").write_text(textwrap.dedent('''
+        """A throwaway method for the discovery test."""
+        from methods.dense import Dense
+        from methods.registry import register_method
+
+
+        @register_method("throwaway", inference_knob="level", tradeoff_values=[1, 2])
+        def build_throwaway(vit, level: int = 1):
+            """Throwaway: the dense model under another name."""
+            return Dense(vit)
+        '''))
+    monkeypatch.setattr(methods, "__path__", [*methods.__path__, str(tmp_path)])
+    try:
+        assert "throwaway_method" in methods.discover()
+        assert "throwaway" in methods.list_methods()
+        assert methods.method_spec("throwaway").summary == "Throwaway: the dense model under another name."
+        out = methods.create_method("throwaway", make_tiny_vit(), level=2).eval()(torch.zeros(1, 3, 32, 32))
+        assert isinstance(out, MethodOutput) and out.token_counts.shape == (1, 4, 2)
+    finally:
+        sys.modules.pop("methods.throwaway_method", None)
 
 
 @pytest.mark.parametrize("name", methods.list_methods())
@@ -50,3 +162,57 @@ def test_every_method_keeps_timm_keys_and_reports_counts(name, images):
     assert (out.token_counts <= 65).all() and (out.token_counts >= 1).all()
     assert out.patch_depth.shape == (4, 64)
     assert (out.patch_depth >= 0).all() and (out.patch_depth <= 12).all()
+    for counts in method.alt_token_counts(images, out).values():
+        assert counts.shape == out.token_counts.shape and (counts >= out.token_counts).all()
+    json.dumps(method.record_info())
+
+
+@pytest.mark.parametrize("name", methods.list_methods())
+def test_every_method_has_a_yaml_that_copies_no_default(name):
+    """The yaml names the method and holds only what a sweep needs: no finetune, no grid, no default values."""
+    config = yaml.safe_load((METHOD_CONF / f"{name}.yaml").read_text())
+    assert set(config) <= {"defaults", "name", "params"}, sorted(config)
+    assert config.get("name", name) == name
+    defaults = methods.resolved_params(name, {})
+    for key, value in (config.get("params") or {}).items():
+        assert key in defaults and value != defaults[key], f"{name}.yaml copies the default {key}={value!r}"
+
+
+def test_readme_tradeoff_table_is_generated_from_the_registry():
+    """On failure, paste the expected table (printed below) into the README's trade-off section."""
+    from methods.catalog import tradeoff_table
+
+    table = tradeoff_table()
+    assert table in (ROOT / "README.md").read_text(), f"README drifted from the registry; expected:\n{table}"
+
+
+def readme_table(heading: str) -> list[list[str]]:
+    """The cells of the first markdown table after ``heading`` in the README (header row included)."""
+    text = (ROOT / "README.md").read_text().split(f"\n{heading}\n", 1)[1]
+    rows, started = [], False
+    for line in text.splitlines():
+        if line.startswith("|"):
+            started = True
+            if not set(line) <= set("|-: "):
+                rows.append([cell.strip() for cell in line.strip("|").split("|")])
+        elif started:
+            break
+    return rows
+
+
+def test_readme_methods_table_agrees_with_the_registry():
+    """The hand-written table of the README's "Methods" section: every method in one row, its file, whether it
+    fine-tunes by default, and only parameters the row's factories have."""
+    header, *rows = readme_table("## Methods")
+    assert header == ["method", "file", "trains?", "knobs (`method.params.*`)"]
+    listed = []
+    for names, file, trains, knobs in rows:
+        names = re.findall(r"`(\w+)`", names)
+        listed += names
+        specs = [methods.method_spec(name) for name in names]
+        assert {f"`{inspect.getfile(spec.factory).split('/methods/')[-1]}`" for spec in specs} == \
+            {file.replace("`methods/", "`")}, names
+        assert {spec.finetune for spec in specs} == {trains == "fine-tunes"}, names
+        parameters = set().union(*(methods.method_parameters(name) for name in names))
+        assert set(re.findall(r"`(\w+)`", knobs)) <= parameters, names
+    assert sorted(listed) == methods.list_methods()

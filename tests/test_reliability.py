@@ -18,7 +18,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from experiments import engine, pipeline, records
+from conftest import build_for
+from experiments import checkpoints, engine, identity, pipeline, plan, records, training
+from experiments.data import build_data
 from methods.dynamicvit import DynamicViT
 from methods.models import CheckpointError, load_state_dict_strict
 
@@ -57,7 +59,7 @@ def records_in(folder: Path) -> list[Path]:
 
 
 def resume_file(cfg) -> Path:
-    return Path(cfg.paths.state_dir) / pipeline.run_key(cfg) / "last.pth"
+    return Path(cfg.paths.state_dir) / identity.run_key(cfg) / "last.pth"
 
 
 def temp_files(folder: Path) -> list[Path]:
@@ -94,7 +96,7 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint
         pipeline.run(cfg)
     assert records_in(tmp_path) == []
     last = resume_file(cfg)
-    state = pipeline.read_resume_checkpoint(last)  # the last good checkpoint: epoch 0 done, loads whole
+    state = checkpoints.read_resume_checkpoint(last)  # the last good checkpoint: epoch 0 done, loads whole
     assert state["epoch"] == 1 and len(state["history"]) == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert temp_files(tmp_path) == []
@@ -129,11 +131,11 @@ def test_crash_mid_training_resumes_to_the_same_result(tmp_path, monkeypatch, ca
     cfg = make_cfg(tmp_path / "crashed", *overrides)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(cfg)
-    assert records_in(tmp_path / "crashed") == [] and pipeline.read_resume_checkpoint(resume_file(cfg))["epoch"] == 1
+    assert records_in(tmp_path / "crashed") == [] and checkpoints.read_resume_checkpoint(resume_file(cfg))["epoch"] == 1
     monkeypatch.setattr(engine, "train_one_epoch", original)
     stale = resume_file(cfg).with_name(".last.pth.99999.tmp")
     stale.write_bytes(b"PK\x03\x04 a save cut short by a kill")
-    with caplog.at_level("INFO", logger="experiments.pipeline"):
+    with caplog.at_level("INFO", logger="experiments.training"):
         resumed = pipeline.run(cfg)
     assert "resumed from" in caplog.text and "at epoch 1" in caplog.text
     same_training(resumed, reference)
@@ -173,7 +175,7 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
     assert process.wait() == -signal.SIGKILL
     log.close()
     assert records_in(killed) == [], "a killed run left a results record"
-    assert 1 <= pipeline.read_resume_checkpoint(found[0])["epoch"] < 4
+    assert 1 <= checkpoints.read_resume_checkpoint(found[0])["epoch"] < 4
 
     again = subprocess.run(cli(killed, *overrides), cwd=tmp_path, env=cli_env(), capture_output=True, text=True)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -238,12 +240,12 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
     cfg = make_cfg(tmp_path)
     fail_second_checkpoint(monkeypatch, where)
     last = resume_file(cfg)
-    with pytest.raises(pipeline.CheckpointSaveError) as caught:
+    with pytest.raises(checkpoints.CheckpointSaveError) as caught:
         pipeline.run(cfg)
     message = str(caught.value)
     assert f"could not save checkpoint {last}" in message and "No space left on device" in message
     assert "the previous checkpoint there is intact" in message and caught.value.errno == errno.ENOSPC
-    assert pipeline.read_resume_checkpoint(last)["epoch"] == 1  # epoch 0's checkpoint, whole
+    assert checkpoints.read_resume_checkpoint(last)["epoch"] == 1  # epoch 0's checkpoint, whole
     assert temp_files(tmp_path) == [] and records_in(tmp_path) == []
     if where == "torch.save":  # space freed: the same command resumes from epoch 1 and finishes
         monkeypatch.undo()
@@ -265,9 +267,9 @@ def test_disk_full_while_writing_the_record_leaves_no_record_and_the_rerun_finis
         pipeline.run(cfg)
     runs = tmp_path / "results" / "runs"
     assert list(runs.iterdir()) == []  # neither a record nor a temp file
-    assert pipeline.read_resume_checkpoint(resume_file(cfg))["epoch"] == 2  # training is not lost
+    assert checkpoints.read_resume_checkpoint(resume_file(cfg))["epoch"] == 2  # training is not lost
     monkeypatch.undo()
-    with caplog.at_level("INFO", logger="experiments.pipeline"):
+    with caplog.at_level("INFO", logger="experiments.training"):
         record = pipeline.run(cfg)
     assert "resumed from" in caplog.text and len(record["train"]["history"]) == 2
     assert len(records_in(tmp_path)) == 1 and not resume_file(cfg).exists()
@@ -290,9 +292,9 @@ def test_real_full_disk_while_checkpointing(tmp_path):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         last = folder / "last.pth"
-        pipeline.save_checkpoint(last, payload)
-        with pytest.raises(pipeline.CheckpointSaveError, match=rf"could not save checkpoint {last} .*MB free"):
-            pipeline.save_checkpoint(last, {"model": {"w": torch.ones(40_000)}, "epoch": 2})
+        checkpoints.save_checkpoint(last, payload)
+        with pytest.raises(checkpoints.CheckpointSaveError, match=rf"could not save checkpoint {last} .*MB free"):
+            checkpoints.save_checkpoint(last, {"model": {"w": torch.ones(40_000)}, "epoch": 2})
         assert torch.load(last)["epoch"] == 1
         assert [p.name for p in folder.iterdir()] == ["last.pth"]
     finally:
@@ -368,19 +370,20 @@ def test_corrupt_baseline_work_checkpoint_is_a_clear_error(tmp_path):
     work.mkdir()
     (work / "last.pth").write_bytes(b"PK\x03\x04")
     cfg = make_cfg(tmp_path, "baseline.enabled=true", "baseline.epochs=1")
-    data = pipeline.build_data(cfg)
-    method = pipeline.build_method(cfg, data.num_classes)
+    checked = plan.validate(cfg)
+    data = build_data(checked.config.data)
+    method = build_for(cfg, data.num_classes)
     with pytest.raises(CheckpointError, match=rf"resume checkpoint {work}/last\.pth is corrupt.*rm {work}/last\.pth"):
-        pipeline.fit(method, data, cfg.baseline, cfg, torch.device("cpu"), work, "dense")
+        training.fit(method, data, checked.config.baseline, checked.config, torch.device("cpu"), work, "dense")
 
 
 def test_a_mismatching_state_dict_changes_no_weight(tmp_path):
     """All-or-nothing: a state dict with one bad tensor among good ones is refused before any copy."""
     cfg = make_cfg(tmp_path)
-    method = pipeline.build_method(cfg, 10)
+    method = build_for(cfg, 10)
     before = {k: v.clone() for k, v in method.state_dict().items()}
     torch.manual_seed(99)
-    other = pipeline.build_method(cfg, 10).state_dict()  # different values, same shapes...
+    other = build_for(cfg, 10).state_dict()  # different values, same shapes...
     other["vit.blocks.1.mlp.fc2.weight"] = torch.zeros(1, 1)  # ...but one of them wrong
     with pytest.raises(CheckpointError, match=r"vit\.blocks\.1\.mlp\.fc2\.weight \(1, 1\) vs model"):
         load_state_dict_strict(method, other, "test state")
@@ -459,7 +462,7 @@ def test_concurrent_writers_and_a_polling_reader(tmp_path):
 # ------------------------------------------------------------------------------------------- exit codes
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides, message", [
-    (["train.epochs=abc"], r"train\.epochs='abc' is not an integer"),
+    (["train.epochs=abc"], r"Value 'abc' of type 'str' could not be converted to Integer\n *full_key: train\.epochs"),
     (["method=evit", "method.params.keep_rate=0", "model.depth=12"], r"method\.params\.keep_rate=0 is outside"),
     (["model.checkpoint=/no/such.pth"], r"model\.checkpoint: file not found"),
     (["train.lr=1e30"], r"NonFiniteLossError: non-finite loss at epoch 0 step"),

@@ -1,23 +1,28 @@
-"""Config validation (``experiments/schema.py``): every bad input fails at startup, before any data is loaded and
+"""Config validation (``experiments/config.py`` types and ranges, ``experiments/plan.py`` the rest): every bad input
+fails at startup, before any data is loaded and
 before anything is written, with an error naming the key, the bad value and the valid range or choices.
 
 ``BAD_INPUTS`` is the catalogue: one row per distinct bad input, each run through ``pipeline.run`` with data
 loading booby-trapped (it fails the test if reached) and the output folders compared before and after.
 """
 import copy
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
 
 import methods
+from experiments import build, config
+from methods.models import create_backbone
 from conftest import write_png_folder
-from experiments import pipeline, schema
+from experiments import pipeline, plan
 from experiments.data import DataError
-from experiments.schema import ConfigError
+from experiments.config import ConfigError
 from methods.models import CheckpointError
 
 CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"
@@ -55,12 +60,16 @@ def no_data(monkeypatch):
 
 def assert_refused_at_startup(tmp_path, overrides, error, message):
     before = files_under(tmp_path)
-    with pytest.raises(error, match=message):
+    with pytest.raises(error) as raised:
         pipeline.run(make_cfg(tmp_path, *overrides))
+    # a composition error carries OmegaConf's words (key, value, type) in its cause
+    text = " ".join(str(e) for e in (raised.value, raised.value.__cause__) if e is not None)
+    assert re.search(message, text, re.DOTALL), f"{message!r} not in {text!r}"
     assert files_under(tmp_path) == before, "a refused run wrote something"
 
 
 ADAVIT = ["method=adavit"]
+COMPOSE = ConfigCompositionException  # a mistyped value: OmegaConf refuses it while Hydra composes
 DEPTH = r"\[0, 11\]"
 B = pytest.param
 
@@ -125,19 +134,19 @@ BAD_INPUTS = [
       id="locations-beyond-overridden-depth"),
     # ---- method parameters: types (from the factory's signature annotations) ----
     B(["method=evit", "method.params.keep_rate=high"], ConfigError,
-      r"method\.params\.keep_rate='high' is not a number$", id="type-keep_rate-string"),
+      r"method\.params\.keep_rate='high' is not of type float: Input should be a valid number$", id="type-keep_rate-string"),
     B(["method=evit", "method.params.locations=abc"], ConfigError,
-      r"method\.params\.locations='abc' is not a list of integers", id="type-locations-string"),
+      r"method\.params\.locations='abc' is not of type Sequence\[int\]", id="type-locations-string"),
     B(["method=evit", "method.params.locations=[3,6.5,9]"], ConfigError,
-      r"method\.params\.locations=\[3, 6\.5, 9\] is not a list of integers", id="type-locations-float-entry"),
+      r"method\.params\.locations=\[3, 6\.5, 9\] is not of type Sequence\[int\]: Input should be a valid integer", id="type-locations-float-entry"),
     B(["method=evit", "method.params.fuse=maybe"], ConfigError,
-      r"method\.params\.fuse='maybe' is not true or false", id="type-fuse-string"),
+      r"method\.params\.fuse='maybe' is not of type bool: Input should be a valid boolean", id="type-fuse-string"),
     B(["method=tome", "method.params.r=1.5"], ConfigError,
-      r"method\.params\.r=1\.5 is not an integer or a list of integers", id="type-tome-r-float"),
+      r"method\.params\.r=1\.5 is not of type Union\[int, Sequence\[int\]\]", id="type-tome-r-float"),
     B(["method=tome", "method.params.prop_attn=1"], ConfigError,
-      r"method\.params\.prop_attn=1 is not true or false", id="type-prop_attn-int"),
+      r"method\.params\.prop_attn=1 is not of type bool", id="type-prop_attn-int"),
     B(["method=topk", "method.params.schedule=linear"], ConfigError,
-      r"method\.params\.schedule='linear' unknown; valid: dynamicvit, evit", id="topk-unknown-schedule"),
+      r"method\.params\.schedule='linear' is not of type Schedule: Input should be 'dynamicvit' or 'evit'", id="topk-unknown-schedule"),
     B(["method=dynamicvit", "method.params.kl_weight=nan"], ConfigError,
       r"method\.params\.kl_weight=nan must be a finite number", id="type-loss-weight-nan"),
     B(["method=evit", "+method.params.keeprate=0.5"], ConfigError,
@@ -145,19 +154,20 @@ BAD_INPUTS = [
       id="method-param-typo"),
     B(["method.name=nope"], ConfigError,
       r"method\.name='nope' unknown; valid choices: adavit, dense", id="method-unknown"),
-    B(["method.finetune=sometimes"], ConfigError,
-      r"method\.finetune='sometimes' is not true or false", id="method-finetune-type"),
+    B(["method.finetune=sometimes"], COMPOSE, r"Value 'sometimes' is not a valid bool.*full_key: method\.finetune",
+      id="method-finetune-type"),
     # ---- recipes ----
     B(["train.epochs=-1"], ConfigError, r"train\.epochs=-1 must be >= 0", id="train-epochs-negative"),
     B(["baseline.epochs=-3"], ConfigError, r"baseline\.epochs=-3 must be >= 0", id="baseline-epochs-negative"),
-    B(["train.epochs=abc"], ConfigError,
-      r"train\.epochs='abc' is not an integer; valid: an integer >= 0", id="type-train-epochs-string"),
-    B(["train.epochs=2.5"], ConfigError, r"train\.epochs=2\.5 is not an integer", id="type-train-epochs-float"),
+    B(["train.epochs=abc"], COMPOSE,
+      r"Value 'abc' of type 'str' could not be converted to Integer.*full_key: train\.epochs", id="type-train-epochs-string"),
+    B(["train.epochs=2.5"], COMPOSE,
+      r"Value '2\.5' of type 'float' could not be converted to Integer.*full_key: train\.epochs", id="type-train-epochs-float"),
     B(["train.lr=-0.1"], ConfigError, r"train\.lr=-0\.1 must be > 0", id="train-lr-negative"),
-    B(["train.lr=0"], ConfigError, r"train\.lr=0 must be > 0", id="train-lr-zero"),
+    B(["train.lr=0"], ConfigError, r"train\.lr=0\.0 must be > 0", id="train-lr-zero"),
     B(["baseline.lr=-1e-3"], ConfigError, r"baseline\.lr=-0\.001 must be > 0", id="baseline-lr-negative"),
-    B(["train.lr=fast"], ConfigError,
-      r"train\.lr='fast' is not a number; valid: a number > 0", id="type-train-lr-string"),
+    B(["train.lr=fast"], COMPOSE,
+      r"Value 'fast' of type 'str' could not be converted to Float.*full_key: train\.lr", id="type-train-lr-string"),
     B(["train.lr=inf"], ConfigError, r"train\.lr=inf must be a finite number > 0", id="train-lr-inf"),
     B(["train.opt=adamx"], ConfigError,
       r"train\.opt='adamx' unknown; valid: adamw, adam, sgd, momentum, lamb", id="train-optimizer-unknown"),
@@ -168,32 +178,33 @@ BAD_INPUTS = [
     B(["train.warmup_epochs=-1"], ConfigError, r"train\.warmup_epochs=-1 must be >= 0", id="train-warmup-negative"),
     B(["train.weight_decay=-0.05"], ConfigError,
       r"train\.weight_decay=-0\.05 must be >= 0", id="train-weight-decay-negative"),
-    B(["train.clip_grad=-1"], ConfigError, r"train\.clip_grad=-1 must be >= 0", id="train-clip-grad-negative"),
+    B(["train.clip_grad=-1"], ConfigError, r"train\.clip_grad=-1\.0 must be >= 0", id="train-clip-grad-negative"),
     B(["train.label_smoothing=1.0"], ConfigError,
       r"train\.label_smoothing=1\.0 must be in \[0, 1\)", id="train-label-smoothing-1"),
     B(["train.nan_policy=ignore"], ConfigError,
       r"train\.nan_policy='ignore' unknown; valid: stop, skip_step", id="train-nan-policy-unknown"),
-    B(["train.amp=maybe"], ConfigError, r"train\.amp='maybe' is not true or false", id="type-train-amp"),
-    B(["baseline.enabled=yes_please"], ConfigError,
-      r"baseline\.enabled='yes_please' is not true or false", id="type-baseline-enabled"),
+    B(["train.amp=maybe"], COMPOSE, r"Value 'maybe' is not a valid bool.*full_key: train\.amp", id="type-train-amp"),
+    B(["baseline.enabled=yes_please"], COMPOSE, r"Value 'yes_please' is not a valid bool.*full_key: baseline\.enabled",
+      id="type-baseline-enabled"),
     B(["+train.lrr=0.1"], ConfigError,
       r"train: unknown key\(s\) \['lrr'\]; valid: epochs, batch_size", id="train-unknown-key"),
     # ---- top level, eval ----
     B(["seed=-1"], ConfigError, r"seed=-1 must be >= 0", id="seed-negative"),
-    B(["seed=abc"], ConfigError, r"seed='abc' is not an integer", id="type-seed-string"),
+    B(["seed=abc"], COMPOSE, r"Value 'abc' of type 'str' could not be converted to Integer.*full_key: seed",
+      id="type-seed-string"),
     B(["device=gpu"], ConfigError, r"device='gpu' unknown; valid: auto, cpu, cuda", id="device-unknown"),
     B(["num_workers=-2"], ConfigError, r"num_workers=-2 must be >= 0", id="num-workers-negative"),
-    B(["progress=loud"], ConfigError, r"progress='loud' is not true or false", id="type-progress"),
-    B(["experiment.train=sometimes"], ConfigError,
-      r"experiment\.train='sometimes' is not true or false or null", id="type-experiment-train"),
+    B(["progress=loud"], COMPOSE, r"Value 'loud' is not a valid bool.*full_key: progress", id="type-progress"),
+    B(["experiment.train=sometimes"], COMPOSE, r"Value 'sometimes' is not a valid bool.*full_key: experiment\.train",
+      id="type-experiment-train"),
     B(["eval.batch_size=0"], ConfigError, r"eval\.batch_size=0 must be >= 1", id="eval-batch-size-zero"),
     B(["eval.map_images=-1"], ConfigError, r"eval\.map_images=-1 must be >= 0", id="eval-map-images-negative"),
     # ---- model ----
     B(["model.name=deit_nope"], ConfigError, r"model\.name: unknown timm model 'deit_nope'", id="model-unknown"),
     B(["model.drop_path_rate=1.5"], ConfigError,
       r"model\.drop_path_rate=1\.5 must be in \[0, 1\)", id="model-drop-path-above-1"),
-    B(["model.pretrained=yes_please"], ConfigError,
-      r"model\.pretrained='yes_please' is not true or false", id="type-model-pretrained"),
+    B(["model.pretrained=yes_please"], COMPOSE, r"Value 'yes_please' is not a valid bool.*full_key: model\.pretrained",
+      id="type-model-pretrained"),
     B(["model.pretrained=true"], ConfigError,
       r"model\.pretrained=true but timm has no pretrained weights for 'deit_digits_patch4_32'",
       id="model-pretrained-without-weights"),
@@ -201,7 +212,7 @@ BAD_INPUTS = [
     B(["+model.num_heads=3"], ConfigError,
       r"model: cannot build deit_digits_patch4_32 .*", id="model-heads-not-dividing-width"),
     B(["+model.widht=3"], ConfigError,
-      r"model: unknown key\(s\) \['widht'\]; valid: name, short_name, pretrained, checkpoint, drop_path_rate",
+      r"model: unknown key\(s\) \['widht'\]; valid: name, short_name, img_size, pretrained, checkpoint",
       id="model-unknown-key"),
     # ---- data ----
     B(["data.name=nope"], DataError, r"data\.name='nope' unknown; valid: digits, imagefolder", id="data-unknown"),
@@ -210,7 +221,8 @@ BAD_INPUTS = [
     B(["model=deit_small", "data.img_size=100"], ConfigError,
       r"data\.img_size=100 is not a positive multiple of the patch size 16", id="img-size-not-divisible-by-patch-16"),
     B(["data.img_size=0"], ConfigError, r"data\.img_size=0 must be >= 1", id="img-size-zero"),
-    B(["data.img_size=big"], ConfigError, r"data\.img_size='big' is not an integer", id="type-img-size-string"),
+    B(["data.img_size=big"], COMPOSE,
+      r"Value 'big' of type 'str' could not be converted to Integer.*full_key: data\.img_size", id="type-img-size-string"),
     B(["data.val_fraction=1.0"], ConfigError, r"data\.val_fraction=1\.0 must be in \(0, 1\)", id="val-fraction-1"),
     B(["data.augment_shift=-1"], ConfigError, r"data\.augment_shift=-1 must be >= 0", id="augment-shift-negative"),
     B(["data.augment_shift=40"], ConfigError,
@@ -219,13 +231,13 @@ BAD_INPUTS = [
       r"data\.root=/does/not/exist does not exist", id="imagefolder-root-missing"),
     B(["data=imagefolder"], DataError, r"data\.root is not set", id="imagefolder-root-unset"),
     B(["data=imagefolder", "data.reprob=2"], ConfigError,
-      r"data\.reprob=2 must be in \[0, 1\]", id="imagefolder-reprob-above-1"),
+      r"data\.reprob=2\.0 must be in \[0, 1\]", id="imagefolder-reprob-above-1"),
     B(["data=imagefolder", "data.std=[0.2,0,0.2]"], ConfigError,
-      r"data\.std=\[0\.2, 0, 0\.2\] must be > 0", id="imagefolder-std-zero"),
+      r"data\.std=\[0\.2, 0\.0, 0\.2\] must be > 0", id="imagefolder-std-zero"),
     B(["data=imagefolder", "data.mean=[0.5,0.5]"], ConfigError,
       r"data\.mean=\[0\.5, 0\.5\] must have 3 entries", id="imagefolder-mean-two-channels"),
     B(["data=imagefolder", "data.crop_pct=0"], ConfigError,
-      r"data\.crop_pct=0 must be in \(0, 1\]", id="imagefolder-crop-zero"),
+      r"data\.crop_pct=0\.0 must be in \(0, 1\]", id="imagefolder-crop-zero"),
     # ---- paths ----
     B(["paths.results_dir="], ConfigError, r"paths\.results_dir='' is empty", id="results-dir-empty"),
     # ---- model.checkpoint files ----
@@ -233,11 +245,11 @@ BAD_INPUTS = [
       r"model\.checkpoint: file not found: /no/such\.pth", id="checkpoint-missing"),
     # ---- measure (owned by experiments.measure, called at startup) ----
     B(["measure.batch_sizes=[1,0]"], ConfigError,
-      r"measure\.batch_sizes=\[1, 0\]: \[0\]", id="measure-batch-size-zero"),
+      r"measure\.batch_sizes=\[1, 0\] must be >= 1", id="measure-batch-size-zero"),
     B(["measure.dtypes=[fp8]"], ConfigError, r"measure\.dtypes=\['fp8'\]: unknown dtype", id="measure-dtype-unknown"),
-    B(["measure.images=0"], ConfigError, r"measure\.images=0 must be an integer >= 1", id="measure-images-zero"),
+    B(["measure.images=0"], ConfigError, r"measure\.images=0 must be >= 1", id="measure-images-zero"),
     B(["measure.repeats=-1"], ConfigError,
-      r"measure\.repeats=-1 must be an integer >= 1", id="measure-repeats-negative"),
+      r"measure\.repeats=-1 must be >= 1", id="measure-repeats-negative"),
 ]
 
 
@@ -260,7 +272,7 @@ def test_cuda_without_gpu_is_refused(tmp_path, no_data):
 # ------------------------------------------------------------------------------------ files and folders
 def save_weights(tmp_path, name="w.pth", num_classes=10, depth=2, **content):
     torch.manual_seed(0)
-    vit = pipeline.create_backbone("deit_digits_patch4_32", num_classes=num_classes, depth=depth)
+    vit = create_backbone("deit_digits_patch4_32", num_classes=num_classes, depth=depth)
     path = tmp_path / "inputs" / name
     path.parent.mkdir(exist_ok=True)
     torch.save({"model": vit.state_dict(), **content}, path)
@@ -282,7 +294,7 @@ def test_checkpoint_of_another_depth_names_the_missing_keys(tmp_path, no_data):
 
 def test_checkpoint_of_another_method_is_refused(tmp_path, no_data):
     torch.manual_seed(0)
-    vit = pipeline.create_backbone("deit_digits_patch4_32", num_classes=10, depth=2)
+    vit = create_backbone("deit_digits_patch4_32", num_classes=10, depth=2)
     trained = methods.create_method("dynamicvit", vit, locations=[1])
     path = tmp_path / "inputs" / "dyn.pth"
     path.parent.mkdir()
@@ -312,8 +324,9 @@ def test_corrupt_model_checkpoint_is_refused_before_data(tmp_path, no_data, dama
 
 def test_valid_checkpoint_passes_validation(tmp_path):
     path = save_weights(tmp_path)
-    checked = schema.validate_config(make_cfg(tmp_path, "+model.depth=2", f"model.checkpoint={path}"))
-    assert checked.num_classes == 10 and checked.method.depth == 2
+    checked = plan.validate(make_cfg(tmp_path, "+model.depth=2", f"model.checkpoint={path}"))
+    assert checked.num_classes == 10 and checked.meta_method.depth == 2
+    assert checked.weights == plan.WeightSource("checkpoint", path) and not checked.trains
 
 
 def test_imagefolder_num_classes_mismatching_folders_is_refused(tmp_path, no_data):
@@ -335,9 +348,9 @@ def test_measure_num_classes_head_is_accepted_for_measure_runs(tmp_path):
     """measure.py builds a ``measure.num_classes`` head: a checkpoint with that head passes its validation."""
     path = save_weights(tmp_path, num_classes=7)
     cfg = make_cfg(tmp_path, "+model.depth=2", f"model.checkpoint={path}", "measure.num_classes=7")
-    assert schema.validate_config(cfg).num_classes == 7
+    assert plan.validate(cfg).num_classes == 7
     with pytest.raises(CheckpointError, match="7-class head"):
-        schema.validate_config(cfg, num_classes=10)
+        plan.validate(cfg, num_classes=10)
 
 
 @pytest.mark.parametrize("key", ["results_dir", "state_dir", "cache_dir"])
@@ -405,52 +418,51 @@ def method_options():
 @pytest.mark.parametrize("method", method_options())
 @pytest.mark.parametrize("model", ["deit_digits", "deit_small"])
 def test_every_shipped_method_config_validates(tmp_path, method, model):
-    extra = ["data.img_size=224"] if model != "deit_digits" else []
-    checked = schema.validate_config(make_cfg(tmp_path, f"method={method}", f"model={model}", *extra,
-                                              "experiment.train=true"))
-    assert checked.method.depth == 12
-    assert next(checked.method.parameters()).device.type == "meta"
+    checked = plan.validate(make_cfg(tmp_path, f"method={method}", f"model={model}", "experiment.train=true"))
+    assert checked.meta_method.depth == 12 and checked.trains
+    assert next(checked.meta_method.parameters()).device.type == "meta"
+    assert checked.recorded_params == methods.resolved_params(method, {})
 
 
-def test_params_from_the_yaml_are_typed_by_the_factory_signature(tmp_path):
-    hints = schema.factory_hints("tome")
-    assert schema.matches([1, 2], hints["r"]) and schema.matches(3, hints["r"])
-    assert not schema.matches(True, hints["r"]) and not schema.matches("3", hints["r"])
+def test_method_params_are_typed_by_the_factory_signature():
+    assert plan.check_method_params("tome", {"r": [1, 2]}) == {"r": [1, 2]}
+    assert plan.check_method_params("tome", {"r": 3}) == {"r": 3}
+    for bad in (True, "3", [1, "a"]):
+        with pytest.raises(ConfigError, match=r"method\.params\.r="):
+            plan.check_method_params("tome", {"r": bad})
 
 
 def test_architecture_override_reaches_the_built_model(tmp_path):
-    cfg = make_cfg(tmp_path, "+model.depth=2")
-    assert len(pipeline.build_method(cfg, 10).vit.blocks) == 2
-    assert schema.validate_config(cfg).method.depth == 2
+    checked = plan.validate(make_cfg(tmp_path, "+model.depth=2"))
+    assert checked.meta_method.depth == 2
+    assert len(build.build_method(checked).vit.blocks) == 2
+
+
+def test_the_plan_decides_training_once(tmp_path):
+    """``experiment.train`` null means the method's registered default; epochs 0 never train."""
+    assert plan.validate(make_cfg(tmp_path, "method=adavit")).trains  # registered finetune=True
+    assert not plan.validate(make_cfg(tmp_path, "method=evit")).trains  # off the shelf
+    assert plan.validate(make_cfg(tmp_path, "method=evit", "experiment.train=true")).trains
+    assert not plan.validate(make_cfg(tmp_path, "method=adavit", "method.finetune=false")).trains
+    assert not plan.validate(make_cfg(tmp_path, "method=adavit", "train.epochs=0")).trains
+    checked = plan.validate(make_cfg(tmp_path, "method=adavit"))
+    assert checked.resume_dir == tmp_path / "state" / checked.run_key
 
 
 # -------------------------------------------------------------------------------------------- unit level
-@pytest.mark.parametrize("value, tp, ok", [
-    (1, int, True), (True, int, False), (1.0, int, False), (1, float, True), (True, float, False),
-    (None, schema.Optional[int], True), ("x", schema.Optional[int], False), ([1, 2], list[int], True),
-    ([1, "a"], list[int], False), ("abc", list[int], False), ("evit", schema.Literal["evit", "dynamicvit"], True),
-    ({"a": 1}, dict, True),
-])
-def test_matches(value, tp, ok):
-    assert schema.matches(value, tp) is ok
+def test_rule_text():
+    assert config.Rule(ge=0).text() == ">= 0"
+    assert config.Rule(gt=0, le=1).text() == "in (0, 1]"
+    assert config.Rule(ge=0, lt=1).text() == "in [0, 1)"
+    assert config.Rule(gt=0, le=1).admits(0.5) and not config.Rule(gt=0, le=1).admits(0)
 
 
-def test_range_text():
-    assert schema.Range(ge=0).text() == ">= 0"
-    assert schema.Range(gt=0, le=1).text() == "in (0, 1]"
-    assert schema.Range(ge=0, lt=1).text() == "in [0, 1)"
-    assert 0.5 in schema.Range(gt=0, le=1) and 0 not in schema.Range(gt=0, le=1)
-
-
-def test_schema_covers_every_shipped_key(tmp_path):
-    """A key added to config.yaml without a schema field would be refused at startup: this test says which."""
-    cfg = OmegaConf.to_container(make_cfg(tmp_path), resolve=False)
-    for section, dataclass in (("train", schema.TrainRecipe), ("baseline", schema.BaselineRecipe),
-                               ("eval", schema.EvalConfig), ("paths", schema.PathsConfig),
-                               ("experiment", schema.ExperimentConfig)):
-        assert set(cfg[section]) == {f.name for f in schema.fields(dataclass)}, section
-    for option in (CONF / "data").glob("*.yaml"):
-        data = OmegaConf.load(option)
-        assert set(data) == {f.name for f in schema.fields(schema.DATA_SCHEMAS[data.name])}, option.name
-    for option in (CONF / "model").glob("*.yaml"):
-        assert set(OmegaConf.load(option)) == {f.name for f in schema.fields(schema.ModelConfig)}, option.name
+def test_config_yaml_only_chooses(tmp_path):
+    """The defaults live in the dataclasses: the composed default config equals the schema's own defaults."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config")
+    schema = OmegaConf.structured(config.RunConfig)
+    for section in ("train", "baseline", "eval", "experiment", "measure"):
+        assert OmegaConf.to_container(cfg[section]) == OmegaConf.to_container(schema[section]), section
+    assert OmegaConf.to_container(cfg.data, resolve=True) == {**OmegaConf.to_container(
+        OmegaConf.structured(config.DigitsData), resolve=False), "img_size": 32}

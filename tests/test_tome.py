@@ -1,19 +1,15 @@
 """ToMe: matching and size-weighted merging, CLS protection, r clamping, counts on DeiT-S, bad input."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
-from methods import backbone, create_method
+from methods import backbone, create_method, method_spec, resolved_params
 from methods.tokens import (BipartiteMatch, bipartite_soft_matching, clamp_merge_count, merge_index,
                             merge_wavg)
 from conftest import assert_batch_invariant, make_tiny_vit
 
-CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf" / "method"
 
 
 def tome_reference(vit, image, schedule, prop_attn=True):
@@ -22,8 +18,8 @@ def tome_reference(vit, image, schedule, prop_attn=True):
     size = torch.ones(x.shape[0])
     for index, block in enumerate(vit.blocks):
         bias = size.log()[None, None, None, :] if prop_attn else None
-        y, attn = backbone.attn_residual(block, x[None], key_bias=bias, return_keys=True)
-        y, keys = y[0], F.normalize(attn.keys[0], dim=-1)
+        y, heads = backbone.attn_residual(block, x[None], lambda attn, h: backbone.softmax_attention(attn, h, bias))
+        y, keys = y[0], F.normalize(heads.k[0].mean(dim=0), dim=-1)
         count = y.shape[0]
         r = min(schedule[index], (count - 1) // 2)
         if r > 0:
@@ -103,14 +99,14 @@ def test_matches_reference(tiny_vit, images, prop_attn):
     torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=1e-5)
     assert out.token_counts[0].tolist() == [[17, 14], [14, 12], [12, 8], [8, 8]]
     assert torch.bincount(out.patch_depth[0], minlength=5).tolist() == [0, 3, 2, 4, 7]
-    assert out.aux["size"].sum(dim=1).tolist() == [17.0] * 4 and (out.aux["size"][:, 0] == 1).all()
+    assert out.state.size.sum(dim=1).tolist() == [17.0] * 4 and (out.state.size[:, 0] == 1).all()
 
 
 def test_r_is_clamped(tiny_vit, images):
     with torch.no_grad():
         out = create_method("tome", tiny_vit, r=100).eval()(images)
     assert out.token_counts[0].tolist() == [[17, 9], [9, 5], [5, 3], [3, 2]]
-    assert (out.aux["size"][:, 0] == 1).all()  # CLS kept to itself
+    assert (out.state.size[:, 0] == 1).all()  # CLS kept to itself
 
 
 def test_deit_small_counts(deit_small):
@@ -170,8 +166,8 @@ def test_bad_r(tiny_vit, r, fragment):
     assert "method.params.r" in message and fragment in message and "at most 4" in message
 
 
-def test_config_builds_the_default_method():
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "tome.yaml"))
-    assert cfg["name"] == "tome" and cfg["finetune"] is False
-    method = create_method(cfg["name"], make_tiny_vit(depth=12), **cfg["params"])
+def test_registered_defaults_build_the_default_method():
+    """What the harness builds by default: the registered defaults (no fine-tuning for this method)."""
+    assert method_spec("tome").finetune is False
+    method = create_method("tome", make_tiny_vit(depth=12), **resolved_params("tome", {}))
     assert method.r == [13] * 12 and method.prop_attn is True

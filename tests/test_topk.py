@@ -1,16 +1,12 @@
 """topk and random: which tokens they keep, counts (schedules and explicit lists), seeds, bad input."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from methods import backbone, create_method
+from methods import backbone, create_method, method_spec, resolved_params
 from conftest import assert_batch_invariant, make_tiny_vit
 
-CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf" / "method"
 
 
 def run(name, vit, images, **params):
@@ -23,7 +19,8 @@ def test_topk_drops_the_lowest_cls_attention(tiny_vit, images):
     with torch.no_grad():
         x = backbone.embed(tiny_vit, images)
         x = backbone.mlp_residual(tiny_vit.blocks[0], backbone.attn_residual(tiny_vit.blocks[0], x)[0])
-        cls_attn = backbone.attn_residual(tiny_vit.blocks[1], x, return_cls_attn=True)[1].cls_attn[:, 1:]
+        heads = backbone.attn_residual(tiny_vit.blocks[1], x)[1]
+        cls_attn = backbone.cls_attention(tiny_vit.blocks[1].attn, heads)[:, 1:]
     lowest = cls_attn.argsort(dim=1)[:, :8]
     expected = torch.full((4, 16), 4).scatter(1, lowest, 2)  # dropped inside block 1: seen by blocks 0 and 1
     assert torch.equal(out.patch_depth, expected)
@@ -131,9 +128,9 @@ def test_the_smallest_valid_keep_rate_keeps_one_patch(tiny_vit, images):
 
 
 @pytest.mark.parametrize("name", ["topk", "random"])
-def test_config_builds_the_default_method(name):
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
-    assert cfg["name"] == name and cfg["finetune"] is False
-    method = create_method(cfg["name"], make_tiny_vit(depth=12), **cfg["params"])
+def test_registered_defaults_build_the_default_method(name):
+    """What the harness builds by default: the registered defaults (no fine-tuning for these methods)."""
+    assert method_spec(name).finetune is False
+    method = create_method(name, make_tiny_vit(depth=12), **resolved_params(name, {}))
     assert (method.keep_rate, method.locations, method.schedule, method.token_counts) == (
         0.7, [3, 6, 9], "dynamicvit", None)

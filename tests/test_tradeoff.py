@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 
-from experiments import pipeline, records, tradeoff
-from experiments.schema import ConfigError
+from conftest import build_for
+from experiments import checkpoints, pipeline, plan, records, tradeoff
+from experiments.config import ConfigError
 from methods.models import CheckpointError
 
 CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"
@@ -36,10 +38,10 @@ def saved_records(tmp_path):
 def save_method_checkpoint(tmp_path, name, *overrides) -> Path:
     """A suite checkpoint of ``name`` (random weights, as run.py writes them after fine-tuning)."""
     cfg = make_cfg(tmp_path, f"method={name}", *overrides)
-    method = pipeline.build_method(cfg, num_classes=10)
+    method = build_for(cfg, 10)
     path = tmp_path / f"{name}.pth"
-    torch.save({"version": pipeline.CHECKPOINT_VERSION, "method": name, "model": method.state_dict(),
-                "method_params": pipeline.method_params(cfg)}, path)
+    torch.save({"version": checkpoints.CHECKPOINT_VERSION, "method": name, "model": method.state_dict(),
+                "method_params": plan.validate(cfg).recorded_params}, path)
     return path
 
 
@@ -143,9 +145,8 @@ def test_train_true_fine_tunes_once_then_sweeps(tmp_path):
     (["method=evit", "method.tradeoff_values=[0.5,0.5]"], ConfigError, r"repeats a value"),
     (["method=evit", "method.tradeoff_values=[]"], ConfigError, r"must be a non-empty list of keep_rate values"),
     (["method=evit", "method.tradeoff_values=[high]"], ConfigError, r"method\.tradeoff_values\[0\]='high' is not"),
-    (["method=evit", AT_1_2_3, "method.tradeoff_values=null"], ConfigError, r"method\.tradeoff_values is null"),
-    (["method=evit", "method.tradeoff_values=0.5"], ConfigError,
-     r"method\.tradeoff_values=0\.5 must be a non-empty list"),
+    (["method=evit", "method.tradeoff_values=0.5"], ConfigCompositionException,
+     r"Error merging override method\.tradeoff_values=0\.5"),  # a list, typed at composition
     (["method=dense"], ConfigError, r"method=dense has no inference knob to sweep; valid methods: adavit "
                                     r"\(inference_gate_shift\), dynamicvit \(inference_keep_rate\)"),
     (["method=dynamicvit", AT_1_2_3], CheckpointError, r"the dense weights has no trained predictors for method "
@@ -157,9 +158,18 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, overrides, er
     assert not (tmp_path / "results").exists() and not (tmp_path / "run").exists()
 
 
+def test_a_null_grid_is_the_registered_one(tmp_path):
+    """The default grid is written once, at registration; the config overrides it only when set."""
+    import methods
+
+    checked = plan.validate(make_cfg(tmp_path, "method=evit", AT_1_2_3, "method.tradeoff_values=null"))
+    assert checked.tradeoff_values == list(methods.method_spec("evit").tradeoff_values)
+    assert plan.validate(make_cfg(tmp_path, "method=evit", AT_1_2_3, "method.tradeoff_values=[0.5]")).tradeoff_values == [0.5]
+
+
 def test_a_grid_for_a_method_without_knob_is_refused_by_run_py_too(tmp_path):
     with pytest.raises(ConfigError, match=r"method\.tradeoff_values=\[1\]: method 'dense' has no inference knob"):
-        pipeline.validate(make_cfg(tmp_path, "method=dense", "method.tradeoff_values=[1]"))
+        plan.validate(make_cfg(tmp_path, "method=dense", "method.tradeoff_values=[1]"))
 
 
 def test_a_checkpoint_of_another_method_is_refused(tmp_path):

@@ -1,7 +1,7 @@
 """Hydra's door to ``experiments.launch``: Hydra only instantiates launchers defined under ``hydra_plugins``.
 
 The classes here are the ones ``experiments/conf/launcher/{slurm,local}.yaml`` name as ``_target_``; all their
-behaviour lives in ``experiments/launch.py``.
+behaviour lives in ``experiments/launch.py`` (and the pre-submission checks in ``experiments/sweep_checks.py``).
 """
 from experiments.launch import DebugLauncher as _Debug
 from experiments.launch import LocalLauncher as _Local

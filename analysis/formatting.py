@@ -1,0 +1,64 @@
+"""How numbers, settings and methods are shown in the report: owns the seed statistics (mean and sample std),
+the fixed number formats of every table, parameter values as short text and the order of methods.
+
+Shared by :mod:`analysis.tables`, :mod:`analysis.curves`, :mod:`analysis.published` and :mod:`analysis.plots`,
+so the same value prints the same way in every table and figure.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import pandas as pd
+
+METHOD_ORDER = ("dense", "adavit", "dynamicvit", "evit", "tome", "ats", "topk", "random")
+DASH = "—"  # a value that was not measured
+
+
+def method_rank(method: str) -> tuple[int, str]:
+    """Sort key of a method name: :data:`METHOD_ORDER`, then unknown methods alphabetically."""
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def mean_std(values: pd.Series) -> tuple[float, float]:
+    """Mean and sample std (``ddof=1``) of the non-NaN values; std is NaN for one value, both for none."""
+    values = values.dropna().astype(float)
+    if values.empty:
+        return math.nan, math.nan
+    return float(values.mean()), (float(values.std(ddof=1)) if len(values) > 1 else math.nan)
+
+
+def format_value(value: Any) -> str:
+    """A parameter value as short text: ``5e-04`` -> ``0.0005``, ``8.0`` -> ``8``, ``None`` -> ``default`` (a
+    null parameter takes the method's or backbone's default, e.g. A-ViT's gate constants)."""
+    if value is None:
+        return "default"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, numbers.Real):
+        return format(float(value), "g")
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    return str(value)
+
+
+def fmt(value: Any, spec: str, suffix: str = "") -> str:
+    """``value`` with format ``spec`` and ``suffix``; :data:`DASH` for ``None`` or NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return DASH
+    return format(value, spec) + suffix
+
+
+def fmt_rate(value: float) -> str:
+    """img/s with at least three significant digits: 2400, 57.3, 3.25."""
+    if math.isnan(value):
+        return DASH
+    return format(value, ".0f" if value >= 100 else ".1f" if value >= 10 else ".2f")
+
+
+def plus_minus(mean: float, std: float, spec: str) -> str:
+    """``mean ± std`` (just the mean when std is NaN, :data:`DASH` when the mean is)."""
+    if math.isnan(mean):
+        return DASH
+    return format(mean, spec) if math.isnan(std) else f"{format(mean, spec)} ± {format(std, spec)}"

@@ -1,0 +1,311 @@
+"""The run configuration as typed dataclasses: one source of truth for every key, its default, type and range.
+
+Each section is a dataclass registered in Hydra's ``ConfigStore`` (Hydra's structured-config schema pattern), so
+OmegaConf enforces the types while Hydra composes: ``seed=abc`` or ``+train.lrr=0.1`` fail before any of our code
+runs, with OmegaConf's message naming the full key and the value. The YAML files under ``conf/`` only choose
+options and override values; the defaults live here and in the method factories' signatures (each registered
+method gets a ``method/<name>_defaults`` node built from its signature, which its YAML extends).
+
+Ranges and choices sit next to their fields (``spec``), and rules across keys in a section's ``check`` method;
+:func:`check_ranges` walks a typed config and raises :class:`ConfigError` naming the full key, the value and the
+valid range or choices. Everything that needs torch, timm or files (method parameters, the model, checkpoints,
+output folders) is checked by ``experiments.plan``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import II, MISSING
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "lamb")
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key, the value and the valid choices."""
+
+
+class DataError(ValueError):
+    """Bad data configuration or unusable data on disk."""
+
+
+# ------------------------------------------------------------------------------------- the declarative layer
+@dataclass(frozen=True)
+class Rule:
+    """A field's range (numbers, or every entry of a list of numbers) or its choices (strings)."""
+
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    le: Optional[float] = None
+    lt: Optional[float] = None
+    choices: tuple = ()
+    casefold: bool = False
+
+    def text(self) -> str:
+        low = f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else None
+        high = f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None else None
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return f"{'>=' if low[0] == '[' else '>'} {low[1:]}"
+        if high:
+            return f"{'<=' if high[-1] == ']' else '<'} {high[:-1]}"
+        return "any value"
+
+    def admits(self, number: float) -> bool:
+        return ((self.ge is None or number >= self.ge) and (self.gt is None or number > self.gt)
+                and (self.le is None or number <= self.le) and (self.lt is None or number < self.lt))
+
+    def check(self, key: str, value: Any) -> None:
+        if value is None:
+            return
+        if self.choices:
+            given = value.lower() if self.casefold and isinstance(value, str) else value
+            if given not in self.choices:
+                raise ConfigError(f"{key}={value!r} unknown; valid: {', '.join(self.choices)}")
+            return
+        bounded = any(b is not None for b in (self.ge, self.gt, self.le, self.lt))
+        for number in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(number, float) and not math.isfinite(number):
+                raise ConfigError(f"{key}={value!r} must be a finite number" + (f" {self.text()}" if bounded else ""))
+            if bounded and isinstance(number, (int, float)) and not self.admits(number):
+                raise ConfigError(f"{key}={value!r} must be {self.text()}")
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def spec(default: Any = MISSING, **rule: Any) -> Any:
+    """A field with its default and its :class:`Rule` (``ge``/``gt``/``le``/``lt`` or ``choices``)."""
+    metadata = {"rule": Rule(**{**rule, "choices": tuple(rule.get("choices", ()))})}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def check_ranges(node: Any, key: str = "") -> None:
+    """Check every field of the typed config ``node`` (nested sections included) against its rule, then the
+    section's own ``check(key)`` for rules across its keys."""
+    for item in fields(node):
+        value = getattr(node, item.name)
+        full = f"{key}.{item.name}" if key else item.name
+        if is_dataclass(value):
+            check_ranges(value, full)
+        elif "rule" in item.metadata:
+            item.metadata["rule"].check(full, value)
+    if hasattr(node, "check"):
+        node.check(key)
+
+
+# ----------------------------------------------------------------------------------------------- sections
+@dataclass
+class ExperimentConfig:
+    train: Optional[bool] = None  # null: the method's default (its registered ``finetune``); true/false forces it
+
+
+@dataclass
+class Recipe:
+    """Keys shared by ``train`` (the method's fine-tune) and ``baseline`` (the dense baseline)."""
+
+    epochs: int = spec(4, ge=0)
+    batch_size: int = spec(64, ge=1)
+    opt: str = spec("adamw", choices=OPTIMIZERS, casefold=True)
+    lr: float = spec(5.0e-4, gt=0)
+    min_lr: float = spec(1.0e-5, ge=0)
+    warmup_lr: float = spec(1.0e-6, ge=0)
+    warmup_epochs: int = spec(0, ge=0)
+    weight_decay: float = spec(0.05, ge=0)
+    clip_grad: Optional[float] = spec(1.0, ge=0)  # null or 0: no clipping
+    label_smoothing: float = spec(0.1, ge=0, lt=1)
+
+
+@dataclass
+class TrainRecipe(Recipe):
+    """The fine-tune recipe of the method run."""
+
+    amp: bool = True  # autocast on CUDA only (bf16 where supported)
+    nan_policy: str = spec("stop", choices=("stop", "skip_step"))
+
+
+@dataclass
+class BaselineRecipe(Recipe):
+    """The dense baseline, trained and cached when neither a checkpoint nor pretrained weights are given (these
+    defaults reach ~96% top-1 on digits in ~2 CPU minutes)."""
+
+    enabled: bool = True
+    epochs: int = spec(15, ge=0)
+    batch_size: int = spec(32, ge=1)
+    lr: float = spec(2.0e-3, gt=0)
+    warmup_epochs: int = spec(1, ge=0)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = spec(256, ge=1)
+    map_images: int = spec(8, ge=0)  # eval images whose per-patch depth maps and thumbnails go into the record
+
+
+@dataclass
+class PathsConfig:
+    results_dir: str = "results"
+    cache_dir: str = ".cache/baselines"
+    state_dir: str = "outputs/resume"  # per-config resume checkpoints, kept until the run's record is written
+    run_dir: Optional[str] = II("hydra:runtime.output_dir")  # null outside a Hydra app
+
+    def check(self, key: str) -> None:
+        for name in ("results_dir", "cache_dir", "state_dir"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{key}.{name}='' is empty; valid: a folder path")
+
+
+@dataclass
+class ModelConfig:
+    """A timm model; architecture keys left null keep the model's own values."""
+
+    name: str = MISSING
+    short_name: str = MISSING
+    img_size: int = spec(MISSING, ge=1)  # the model's native input size; data.img_size follows it by default
+    pretrained: bool = False  # timm's hub weights (clusters with internet access)
+    checkpoint: Optional[str] = None  # a local timm/DeiT .pth or .safetensors, or a checkpoint of this suite
+    drop_path_rate: float = spec(0.1, ge=0, lt=1)
+    depth: Optional[int] = spec(None, ge=1)
+    embed_dim: Optional[int] = spec(None, ge=1)
+    num_heads: Optional[int] = spec(None, ge=1)
+    mlp_ratio: Optional[float] = spec(None, gt=0)
+
+    def architecture(self) -> dict[str, Any]:
+        """The keys that go to ``timm.create_model`` as architecture arguments."""
+        keys = ("depth", "embed_dim", "num_heads", "mlp_ratio")
+        return {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    img_size: int = spec(II("model.img_size"), ge=1)  # the model's native size unless overridden
+
+    def check(self, key: str) -> None:
+        if self.name not in DATA_SCHEMAS or not isinstance(self, DATA_SCHEMAS[self.name]):
+            raise DataError(f"{key}.name={self.name!r} unknown; valid: {', '.join(DATA_SCHEMAS)}")
+
+
+@dataclass
+class DigitsData(DataConfig):
+    """scikit-learn's bundled digits (no download), a fixed seeded stratified split, upsampled to img_size."""
+
+    name: str = "digits"
+    val_fraction: float = spec(0.2, gt=0, lt=1)
+    split_seed: int = spec(0, ge=0)
+    augment_shift: int = spec(2, ge=0)  # random translation (pixels) of training images
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        if self.augment_shift >= self.img_size:
+            raise ConfigError(f"{key}.augment_shift={self.augment_shift} must be < {key}.img_size ({self.img_size})")
+
+
+@dataclass
+class ImageFolderData(DataConfig):
+    """``root/<train_split>/<class>/*`` and ``root/<val_split>/<class>/*`` with timm's transforms."""
+
+    name: str = "imagefolder"
+    root: Optional[str] = None
+    train_split: str = "train"
+    val_split: str = "val"
+    num_classes: Optional[int] = spec(None, ge=1)  # null: the number of class folders
+    crop_pct: float = spec(0.875, gt=0, le=1)
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
+    reprob: float = spec(0.25, ge=0, le=1)
+    mean: List[float] = spec([0.485, 0.456, 0.406])
+    std: List[float] = spec([0.229, 0.224, 0.225], gt=0)
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) != 3:
+                raise ConfigError(f"{key}.{name}={getattr(self, name)} must have 3 entries (one per RGB channel)")
+
+
+DATA_SCHEMAS = {"digits": DigitsData, "imagefolder": ImageFolderData}
+
+
+@dataclass
+class MethodConfig:
+    """A registered method; ``params`` are checked against its factory's signature by ``experiments.plan``."""
+
+    name: str = MISSING
+    finetune: Optional[bool] = None  # null: the method's registered default
+    params: Dict[str, Any] = field(default_factory=dict)
+    tradeoff_values: Optional[List[Any]] = None  # experiments/tradeoff.py grid; null: the registered default
+
+
+@dataclass
+class MeasureConfig:
+    """Cost measurement (``run.py`` after evaluation, and ``experiments/measure.py``)."""
+
+    flops: bool = True  # analytic per-image FLOPs from token counts (1 multiply-add = 1 FLOP)
+    fvcore_images: int = spec(0, ge=0)  # > 0: also cross-check analytic vs fvcore (a jit trace per image)
+    throughput: bool = True  # false skips timing
+    images: int = spec(64, ge=1)  # measure.py: validation images whose per-image FLOPs are averaged
+    num_classes: Optional[int] = spec(None, ge=1)  # measure.py: classifier size; null = the data's
+    batch_sizes: Optional[List[int]] = spec(None, ge=1)  # null: GPU [1, 64, 256], CPU [1, 32]
+    dtypes: Optional[List[str]] = None  # null: GPU [fp32, bf16], CPU [fp32]
+    warmup: int = spec(10, ge=0)  # untimed forwards per model and condition (protocol: >= 10)
+    repeats: int = spec(5, ge=1)  # timed runs per model, dense and method alternating; the median is kept
+    min_time_s: float = spec(0.05, ge=0)  # each timed run repeats the forward until it lasts this long
+    compile: bool = False  # torch.compile both models before timing
+    fused_attn: Optional[bool] = None  # null: as built; true/false forces it on every block while timing
+    threads: Optional[int] = spec(None, ge=1)  # CPU threads while timing; null = torch's default
+    record: bool = True  # measure.py: write a results record (kind "measure")
+
+    def check(self, key: str) -> None:
+        if self.batch_sizes is not None and not self.batch_sizes:
+            raise ConfigError(f"{key}.batch_sizes=[]: empty; valid: positive integers, e.g. [1, 32]")
+        if self.dtypes is not None:
+            bad = [d for d in self.dtypes if d not in DTYPES]
+            if bad or not self.dtypes:
+                raise ConfigError(f"{key}.dtypes={self.dtypes}: unknown dtype(s) {bad or '(empty list)'}; valid: "
+                                  f"{', '.join(DTYPES)}")
+
+
+@dataclass
+class RunConfig:
+    """The top level of one run: method x model x data, recipes, evaluation, measurement and paths."""
+
+    method: MethodConfig = field(default_factory=MethodConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: Any = MISSING  # DigitsData or ImageFolderData, typed by the chosen option's schema
+    seed: int = spec(0, ge=0)
+    device: str = spec("auto", choices=("auto", "cpu", "cuda"))
+    num_workers: int = spec(0, ge=0)  # data loader workers
+    threads: Optional[int] = spec(1, ge=1)  # torch CPU threads (null: torch's); tiny matmuls run faster on 1
+    progress: bool = True  # tqdm bars
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    train: TrainRecipe = field(default_factory=TrainRecipe)
+    baseline: BaselineRecipe = field(default_factory=BaselineRecipe)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+
+
+# ------------------------------------------------------------------------------------------- registration
+def register_configs() -> None:
+    """File the schemas in Hydra's ``ConfigStore``: ``base_config`` (the primary config's schema, which types
+    ``method`` and ``model`` too), ``data/base_<name>`` (each data option's schema), and one ``method/<name>_defaults`` per registered method, holding its
+    factory's signature defaults (so a method's defaults are written once, in its factory)."""
+    import methods  # noqa: PLC0415 - the registry fills on import (methods are discovered, not listed)
+
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=RunConfig)
+    for name, schema in DATA_SCHEMAS.items():
+        store.store(group="data", name=f"base_{name}", node=schema)
+    for name in methods.list_methods():
+        defaults = methods.resolved_params(name, {})
+        store.store(group="method", name=f"{name}_defaults", node=MethodConfig(name=name, params=defaults))
+
+
+register_configs()

@@ -1,0 +1,316 @@
+"""``validate(cfg)``: check a composed config completely, before any data is loaded or anything is written, and
+return the :class:`RunPlan` that the rest of the harness consumes, so no decision is made twice.
+
+OmegaConf has typed every key at composition (``experiments.config``); here come the checks that need the
+registry, timm or files, in the order a run meets them:
+
+- the ranges and cross-key rules of every section (``config.check_ranges``), ``hydra.launcher`` ranges;
+- ``method.name`` against the registry and each parameter against its factory's signature (pydantic, strict);
+  then the method is built on a meta-device backbone (no memory, no weights, milliseconds), so every check of
+  timm and of the factory runs too;
+- ``model.pretrained`` against timm's weights, ``model.checkpoint`` (readable, head against the classes, every
+  key and shape against the model), a resume checkpoint left by an earlier attempt, writable output folders.
+
+Every error names the key, the bad value and the valid range or choices: ``ConfigError`` for config values,
+``DataError`` for data folders, ``CheckpointError`` for checkpoint files (all ``ValueError``).
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import typing
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+import methods
+from methods.models import CheckpointError, load_state_dict_strict, read_checkpoint
+
+from . import identity
+from .build import create_vit
+from .checkpoints import load_weights, read_resume_checkpoint, start_over_hint
+from .config import DATA_SCHEMAS, ConfigError, DataError, RunConfig, check_ranges
+from .data import count_classes
+from .launcher_ranges import check_launcher
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Where the weights come from: ``checkpoint`` (``path``), ``pretrained`` (timm's hub), ``baseline`` (the
+    cached dense baseline, trained if absent) or ``random``."""
+
+    kind: str
+    path: Optional[Path] = None
+
+    @property
+    def label(self) -> str:
+        return {"checkpoint": f"checkpoint:{self.path}", "pretrained": "pretrained:timm"}.get(self.kind, self.kind)
+
+
+@dataclass
+class RunPlan:
+    """A validated run: the typed config and every decision taken from it."""
+
+    cfg: DictConfig  # the composed config, as records carry it
+    config: RunConfig  # the same, typed and checked
+    method_name: str
+    method_params: dict[str, Any]  # as given: what the factory is called with
+    recorded_params: dict[str, Any]  # with the factory's defaults applied: what records store
+    weights: WeightSource
+    trains: bool
+    num_classes: int
+    run_key: str
+    resume_dir: Optional[Path]  # paths.state_dir/<run key> when the run trains
+    meta_method: methods.TokenReducer  # built on the meta device
+    tradeoff_values: Optional[list]  # method.tradeoff_values, else the method's registered grid
+
+
+def validate(cfg: DictConfig, num_classes: Optional[int] = None, train: Optional[bool] = None) -> RunPlan:
+    """Check ``cfg`` and return its plan; raise on the first problem. ``num_classes``: the head the caller builds
+    when it is not the data's (``measure.py``); ``train`` overrides ``experiment.train``."""
+    config = typed_config(cfg)
+    check_ranges(config)
+    check_launcher()
+    check_device(config)
+    spec = methods.method_spec(config.method.name) if config.method.name in methods.list_methods() else None
+    if spec is None:
+        raise ConfigError(f"method.name={config.method.name!r} unknown; valid choices: "
+                          f"{', '.join(methods.list_methods())}")
+    params = check_method_params(spec.name, config.method.params)
+    check_grid(spec.name, config.method.tradeoff_values)
+    check_model_name(config.model.name)
+
+    classes = num_classes or count_classes(config.data)
+    meta = build_on_meta(config, spec.name, params, classes)
+    if config.model.pretrained and not config.model.checkpoint:
+        check_pretrained(config.model.name)
+    if config.model.checkpoint:
+        classes, meta = check_checkpoint(config, spec.name, params, classes, explicit_classes=num_classes)
+
+    weights = weight_source(config)
+    chosen = train if train is not None else config.experiment.train
+    trains = bool(chosen if chosen is not None else
+                  (config.method.finetune if config.method.finetune is not None else spec.finetune))
+    trains = trains and config.train.epochs > 0
+    key = identity.run_key(cfg)
+    resume_dir = Path(config.paths.state_dir) / key if trains else None
+    check_paths(config, weights, resume_dir, meta)
+    grid = config.method.tradeoff_values
+    return RunPlan(cfg, config, spec.name, params, methods.resolved_params(spec.name, params), weights, trains,
+                   classes, key, resume_dir, meta, list(grid) if grid is not None else
+                   (list(spec.tradeoff_values) if spec.tradeoff_values is not None else None))
+
+
+# ------------------------------------------------------------------------------------------------ sections
+def check_device(config: RunConfig) -> None:
+    """The device and the dtypes timed on it exist here (measurements are never silently taken elsewhere)."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA GPU is available; use device=cpu or device=auto")
+    dtypes = config.measure.dtypes or []
+    if config.measure.throughput and config.device != "cpu" and torch.cuda.is_available() and "bf16" in dtypes \
+            and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"measure.dtypes={dtypes}: bf16 is not supported by {torch.cuda.get_device_name()}; "
+                          "valid here: fp32, fp16")
+
+
+def typed_config(cfg: DictConfig) -> RunConfig:
+    """``cfg`` as a :class:`RunConfig` instance (interpolations resolved). A config that did not come through
+    Hydra's typed composition (e.g. rebuilt from a plain container) is typed here, with the same errors."""
+    missing = [item.name for item in fields(RunConfig) if item.name not in cfg]
+    if missing:
+        raise ConfigError(f"config: missing section(s) {missing}; valid: a config composed from "
+                          "experiments/conf/config.yaml")
+    name = OmegaConf.select(cfg, "data.name")
+    if name not in DATA_SCHEMAS:
+        raise DataError(f"data.name={name!r} unknown; valid: {', '.join(DATA_SCHEMAS)}")
+    values = {item.name: OmegaConf.to_container(cfg[item.name], resolve=False) if OmegaConf.is_config(cfg[item.name])
+              else cfg[item.name] for item in fields(RunConfig)}
+    # ${hydra:runtime.output_dir} resolves only inside a Hydra app; outside one the run has no run dir
+    values["paths"]["run_dir"] = OmegaConf.select(cfg, "paths.run_dir", throw_on_resolution_failure=False)
+    schema = OmegaConf.structured(RunConfig)
+    schema.data = OmegaConf.structured(DATA_SCHEMAS[name])
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(schema, values))
+    except ConfigKeyError as error:  # a key added with +key=value that the schema does not have
+        section, _, key = (error.full_key or "").rpartition(".")
+        valid = list(OmegaConf.select(schema, section).keys()) if section else list(schema.keys())
+        raise ConfigError(f"{section or 'config'}: unknown key(s) {[key]}; valid: {', '.join(valid)}") from None
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{getattr(error, 'full_key', None) or 'config'}: {error.msg}") from error
+
+
+def check_method_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Each parameter against the factory's signature annotation, strictly (``1`` is not ``true``)."""
+    valid = methods.method_parameters(name)
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise ConfigError(f"method.params: unknown key(s) {unknown} for {name!r}; valid: {', '.join(valid)}")
+    for key, value in params.items():
+        check_type(f"method.params.{key}", value, name, key)
+    return dict(params)
+
+
+def check_type(key: str, value: Any, method: str, param: str) -> None:
+    """``value`` against the annotation of parameter ``param`` of ``method``'s factory (and finite, if a number)."""
+    annotation = typing.get_type_hints(methods.method_spec(method).factory).get(param)
+    if annotation is not None:
+        try:
+            TypeAdapter(annotation, config=ConfigDict(strict=True)).validate_python(value)
+        except ValidationError as error:
+            reasons = "; ".join(dict.fromkeys(item["msg"] for item in error.errors()))
+            words = methods.method_parameters(method)[param].annotation
+            raise ConfigError(f"{key}={value!r} is not of type {words}: {reasons}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r} must be a finite number")
+
+
+def check_grid(name: str, grid: Optional[list]) -> None:
+    """``method.tradeoff_values``: null, or a non-empty list of distinct values of the method's inference knob,
+    each typed like the knob (their ranges are checked by ``experiments.tradeoff``, which builds each point)."""
+    if grid is None:
+        return
+    knob = methods.inference_knob(name)
+    if knob is None:
+        knobs = ", ".join(f"{m} ({k})" for m, k in methods.methods_with_knob().items())
+        raise ConfigError(f"method.tradeoff_values={grid!r}: method {name!r} has no inference knob; valid: null, "
+                          f"or a list for one of {knobs}")
+    if not grid:
+        raise ConfigError(f"method.tradeoff_values={grid!r} must be a non-empty list of {knob} values")
+    for index, value in enumerate(grid):
+        if value is None:
+            raise ConfigError(f"method.tradeoff_values[{index}]=None: every point needs a value of {knob}")
+        check_type(f"method.tradeoff_values[{index}]", value, name, knob)
+    identities = {repr(float(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) else repr(v) for v in grid}
+    if len(identities) < len(grid):  # 1 and 1.0 are one point
+        raise ConfigError(f"method.tradeoff_values={grid!r} repeats a value; valid: distinct values")
+
+
+def check_model_name(name: str) -> None:
+    import timm  # noqa: PLC0415
+
+    if not timm.is_model(name):
+        raise ConfigError(f"model.name: unknown timm model {name!r}; e.g. deit_tiny_patch16_224, "
+                          f"deit_small_patch16_224, deit_digits_patch4_32")
+
+
+# --------------------------------------------------------------------------------------- models and weights
+def build_on_meta(config: RunConfig, name: str, params: dict[str, Any], num_classes: int) -> methods.TokenReducer:
+    """Backbone and method on the meta device: every check of timm and of the factory runs, nothing is allocated.
+    Their errors become :class:`ConfigError`."""
+    with torch.device("meta"):
+        try:
+            vit = create_vit(config, num_classes)
+        except ValueError as error:
+            if "data.img_size" in str(error):
+                raise ConfigError(str(error)) from error
+            raise _model_error(config, error) from error
+        except (TypeError, AssertionError, RuntimeError) as error:
+            raise _model_error(config, error) from error
+        try:
+            return methods.create_method(name, vit, **params)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"{error}" if "method.params" in str(error)
+                              else f"method {name!r} with params {params}: {error}") from error
+
+
+def _model_error(config: RunConfig, error: Exception) -> ConfigError:
+    model = {k: v for k, v in vars(config.model).items() if k not in ("short_name", "checkpoint") and v is not None}
+    return ConfigError(f"model: cannot build {config.model.name} with {model} at data.img_size="
+                       f"{config.data.img_size}: {error}")
+
+
+def check_pretrained(name: str) -> None:
+    from timm.models import get_pretrained_cfg  # noqa: PLC0415
+
+    pretrained = get_pretrained_cfg(name)
+    if pretrained is None or not (pretrained.hf_hub_id or pretrained.url or pretrained.file):
+        raise ConfigError(f"model.pretrained=true but timm has no pretrained weights for {name!r}; use "
+                          "model.pretrained=false (the suite trains and caches a dense baseline) or "
+                          "model.checkpoint=PATH")
+
+
+def head_rows(state: dict[str, Any]) -> Optional[int]:
+    """Classes of a checkpoint's classifier (``head.weight`` of timm, ``vit.head.weight`` of a suite method)."""
+    head = state.get("head.weight", state.get("vit.head.weight"))
+    return int(head.shape[0]) if isinstance(head, torch.Tensor) and head.dim() == 2 else None
+
+
+def check_checkpoint(config: RunConfig, name: str, params: dict[str, Any], classes: int,
+                     explicit_classes: Optional[int]) -> tuple[int, methods.TokenReducer]:
+    """``model.checkpoint`` against the model it will load into; returns the class count and the meta method
+    (rebuilt with the checkpoint's head when ``measure.num_classes`` asks for it)."""
+    path = config.model.checkpoint
+    content = read_checkpoint(path)
+    rows = head_rows(content["model"])
+    if rows is not None and rows != classes:
+        if explicit_classes is not None or rows != config.measure.num_classes:
+            raise CheckpointError(
+                f"model.checkpoint={path} has a {rows}-class head but data.name={config.data.name} has {classes} "
+                f"classes; valid: a checkpoint with a {classes}-class head (fine-tuned on this data), or a "
+                "backbone checkpoint without 'head.*' keys")
+        classes = rows
+    meta = build_on_meta(config, name, params, classes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # copying into meta parameters is a no-op; only the checks matter
+        load_weights(meta, name, content, f"model.checkpoint={path}")
+    return classes, meta
+
+
+def weight_source(config: RunConfig) -> WeightSource:
+    model = config.model
+    if model.checkpoint:
+        return WeightSource("checkpoint", Path(model.checkpoint))
+    if model.pretrained:
+        return WeightSource("pretrained")
+    return WeightSource("baseline" if config.baseline.enabled else "random")
+
+
+# ------------------------------------------------------------------------------------------------- folders
+def check_paths(config: RunConfig, weights: WeightSource, resume_dir: Optional[Path], meta) -> None:
+    paths = config.paths
+    check_writable(Path(paths.results_dir), "paths.results_dir")
+    if resume_dir is not None:
+        check_writable(Path(paths.state_dir), "paths.state_dir")
+        if not paths.run_dir:  # the fine-tuned checkpoint goes there
+            raise ConfigError("paths.run_dir=null: a run that trains needs a run folder; valid: a folder path "
+                              "(Hydra sets it to its output dir)")
+        check_writable(Path(paths.run_dir), "paths.run_dir")
+        check_resume_state(resume_dir / "last.pth", meta)
+    if weights.kind == "baseline":
+        check_writable(Path(paths.cache_dir), "paths.cache_dir")
+
+
+def check_writable(folder: Path, key: str) -> None:
+    """``folder`` exists and takes files, or can be created: probed in its nearest existing ancestor, leaving
+    nothing behind."""
+    folder = folder.expanduser()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={folder} is not writable: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{key}={folder} is not writable: {error}") from error
+
+
+def check_resume_state(last: Path, meta) -> None:
+    """A resume checkpoint left by an earlier attempt must be usable (readable, every key and shape of the
+    method): a clear error naming the file and how to start over, never a silent fresh start."""
+    if not last.exists():
+        return
+    state = read_resume_checkpoint(last)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            load_state_dict_strict(meta, state["model"], f"resume checkpoint {last}")
+    except CheckpointError as error:
+        raise CheckpointError(f"{error}. {start_over_hint(last)}") from error

@@ -1,0 +1,73 @@
+"""The compact form of a record's token maps (``tokens.maps``): owns encoding the per-image patch depths and
+thumbnails into small JSON values. ``analysis.load`` decodes them (it must not import this package, so the
+format below is the contract between the two, and ``tests/test_analysis.py`` checks the round trip).
+
+``tokens.maps`` is a list, one entry per eval image (the first ``eval.map_images`` of the eval set)::
+
+    {"index": 0,                                   # eval-set index: matches images across records
+     "patch_depth": PACKED uint8 [rows, cols],     # blocks that processed each patch (flat [P] without a grid)
+     "thumbnail": PACKED uint8 [H, W, C]}          # 0..255, min-max scaled per image; C = 1 when grey
+
+where PACKED is ``{"dtype": "uint8", "shape": [...], "filter": null | "diff2d", "zlib_base64": "..."}``: the
+array's bytes in C order, zlib-compressed (level 9), base64-encoded (ASCII). ``filter: "diff2d"`` (thumbnails)
+stores the differences along axis 0 and then axis 1 modulo 256 instead of the values, which compresses smooth
+images about twice as well; decoding takes the cumulative sums along axis 1 and then axis 0, modulo 256.
+A thumbnail whose channels are all equal keeps one channel. Records written before this format hold plain
+nested lists there; ``analysis.load`` reads both.
+"""
+from __future__ import annotations
+
+import base64
+import zlib
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+DTYPE = "uint8"
+FILTERS = (None, "diff2d")
+
+
+def pack(values: np.ndarray, filter: Optional[str] = None) -> dict[str, Any]:
+    """``values`` (integers in 0..255, any shape) as a PACKED dict (module docstring)."""
+    if filter not in FILTERS:
+        raise ValueError(f"filter={filter!r} is not one of {FILTERS}")
+    array = np.asarray(values)
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise ValueError(f"token maps are packed as uint8: values must lie in 0..255, got {array.min()}.."
+                         f"{array.max()}")
+    data = np.ascontiguousarray(array, dtype=np.uint8)
+    if filter == "diff2d":
+        data = np.diff(np.diff(data, axis=0, prepend=np.uint8(0)), axis=1, prepend=np.uint8(0))  # uint8 wraps
+    text = base64.b64encode(zlib.compress(data.tobytes(), 9)).decode("ascii")
+    return {"dtype": DTYPE, "shape": list(array.shape), "filter": filter, "zlib_base64": text}
+
+
+def pack_depth(patch_depth: np.ndarray, grid: Optional[Sequence[int]]) -> dict[str, Any]:
+    """One image's patch depths ``[P]`` as PACKED ``[rows, cols]`` (flat ``[P]`` when ``grid`` does not fit)."""
+    depth = np.asarray(patch_depth)
+    if grid is not None and depth.ndim == 1 and int(grid[0]) * int(grid[1]) == depth.size:
+        depth = depth.reshape(int(grid[0]), int(grid[1]))
+    return pack(depth)
+
+
+def pack_thumbnail(thumbnail: np.ndarray) -> dict[str, Any]:
+    """One uint8 thumbnail ``[H, W, C]`` as PACKED, filtered; one channel when all channels are equal."""
+    thumb = np.asarray(thumbnail)
+    if thumb.ndim != 3:
+        raise ValueError(f"a thumbnail is [H, W, C], got shape {list(thumb.shape)}")
+    if thumb.shape[-1] > 1 and (thumb == thumb[..., :1]).all():
+        thumb = thumb[..., :1]  # grey: one channel is the whole image
+    return pack(thumb, filter="diff2d")
+
+
+def encode_maps(patch_depth: np.ndarray, thumbnails: Optional[np.ndarray],
+                grid: Optional[Sequence[int]]) -> list[dict[str, Any]]:
+    """``tokens.maps`` for images ``0..n-1``: ``patch_depth`` ``[n, P]`` integer depths, ``thumbnails``
+    ``[n, H, W, C]`` uint8 (or ``None``), ``grid`` ``(rows, cols)`` of the patches (or ``None``)."""
+    maps = []
+    for i, depth in enumerate(np.asarray(patch_depth)):
+        entry: dict[str, Any] = {"index": i, "patch_depth": pack_depth(depth, grid)}
+        if thumbnails is not None:
+            entry["thumbnail"] = pack_thumbnail(thumbnails[i])
+        maps.append(entry)
+    return maps
