@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, TensorDataset
 if __package__ in (None, ""):  # run as a script: make the repository importable, as experiments/run.py does
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments import costs, engine, records  # noqa: E402
+from experiments import costs, engine, pipeline, records  # noqa: E402
 from experiments.build import build_method, resolve_device  # noqa: E402
 from experiments.checkpoints import seed_everything  # noqa: E402
 from experiments.data import build_data  # noqa: E402
@@ -74,8 +74,7 @@ def measure_run(cfg: DictConfig) -> dict[str, Any]:
     loader = DataLoader(TensorDataset(images[:count], labels[:count] % plan.num_classes),
                         batch_size=config.eval.batch_size)
     result = engine.evaluate(method, loader, device, None, config.eval.map_images, progress=config.progress)
-    tokens = engine.token_summary(result, method.depth, tuple(method.vit.patch_embed.grid_size),
-                                  config.eval.map_images)
+    tokens = pipeline.token_summary(method, result, config.eval.map_images)
     measured = costs.measure_costs(method, result, measure, device, images)
     record = records.build_record(
         "measure", OmegaConf.to_container(cfg, resolve=True), plan.method_name, plan.recorded_params,

@@ -91,7 +91,7 @@ def validate(cfg: DictConfig, num_classes: Optional[int] = None, train: Optional
     if config.model.pretrained and not config.model.checkpoint:
         check_pretrained(config.model.name)
     if config.model.checkpoint:
-        classes, meta = check_checkpoint(config, spec.name, params, classes, explicit_classes=num_classes)
+        classes, meta = check_checkpoint(config, spec.name, params, classes, meta, explicit_classes=num_classes)
 
     weights = weight_source(config)
     chosen = train if train is not None else config.experiment.train
@@ -241,7 +241,7 @@ def head_rows(state: dict[str, Any]) -> Optional[int]:
     return int(head.shape[0]) if isinstance(head, torch.Tensor) and head.dim() == 2 else None
 
 
-def check_checkpoint(config: RunConfig, name: str, params: dict[str, Any], classes: int,
+def check_checkpoint(config: RunConfig, name: str, params: dict[str, Any], classes: int, meta: methods.TokenReducer,
                      explicit_classes: Optional[int]) -> tuple[int, methods.TokenReducer]:
     """``model.checkpoint`` against the model it will load into; returns the class count and the meta method
     (rebuilt with the checkpoint's head when ``measure.num_classes`` asks for it)."""
@@ -254,8 +254,7 @@ def check_checkpoint(config: RunConfig, name: str, params: dict[str, Any], class
                 f"model.checkpoint={path} has a {rows}-class head but data.name={config.data.name} has {classes} "
                 f"classes; valid: a checkpoint with a {classes}-class head (fine-tuned on this data), or a "
                 "backbone checkpoint without 'head.*' keys")
-        classes = rows
-    meta = build_on_meta(config, name, params, classes)
+        classes, meta = rows, build_on_meta(config, name, params, rows)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # copying into meta parameters is a no-op; only the checks matter
         load_weights(meta, name, content, f"model.checkpoint={path}")
