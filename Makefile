@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench report install clean
+.PHONY: demo test test-fast bench bench-cpu bench-gpu report install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	mkdir -p results/benchmarks
 	$(PY) -m pytest tests/benchmarks -m benchmark --benchmark-enable --benchmark-json=results/benchmarks/bench.json
+
+bench-gpu: $(STAMP)  ## the GPU table (DeiT-S/B, batch 1/64/256, fp32/bf16, every method x 2 settings); refuses without a GPU
+	$(PY) experiments/bench.py gpu
+
+bench-cpu: $(STAMP)  ## the CPU table (DeiT-S at 224 px, batch 1/32/64, 1 and 2 threads)
+	$(PY) experiments/bench.py cpu --threads 1,2
 
 RESULTS ?= results
 

@@ -240,7 +240,10 @@ def throughput_frame(records: pd.DataFrame) -> pd.DataFrame:
     ``device``, ``batch_size``, ``dtype`` (short: fp32/bf16/fp16), ``condition`` (a label such as
     ``cpu b32 fp32``), ``img_per_s``, ``dense_img_per_s``, ``speedup`` (the record's ``speedup_vs_dense``,
     measured against dense in the same process; ``img_per_s / dense_img_per_s`` if absent), ``peak_mem_mb``,
-    and ``condition_order`` (sorts conditions by device, dtype, batch size).
+    ``timed_flops_ratio`` (the FLOPs ratio of the images that were timed, which efficiency divides by; NaN for
+    entries older than timing protocol 2) and ``condition_order`` (sorts conditions by device, dtype, batch
+    size). CPU conditions name their thread count (``cpu b32 fp32 t1``): timings at different thread counts
+    are different conditions, never averaged together.
     """
     rows = []
     for _, rec in records.iterrows():
@@ -253,15 +256,21 @@ def throughput_frame(records: pd.DataFrame) -> pd.DataFrame:
                 speedup = img / dense
             batch = entry.get("batch_size")
             device, dtype = str(entry.get("device", "?")), dtype_short(entry.get("dtype", "?"))
+            threads = entry.get("threads") if device == "cpu" else None
+            label = f"{device} b{batch} {dtype}" + (f" t{threads}" if isinstance(threads, int) else "")
             rows.append({"model": rec["model"], "data": rec["data"], "method": rec["method"],
                          "params_key": rec["params_key"], "seed": rec["seed"], "record_id": rec["record_id"],
                          "device": device, "batch_size": batch, "dtype": dtype,
-                         "condition": f"{device} b{batch} {dtype}", "img_per_s": img, "dense_img_per_s": dense,
+                         "condition": label, "img_per_s": img, "dense_img_per_s": dense,
                          "speedup": speedup, "peak_mem_mb": number(entry.get("peak_mem_mb")),
+                         "timed_flops_ratio": number(entry.get("flops_ratio"))
+                         if entry.get("timing_protocol", 1) >= 2 else math.nan,
                          "condition_order": (device, _DTYPE_ORDER.get(dtype, 9), dtype,
+                                             threads if isinstance(threads, int) else 0,
                                              batch if isinstance(batch, int) else 0)})
     columns = ["model", "data", "method", "params_key", "seed", "record_id", "device", "batch_size", "dtype",
-               "condition", "img_per_s", "dense_img_per_s", "speedup", "peak_mem_mb", "condition_order"]
+               "condition", "img_per_s", "dense_img_per_s", "speedup", "peak_mem_mb", "timed_flops_ratio",
+               "condition_order"]
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -153,8 +153,10 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
     through = load.throughput_frame(records)
     conds = load.conditions(through)
     if not through.empty:
-        ratio = records.set_index("record_id")["flops_ratio"]
-        through["efficiency"] = through["speedup"] * through["record_id"].map(ratio)
+        # the FLOPs of the timed images where the entry has them (timing protocol 2), else the record's
+        ratio = through["timed_flops_ratio"].fillna(through["record_id"].map(records.set_index("record_id")
+                                                                            ["flops_ratio"]))
+        through["efficiency"] = through["speedup"] * ratio
     several = records.groupby("model")["data"].nunique().to_dict()
 
     rows = []

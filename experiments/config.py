@@ -20,6 +20,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING
 
+from methods.ragged import BACKENDS as RAGGED_BACKENDS
+
 OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "lamb")
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -145,8 +147,12 @@ class BaselineRecipe(Recipe):
 
 @dataclass
 class EvalConfig:
+    """Inference: evaluation batches, depth maps, and how methods with per-image counts execute."""
+
     batch_size: int = spec(256, ge=1)
     map_images: int = spec(8, ge=0)  # eval images whose per-patch depth maps and thumbnails go into the record
+    # attention backend of the ragged-token runtime (methods/ragged.py): auto = varlen on CUDA, else padded
+    ragged_backend: str = spec("auto", choices=RAGGED_BACKENDS)
 
 
 @dataclass
@@ -257,7 +263,12 @@ class MeasureConfig:
     warmup: int = spec(10, ge=0)  # untimed forwards per model and condition (protocol: >= 10)
     repeats: int = spec(5, ge=1)  # timed runs per model, dense and method alternating; the median is kept
     min_time_s: float = spec(0.05, ge=0)  # each timed run repeats the forward until it lasts this long
-    compile: bool = False  # torch.compile both models before timing
+    compile: bool = False  # torch.compile every timed model; compilation is excluded and reported (compile_s)
+    compile_backend: str = spec("inductor", choices=("inductor", "aot_eager", "eager"))
+    # the timing pool: every batch size cycles through these first validation images, whose FLOPs it divides by
+    timing_images: int = spec(64, ge=1)
+    # also time the dense wrapper against timm (harness check, within 2%); a table needs it once, in its dense row
+    wrapper_check: bool = True
     fused_attn: Optional[bool] = None  # null: as built; true/false forces it on every block while timing
     threads: Optional[int] = spec(None, ge=1)  # CPU threads while timing; null = torch's default
     record: bool = True  # measure.py: write a results record (kind "measure")

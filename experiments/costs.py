@@ -30,14 +30,14 @@ def settings_for(measure: MeasureConfig, device: torch.device) -> throughput.Set
         else throughput.default_batch_sizes(device),
         dtypes=list(measure.dtypes) if measure.dtypes is not None else throughput.default_dtypes(device),
         warmup=measure.warmup, repeats=measure.repeats, min_time_s=float(measure.min_time_s),
-        compile=measure.compile, fused_attn=measure.fused_attn, threads=measure.threads,
+        compile=measure.compile, compile_backend=measure.compile_backend, fused_attn=measure.fused_attn,
+        threads=measure.threads,
     )
 
 
 def images_needed(measure: MeasureConfig, device: torch.device) -> int:
-    """How many validation images the measurement uses: fvcore's and the largest timed batch."""
-    timed = settings_for(measure, device).batch_sizes if measure.throughput else []
-    return max([measure.fvcore_images, *timed])
+    """How many validation images the measurement uses: fvcore's and the timing pool."""
+    return max(measure.fvcore_images, measure.timing_images if measure.throughput else 0)
 
 
 def load_images(dataset, count: int, num_workers: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,16 +61,45 @@ def measure_costs(method: methods.TokenReducer, result, measure: MeasureConfig, 
         summary = flops.flops_summary(method, result.token_counts, result.alt_token_counts)
         if measure.fvcore_images and images is not None:
             summary["fvcore_check"] = flops.fvcore_crosscheck(method, images[: measure.fvcore_images].to(device))
-    entries = None
-    if measure.throughput:
-        dense = None if isinstance(method, Dense) else methods.create_method("dense", method.vit)
-        started = time.perf_counter()
-        entries = throughput.measure(method, dense, device, settings_for(measure, device),
-                                     summary["flops_ratio"] if summary else None, images)
-        log.info("throughput timed in %.1f s: %s", time.perf_counter() - started,
-                 ", ".join(f"b{e['batch_size']} {e['dtype']} {e['img_per_s']:.1f} img/s "
-                           f"(x{e['speedup_vs_dense']:.2f})" for e in entries))
+    entries = timed_entries(method, measure, device, images) if measure.throughput else None
     return {"flops": summary, "throughput": entries}
+
+
+def timed_entries(method: methods.TokenReducer, measure: MeasureConfig, device: torch.device,
+                  images: Optional[torch.Tensor]) -> list[dict[str, Any]]:
+    """The record's ``throughput`` entries: the first ``measure.timing_images`` of ``images`` (or the seeded noise
+    pool) timed against timm's forward, with the FLOPs ratio of exactly those images."""
+    dense = None
+    if measure.wrapper_check and not isinstance(method, Dense):
+        dense = methods.create_method("dense", method.vit)
+    pool = images[: measure.timing_images] if images is not None and len(images) else None
+    timed_flops = pool_flops(method, pool, device, measure.timing_images)
+    started = time.perf_counter()
+    entries = throughput.measure(method, dense, device, settings_for(measure, device), timed_flops["flops_ratio"],
+                                 pool, pool_size=measure.timing_images)
+    for entry in entries:
+        entry["timed_gflops"] = timed_flops["gflops"]
+    log.info("throughput timed in %.1f s: %s", time.perf_counter() - started,
+             ", ".join(f"b{e['batch_size']} {e['dtype']} {e['img_per_s']:.1f} img/s "
+                       f"(x{e['speedup_vs_dense']:.2f})" for e in entries))
+    return entries
+
+
+def pool_flops(method: methods.TokenReducer, pool: Optional[torch.Tensor], device: torch.device,
+               pool_size: int) -> dict[str, float]:
+    """Mean GFLOPs and FLOPs ratio of exactly the images the throughput pool times (``pool``, or the seeded
+    noise pool ``throughput.pool_batches`` makes without one), from an eval pass over them."""
+    was_training = method.training
+    method.eval()
+    try:
+        if pool is None:
+            pool = throughput.noise_pool(pool_size, throughput.input_shape_of(method.vit))
+        with torch.inference_mode():
+            counts = torch.cat([method(chunk.float().to(device)).token_counts.cpu() for chunk in pool.split(64)])
+    finally:
+        method.train(was_training)
+    macs = flops.per_image_macs(method, counts)
+    return {"gflops": macs.mean().item() / 1e9, "flops_ratio": macs.mean().item() / flops.dense_macs(method)}
 
 
 def warn_if_nothing_removed(method: methods.TokenReducer, token_counts: torch.Tensor) -> None:

@@ -15,17 +15,15 @@ Records of kind ``measure`` follow the run schema; ``metrics`` holds ``null`` ac
 usually random and the images few) and ``num_images``; ``subset_metrics`` keeps the accuracy on the measured
 images as a sanity check of loaded weights.
 
-The CPU throughput table (DeiT-S, every method, batch 1 and 32, fp32; run it on a quiet machine: timing on a
-shared CPU with two threads per process is dominated by thread contention, where ``measure.threads=1`` helps)::
+The benchmark tables (every method at its default and a stronger setting, DeiT-S on CPU, DeiT-S/B on GPU, the
+embedded model with ``make demo``'s A-ViT checkpoint) are ``experiments/bench.py`` (``make bench-cpu``,
+``make bench-gpu``), which runs this script's ``measure_run`` once per row. A single row::
 
-    python experiments/measure.py -m model=deit_small measure.num_classes=1000 \\
-        method=dense,dynamicvit,evit,tome,topk,random measure.batch_sizes=[1,32] progress=false
+    python experiments/measure.py model=deit_small measure.num_classes=1000 method=tome \
+        'measure.batch_sizes=[1,32,64]' measure.threads=1 progress=false
 
-``adavit`` belongs in the list only with ``model.checkpoint=...`` of a trained A-ViT: with random weights
-nothing halts. On a GPU the defaults give the full table (batch 1/64/256, fp32 and bf16)::
-
-    python experiments/measure.py -m model=deit_tiny,deit_small measure.num_classes=1000 \\
-        method=dense,dynamicvit,evit,tome,topk,random device=cuda progress=false
+``adavit`` on random weights halts nothing with its trained gate constants; give it ``gate_scale=10
+gate_center=4.7`` (about 0.65x FLOPs on DeiT-S) or ``model.checkpoint=...`` of a trained A-ViT.
 """
 from __future__ import annotations
 
@@ -92,7 +90,8 @@ def summary_line(record: dict[str, Any]) -> dict[str, Any]:
     """The one-line JSON summary ``measure.py`` prints."""
     fl = record.get("flops") or {}
     keys = ("device", "device_name", "batch_size", "dtype", "img_per_s", "dense_img_per_s", "speedup_vs_dense",
-            "flops_ratio", "efficiency", "peak_mem_mb", "threads", "compile", "fused_attn")
+            "flops_ratio", "efficiency", "dense_reference", "dense_wrapper_vs_timm", "timed_images", "timed_gflops",
+            "peak_mem_mb", "threads", "compile", "compile_s", "fused_attn")
     return {
         "record": record.get("path"), "kind": record["kind"], "method": record["method"],
         "method_params": record["method_params"], "model": record["model"], "weights": record["train"]["init"],

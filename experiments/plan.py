@@ -30,6 +30,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 import methods
+from methods import ragged
 from methods.models import CheckpointError, load_state_dict_strict, read_checkpoint
 
 from . import identity
@@ -112,6 +113,11 @@ def check_device(config: RunConfig) -> None:
     """The device and the dtypes timed on it exist here (measurements are never silently taken elsewhere)."""
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA GPU is available; use device=cpu or device=auto")
+    device = "cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
+    try:
+        ragged.resolve_backend(config.eval.ragged_backend, device)
+    except ValueError as error:
+        raise ConfigError(f"eval.{error}") from None
     dtypes = config.measure.dtypes or []
     if config.measure.throughput and config.device != "cpu" and torch.cuda.is_available() and "bf16" in dtypes \
             and not torch.cuda.is_bf16_supported():

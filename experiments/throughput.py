@@ -1,20 +1,31 @@
-"""Throughput protocol: img/s of a method and of the dense model on the same weights, timed in one process.
+"""Throughput protocol: img/s of a method and of timm's own dense forward on the same weights, in one process.
 
 Protocol (the union of the official repos' best practice, ``reference/methods.md``):
 
 - eval mode, ``torch.inference_mode``, inputs preloaded on the device (fp32; ``bf16``/``fp16`` run under
-  ``torch.autocast``), ``warmup`` untimed iterations per model (protocol: >= 10), then ``repeats`` timed runs
-  (protocol: >= 5) of ``iters`` forwards each, CUDA-synchronised before and after; the median is reported.
-- ``iters`` is calibrated from the last warm-up forward, per model and condition, so that one timed run lasts
-  at least ``min_time_s`` (short forwards would otherwise time the timer). Each model runs ``max(warmup, 1)``
-  untimed forwards, then ``repeats * iters`` timed ones.
-- The dense reference is ``dense`` wrapping the *same* ``vit`` module (same weights, no copy). Dense and
-  method runs alternate within every repeat (and swap order each repeat), so machine drift hits both.
+  ``torch.autocast``), ``warmup`` untimed forwards per model (protocol: >= 10) and one untimed pass over the
+  image pool (the calibration below; a compiled model meets every shape there), then ``repeats`` timed runs (protocol: >= 5) of ``iters`` forwards each, CUDA-synchronised
+  before and after; the median is reported.
+- **The timed images are the images whose FLOPs the efficiency divides by.** Every batch size cycles through
+  one pool of images (``measure.timing_images``, default 64, the first validation images): the batches of size
+  ``b`` walk the pool in order, wrapping around, and a timed run is a whole number of passes over the batches,
+  so every pool image is timed equally often (``P / gcd(P, b)`` batches per pass: 64 single images at batch 1;
+  at batch 256 each image four times). The caller passes the FLOPs ratio of exactly that pool
+  (``experiments/costs.py``), and each entry says which images were timed (``timed_images``).
+- ``iters`` is calibrated from the warm-up, per model and condition, so that one timed run lasts at least
+  ``min_time_s`` (short forwards would otherwise time the timer), rounded up to whole passes over the pool.
+- **The dense reference is timm's own forward** (``vit(images)``) of the same module (same weights, no copy),
+  what a user would otherwise run. The ``dense`` method (our wrapper of the same blocks) is timed too, as a
+  harness check: ``dense_wrapper_vs_timm`` should stay within 2% of 1. All models alternate within every
+  repeat (and swap order each repeat), so machine drift hits them all.
 - ``img_per_s`` and ``dense_img_per_s`` are the medians over repeats. ``speedup_vs_dense`` is the median over
-  repeats of the paired ratio (method run / the dense run adjacent to it), which cancels drift that the ratio
+  repeats of the paired ratio (method run / the timm run adjacent to it), which cancels drift that the ratio
   of medians (``speedup_of_medians``, also kept) does not; on a quiet machine the two agree.
   ``efficiency = speedup_vs_dense * flops_ratio``, i.e. the speedup divided by the FLOPs saving
-  (``dense_gflops / gflops``); 1.0 means wall time tracks FLOPs exactly.
+  (``dense_gflops / gflops`` of the timed images); 1.0 means wall time tracks FLOPs exactly.
+- ``compile=true``: every model is ``torch.compile``'d (``compile_backend``); compilation happens in the
+  warm-up and is excluded from the timing; ``compile_s`` reports it (warm-up time minus the same number of
+  steady forwards).
 - Peak memory: CUDA ``max_memory_allocated`` of one forward of that model (reset before); on CPU the process
   peak RSS (``resource.getrusage``) after the method ran at that batch size. RSS peak is a process-lifetime
   high-water mark, so on CPU it never decreases within a process and includes everything loaded before
@@ -40,10 +51,15 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from methods.dense import Dense
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_BATCH_SIZES = (1, 64, 256)
 CPU_BATCH_SIZES = (1, 32)
 GPU_DTYPES = ("fp32", "bf16")
+# 2: timed images = the pool whose FLOPs are reported, timm's forward as the reference (1: the first b images
+# at batch b against the dense wrapper; records of that protocol are marked superseded)
+TIMING_PROTOCOL = 2
 CPU_DTYPES = ("fp32",)
 
 
@@ -57,6 +73,7 @@ class Settings:
     repeats: int = 5
     min_time_s: float = 0.05
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: tracing without code generation)
     fused_attn: Optional[bool] = None  # None: leave the modules as built
     threads: Optional[int] = None  # None: torch's default
 
@@ -87,14 +104,43 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_inputs(batch: int, device: torch.device, images: Optional[Tensor] = None,
-                shape: Optional[Sequence[int]] = None) -> Tensor:
-    """A ``[batch, 3, H, W]`` fp32 batch on ``device``: ``images`` cycled to ``batch``, else seeded noise."""
-    if images is not None and len(images):
-        index = torch.arange(batch) % images.shape[0]
-        return images[index].float().contiguous().to(device)
-    generator = torch.Generator().manual_seed(0)
-    return torch.randn(batch, *shape, generator=generator).to(device)
+def pool_batches(batch: int, device: torch.device, pool: Optional[Tensor] = None,
+                 shape: Optional[Sequence[int]] = None, pool_size: int = 64) -> list[Tensor]:
+    """One pass of ``[batch, 3, H, W]`` fp32 batches on ``device`` over the image pool: ``pool`` (CPU tensor),
+    else ``pool_size`` images of seeded noise of ``shape``. Consecutive batches continue where the last one
+    ended, wrapping around, and the pass ends when it is back at image 0, so each pool image appears
+    ``batch * len(batches) / P`` times: ``P / gcd(P, batch)`` batches."""
+    if pool is None or not len(pool):
+        pool = noise_pool(pool_size, shape)
+    size = pool.shape[0]
+    count = size // math.gcd(size, batch)
+    index = torch.arange(count * batch) % size
+    return list(pool[index].float().to(device).split(batch))
+
+
+def noise_pool(size: int, shape: Sequence[int]) -> Tensor:
+    """The timing pool without images: ``size`` seeded noise images (seed 0) of ``shape``."""
+    return torch.randn(size, *shape, generator=torch.Generator().manual_seed(0))
+
+
+def input_shape_of(vit: nn.Module) -> tuple[int, ...]:
+    return (vit.patch_embed.proj.in_channels, *vit.patch_embed.img_size)
+
+
+def pool_label(pool: Optional[Tensor], pool_size: int) -> str:
+    """How records name the timed images."""
+    return f"val[0:{len(pool)}]" if pool is not None and len(pool) else f"noise[0:{pool_size}] (seed 0)"
+
+
+class TimmForward(nn.Module):
+    """timm's own forward of a backbone, ``vit(images)``: the dense reference every method is timed against."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.vit(images)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -153,84 +199,103 @@ def autocast(device: torch.device, dtype: str):
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
 
 
-def timed_run(model: nn.Module, inputs: Tensor, iters: int, device: torch.device) -> float:
-    """Seconds for ``iters`` forwards of ``model(inputs)``, synchronised before and after."""
+def timed_run(model: nn.Module, batches: Sequence[Tensor], iters: int, device: torch.device) -> float:
+    """Seconds for ``iters`` forwards cycling through ``batches``, synchronised before and after."""
+    count = len(batches)
     synchronize(device)
     start = time.perf_counter()
-    for _ in range(iters):
-        model(inputs)
+    for step in range(iters):
+        model(batches[step % count])
     synchronize(device)
     return time.perf_counter() - start
 
 
-def iters_for(seconds_per_forward: float, min_time_s: float) -> int:
-    """Forwards per timed run so that one run lasts at least ``min_time_s`` (at least 1)."""
-    if min_time_s <= 0:
-        return 1
-    return max(1, math.ceil(min_time_s / max(seconds_per_forward, 1e-6)))
+def iters_for(seconds_per_forward: float, min_time_s: float, multiple: int = 1) -> int:
+    """Forwards per timed run so that one run lasts at least ``min_time_s``: at least one, rounded up to a
+    ``multiple`` (whole passes over the pool)."""
+    needed = 1 if min_time_s <= 0 else max(1, math.ceil(min_time_s / max(seconds_per_forward, 1e-6)))
+    return multiple * math.ceil(needed / multiple)
 
 
-def time_models(models: dict[str, nn.Module], inputs: Tensor, device: torch.device, dtype: str,
+def time_models(models: dict[str, nn.Module], batches: Sequence[Tensor], device: torch.device, dtype: str,
                 settings: Settings) -> dict[str, dict[str, Any]]:
     """Warm up each model, then alternate timed runs between them; per model: median img/s and details."""
-    batch = inputs.shape[0]
+    batch = batches[0].shape[0]
     names = list(models)
     result: dict[str, dict[str, Any]] = {}
     with torch.inference_mode(), autocast(device, dtype):
-        for name in names:  # warm-up; its first forward gives the peak memory, its last the calibration
+        for name in names:  # warm-up, then one calibration pass (every shape a compiled model will meet)
             model = models[name]
             if device.type == "cuda":
                 synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            last = timed_run(model, inputs, 1, device)
+            first = timed_run(model, batches[:1], 1, device)  # its peak memory is the one reported
             result[name] = {"peak_mem_mb": peak_memory_mb(device), "runs": []}
-            for _ in range(settings.warmup - 1):
-                last = timed_run(model, inputs, 1, device)
-            result[name]["iters"] = iters_for(last, settings.min_time_s)
+            rest = timed_run(model, batches[1:] + batches[:1], settings.warmup - 1, device) \
+                if settings.warmup > 1 else 0.0
+            calibration = timed_run(model, batches, len(batches), device)
+            result[name]["warmup_s"] = first + rest + calibration
+            result[name]["warmup_forwards"] = max(settings.warmup, 1) + len(batches)
+            result[name]["iters"] = iters_for(calibration / len(batches), settings.min_time_s, len(batches))
         with gc_paused():
             for repeat in range(settings.repeats):
                 order = names if repeat % 2 == 0 else names[::-1]
                 for name in order:
-                    seconds = timed_run(models[name], inputs, result[name]["iters"], device)
+                    seconds = timed_run(models[name], batches, result[name]["iters"], device)
                     result[name]["runs"].append(batch * result[name]["iters"] / seconds)
     for entry in result.values():
         entry["img_per_s"] = statistics.median(entry["runs"])
+        steady = batch / entry["img_per_s"]  # seconds per forward
+        entry["compile_s"] = max(0.0, entry["warmup_s"] - entry["warmup_forwards"] * steady)
     return result
+
+
+def paired_speedup(own: dict[str, Any], ref: dict[str, Any]) -> float:
+    """Median over repeats of one model's run over the adjacent run of the other."""
+    return statistics.median(m / d for m, d in zip(own["runs"], ref["runs"]))
+
+
+def compiled(models: dict[str, nn.Module], settings: Settings) -> dict[str, nn.Module]:
+    if not settings.compile:
+        return models
+    return {name: torch.compile(model, backend=settings.compile_backend) for name, model in models.items()}
 
 
 def measure(method: nn.Module, dense: Optional[nn.Module], device: torch.device, settings: Settings,
             flops_ratio: Optional[float], images: Optional[Tensor] = None,
-            input_shape: Optional[Sequence[int]] = None) -> list[dict[str, Any]]:
+            input_shape: Optional[Sequence[int]] = None, pool_size: int = 64) -> list[dict[str, Any]]:
     """The record's ``throughput`` list: one entry per dtype and batch size.
 
-    ``dense`` is the dense wrapper of the same backbone, or ``None`` when ``method`` is itself dense (it is
-    then its own reference: speedup 1). ``images`` (CPU tensor) are cycled into each batch; without them the
-    inputs are seeded noise of ``input_shape`` (default: the backbone's input size)."""
+    ``dense`` is the ``dense`` wrapper of the same backbone (the harness check), or ``None`` when ``method`` is
+    itself that wrapper or the check is off; either way the reference is timm's forward of ``method.vit``. ``images`` (CPU tensor) is the timing pool,
+    and ``flops_ratio`` must be the FLOPs ratio of exactly these images; without them the pool is
+    ``pool_size`` seeded noise images of ``input_shape`` (default: the backbone's input size)."""
     import timm
 
     vit = method.vit
     if input_shape is None:
-        input_shape = (vit.patch_embed.proj.in_channels, *vit.patch_embed.img_size)
-    models: dict[str, nn.Module] = {"method": method}
+        input_shape = input_shape_of(vit)
+    models: dict[str, nn.Module] = {"method": method, "timm": TimmForward(vit)}
     if dense is not None:
         models["dense"] = dense
     was_training = {name: model.training for name, model in models.items()}
     for model in models.values():
         model.eval()
-    runnable = {name: torch.compile(model) if settings.compile else model for name, model in models.items()}
+    runnable = compiled(models, settings)
+    timed_images = pool_label(images, pool_size)
     entries = []
     try:
         with threads_set(settings.threads), fused_attn_set(vit, settings.fused_attn):
             fused = fused_attn_state(vit)
             for dtype in settings.dtypes:
                 for batch in settings.batch_sizes:
-                    inputs = make_inputs(batch, device, images, input_shape)
-                    timed = time_models(runnable, inputs, device, dtype, settings)
-                    del inputs
-                    own = timed["method"]
-                    ref = timed.get("dense", own)
-                    # paired: each repeat's method run against the dense run next to it in time
-                    speedup = statistics.median(m / d for m, d in zip(own["runs"], ref["runs"]))
+                    batches = pool_batches(batch, device, images, input_shape, pool_size)
+                    timed = time_models(runnable, batches, device, dtype, settings)
+                    del batches
+                    own, ref = timed["method"], timed["timm"]
+                    wrapper = timed.get("dense", own if isinstance(method, Dense) else None)
+                    # paired: each repeat's method run against the timm run next to it in time
+                    speedup = paired_speedup(own, ref)
                     entries.append({
                         "device": device.type,
                         "device_name": device_name(device),
@@ -238,27 +303,36 @@ def measure(method: nn.Module, dense: Optional[nn.Module], device: torch.device,
                         "dtype": dtype,
                         "img_per_s": own["img_per_s"],
                         "dense_img_per_s": ref["img_per_s"],
+                        "dense_reference": "timm",  # vit(images); the dense wrapper is the harness check
                         "speedup_vs_dense": speedup,
                         "speedup_of_medians": own["img_per_s"] / ref["img_per_s"],
+                        "dense_wrapper_img_per_s": wrapper["img_per_s"] if wrapper else None,
+                        "dense_wrapper_vs_timm": paired_speedup(wrapper, ref) if wrapper else None,
                         "flops_ratio": flops_ratio,
                         "efficiency": speedup * flops_ratio if flops_ratio else None,
+                        "timed_images": timed_images,
+                        "timed_pool_size": len(images) if images is not None and len(images) else pool_size,
                         "peak_mem_mb": own["peak_mem_mb"],
                         "dense_peak_mem_mb": ref["peak_mem_mb"],
                         "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
                         "threads": torch.get_num_threads(),
                         "compile": bool(settings.compile),
+                        "compile_backend": settings.compile_backend if settings.compile else None,
+                        "compile_s": own["compile_s"] if settings.compile else None,
+                        "dense_compile_s": ref["compile_s"] if settings.compile else None,
                         "fused_attn": fused,
                         "amp": "autocast" if dtype != "fp32" else None,
                         "torch": torch.__version__,
                         "timm": timm.__version__,
                         "repeats": settings.repeats,
-                        "warmup": settings.warmup,
+                        "warmup": own["warmup_forwards"],
                         "iters_per_repeat": own["iters"],
                         "dense_iters_per_repeat": ref["iters"],
                         "img_per_s_runs": own["runs"],
                         "dense_img_per_s_runs": ref["runs"],
                         "dense_measured": dense is not None,
                         "inputs": "images" if images is not None else "random",
+                        "timing_protocol": TIMING_PROTOCOL,
                     })
     finally:
         for name, model in models.items():

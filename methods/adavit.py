@@ -15,14 +15,18 @@ Training (``train()``) masks instead of removing, as the official code: halted t
 as attention keys with a finite bias (-1000, never -inf: an all-masked row would give NaN); the block at
 which a token halts still sees it (the mask is updated after the block).
 
-Inference (``eval()``) removes halted tokens physically, which no released A-ViT code does. The active
-tokens of the whole batch are packed into one ``[T, C]`` tensor, so norms, QKV, projection and MLP run on
-active tokens only. Attention runs per image over its own tokens: images sorted by token count are taken
-``attn_group`` at a time, each call padded to its longest image with the padding masked as keys (on CPU, 8
-per call beat both one call per image and one padded call for the batch). Once an image's CLS token halts
-its logits are final, so the image stops there: all of its tokens leave the batch. Logits and halting
-depths equal the masked path's (``forward_masked``) on the same weights, and an image's result does not
-depend on the other images in its batch.
+Inference (``eval()``) removes halted tokens physically, which no released A-ViT code does, on the shared
+ragged-token runtime (``methods/ragged.py``). The active tokens of the whole batch are packed into one
+``[T, C]`` tensor, so norms, QKV, projection and MLP run on active tokens only; attention runs per image over
+its own tokens through the run's backend (``eval.ragged_backend``: on CPU, images sorted by token count are
+taken ``attn_group`` at a time, each call padded to its longest image with the padding masked as keys; 8 per
+call by default). Once an image's CLS token halts its logits are final, so the image stops there: all of its
+tokens leave the batch. Per block, beyond the block itself, the pass does the halting score, one fused update
+of the per-row ACT state, the CLS mix of the running images and, only when rows leave, one compaction; the
+executed counts come from the halting depths at the end instead of per-block bookkeeping. Logits and halting
+depths equal the masked path's (``forward_masked``) on the same weights, bit for bit equal those of the
+removal path before the runtime (``tests/test_ragged.py``), and an image's result does not depend on the
+other images in its batch.
 
 Outputs, per image, the same in both modes (training reports what the removal path would execute).
 ``token_counts`` ``[B, depth, 2]``: executed counts (tokens still running when their CLS halts stop with
@@ -84,7 +88,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import backbone
+from . import backbone, ragged
 from .base import MethodOutput, TokenReducer
 from .registry import register_method
 
@@ -101,8 +105,6 @@ GATE_DEFAULTS: dict[str, tuple[float, float]] = {
 PRIOR_MODES = ("correct", "official")
 HALTING_SOURCES = ("channel0", "head")
 
-# Images per attention call at inference when attn_group is null, by device type (measured; see the report).
-AUTO_GROUP = {"cpu": 8}
 
 
 # ------------------------------------------------------------------------------------- pure halting rules
@@ -196,7 +198,8 @@ class AdaViT(TokenReducer):
         scores, so tokens halt later)."""
         signal = x[..., 0] if self.halting_heads is None else self.halting_heads[block](x)[..., 0]
         center = self.gate_center if self.training else self.gate_center + self.inference_gate_shift
-        return torch.sigmoid(self.gate_scale * signal.float() - center)
+        signal = signal if signal.dtype == torch.float32 else signal.float()
+        return torch.sigmoid(self.gate_scale * signal - center)
 
     def forward(self, images: Tensor) -> MethodOutput:
         return self.forward_masked(images) if self.training else self.forward_removal(images)
@@ -236,50 +239,60 @@ class AdaViT(TokenReducer):
         return MethodOutput(logits, _counts_from_depth(executed, self.depth), executed[:, 1:], state=state)
 
     def forward_removal(self, images: Tensor) -> MethodOutput:
-        """The inference path: halted tokens leave the packed batch; an image stops when its CLS halts."""
+        """The inference path on the ragged runtime: halted tokens leave the packed batch; an image stops
+        when its CLS halts. Per block, beyond the block itself: the halting score, one fused update of the
+        per-row state, the CLS mix of the running images and one compaction (``methods/ragged.py``)."""
         x = backbone.embed(self.vit, images)
         batch, tokens, dim = x.shape
         device = x.device
-        x = x.reshape(batch * tokens, dim)  # packed, image-major; index selection keeps that order
-        flat = torch.arange(batch * tokens, device=device)  # image * tokens + token, of each packed row
-        image, token = flat // tokens, flat % tokens
-        c = x.new_zeros(batch * tokens, dtype=torch.float32)
-        remainder = torch.ones_like(c)
+        packed = ragged.Packed.pack(x)
+        # Per-row ACT state (c, remainder), one tensor so that a compaction gathers it in one op.
+        state = torch.stack([x.new_zeros(batch * tokens, dtype=torch.float32),
+                             x.new_ones(batch * tokens, dtype=torch.float32)], dim=1)
+        step = torch.tensor([1.0, -1.0], device=device)  # c += h, remainder -= h, in one op
+        threshold = 1.0 - self.eps
         cls_out = x.new_zeros(batch, dim, dtype=torch.float32)
         depth_of = torch.zeros(batch * tokens, dtype=torch.long, device=device)
-        lengths = torch.full((batch,), tokens, dtype=torch.long, device=device)
-        counts = torch.zeros(batch, self.depth, dtype=torch.long, device=device)
-        group = self.attn_group if self.attn_group is not None else AUTO_GROUP.get(device.type, 0)
+        backend = self.runtime.backend_for(device)
+        group = ragged.group_for(self.attn_group, device)
         for index, block in enumerate(self.vit.blocks):
-            counts[:, index] = lengths
-            depth_of[flat] = index + 1  # the last block a token runs is its depth
-            x = backbone.packed_attn_residual(block, x, lengths[lengths > 0], group)
+            x = ragged.attn_residual(block, packed, backend, group)
             x = backbone.mlp_residual(block, x)
+            last = index == self.depth - 1
             h = self.halting_score(x, index)
-            c, weight, halted, remainder = halting_step(c, remainder, h, index == self.depth - 1, self.eps)
-            # index_select: several times faster than advanced indexing on CPU
-            cls_rows = (token == 0).nonzero().squeeze(1)  # every running image still has its CLS token
-            cls_image = image.index_select(0, cls_rows)
-            cls_mix = weight.index_select(0, cls_rows)[:, None] * x.index_select(0, cls_rows).float()
-            cls_out.index_add_(0, cls_image, cls_mix)
-            stopped = torch.zeros(batch, dtype=torch.bool, device=device)
-            stopped[cls_image] = halted.index_select(0, cls_rows)
-            leave = halted | stopped.index_select(0, image)
-            rows = (~leave).nonzero().squeeze(1)
-            if rows.numel() < leave.numel():
-                x, flat, image, token, c, remainder = (
-                    t.index_select(0, rows) for t in (x, flat, image, token, c, remainder))
-                lengths = torch.bincount(image, minlength=batch)
-            if rows.numel() == 0:
+            layout = packed.layout  # the images present are those whose CLS runs; it is their first row
+            cls_rows = layout.starts
+            cls_state, cls_h = state.index_select(0, cls_rows), h.index_select(0, cls_rows)
+            if last:  # forced halting: every CLS spends its remainder
+                stop, weight = None, cls_state[:, 1]
+            else:
+                stop = cls_state[:, 0] + cls_h > threshold
+                weight = torch.where(stop, cls_state[:, 1], cls_h)
+            cls_x = x.index_select(0, cls_rows)
+            cls_out.index_add_(0, layout.images, weight[:, None] * (cls_x if cls_x.dtype == torch.float32
+                                                                    else cls_x.float()))
+            if last:
+                depth_of.index_fill_(0, layout.source, index + 1)
                 break
+            # Rows that stay never halted, so for them halting_step's where() reduces to this update.
+            state.addcmul_(h[:, None], step)
+            leave = state[:, 0] > threshold
+            if bool(stop.any()):
+                leave |= stop.index_select(0, layout.segment)  # an image stops with its CLS
+            packed = packed.with_rows(x)
+            if bool(leave.any()):  # the layout (and its cached indices) changes only when rows leave
+                depth_of.index_fill_(0, layout.source, index + 1)  # the last block a leaving row ran
+                packed, state = packed.keep(~leave, state)
+                if packed.x.shape[0] == 0:
+                    break
         logits = backbone.head(self.vit, cls_out[:, None].to(x.dtype))
         depth_of = depth_of.view(batch, tokens)
-        executed = torch.stack([counts, counts], dim=-1)
+        counts = _counts_from_depth(depth_of, self.depth)
         # Images that stopped early with other tokens running may have been cut short (or those tokens halted
         # with the CLS; the re-run then finds official = executed).
         stop = depth_of[:, 0]
-        cut = (stop < self.depth) & (counts.gather(1, (stop - 1)[:, None]).squeeze(1) > 1)
-        return MethodOutput(logits, executed, depth_of[:, 1:], state=AdaViTState(depth_of, cls_out, rerun=cut))
+        cut = (stop < self.depth) & (counts[:, :, 0].gather(1, (stop - 1)[:, None]).squeeze(1) > 1)
+        return MethodOutput(logits, counts, depth_of[:, 1:], state=AdaViTState(depth_of, cls_out, rerun=cut))
 
     def alt_token_counts(self, images: Tensor, out: MethodOutput) -> dict[str, Tensor]:
         """``{"official": counts}``: every token runs until it halts itself, as the official code runs them.

@@ -67,10 +67,11 @@ def head(vit: VisionTransformer, tokens: Tensor) -> Tensor:
 
 def project_qkv(attn: nn.Module, x: Tensor) -> Heads:
     """The QKV projection of a timm ``Attention`` over ``x`` ``[B, N, C]``, split into heads."""
-    return _split_heads(attn, attn.qkv(x), *x.shape[:2], x.dtype)
+    return split_heads(attn, attn.qkv(x), *x.shape[:2], x.dtype)
 
 
-def _split_heads(attn: nn.Module, qkv: Tensor, batch: int, tokens: int, dtype: torch.dtype) -> Heads:
+def split_heads(attn: nn.Module, qkv: Tensor, batch: int, tokens: int, dtype: torch.dtype) -> Heads:
+    """Heads from QKV rows ``[batch * tokens, 3 * heads * head_dim]`` (or ``[batch, tokens, ...]``)."""
     q, k, v = qkv.reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     return Heads(attn.q_norm(q), attn.k_norm(k), v, dtype)
 
@@ -145,56 +146,11 @@ def mlp_residual(block: Block, x: Tensor) -> Tensor:
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
-def packed_attn_residual(block: Block, x: Tensor, lengths: Tensor, group: int = 0) -> Tensor:
-    """The attention half of a timm ``Block`` on sequences packed one after another in ``x`` ``[T, C]``.
-
-    ``lengths`` (``[S]``, summing to T) are the sequence lengths, e.g. the active tokens of each image. Norm,
-    QKV and output projection run on the T real tokens only; softmax attention runs within each sequence.
-    Sequences are sorted by length and attended ``group`` at a time, each call padded to its longest member
-    with the padding masked as keys: ``group=1`` is one call per sequence (no padding), ``0`` one call for
-    all. Equal lengths always take a single unpadded call.
-    """
+def attn_out_residual(block: Block, x: Tensor, out: Tensor) -> Tensor:
+    """The rest of a block's attention half from merged per-head outputs ``out`` (``[..., heads * head_dim]``):
+    ``x + drop_path1(ls1(proj(norm(out))))``. Used by the packed-row runtime (``methods/ragged.py``)."""
     attn = block.attn
-    heads, head_dim = attn.num_heads, attn.head_dim
-    qkv = attn.qkv(block.norm1(x))  # [T, 3 * heads * head_dim]
-    sizes = lengths.tolist()
-    count, total = len(sizes), x.shape[0]
-
-    def attend(rows: Tensor, batch: int, tokens: int, key_mask: Optional[Tensor]) -> Tensor:
-        out = softmax_attention(attn, _split_heads(attn, rows, batch, tokens, x.dtype), key_mask=key_mask)
-        return out.transpose(1, 2).reshape(batch * tokens, heads * head_dim)
-
-    if min(sizes) == max(sizes):
-        out = attend(qkv, count, sizes[0], None)
-    else:
-        # Row of each sequence's first token in a padded buffer that holds the calls one after another.
-        group = count if group <= 0 else group
-        order = sorted(range(count), key=sizes.__getitem__)
-        base, calls, rows = [0] * count, [], 0
-        for first in range(0, count, group):
-            members = order[first: first + group]
-            longest = sizes[members[-1]]
-            for j, seq in enumerate(members):
-                base[seq] = rows + j * longest
-            calls.append((rows, [sizes[seq] for seq in members], longest))
-            rows += len(members) * longest
-        sequence = torch.repeat_interleave(torch.arange(count, device=x.device), lengths)
-        offset = torch.tensor(base, device=x.device) - (torch.cumsum(lengths, 0) - lengths)
-        slot = offset[sequence] + torch.arange(total, device=x.device)
-        # Gather (much faster than a scatter on CPU); padding rows repeat row 0, finite and masked as keys.
-        source = torch.zeros(rows, dtype=torch.long, device=x.device)
-        source[slot] = torch.arange(total, device=x.device)
-        padded = qkv.index_select(0, source)
-        outs = []
-        for start, members, longest in calls:
-            mask = None
-            if members[0] != longest:
-                valid = torch.tensor(members, device=x.device)[:, None]
-                mask = (torch.arange(longest, device=x.device) < valid)[:, None, None, :]
-            outs.append(attend(padded[start: start + len(members) * longest], len(members), longest, mask))
-        out = torch.cat(outs).index_select(0, slot)
-    out = attn.proj_drop(attn.proj(attn.norm(out)))
-    return x + block.drop_path1(block.ls1(out))
+    return x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(attn.norm(out)))))
 
 
 def mlp_ratio(vit: VisionTransformer) -> float:

@@ -14,6 +14,8 @@ this class alone and never asks for a method's name:
 - ``alt_token_counts(images, out)`` gives token counts under other FLOP conventions (A-ViT's ``official``). It
   is a hook that measurement calls explicitly, because it may cost another pass: ``forward`` never runs it and
   an output never holds its input batch.
+- ``runtime`` (:class:`methods.ragged.Runtime`) says how methods with per-image token counts execute at
+  inference (the ragged attention backend); the harness sets it from the run's ``ragged:`` settings.
 - ``record_info()`` gives JSON-able facts about the built method that a results record keeps (A-ViT's prior
   target), so analysis reads them instead of re-deriving them.
 
@@ -31,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from timm.optim import param_groups_weight_decay
 
-from . import backbone
+from . import backbone, ragged
 
 
 @dataclass
@@ -69,6 +71,7 @@ class TokenReducer(nn.Module):
         super().__init__()
         backbone.check_supported(vit)
         self.vit = vit
+        self.runtime = ragged.Runtime()
 
     # Architecture facts every method needs.
     @property

@@ -134,6 +134,28 @@ def test_empty_results_folder_gives_a_clear_message(tmp_path, capsys):
 
 # --- tables ---------------------------------------------------------------------------------------------------
 
+def test_efficiency_uses_the_timed_images_flops_and_threads_are_separate_conditions(tmp_path):
+    """Protocol-2 entries carry the FLOPs ratio of the images they timed: efficiency divides by that one, not
+    the record's (evaluation) ratio; CPU entries at 1 and 2 threads are two conditions, never averaged."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (source,) = [p for p in sorted(FIXTURES.glob("2*evit*.json"))
+                 if json.loads(p.read_text())["method_params"].get("keep_rate") == 0.7][:1]
+    record = json.loads(source.read_text())
+    base = {"device": "cpu", "batch_size": 32, "dtype": "fp32", "timing_protocol": 2, "flops_ratio": 0.5}
+    record["throughput"] = [{**base, "threads": 1, "speedup_vs_dense": 1.8, "img_per_s": 180.0,
+                             "dense_img_per_s": 100.0},
+                            {**base, "threads": 2, "speedup_vs_dense": 1.6, "img_per_s": 320.0,
+                             "dense_img_per_s": 200.0}]
+    (runs / source.name).write_text(json.dumps(record))
+    agg = tables.aggregate(load.load_records(runs))
+    row = agg.iloc[0]
+    assert agg.attrs["conditions"] == ["cpu b32 fp32 t1", "cpu b32 fp32 t2"]
+    assert row["efficiency_mean[cpu b32 fp32 t1]"] == pytest.approx(0.9)  # 1.8 x 0.5, not x the record's
+    assert row["efficiency_mean[cpu b32 fp32 t2]"] == pytest.approx(0.8)
+    assert row["flops_ratio_mean"] != pytest.approx(0.5)
+
+
 def test_table_values_match_hand_computed_aggregates():
     agg = tables.aggregate(fixture_records())
     main = tables.main_table(agg, "deit_digits", "digits")

@@ -108,7 +108,8 @@ def test_defaults_per_device(tmp_path):
 
 # ------------------------------------------------------------------------------------------ timing protocol
 class Probe(torch.nn.Module):
-    """Wraps a method; logs every call with the autograd/inference state and the input's device and size."""
+    """Wraps a method; logs every call with the autograd/inference state, the input's device and size, and
+    which pool images it got (the test pools hold constant images, image i filled with the value i)."""
 
     def __init__(self, inner, name, log):
         super().__init__()
@@ -120,32 +121,79 @@ class Probe(torch.nn.Module):
 
     def forward(self, images):
         self.log.append((self.name, torch.is_inference_mode_enabled(), torch.is_grad_enabled(), self.training,
-                         images.device.type, images.shape[0], tuple(b.attn.fused_attn for b in self.vit.blocks)))
+                         images.device.type, images.shape[0], tuple(b.attn.fused_attn for b in self.vit.blocks),
+                         images[:, 0, 0, 0].long().tolist()))
         return self.inner(images)
 
 
-def test_protocol_interleaves_dense_and_method_in_inference_mode():
+def constant_pool(count: int) -> torch.Tensor:
+    return torch.arange(float(count))[:, None, None, None].expand(count, 3, 32, 32).clone()
+
+
+@pytest.fixture
+def timm_log(monkeypatch):
+    """Logs the calls of the timm reference (``vit(images)``) that ``throughput.measure`` times."""
     log: list = []
+
+    class ProbedTimm(throughput.TimmForward):
+        def forward(self, images):
+            log.append(("timm", torch.is_inference_mode_enabled(), torch.is_grad_enabled(), self.training,
+                        images.device.type, images.shape[0], None, images[:, 0, 0, 0].long().tolist()))
+            return super().forward(images)
+
+    monkeypatch.setattr(throughput, "TimmForward", ProbedTimm)
+    return log
+
+
+def test_protocol_times_the_pool_and_interleaves_timm_dense_and_method(timm_log):
+    log = timm_log
     method = tiny_method("dense")
     probe_m, probe_d = Probe(method, "method", log), Probe(methods.create_method("dense", method.vit), "dense", log)
     probe_m.train()
     entries = throughput.measure(probe_m, probe_d, torch.device("cpu"), fast_settings(repeats=4, warmup=3), 0.5,
-                                 images=torch.randn(5, 3, 32, 32))
+                                 images=constant_pool(5))
     assert probe_m.training  # restored
     assert all(inf and not grad and not training and dev == "cpu" and size == 2
-               for _, inf, grad, training, dev, size, _ in log)
+               for _, inf, grad, training, dev, size, _, _ in log)
     names = [entry[0] for entry in log]
-    assert names[:6] == ["method"] * 3 + ["dense"] * 3  # warm-up (>= 1 forward each), iters 1 per run
-    assert names[6:] == ["method", "dense", "dense", "method", "method", "dense", "dense", "method"]
+    # warm-up: 3 forwards, then one calibration pass over the 5 batches, per model in turn
+    assert names[:24] == ["method"] * 8 + ["timm"] * 8 + ["dense"] * 8
+    timed = [entry for entry in log[24:]]
+    runs = [timed[i][0] for i in range(0, len(timed), 5)]  # iters = one pass = 5 forwards per run
+    assert runs == ["method", "timm", "dense", "dense", "timm", "method"] * 2
+    for name in ("method", "timm", "dense"):
+        seen = [image for entry in timed if entry[0] == name for image in entry[-1]]
+        assert sorted(seen) == sorted(list(range(5)) * 2 * 4)  # each pool image twice per pass, 4 repeats
     (entry,) = entries
     assert ENTRY_KEYS <= set(entry)
+    assert entry["dense_reference"] == "timm" and entry["timed_images"] == "val[0:5]"
+    assert entry["timed_pool_size"] == 5 and entry["iters_per_repeat"] == 5
     paired = sorted(m / d for m, d in zip(entry["img_per_s_runs"], entry["dense_img_per_s_runs"]))
     assert entry["speedup_vs_dense"] == pytest.approx((paired[1] + paired[2]) / 2)  # median of 4 paired ratios
     assert entry["speedup_of_medians"] == pytest.approx(entry["img_per_s"] / entry["dense_img_per_s"])
     assert entry["efficiency"] == pytest.approx(entry["speedup_vs_dense"] * 0.5)
-    assert entry["repeats"] == 4 and entry["warmup"] == 3 and len(entry["img_per_s_runs"]) == 4
+    assert entry["dense_wrapper_vs_timm"] > 0 and entry["dense_wrapper_img_per_s"] > 0
+    assert entry["repeats"] == 4 and entry["warmup"] == 8 and len(entry["img_per_s_runs"]) == 4
     assert entry["device"] == "cpu" and entry["dtype"] == "fp32" and entry["batch_size"] == 2
     assert entry["peak_mem_mb"] > 0 and entry["threads"] == torch.get_num_threads() and entry["inputs"] == "images"
+
+
+@pytest.mark.parametrize("pool, batch, batches, each", [(64, 1, 64, 1), (64, 32, 2, 1), (64, 256, 1, 4),
+                                                         (64, 48, 4, 3), (5, 2, 5, 2)])
+def test_pool_batches_time_every_pool_image_equally_often(pool, batch, batches, each):
+    out = throughput.pool_batches(batch, torch.device("cpu"), constant_pool(pool)[:, :, :2, :2])
+    assert len(out) == batches and all(b.shape[0] == batch for b in out)
+    seen = torch.cat([b[:, 0, 0, 0] for b in out]).long()
+    assert torch.equal(torch.bincount(seen, minlength=pool), torch.full((pool,), each))
+    assert seen[:batch].tolist() == list(range(min(batch, pool))) * (batch // pool) + list(range(batch % pool)) \
+        if batch >= pool else seen[:batch].tolist() == list(range(batch))
+
+
+def test_noise_pool_is_seeded_and_named():
+    first = throughput.pool_batches(4, torch.device("cpu"), None, (3, 4, 4), pool_size=8)
+    again = throughput.pool_batches(4, torch.device("cpu"), None, (3, 4, 4), pool_size=8)
+    assert len(first) == 2 and all(torch.equal(a, b) for a, b in zip(first, again))
+    assert throughput.pool_label(None, 8) == "noise[0:8] (seed 0)"
 
 
 def test_protocol_switches_are_applied_and_restored():
@@ -155,29 +203,42 @@ def test_protocol_switches_are_applied_and_restored():
     threads = torch.get_num_threads()
     entries = throughput.measure(Probe(method, "method", log), None, torch.device("cpu"),
                                  fast_settings(fused_attn=not before[0], threads=1, batch_sizes=[1, 3]), 1.0)
-    assert {entry[-1] for entry in log} == {tuple([not before[0]] * len(before))}
+    assert {entry[-2] for entry in log} == {tuple([not before[0]] * len(before))}
     assert [b.attn.fused_attn for b in method.vit.blocks] == before and torch.get_num_threads() == threads
     assert [e["batch_size"] for e in entries] == [1, 3] and {e["fused_attn"] for e in entries} == {not before[0]}
-    assert all(e["threads"] == 1 and e["speedup_vs_dense"] == 1.0 and not e["dense_measured"] for e in entries)
+    assert all(e["threads"] == 1 and not e["dense_measured"] for e in entries)
     assert {e["inputs"] for e in entries} == {"random"}
 
 
 def test_min_time_calibrates_iterations():
     assert throughput.iters_for(0.01, 0.05) == 5 and throughput.iters_for(1.0, 0.05) == 1
     assert throughput.iters_for(0.01, 0.0) == 1
+    assert throughput.iters_for(0.01, 0.05, multiple=4) == 8 and throughput.iters_for(1.0, 0.05, multiple=3) == 3
 
 
 def test_bf16_autocast_on_cpu_runs():
     (entry,) = throughput.measure(tiny_method("dense"), None, torch.device("cpu"),
                                   fast_settings(dtypes=["bf16"], batch_sizes=[2]), 1.0)
     assert entry["dtype"] == "bf16" and entry["amp"] == "autocast" and entry["img_per_s"] > 0
+    # the method is the dense wrapper itself: its speedup over timm is the harness check
+    assert entry["dense_wrapper_vs_timm"] == entry["speedup_vs_dense"] and entry["dense_reference"] == "timm"
 
 
-def test_make_inputs_cycles_real_images():
-    images = torch.arange(3.0)[:, None, None, None].expand(3, 3, 4, 4)
-    batch = throughput.make_inputs(5, torch.device("cpu"), images)
-    assert batch[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0, 0.0, 1.0]
-    assert throughput.make_inputs(2, torch.device("cpu"), None, (3, 4, 4)).shape == (2, 3, 4, 4)
+@pytest.mark.parametrize("name", ["adavit", "dense"])
+def test_compile_works_for_ragged_and_fixed_methods_and_is_not_timed(name):
+    """``measure.compile=true``: compilation happens in the warm-up and is reported, not timed (aot_eager
+    traces with dynamo like inductor but generates no C++, so this stays seconds on CPU)."""
+    from test_adavit import mixed_images, mixed_model
+
+    method = mixed_model() if name == "adavit" else tiny_method("dense")
+    images = mixed_images(4) if name == "adavit" else torch.randn(4, 3, 32, 32)
+    settings = fast_settings(batch_sizes=[1, 2], compile=True, compile_backend="aot_eager", repeats=2)
+    entries = throughput.measure(method, None, torch.device("cpu"), settings, 0.5, images=images)
+    assert [e["batch_size"] for e in entries] == [1, 2]
+    for entry in entries:
+        assert entry["compile"] and entry["compile_backend"] == "aot_eager"
+        assert entry["compile_s"] > 0 and entry["img_per_s"] > 0
+        assert len(entry["img_per_s_runs"]) == 2
 
 
 # -------------------------------------------------------------------------------------------- measure_costs
@@ -188,7 +249,7 @@ def measured(method, result, cfg, images=None):
 def test_measure_costs_uses_the_same_backbone_for_dense(tmp_path, monkeypatch):
     seen = {}
 
-    def fake(method, dense, device, settings, ratio, images=None, input_shape=None):
+    def fake(method, dense, device, settings, ratio, images=None, input_shape=None, pool_size=64):
         seen.update(dense=dense, ratio=ratio, images=images, settings=settings)
         return []
 
@@ -196,7 +257,7 @@ def test_measure_costs_uses_the_same_backbone_for_dense(tmp_path, monkeypatch):
     method = tiny_method("topk") if "topk" in methods.list_methods() else tiny_method("dense")
     counts = method(torch.randn(2, 3, 32, 32)).token_counts
     result = EvalResult({"top1": 0.0}, counts, torch.zeros(2, 64, dtype=torch.long))
-    cfg = make_cfg(tmp_path, *FAST)
+    cfg = make_cfg(tmp_path, *FAST, "measure.timing_images=3")
     dataset = torch.utils.data.TensorDataset(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long))
     need = costs.images_needed(plan.validate(cfg).config.measure, torch.device("cpu"))
     images, _ = costs.load_images(dataset, need, 0, 0)
@@ -206,8 +267,36 @@ def test_measure_costs_uses_the_same_backbone_for_dense(tmp_path, monkeypatch):
     else:
         assert seen["dense"].vit is method.vit  # same weights, no copy
     assert seen["ratio"] == pytest.approx(entries["flops"]["flops_ratio"])
-    assert seen["images"].shape == (3, 3, 32, 32)  # the first images of the dataset, as many as batch 3 needs
+    assert seen["images"].shape == (3, 3, 32, 32)  # the timing pool: the first measure.timing_images images
     assert entries["flops"]["images"] == 2
+
+
+def test_efficiency_divides_by_the_flops_of_exactly_the_timed_images(tmp_path, monkeypatch):
+    """An adaptive method's FLOPs differ per image: the ratio handed to the timing is the pool's, not the
+    evaluation's, computed here by hand from the method's own counts on the pool images."""
+    from test_adavit import mixed_images, mixed_model
+
+    from experiments import flops
+
+    seen = {}
+
+    def fake(method, dense, device, settings, ratio, images=None, input_shape=None, pool_size=64):
+        seen.update(ratio=ratio, images=images)
+        return [{"batch_size": 1, "dtype": "fp32", "img_per_s": 1.0, "speedup_vs_dense": 1.0}]
+
+    monkeypatch.setattr(throughput, "measure", fake)
+    method, images = mixed_model(), mixed_images(6)
+    with torch.no_grad():
+        counts = method(images).token_counts
+    result = EvalResult({"top1": 0.0}, counts, torch.zeros(6, 16, dtype=torch.long))
+    entries = measured(method, result, make_cfg(tmp_path, *FAST, "measure.timing_images=2"), images)
+    with torch.no_grad():
+        pool_macs = flops.per_image_macs(method, method(images[:2]).token_counts)
+    by_hand = pool_macs.mean().item() / flops.dense_macs(method)
+    assert torch.equal(seen["images"], images[:2])
+    assert seen["ratio"] == pytest.approx(by_hand, rel=1e-12)
+    assert abs(by_hand - entries["flops"]["flops_ratio"]) > 1e-3  # the evaluation's ratio would be wrong here
+    assert entries["throughput"][0]["timed_gflops"] == pytest.approx(pool_macs.mean().item() / 1e9)
 
 
 def test_measure_costs_switches(tmp_path):

@@ -1,0 +1,316 @@
+"""The ragged-token runtime: a batch whose images keep different numbers of tokens, run without padding.
+
+It owns the packed representation and everything that runs on it, for every method whose token counts vary
+per image (A-ViT today; ATS, LTMP and threshold ToMe next):
+
+- :class:`Packed`: the rows ``x`` ``[T, C]`` of all images one after another (image-major, each image's rows
+  in their original order), ``source`` ``[T]`` (``image * tokens + position``: which image and which original
+  token each row is) and ``lengths`` ``[B]`` (rows per image; 0 once an image has left);
+- :meth:`Packed.keep`: compaction (dropping rows) and gathering of any per-row state carried along;
+- :func:`attn_residual`: the attention half of a timm block on packed rows, attention within each image's own
+  rows; the MLP half is :func:`methods.backbone.mlp_residual`, which is row-wise already.
+
+Attention backends (``eval.ragged_backend`` in the run config, chosen by device and availability with :func:`resolve_backend`):
+
+- ``padded`` (CPU default; any device): images sorted by length are attended ``group`` at a time through
+  SDPA, each call padded to its longest member with the padding masked as keys (``group=0``: one call for
+  all, padded to ``tokens``, which needs no host sync). Equal lengths take one unpadded call.
+- ``flex``: FlexAttention with a document mask (rows attend rows of their own image), where the installed
+  torch has it. Eager FlexAttention materialises the full ``[T, T]`` score matrix, so on CPU it measured
+  slower than ``padded`` at every batch size (README, "Ragged runtime"); it is here for compiled runs and as
+  an independent check of ``padded`` in the tests.
+- ``varlen`` (CUDA default where available): ``torch.nn.attention.varlen.varlen_attn`` on ``cu_seqlens``
+  with ``tokens`` as the ``max_seqlen`` bound, so no host sync. It is a flash kernel: fp16/bf16 only, so
+  fp32 inputs take ``padded`` with ``group=0`` (also sync-free).
+
+Compaction needs the number of surviving rows on the host (``nonzero``): one sync per compaction on CUDA,
+none on CPU. Everything else here avoids host syncs where the backend allows.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+from timm.models.vision_transformer import Block
+
+from . import backbone
+
+BACKENDS = ("auto", "padded", "flex", "varlen")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------- backend choice
+def _has_flex() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _has_varlen() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """The concrete backends that can run on ``device`` with the installed torch."""
+    device_type = torch.device(device).type
+    names = ["padded"]
+    if _has_flex():
+        names.append("flex")
+    if device_type == "cuda" and _has_varlen():
+        names.append("varlen")
+    return names
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """``auto`` -> ``varlen`` on CUDA where available, else ``padded``; a named backend that cannot run on
+    ``device`` raises ``ValueError`` naming the setting and the backends that can."""
+    available = available_backends(device)
+    if name == "auto":
+        return "varlen" if "varlen" in available else "padded"
+    if name not in available:
+        why = "unknown backend" if name not in BACKENDS else f"not available on {torch.device(device).type} " \
+                                                             f"with torch {torch.__version__}"
+        raise ValueError(f"ragged_backend={name!r}: {why}; available here: auto, {', '.join(available)}")
+    return name
+
+
+@dataclass
+class Runtime:
+    """How ragged methods execute at inference (``eval.ragged_backend`` in the run config). Changes no result
+    beyond float rounding between backends; the training (masked) path does not read it."""
+
+    backend: str = "auto"
+
+    def backend_for(self, device: torch.device) -> str:
+        return resolve_backend(self.backend, device)
+
+
+def group_for(group: Optional[int], device: torch.device) -> int:
+    """Images per padded attention call: ``group``, or the device's measured default when None."""
+    return group if group is not None else AUTO_GROUP.get(device.type, 0)
+
+
+# Images per padded attention call by device type, measured on CPU (8 per call beat one call per image and
+# one padded call for the batch at DeiT-S and on the embedded model); elsewhere one sync-free call.
+AUTO_GROUP = {"cpu": 8}
+
+
+# --------------------------------------------------------------------------------------- packed tokens
+class Layout:
+    """Where the rows of a ragged batch come from; everything derived from it is computed once per layout.
+
+    A layout changes only at a compaction, so the blocks in between reuse its index tensors (row starts,
+    per-row image, the padded attention plan) instead of rebuilding them per block.
+    """
+
+    def __init__(self, source: Tensor, lengths: Tensor, images: Tensor, tokens: int, batch: int) -> None:
+        self.source = source  # [T] long: image * tokens + original position
+        self.lengths = lengths  # [R] long, all > 0: rows of each image still present
+        self.images = images  # [R] long: the original index of each present image, ascending
+        self.tokens = tokens  # tokens per image before packing: an upper bound on every length
+        self.batch = batch  # images in the original batch
+        self._cache: dict = {}
+
+    def cached(self, key, build):
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    @property
+    def starts(self) -> Tensor:
+        """``[R]`` row of each present image's first row."""
+        return self.cached("starts", lambda: torch.cumsum(self.lengths, 0) - self.lengths)
+
+    @property
+    def segment(self) -> Tensor:
+        """``[T]`` which present image (0..R-1) each row belongs to."""
+        return self.cached("segment", lambda: torch.repeat_interleave(
+            torch.arange(self.lengths.shape[0], device=self.lengths.device), self.lengths,
+            output_size=self.source.shape[0]))
+
+    @property
+    def sizes(self) -> list[int]:
+        """The lengths on the host (a sync on CUDA; the padded backend's grouping needs them)."""
+        return self.cached("sizes", self.lengths.tolist)
+
+    def cu_seqlens(self) -> Tensor:
+        """``[R + 1]`` int32 cumulative lengths, the varlen kernels' sequence boundaries."""
+        return self.cached("cu_seqlens", lambda: torch.nn.functional.pad(
+            torch.cumsum(self.lengths, 0, dtype=torch.int32), (1, 0)))
+
+
+@dataclass
+class Packed:
+    """Rows of a ragged batch (see the module docstring) and their :class:`Layout`."""
+
+    x: Tensor  # [T, C]
+    layout: Layout
+
+    @classmethod
+    def pack(cls, x: Tensor) -> "Packed":
+        """All tokens of ``x`` ``[B, N, C]`` as rows."""
+        batch, tokens, dim = x.shape
+        device = x.device
+        layout = Layout(torch.arange(batch * tokens, device=device),
+                        torch.full((batch,), tokens, dtype=torch.long, device=device),
+                        torch.arange(batch, device=device), tokens, batch)
+        return cls(x.reshape(batch * tokens, dim), layout)
+
+    def with_rows(self, x: Tensor) -> "Packed":
+        """The same layout holding new row values (e.g. a block's output)."""
+        return Packed(x, self.layout)
+
+    def keep(self, keep: Tensor, *carried: Tensor) -> tuple["Packed", ...]:
+        """Drop the rows where ``keep`` (``[T]`` bool) is False, from the packed rows and from every ``carried``
+        per-row tensor (gathered together, order kept); images left without rows leave the layout.
+        Returns ``(packed, *carried)``."""
+        rows = keep.nonzero().squeeze(1)  # the one host sync of a compaction on CUDA
+        if rows.numel() == keep.numel():
+            return (self, *carried)
+        old = self.layout
+        source = old.source.index_select(0, rows)  # index_select: several times faster than indexing on CPU
+        counts = torch.bincount(old.segment.index_select(0, rows), minlength=old.lengths.shape[0])
+        present = (counts > 0).nonzero().squeeze(1)
+        layout = Layout(source, counts.index_select(0, present), old.images.index_select(0, present),
+                        old.tokens, old.batch)
+        return (Packed(self.x.index_select(0, rows), layout), *(t.index_select(0, rows) for t in carried))
+
+    def unpack(self, fill: float = 0.0) -> Tensor:
+        """The rows back in a ``[B, tokens, C]`` tensor at their original positions, ``fill`` elsewhere."""
+        layout = self.layout
+        out = self.x.new_full((layout.batch * layout.tokens, self.x.shape[1]), fill)
+        out.index_copy_(0, layout.source, self.x)
+        return out.view(layout.batch, layout.tokens, -1)
+
+
+# ------------------------------------------------------------------------------------------ attention
+def attn_residual(block: Block, packed: Packed, backend: str = "padded", group: int = 0) -> Tensor:
+    """The attention half of a timm ``Block`` on packed rows: ``x + drop_path1(ls1(attn(norm1(x))))`` with
+    softmax attention within each image's rows. Norm, QKV and output projection run on the T rows only.
+    Returns the new rows ``[T, C]``."""
+    attn = block.attn
+    qkv = attn.qkv(block.norm1(packed.x))  # [T, 3 * heads * head_dim]
+    if backend == "varlen" and qkv.dtype in HALF_DTYPES:
+        out = _varlen_attention(attn, qkv, packed)
+    elif backend == "flex":
+        out = _flex_attention(attn, qkv, packed)
+    else:
+        # varlen on fp32 rows: the flash kernel has no fp32, and group 0 needs no host sync either
+        out = _padded_attention(attn, qkv, packed, 0 if backend == "varlen" else group)
+    return backbone.attn_out_residual(block, packed.x, out)
+
+
+def _heads(attn, rows: Tensor, batch: int, tokens: int, dtype: torch.dtype) -> backbone.Heads:
+    return backbone.split_heads(attn, rows, batch, tokens, dtype)
+
+
+@dataclass
+class PaddedPlan:
+    """How a layout's rows go into padded attention calls: built once per layout and group size."""
+
+    gather: Optional[Tensor]  # [rows of the padded buffer] source row of each slot (None: no padding at all)
+    slot: Optional[Tensor]  # [T] slot of each row in the padded buffer
+    calls: list  # (first slot, images, longest, key mask or None) per SDPA call
+
+
+def _padded_plan(layout: Layout, group: int) -> PaddedPlan:
+    sizes = layout.sizes
+    count, device = len(sizes), layout.lengths.device
+    if min(sizes) == max(sizes):
+        return PaddedPlan(None, None, [(0, count, sizes[0], None)])
+    # Row of each image's first row in a padded buffer that holds the calls one after another.
+    group = count if group <= 0 else group
+    order = sorted(range(count), key=sizes.__getitem__)
+    ordered = torch.tensor([sizes[seq] for seq in order], device=device)
+    # one key mask for all calls, [R, 1, 1, longest]; each call takes a view of its rows and width
+    masks = (torch.arange(max(sizes), device=device) < ordered[:, None])[:, None, None, :]
+    base, calls, rows = [0] * count, [], 0
+    for first in range(0, count, group):
+        members = order[first: first + group]
+        longest = sizes[members[-1]]
+        for j, seq in enumerate(members):
+            base[seq] = rows + j * longest
+        mask = masks[first: first + len(members), ..., :longest] if sizes[members[0]] != longest else None
+        calls.append((rows, len(members), longest, mask))
+        rows += len(members) * longest
+    total = layout.source.shape[0]
+    offset = torch.tensor(base, device=device) - layout.starts
+    slot = offset[layout.segment] + torch.arange(total, device=device)
+    # Gather (much faster than a scatter on CPU); padding slots repeat row 0, finite and masked as keys.
+    gather = torch.zeros(rows, dtype=torch.long, device=device)
+    gather[slot] = torch.arange(total, device=device)
+    return PaddedPlan(gather, slot, calls)
+
+
+def _padded_attention(attn, qkv: Tensor, packed: Packed, group: int) -> Tensor:
+    """Per-image attention through padded SDPA calls; ``[T, heads * head_dim]``."""
+    heads, head_dim, dtype = attn.num_heads, attn.head_dim, packed.x.dtype
+
+    def attend(rows: Tensor, batch: int, tokens: int, key_mask: Optional[Tensor]) -> Tensor:
+        out = backbone.softmax_attention(attn, _heads(attn, rows, batch, tokens, dtype), key_mask=key_mask)
+        return out.transpose(1, 2).reshape(batch * tokens, heads * head_dim)
+
+    layout = packed.layout
+    if group <= 0 and qkv.device.type != "cpu":
+        return _padded_one_call(attend, qkv, layout)
+    plan = layout.cached(("padded", group), lambda: _padded_plan(layout, group))
+    if plan.gather is None:
+        (_, count, longest, _), = plan.calls
+        return attend(qkv, count, longest, None)
+    padded = qkv.index_select(0, plan.gather)
+    outs = [attend(padded[start: start + count * longest], count, longest, mask)
+            for start, count, longest, mask in plan.calls]
+    return torch.cat(outs).index_select(0, plan.slot)
+
+
+def _padded_one_call(attend, qkv: Tensor, layout: Layout) -> Tensor:
+    """All present images in one call padded to ``tokens``, computed on the device without a host sync."""
+    count, tokens = layout.lengths.shape[0], layout.tokens
+    slot = layout.cached("one_call_slot", lambda: layout.segment * tokens + layout.source.remainder(tokens))
+    mask = layout.cached("one_call_mask", lambda: torch.zeros(count * tokens, dtype=torch.bool,
+                                                              device=qkv.device).index_fill_(0, slot, True)
+                         .view(count, 1, 1, tokens))
+    buffer = qkv.new_zeros(count * tokens, qkv.shape[1]).index_copy_(0, slot, qkv)
+    return attend(buffer, count, tokens, mask).index_select(0, slot)
+
+
+def _flex_attention(attn, qkv: Tensor, packed: Packed) -> Tensor:
+    """Document-masked FlexAttention over all rows at once (one sequence of length T)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    total = qkv.shape[0]
+    heads = _heads(attn, qkv, 1, total, packed.x.dtype)
+    layout = packed.layout
+    segment = layout.segment
+
+    def same_image(b, h, q_index, kv_index):
+        return segment[q_index] == segment[kv_index]
+
+    block_mask = layout.cached("flex_mask", lambda: create_block_mask(same_image, None, None, total, total,
+                                                                      device=str(qkv.device)))
+    with warnings.catch_warnings():  # eager FlexAttention warns that it is unfused; documented above
+        warnings.simplefilter("ignore", UserWarning)
+        out = flex_attention(heads.q, heads.k, heads.v, block_mask=block_mask, scale=attn.scale)
+    return out.transpose(1, 2).reshape(total, attn.num_heads * attn.head_dim)
+
+
+def _varlen_attention(attn, qkv: Tensor, packed: Packed) -> Tensor:
+    """``varlen_attn`` over the images' rows; ``tokens`` bounds ``max_seqlen`` (no host sync)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    total = qkv.shape[0]
+    q, k, v = qkv.view(total, 3, attn.num_heads, attn.head_dim).unbind(1)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    layout = packed.layout
+    cu = layout.cu_seqlens()
+    out = varlen_attn(q, k, v, cu, cu, layout.tokens, layout.tokens, scale=attn.scale)
+    return out.reshape(total, attn.num_heads * attn.head_dim)
