@@ -18,7 +18,11 @@ Schema (``schema_version`` 1); ``analysis/`` reads these keys:
 - ``flops``: ``gflops`` (mean per image; 1 multiply-add = 1 FLOP), ``gflops_std/min/max``, ``dense_gflops``,
   ``flops_ratio``, ``convention``; ``null`` until measured;
 - ``throughput``: list of ``{device, batch_size, dtype, img_per_s, dense_img_per_s, speedup_vs_dense,
-  efficiency, peak_mem_mb, ...}``; ``null`` until measured;
+  efficiency, peak_mem_mb, ...}``; ``null`` until measured. Since ``timing_protocol`` 2 (``experiments/
+  throughput.py``) each entry names its ``timed_images`` (e.g. ``val[0:64]``) and carries their ``flops_ratio``
+  and ``timed_gflops`` (what ``efficiency`` divides by), ``dense_reference`` (``timm``) and the harness check
+  ``dense_wrapper_vs_timm``; entries re-timed by ``experiments/remeasure.py`` say so in ``remeasured``, and a
+  record whose protocol-1 timing could not be redone has ``throughput: null`` and ``throughput_withdrawn``;
 - ``train``: ``epochs``, ``wall_time_s``, ``history`` (per-epoch metrics), ``init`` (where weights came from);
 - ``provenance``: ``git_commit``, ``git_dirty``, ``packages``, ``device``, ``hostname``, ``start_time``,
   ``end_time``, ``run_dir``.

@@ -4,21 +4,24 @@ It owns the packed representation and everything that runs on it, for every meth
 per image (A-ViT today; ATS, LTMP and threshold ToMe next):
 
 - :class:`Packed`: the rows ``x`` ``[T, C]`` of all images one after another (image-major, each image's rows
-  in their original order), ``source`` ``[T]`` (``image * tokens + position``: which image and which original
-  token each row is) and ``lengths`` ``[B]`` (rows per image; 0 once an image has left);
+  in their original order) and their :class:`Layout`: ``source`` ``[T]`` (``image * tokens + position``:
+  which image and which original token each row is), ``lengths`` and ``images`` of the images still present
+  (an image with no rows left leaves the layout), and indices derived from them, built once per layout;
 - :meth:`Packed.keep`: compaction (dropping rows) and gathering of any per-row state carried along;
 - :func:`attn_residual`: the attention half of a timm block on packed rows, attention within each image's own
   rows; the MLP half is :func:`methods.backbone.mlp_residual`, which is row-wise already.
 
-Attention backends (``eval.ragged_backend`` in the run config, chosen by device and availability with :func:`resolve_backend`):
+Attention backends (``eval.ragged_backend`` in the run config, chosen by device and availability with
+:func:`resolve_backend`):
 
 - ``padded`` (CPU default; any device): images sorted by length are attended ``group`` at a time through
   SDPA, each call padded to its longest member with the padding masked as keys (``group=0``: one call for
-  all, padded to ``tokens``, which needs no host sync). Equal lengths take one unpadded call.
+  all; off the CPU that call is padded to ``tokens``, which needs no host sync). Equal lengths take one
+  unpadded call.
 - ``flex``: FlexAttention with a document mask (rows attend rows of their own image), where the installed
-  torch has it. Eager FlexAttention materialises the full ``[T, T]`` score matrix, so on CPU it measured
-  slower than ``padded`` at every batch size (README, "Ragged runtime"); it is here for compiled runs and as
-  an independent check of ``padded`` in the tests.
+  torch has it. Eager FlexAttention materialises the full ``[T, T]`` score matrix (and builds its block mask
+  per layout): on the tiny test model it took 4 s where ``padded`` took 0.05 s, so it is here for compiled
+  runs and as an independent check of ``padded`` in the tests, never a default.
 - ``varlen`` (CUDA default where available): ``torch.nn.attention.varlen.varlen_attn`` on ``cu_seqlens``
   with ``tokens`` as the ``max_seqlen`` bound, so no host sync. It is a flash kernel: fp16/bf16 only, so
   fp32 inputs take ``padded`` with ``group=0`` (also sync-free).
@@ -197,6 +200,8 @@ def attn_residual(block: Block, packed: Packed, backend: str = "padded", group: 
     """The attention half of a timm ``Block`` on packed rows: ``x + drop_path1(ls1(attn(norm1(x))))`` with
     softmax attention within each image's rows. Norm, QKV and output projection run on the T rows only.
     Returns the new rows ``[T, C]``."""
+    if packed.x.shape[0] == 0:  # every image has left: nothing to attend
+        return packed.x
     attn = block.attn
     qkv = attn.qkv(block.norm1(packed.x))  # [T, 3 * heads * head_dim]
     if backend == "varlen" and qkv.dtype in HALF_DTYPES:
