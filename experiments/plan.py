@@ -34,7 +34,7 @@ from methods import ragged
 from methods.models import CheckpointError, load_state_dict_strict, read_checkpoint
 
 from . import identity
-from .build import create_vit
+from .build import create_vit, resolve_device
 from .checkpoints import load_weights, read_resume_checkpoint, start_over_hint
 from .config import DATA_SCHEMAS, ConfigError, DataError, RunConfig, check_ranges
 from .data import count_classes
@@ -113,9 +113,8 @@ def check_device(config: RunConfig) -> None:
     """The device and the dtypes timed on it exist here (measurements are never silently taken elsewhere)."""
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA GPU is available; use device=cpu or device=auto")
-    device = "cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
     try:
-        ragged.resolve_backend(config.eval.ragged_backend, device)
+        ragged.resolve_backend(config.eval.ragged_backend, resolve_device(config.device))
     except ValueError as error:
         raise ConfigError(f"eval.{error}") from None
     dtypes = config.measure.dtypes or []

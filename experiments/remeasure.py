@@ -39,7 +39,7 @@ from experiments import costs, records, throughput  # noqa: E402
 from experiments.build import create_vit  # noqa: E402
 from experiments.checkpoints import seed_everything  # noqa: E402
 from experiments.config import MeasureConfig  # noqa: E402
-from experiments.data import build_data  # noqa: E402
+from experiments.data import build_data, count_classes  # noqa: E402
 from experiments.plan import typed_config  # noqa: E402
 
 
@@ -65,19 +65,28 @@ def setting_key(record: dict[str, Any]) -> str:
     }, sort_keys=True, default=str)
 
 
-def num_classes_of(record: dict[str, Any]) -> int:
+def num_classes_of(record: dict[str, Any], config) -> int:
+    """The record's head size: ``measure.num_classes`` where set (measure records), else the data's."""
     head = record["config"]["measure"].get("num_classes")
-    return int(head) if head else 10  # the embedded digits; records on other data set measure.num_classes
+    return int(head) if head else count_classes(config.data)
+
+
+def current_schema(config: dict[str, Any]) -> dict[str, Any]:
+    """A record's config in today's schema: records written before ``model.img_size`` existed ran at their
+    ``data.img_size``, which is what the key now holds."""
+    model = dict(config["model"])
+    model.setdefault("img_size", config["data"]["img_size"])
+    return {**config, "model": model}
 
 
 def time_setting(record: dict[str, Any], images: int = 64) -> list[dict[str, Any]]:
     """Current-protocol throughput entries for ``record``'s setting, on seeded random weights."""
-    config = typed_config(OmegaConf.create(record["config"]))
+    config = typed_config(OmegaConf.create(current_schema(record["config"])))
     entries = record["throughput"]
     (threads,) = {e["threads"] for e in entries}
     (device,) = {e["device"] for e in entries}
     seed_everything(0)
-    vit = create_vit(config, num_classes_of(record))
+    vit = create_vit(config, num_classes_of(record, config))
     method = methods.create_method(record["method"], vit, **record["method_params"]).eval()
     pool, _ = costs.load_images(build_data(config.data).val, images, 0, 0)
     measure = MeasureConfig(flops=False, batch_sizes=sorted({e["batch_size"] for e in entries}),

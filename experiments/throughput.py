@@ -4,8 +4,8 @@ Protocol (the union of the official repos' best practice, ``reference/methods.md
 
 - eval mode, ``torch.inference_mode``, inputs preloaded on the device (fp32; ``bf16``/``fp16`` run under
   ``torch.autocast``), ``warmup`` untimed forwards per model (protocol: >= 10) and one untimed pass over the
-  image pool (the calibration below; a compiled model meets every shape there), then ``repeats`` timed runs (protocol: >= 5) of ``iters`` forwards each, CUDA-synchronised
-  before and after; the median is reported.
+  image pool (the calibration below; a compiled model meets every shape there), then ``repeats`` timed runs
+  (protocol: >= 5) of ``iters`` forwards each, CUDA-synchronised before and after; the median is reported.
 - **The timed images are the images whose FLOPs the efficiency divides by.** Every batch size cycles through
   one pool of images (``measure.timing_images``, default 64, the first validation images): the batches of size
   ``b`` walk the pool in order, wrapping around, and a timed run is a whole number of passes over the batches,
@@ -58,7 +58,7 @@ GPU_BATCH_SIZES = (1, 64, 256)
 CPU_BATCH_SIZES = (1, 32)
 GPU_DTYPES = ("fp32", "bf16")
 # 2: timed images = the pool whose FLOPs are reported, timm's forward as the reference (1: the first b images
-# at batch b against the dense wrapper; records of that protocol are marked superseded)
+# at batch b against the dense wrapper; experiments/remeasure.py re-times or withdraws records of protocol 1)
 TIMING_PROTOCOL = 2
 CPU_DTYPES = ("fp32",)
 
@@ -267,9 +267,10 @@ def measure(method: nn.Module, dense: Optional[nn.Module], device: torch.device,
     """The record's ``throughput`` list: one entry per dtype and batch size.
 
     ``dense`` is the ``dense`` wrapper of the same backbone (the harness check), or ``None`` when ``method`` is
-    itself that wrapper or the check is off; either way the reference is timm's forward of ``method.vit``. ``images`` (CPU tensor) is the timing pool,
-    and ``flops_ratio`` must be the FLOPs ratio of exactly these images; without them the pool is
-    ``pool_size`` seeded noise images of ``input_shape`` (default: the backbone's input size)."""
+    itself that wrapper or the check is off; either way the reference is timm's forward of ``method.vit``.
+    ``images`` (CPU tensor) is the timing pool, and ``flops_ratio`` must be the FLOPs ratio of exactly these
+    images; without them the pool is ``pool_size`` seeded noise images of ``input_shape`` (default: the
+    backbone's input size)."""
     import timm
 
     vit = method.vit

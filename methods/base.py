@@ -15,7 +15,7 @@ this class alone and never asks for a method's name:
   is a hook that measurement calls explicitly, because it may cost another pass: ``forward`` never runs it and
   an output never holds its input batch.
 - ``runtime`` (:class:`methods.ragged.Runtime`) says how methods with per-image token counts execute at
-  inference (the ragged attention backend); the harness sets it from the run's ``ragged:`` settings.
+  inference (the ragged attention backend); the harness sets it from ``eval.ragged_backend``.
 - ``record_info()`` gives JSON-able facts about the built method that a results record keeps (A-ViT's prior
   target), so analysis reads them instead of re-deriving them.
 

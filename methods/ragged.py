@@ -31,6 +31,7 @@ none on CPU. Everything else here avoids host syncs where the backend allows.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -46,6 +47,7 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------------------- backend choice
+@functools.lru_cache(maxsize=None)  # asked on every forward; the answer never changes in a process
 def _has_flex() -> bool:
     try:
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
@@ -54,6 +56,7 @@ def _has_flex() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
 def _has_varlen() -> bool:
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
