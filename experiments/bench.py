@@ -55,6 +55,7 @@ def settings(model: str) -> list[tuple[str, list[str]]]:
     for rate in (0.7, 0.5):
         rows += [(name, [f"method.params.keep_rate={rate}"]) for name in ("dynamicvit", "evit", "topk", "random")]
     rows += [("tome", ["method.params.r=13"]), ("tome", ["method.params.r=16"])]
+    rows += [("ats", []), ("ats", ["method.params.budget=0.5"])]  # the official K = N, then a per-stage budget
     if model == "deit_digits":  # 65 tokens: ToMe's r must leave tokens after 12 blocks
         rows = [row for row in rows if row[0] != "tome"] + [("tome", ["method.params.r=4"]),
                                                            ("tome", ["method.params.r=5"])]

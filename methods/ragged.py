@@ -205,16 +205,20 @@ def attn_residual(block: Block, packed: Packed, backend: str = "padded", group: 
     Returns the new rows ``[T, C]``."""
     if packed.x.shape[0] == 0:  # every image has left: nothing to attend
         return packed.x
-    attn = block.attn
-    qkv = attn.qkv(block.norm1(packed.x))  # [T, 3 * heads * head_dim]
+    qkv = block.attn.qkv(block.norm1(packed.x))  # [T, 3 * heads * head_dim]
+    return backbone.attn_out_residual(block, packed.x, attention(block.attn, qkv, packed, backend, group))
+
+
+def attention(attn, qkv: Tensor, packed: Packed, backend: str = "padded", group: int = 0) -> Tensor:
+    """Softmax attention of a timm ``Attention`` within each image's rows, from QKV rows ``qkv``
+    ``[T, 3 * heads * head_dim]`` of ``packed``; merged heads ``[T, heads * head_dim]``. For methods that read
+    the QKV rows themselves (ATS's significance) before the output projection."""
     if backend == "varlen" and qkv.dtype in HALF_DTYPES:
-        out = _varlen_attention(attn, qkv, packed)
-    elif backend == "flex":
-        out = _flex_attention(attn, qkv, packed)
-    else:
-        # varlen on fp32 rows: the flash kernel has no fp32, and group 0 needs no host sync either
-        out = _padded_attention(attn, qkv, packed, 0 if backend == "varlen" else group)
-    return backbone.attn_out_residual(block, packed.x, out)
+        return _varlen_attention(attn, qkv, packed)
+    if backend == "flex":
+        return _flex_attention(attn, qkv, packed)
+    # varlen on fp32 rows: the flash kernel has no fp32, and group 0 needs no host sync either
+    return _padded_attention(attn, qkv, packed, 0 if backend == "varlen" else group)
 
 
 def _heads(attn, rows: Tensor, batch: int, tokens: int, dtype: torch.dtype) -> backbone.Heads:

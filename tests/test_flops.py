@@ -27,6 +27,7 @@ SETTINGS = {
     "tome": [{}, {"r": 4}, {"r": [8, 8, 4, 4, 2]}, {"prop_attn": False}],
     "topk": [{}, {"keep_rate": 0.5}, {"schedule": "evit"}],
     "random": [{}, {"keep_rate": 0.5}],
+    "ats": [{}, {"budget": 0.5}, {"budget": 16, "locations": [2, 5, 8]}],
 }
 
 

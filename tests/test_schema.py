@@ -153,7 +153,7 @@ BAD_INPUTS = [
       r"method\.params: unknown key\(s\) \['keeprate'\] for 'evit'; valid: keep_rate, locations, fuse",
       id="method-param-typo"),
     B(["method.name=nope"], ConfigError,
-      r"method\.name='nope' unknown; valid choices: adavit, dense", id="method-unknown"),
+      r"method\.name='nope' unknown; valid choices: adavit, ats, dense", id="method-unknown"),
     B(["method.finetune=sometimes"], COMPOSE, r"Value 'sometimes' is not a valid bool.*full_key: method\.finetune",
       id="method-finetune-type"),
     # ---- recipes ----
