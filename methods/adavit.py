@@ -421,8 +421,7 @@ def build_adavit(
     _check("target_std", target_std, target_std > 0, "(0, inf)")
     _check("prior", prior, prior in PRIOR_MODES, " | ".join(PRIOR_MODES))
     _check("halting", halting, halting in HALTING_SOURCES, " | ".join(HALTING_SOURCES))
-    _check("attn_group", attn_group, attn_group is None or (isinstance(attn_group, int) and attn_group >= 0),
-           "null (auto) or an int >= 0 (0: all images in one call)")
+    ragged.check_group(attn_group)
     return AdaViT(vit, float(gate_scale), float(gate_center), float(eps), float(ponder_weight),
                   float(prior_weight), float(target_depth), float(target_std), prior, attn_group,
                   float(inference_gate_shift), halting)

@@ -158,14 +158,12 @@ class ATS(TokenReducer):
             qkv = attn.qkv(block.norm1(packed.x))
             rows = backbone.attn_out_residual(block, packed.x, ragged.attention(attn, qkv, packed, backend, group))
             packed = packed.with_rows(rows)
-            seen = torch.zeros(batch, dtype=torch.long, device=device).index_copy_(0, layout.images, layout.lengths)
+            seen = layout.image_lengths
             if index in self.samples:
                 keep = self._sample_packed(attn, qkv, layout, self.samples[index])
                 depth_of.index_fill_(0, layout.source[~keep], index + 1)
                 (packed,) = packed.keep(keep)
-            layout = packed.layout
-            kept = torch.zeros(batch, dtype=torch.long, device=device).index_copy_(0, layout.images, layout.lengths)
-            counts.append(torch.stack([seen, kept], dim=-1))
+            counts.append(torch.stack([seen, packed.layout.image_lengths], dim=-1))
             packed = packed.with_rows(backbone.mlp_residual(block, packed.x))
         x = packed.unpack()  # CLS is every image's first token and is never dropped
         depth_of = depth_of.view(batch, num_tokens)
@@ -249,8 +247,5 @@ def build_ats(vit: nn.Module, budget: Budget = None, locations: Optional[Sequenc
     locations = tokens.validate_locations(locations, depth, first=0)
     num_tokens = vit.patch_embed.num_patches + vit.num_prefix_tokens
     samples = parse_budget(budget, num_tokens, len(locations))
-    if not (attn_group is None or (isinstance(attn_group, int) and not isinstance(attn_group, bool)
-                                   and attn_group >= 0)):
-        raise ValueError(f"method.params.attn_group={attn_group!r} is invalid; valid: null (auto) or an int >= 0 "
-                         f"(0: all images in one call)")
+    ragged.check_group(attn_group)
     return ATS(vit, locations, samples, attn_group)

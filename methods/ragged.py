@@ -100,6 +100,13 @@ class Runtime:
         return resolve_backend(self.backend, device)
 
 
+def check_group(group, key: str = "method.params.attn_group") -> None:
+    """``group`` (images per padded attention call) must be None (the device default) or an int >= 0."""
+    if not (group is None or (isinstance(group, int) and not isinstance(group, bool) and group >= 0)):
+        raise ValueError(f"{key}={group!r} is invalid; valid range: null (auto) or an int >= 0 "
+                         f"(0: all images in one call)")
+
+
 def group_for(group: Optional[int], device: torch.device) -> int:
     """Images per padded attention call: ``group``, or the device's measured default when None."""
     return group if group is not None else AUTO_GROUP.get(device.type, 0)
@@ -147,6 +154,12 @@ class Layout:
     def sizes(self) -> list[int]:
         """The lengths on the host (a sync on CUDA; the padded backend's grouping needs them)."""
         return self.cached("sizes", self.lengths.tolist)
+
+    @property
+    def image_lengths(self) -> Tensor:
+        """``[batch]`` rows of every image of the original batch (0 for images that have left)."""
+        return self.cached("image_lengths", lambda: self.lengths.new_zeros(self.batch).index_copy_(
+            0, self.images, self.lengths))
 
     def cu_seqlens(self) -> Tensor:
         """``[R + 1]`` int32 cumulative lengths, the varlen kernels' sequence boundaries."""
