@@ -24,7 +24,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from . import load, style, tables
-from .formatting import DASH, fmt, format_value, mean_std, method_rank
+from .formatting import DASH, condition_title, fmt, format_value, mean_std, method_rank
 
 TARGETS = (0.5, 0.65, 0.8)
 KIND = "tradeoff"
@@ -173,9 +173,8 @@ def plot_curves(points: pd.DataFrame, out_dir: str | Path) -> list[Path]:
             axes[0].set_ylabel(style.TOP1_LABEL)
             axes[0].set_title("accuracy vs GFLOPs")
             if cond:
-                device, batch, dtype = cond.split(" ")
                 axes[1].set_xlabel("Throughput (images/s)")
-                axes[1].set_title(f"vs throughput ({device}, batch {batch[1:]}, {dtype})")
+                axes[1].set_title(f"vs throughput ({condition_title(cond)})")
             fig.suptitle(f"{model} on {data}: one checkpoint per curve, inference knob swept", y=1.0)
             style.legend_outside(axes[-1], title="method [knob]")
             paths += style.save_figure(fig, Path(out_dir), f"tradeoff_curves_{slug}")

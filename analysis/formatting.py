@@ -12,7 +12,15 @@ from typing import Any
 
 import pandas as pd
 
-METHOD_ORDER = ("dense", "adavit", "dynamicvit", "evit", "tome", "ats", "topk", "random")
+METHOD_ORDER = ("dense", "adavit", "dynamicvit", "evit", "tome", "ats", "topk", "random", "kmedoids", "dpcknn",
+                "sinkhorn", "sit", "patchmerger", "heuristic")
+# Each method's family as its registration declares it (methods/registry.py); the report reads records only, so
+# it keeps a copy, and tests/test_analysis.py fails when the two differ.
+METHOD_FAMILY = {
+    "dense": "none", "adavit": "halting", "ats": "pruning", "dynamicvit": "pruning", "evit": "pruning",
+    "heuristic": "pruning", "random": "pruning", "topk": "pruning", "patchmerger": "merging", "sit": "merging",
+    "tome": "merging", "dpcknn": "clustering", "kmedoids": "clustering", "sinkhorn": "clustering",
+}
 DASH = "—"  # a value that was not measured
 
 
@@ -62,3 +70,10 @@ def plus_minus(mean: float, std: float, spec: str) -> str:
     if math.isnan(mean):
         return DASH
     return format(mean, spec) if math.isnan(std) else f"{format(mean, spec)} ± {format(std, spec)}"
+
+
+def condition_title(condition: str) -> str:
+    """A throughput condition label as a title: ``cpu b32 fp32 t1`` -> ``cpu, batch 32, fp32, 1 thread(s)``."""
+    device, batch, dtype, *rest = condition.split(" ")
+    threads = [f"{part[1:]} thread(s)" for part in rest if part.startswith("t")]
+    return ", ".join([device, f"batch {batch[1:]}", dtype, *threads])

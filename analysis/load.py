@@ -7,6 +7,9 @@ needs (required keys, the ``status`` check) so that ``analysis/`` never imports 
 - :func:`load_records` finds every ``*.json`` under a folder (recursively; records normally sit in
   ``<folder>/runs/``), skips corrupt or incomplete files with a :class:`RecordWarning` naming the file, drops
   older duplicates of the same run, and returns one tidy DataFrame, one row per record (see ``COLUMNS``).
+  Corrupt includes out-of-range values (``metrics.top1`` outside [0, 100] or non-finite, ``flops.gflops`` zero,
+  negative or non-finite), a seed that is not a number, non-numeric token statistics (``tokens.attn_mean``...)
+  and a ``record_id`` another file already carries (the file sorted first is kept).
   Nested parts stay as objects in the ``tokens`` and ``throughput`` columns.
 - ``method_info`` is the record's ``method_info`` object (what the method reports about itself, e.g. A-ViT's
   ``prior_target``), ``None`` when the record has none.
@@ -132,7 +135,58 @@ def read_record(path: str | Path) -> dict[str, Any]:
         raise RecordError(f"{path}: incomplete record, empty method or model")
     if not isinstance(record.get("method_params", {}) or {}, dict):
         raise RecordError(f"{path}: corrupt record, method_params is not an object")
+    seed = record["seed"]
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, float, str))):
+        raise RecordError(f"{path}: corrupt record, seed={seed!r} is not a number (valid: an integer)")
+    _check_values(path, record)
     return record
+
+
+# field -> (lowest, highest, lowest allowed itself), as experiments/records.py checks before writing
+METRIC_RANGES = {"top1": (0.0, 100.0, True), "top5": (0.0, 100.0, True), "val_loss": (0.0, math.inf, True),
+                 "num_images": (0.0, math.inf, True)}
+FLOPS_RANGES = {"gflops": (0.0, math.inf, False), "dense_gflops": (0.0, math.inf, False),
+                "gflops_min": (0.0, math.inf, False), "gflops_max": (0.0, math.inf, False),
+                "gflops_std": (0.0, math.inf, True), "flops_ratio": (0.0, math.inf, False)}
+TOKEN_LISTS = ("attn_mean", "mlp_mean", "depth_histogram")  # per-block / per-depth counts: non-negative numbers
+
+
+def _range_text(low: float, high: float, closed: bool) -> str:
+    if math.isfinite(high):
+        return f"{'[' if closed else '('}{low:g}, {high:g}]"
+    return f"{'>=' if closed else '>'} {low:g}"
+
+
+def _check_range(path: Path, field: str, value: Any, low: float, high: float, closed: bool) -> None:
+    if value is None:
+        return
+    valid = _range_text(low, high, closed)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise RecordError(f"{path}: corrupt record, {field}={value!r} is not a number (valid: {valid})")
+    if not (math.isfinite(value) and (value >= low if closed else value > low) and value <= high):
+        raise RecordError(f"{path}: corrupt record, {field}={value!r} is outside the valid range {valid}")
+
+
+def _check_values(path: Path, record: dict[str, Any]) -> None:
+    """Out-of-range metrics and costs, and non-numeric token statistics, make a record unusable."""
+    for field, (low, high, closed) in METRIC_RANGES.items():
+        _check_range(path, f"metrics.{field}", record["metrics"].get(field), low, high, closed)
+    flops = record.get("flops")
+    if flops is not None and not isinstance(flops, dict):
+        raise RecordError(f"{path}: corrupt record, flops is not an object")
+    for field, (low, high, closed) in FLOPS_RANGES.items():
+        _check_range(path, f"flops.{field}", (flops or {}).get(field), low, high, closed)
+    tokens = record.get("tokens")
+    if tokens is not None and not isinstance(tokens, dict):
+        raise RecordError(f"{path}: corrupt record, tokens is not an object")
+    for field in TOKEN_LISTS:
+        values = (tokens or {}).get(field)
+        if values is None:
+            continue
+        if not isinstance(values, list):
+            raise RecordError(f"{path}: corrupt record, tokens.{field}={values!r} is not a list of numbers")
+        for index, value in enumerate(values):
+            _check_range(path, f"tokens.{field}[{index}]", value, 0.0, math.inf, True)
 
 
 def _flatten(record: dict[str, Any], rel: str) -> dict[str, Any]:
@@ -180,12 +234,20 @@ def load_records(folder: str | Path) -> pd.DataFrame:
     """
     root = Path(folder)
     rows = []
+    seen: dict[str, Path] = {}  # record_id -> the file that first carried it
     for path in find_record_files(root):
         rel = path.relative_to(root).as_posix()
         try:
-            rows.append(_flatten(read_record(path), rel))
+            row = _flatten(read_record(path), rel)
         except RecordError as error:
             warnings.warn(f"skipping {error}", RecordWarning, stacklevel=2)
+            continue
+        if row["record_id"] in seen:  # a copy, or a clash: one id must name one record
+            warnings.warn(f"skipping {path}: duplicate record_id {row['record_id']!r}, already read from "
+                          f"{seen[row['record_id']]}", RecordWarning, stacklevel=2)
+            continue
+        seen[row["record_id"]] = path
+        rows.append(row)
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     if frame.empty:
         return frame

@@ -36,7 +36,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from . import load, tables
-from .formatting import DASH, method_rank
+from .formatting import DASH, condition_title, method_rank
 from .style import GFLOPS_LABEL, TOP1_LABEL, figure_style, legend_outside, method_styles, save_figure, wrap
 
 
@@ -127,8 +127,7 @@ def plot_accuracy_vs_throughput(agg: pd.DataFrame, records: pd.DataFrame, out_di
                 _accuracy_scatter(ax, part, col, None, styles)
                 usable = part.dropna(subset=[col, "top1_mean"])
                 _draw_front(ax, usable[col], usable["top1_mean"], maximize_x=True)
-                device, batch, dtype = cond.split(" ")
-                ax.set_title(f"{device}, batch {batch[1:]}, {dtype}")
+                ax.set_title(condition_title(cond))
                 ax.set_xlabel("Throughput (images/s)")
             axes[0].set_ylabel(TOP1_LABEL)
             fig.suptitle(f"{model} on {data}: accuracy vs measured throughput", y=1.0)

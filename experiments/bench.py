@@ -56,6 +56,11 @@ def settings(model: str) -> list[tuple[str, list[str]]]:
         rows += [(name, [f"method.params.keep_rate={rate}"]) for name in ("dynamicvit", "evit", "topk", "random")]
     rows += [("tome", ["method.params.r=13"]), ("tome", ["method.params.r=16"])]
     rows += [("ats", []), ("ats", ["method.params.budget=0.5"])]  # the official K = N, then a per-stage budget
+    for rate in (0.7, 0.5):  # TokenReduction's family (methods/staged.py)
+        rows += [(name, [f"method.params.keep_rate={rate}"])
+                 for name in ("kmedoids", "dpcknn", "sit", "patchmerger", "sinkhorn")]
+    # the heuristic's default contiguous mode ignores the keep rate: the default, then the rate-driven mode
+    rows += [("heuristic", []), ("heuristic", ["method.params.contiguous=false", "method.params.keep_rate=0.5"])]
     if model == "deit_digits":  # 65 tokens: ToMe's r must leave tokens after 12 blocks
         rows = [row for row in rows if row[0] != "tome"] + [("tome", ["method.params.r=4"]),
                                                            ("tome", ["method.params.r=5"])]

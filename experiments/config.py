@@ -25,6 +25,16 @@ from methods.ragged import BACKENDS as RAGGED_BACKENDS
 OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "lamb")
 DTYPES = ("fp32", "bf16", "fp16")
 
+# Upper bounds that make a value fail here, at startup, instead of after training: seeds go to numpy and
+# scikit-learn (32-bit), counts and batch sizes to C longs and allocators, a timing run must end.
+MAX_SEED = 2 ** 32 - 1
+MAX_COUNT = 10 ** 6
+MAX_BATCH = 2 ** 16
+MAX_IMAGES = 10 ** 7
+MAX_THREADS = 1024
+MAX_TIME_S = 600.0  # measure.min_time_s: one timed run lasts at least this long
+MIN_CROP_PCT = 0.25  # data.crop_pct: the eval resize is img_size / crop_pct, at most 4x the input size
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key, the value and the valid choices."""
@@ -45,6 +55,7 @@ class Rule:
     lt: Optional[float] = None
     choices: tuple = ()
     casefold: bool = False
+    path: bool = False  # a file or folder path: an empty string is refused (it would silently mean "unset")
 
     def text(self) -> str:
         low = f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else None
@@ -63,6 +74,11 @@ class Rule:
 
     def check(self, key: str, value: Any) -> None:
         if value is None:
+            return
+        if self.path:
+            if isinstance(value, str) and not value.strip():
+                raise ConfigError(f"{key}={value!r} is empty (an unset shell variable?); valid: a path, or leave "
+                                  f"{key} unset (null)")
             return
         if self.choices:
             given = value.lower() if self.casefold and isinstance(value, str) else value
@@ -113,13 +129,13 @@ class ExperimentConfig:
 class Recipe:
     """Keys shared by ``train`` (the method's fine-tune) and ``baseline`` (the dense baseline)."""
 
-    epochs: int = spec(4, ge=0)
-    batch_size: int = spec(64, ge=1)
+    epochs: int = spec(4, ge=0, le=MAX_COUNT)
+    batch_size: int = spec(64, ge=1, le=MAX_BATCH)
     opt: str = spec("adamw", choices=OPTIMIZERS, casefold=True)
     lr: float = spec(5.0e-4, gt=0)
     min_lr: float = spec(1.0e-5, ge=0)
     warmup_lr: float = spec(1.0e-6, ge=0)
-    warmup_epochs: int = spec(0, ge=0)
+    warmup_epochs: int = spec(0, ge=0, le=MAX_COUNT)
     weight_decay: float = spec(0.05, ge=0)
     clip_grad: Optional[float] = spec(1.0, ge=0)  # null or 0: no clipping
     label_smoothing: float = spec(0.1, ge=0, lt=1)
@@ -139,18 +155,19 @@ class BaselineRecipe(Recipe):
     defaults reach ~96% top-1 on digits in ~2 CPU minutes)."""
 
     enabled: bool = True
-    epochs: int = spec(15, ge=0)
-    batch_size: int = spec(32, ge=1)
+    epochs: int = spec(15, ge=0, le=MAX_COUNT)
+    batch_size: int = spec(32, ge=1, le=MAX_BATCH)
     lr: float = spec(2.0e-3, gt=0)
-    warmup_epochs: int = spec(1, ge=0)
+    warmup_epochs: int = spec(1, ge=0, le=MAX_COUNT)
 
 
 @dataclass
 class EvalConfig:
     """Inference: evaluation batches, depth maps, and how methods with per-image counts execute."""
 
-    batch_size: int = spec(256, ge=1)
-    map_images: int = spec(8, ge=0)  # eval images whose per-patch depth maps and thumbnails go into the record
+    batch_size: int = spec(256, ge=1, le=MAX_BATCH)
+    # eval images whose per-patch depth maps and thumbnails go into the record
+    map_images: int = spec(8, ge=0, le=MAX_COUNT)
     # attention backend of the ragged-token runtime (methods/ragged.py): auto = varlen on CUDA, else padded
     ragged_backend: str = spec("auto", choices=RAGGED_BACKENDS)
 
@@ -176,7 +193,8 @@ class ModelConfig:
     short_name: str = MISSING
     img_size: int = spec(MISSING, ge=1)  # the model's native input size; data.img_size follows it by default
     pretrained: bool = False  # timm's hub weights (clusters with internet access)
-    checkpoint: Optional[str] = None  # a local timm/DeiT .pth or .safetensors, or a checkpoint of this suite
+    # a local timm/DeiT .pth or .safetensors, or a checkpoint of this suite
+    checkpoint: Optional[str] = spec(None, path=True)
     drop_path_rate: float = spec(0.1, ge=0, lt=1)
     depth: Optional[int] = spec(None, ge=1)
     embed_dim: Optional[int] = spec(None, ge=1)
@@ -205,8 +223,8 @@ class DigitsData(DataConfig):
 
     name: str = "digits"
     val_fraction: float = spec(0.2, gt=0, lt=1)
-    split_seed: int = spec(0, ge=0)
-    augment_shift: int = spec(2, ge=0)  # random translation (pixels) of training images
+    split_seed: int = spec(0, ge=0, le=MAX_SEED)
+    augment_shift: int = spec(2, ge=0, le=MAX_COUNT)  # random translation (pixels) of training images
 
     def check(self, key: str) -> None:
         super().check(key)
@@ -219,11 +237,11 @@ class ImageFolderData(DataConfig):
     """``root/<train_split>/<class>/*`` and ``root/<val_split>/<class>/*`` with timm's transforms."""
 
     name: str = "imagefolder"
-    root: Optional[str] = None
+    root: Optional[str] = spec(None, path=True)
     train_split: str = "train"
     val_split: str = "val"
     num_classes: Optional[int] = spec(None, ge=1)  # null: the number of class folders
-    crop_pct: float = spec(0.875, gt=0, le=1)
+    crop_pct: float = spec(0.875, ge=MIN_CROP_PCT, le=1)
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
     reprob: float = spec(0.25, ge=0, le=1)
     mean: List[float] = spec([0.485, 0.456, 0.406])
@@ -254,23 +272,23 @@ class MeasureConfig:
     """Cost measurement (``run.py`` after evaluation, and ``experiments/measure.py``)."""
 
     flops: bool = True  # analytic per-image FLOPs from token counts (1 multiply-add = 1 FLOP)
-    fvcore_images: int = spec(0, ge=0)  # > 0: also cross-check analytic vs fvcore (a jit trace per image)
+    fvcore_images: int = spec(0, ge=0, le=MAX_COUNT)  # > 0: also cross-check analytic vs fvcore (a jit trace per image)
     throughput: bool = True  # false skips timing
-    images: int = spec(64, ge=1)  # measure.py: validation images whose per-image FLOPs are averaged
+    images: int = spec(64, ge=1, le=MAX_IMAGES)  # measure.py: validation images whose per-image FLOPs are averaged
     num_classes: Optional[int] = spec(None, ge=1)  # measure.py: classifier size; null = the data's
-    batch_sizes: Optional[List[int]] = spec(None, ge=1)  # null: GPU [1, 64, 256], CPU [1, 32]
+    batch_sizes: Optional[List[int]] = spec(None, ge=1, le=MAX_BATCH)  # null: GPU [1, 64, 256], CPU [1, 32]
     dtypes: Optional[List[str]] = None  # null: GPU [fp32, bf16], CPU [fp32]
-    warmup: int = spec(10, ge=0)  # untimed forwards per model and condition (protocol: >= 10)
-    repeats: int = spec(5, ge=1)  # timed runs per model, dense and method alternating; the median is kept
-    min_time_s: float = spec(0.05, ge=0)  # each timed run repeats the forward until it lasts this long
+    warmup: int = spec(10, ge=0, le=MAX_COUNT)  # untimed forwards per model and condition (protocol: >= 10)
+    repeats: int = spec(5, ge=1, le=MAX_COUNT)  # timed runs per model, dense and method alternating; the median is kept
+    min_time_s: float = spec(0.05, ge=0, le=MAX_TIME_S)  # each timed run repeats the forward until it lasts this long
     compile: bool = False  # torch.compile every timed model; compilation is excluded and reported (compile_s)
     compile_backend: str = spec("inductor", choices=("inductor", "aot_eager", "eager"))
     # the timing pool: every batch size cycles through these first validation images, whose FLOPs it divides by
-    timing_images: int = spec(64, ge=1)
+    timing_images: int = spec(64, ge=1, le=MAX_IMAGES)
     # also time the dense wrapper against timm (harness check, within 2%); a table needs it once, in its dense row
     wrapper_check: bool = True
     fused_attn: Optional[bool] = None  # null: as built; true/false forces it on every block while timing
-    threads: Optional[int] = spec(None, ge=1)  # CPU threads while timing; null = torch's default
+    threads: Optional[int] = spec(None, ge=1, le=MAX_THREADS)  # CPU threads while timing; null = torch's default
     record: bool = True  # measure.py: write a results record (kind "measure")
 
     def check(self, key: str) -> None:
@@ -290,10 +308,11 @@ class RunConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: Any = MISSING  # DigitsData or ImageFolderData, typed by the chosen option's schema
-    seed: int = spec(0, ge=0)
+    seed: int = spec(0, ge=0, le=MAX_SEED)
     device: str = spec("auto", choices=("auto", "cpu", "cuda"))
-    num_workers: int = spec(0, ge=0)  # data loader workers
-    threads: Optional[int] = spec(1, ge=1)  # torch CPU threads (null: torch's); tiny matmuls run faster on 1
+    num_workers: int = spec(0, ge=0, le=MAX_THREADS)  # data loader workers
+    # torch CPU threads (null: torch's); tiny matmuls run faster on 1
+    threads: Optional[int] = spec(1, ge=1, le=MAX_THREADS)
     progress: bool = True  # tqdm bars
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     train: TrainRecipe = field(default_factory=TrainRecipe)

@@ -13,7 +13,8 @@ Two counters, cross-checked in ``tests/test_flops.py``:
 - **fvcore** (:func:`fvcore_macs`): jit-traces one input and sums fvcore's per-op handles, plus
   :func:`sdpa_flop_jit` for ``aten::scaled_dot_product_attention``, which fvcore otherwise drops silently
   (timm's default fused attention). With the handle the count does not depend on ``fused_attn``. Dense
-  DeiT-T/S/B at 224 px give 1.258 / 4.608 / 17.583 G. Tracing freezes data-dependent control flow, so a
+  DeiT-T/S/B at 224 px give 1.258 / 4.608 / 17.583 G. :func:`cdist_flop_jit` counts ``torch.cdist`` (the
+  clustering methods' distances, ``B·P·Q·C``), which fvcore has no handle for either. Tracing freezes data-dependent control flow, so a
   method with per-image token counts must be traced one image at a time (:func:`fvcore_per_image`).
 
 Where the two differ, by design (documented, tested within 1%):
@@ -44,6 +45,7 @@ from methods.backbone import mlp_ratio
 from . import records
 
 SDPA_OP = "aten::scaled_dot_product_attention"
+CDIST_OP = "aten::cdist"
 
 
 # ------------------------------------------------------------------------------------------------ analytic
@@ -118,6 +120,15 @@ def sdpa_flop_jit(inputs: list, outputs: list) -> int:
     return prod(out[:-2]) * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
+def cdist_flop_jit(inputs: list, outputs: list) -> int:
+    """fvcore handle for ``aten::cdist``: ``B·P·Q·C`` MACs for ``[B, P, C]`` against ``[B, Q, C]`` (one
+    multiply-add per coordinate difference, as a Gram matrix ``x yᵀ`` would cost)."""
+    from fvcore.nn.jit_handles import get_shape
+
+    x, y = get_shape(inputs[0]), get_shape(inputs[1])
+    return prod(x[:-1]) * y[-2] * x[-1]
+
+
 def _zero_flop_jit(inputs: list, outputs: list) -> int:
     return 0
 
@@ -157,6 +168,7 @@ def fvcore_macs(model: nn.Module, images: Tensor, count_layernorm: bool = True) 
 
             analysis = FlopCountAnalysis(_Logits(model), (images,))
             analysis.set_op_handle(SDPA_OP, sdpa_flop_jit)
+            analysis.set_op_handle(CDIST_OP, cdist_flop_jit)
             if not count_layernorm:  # (a None handle would only mark the op "ignored", still counting it)
                 analysis.set_op_handle("aten::layer_norm", _zero_flop_jit)
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")

@@ -45,6 +45,7 @@ from experiments.build import build_method, resolve_device  # noqa: E402
 from experiments.checkpoints import seed_everything  # noqa: E402
 from experiments.data import build_data  # noqa: E402
 from experiments.plan import validate  # noqa: E402
+from experiments.refusal import leave_nothing_on_refusal  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ def summary_line(record: dict[str, Any]) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@leave_nothing_on_refusal
 def main(cfg: DictConfig) -> Optional[float]:
     record = measure_run(cfg)
     print(json.dumps(summary_line(record)), flush=True)

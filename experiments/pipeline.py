@@ -28,7 +28,7 @@ from .baseline import ensure_baseline
 from .build import build_method, resolve_device
 from .checkpoints import CHECKPOINT_VERSION, clear_resume_state, save_checkpoint, seed_everything, strip_prefix
 from .config import ConfigError  # noqa: F401  (re-exported: pipeline.ConfigError)
-from .data import build_data, make_loader
+from .data import DataBundle, build_data, make_loader
 from .plan import RunPlan, validate
 from .training import amp_dtype_for, fit
 
@@ -122,6 +122,14 @@ def token_summary(method: methods.TokenReducer, result: engine.EvalResult, map_i
     return engine.token_summary(result, method.depth, tuple(method.vit.patch_embed.grid_size), map_images)
 
 
+def data_read(data: DataBundle) -> dict[str, Any]:
+    """What the run read, for its record: the class count and the data's scalar facts (images per split,
+    classes per split, folders), the very counts the startup check took; lists such as digits' validation
+    indices stay out to keep records small."""
+    scalars = {key: value for key, value in data.info.items() if isinstance(value, (bool, int, float, str))}
+    return {"classes": data.num_classes, **scalars}
+
+
 def write_record(session: Session, method: methods.TokenReducer, result: engine.EvalResult,
                  tokens: dict[str, Any], start_time: str, cfg: Optional[DictConfig] = None,
                  params: Optional[dict[str, Any]] = None, kind: str = "run", **extra: Any) -> dict[str, Any]:
@@ -138,7 +146,8 @@ def write_record(session: Session, method: methods.TokenReducer, result: engine.
         kind, OmegaConf.to_container(cfg, resolve=True), plan.method_name,
         plan.recorded_params if params is None else methods.resolved_params(plan.method_name, params),
         result.metrics, tokens, measured, session.train_summary, start_time, plan.config.paths.run_dir,
-        sum(p.numel() for p in method.parameters()), method.record_info(), **extra)
+        sum(p.numel() for p in method.parameters()), method.record_info(), data_read=data_read(session.data),
+        **extra)
     path = records.write_record(Path(plan.config.paths.results_dir), record)
     log.info("results record: %s", path)
     record["path"] = str(path)

@@ -17,6 +17,7 @@ Every error names the key, the bad value and the valid range or choices: ``Confi
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import typing
 import warnings
@@ -296,6 +297,9 @@ def check_writable(folder: Path, key: str) -> None:
     folder = folder.expanduser()
     existing = folder
     while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a dangling link (or a link loop): nothing can be created through it
+            raise ConfigError(f"{key}={folder} is not writable: {existing} is a symlink to "
+                              f"{os.readlink(existing)}, which does not exist; valid: a folder, or a link to one")
         existing = existing.parent
     if not existing.is_dir():
         raise ConfigError(f"{key}={folder} is not writable: {existing} is a file, not a folder")

@@ -2,6 +2,13 @@
 
 One JSON file per run (``<results_dir>/runs/<record_id>.json``). Writes go to a temp file in the same folder,
 are fsynced, then renamed, so a reader never sees a partial record and a failed write leaves nothing behind.
+A writer killed mid-write (SIGKILL, node lost) cannot clean up: its temp file is named
+``.<file>.w<pid>@<host>.<random>.tmp`` and the next write into that folder removes it once that pid is gone on
+this host, or, for another host's (or an older unnamed) temp file, once it is older than ``STALE_TEMP_AGE_S``.
+A live writer's temp file is never touched.
+
+Metrics and costs are checked when a record is built (:func:`check_values`): a top-1 of inf, 150 or -5, or a
+zero, negative or non-finite GFLOPs count is refused, naming the field and the value, and never written.
 
 Schema (``schema_version`` 1); ``analysis/`` reads these keys:
 
@@ -24,17 +31,23 @@ Schema (``schema_version`` 1); ``analysis/`` reads these keys:
   ``dense_wrapper_vs_timm``; entries re-timed by ``experiments/remeasure.py`` say so in ``remeasured``, and a
   record whose protocol-1 timing could not be redone has ``throughput: null`` and ``throughput_withdrawn``;
 - ``train``: ``epochs``, ``wall_time_s``, ``history`` (per-epoch metrics), ``init`` (where weights came from);
+- ``data_read`` (``run`` and ``tradeoff``; absent in older records): what the run read, as the startup check
+  counted it: ``classes``, ``train_images``, ``val_images`` and, for image folders, classes per split and folders;
 - ``provenance``: ``git_commit``, ``git_dirty``, ``packages``, ``device``, ``hostname``, ``start_time``,
   ``end_time``, ``run_dir``.
 """
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import platform
+import re
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
 from datetime import datetime, timezone
 from importlib import metadata
@@ -111,13 +124,67 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+STALE_TEMP_AGE_S = 24 * 3600  # a record write takes seconds: a day-old temp file of another host is a dead writer's
+# .<name>.w<pid>@<host>.<mkstemp's 8 random characters>.tmp; the older form lacked the w<pid>@<host> part
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+?)\.w(?P<pid>\d+)@(?P<host>[A-Za-z0-9._-]+)\.[a-z0-9_]{8}\.tmp$")
+_OLD_TEMP_NAME = re.compile(r"^\.(?P<name>.+\.json)\.[a-z0-9_]{8}\.tmp$")
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "unknown"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process (or a pid we cannot ask about): treat it as live
+    return True
+
+
+def _dead_writer(name: str, age_s: float) -> bool:
+    """Whether the temp file ``name`` belongs to a writer that can no longer finish it."""
+    match = _TEMP_NAME.match(name)
+    if match:
+        if match["host"] == _host_tag():
+            return int(match["pid"]) != os.getpid() and not _pid_alive(int(match["pid"]))
+        return age_s > STALE_TEMP_AGE_S  # another host's pid cannot be asked about: only its age tells
+    return bool(_OLD_TEMP_NAME.match(name)) and age_s > STALE_TEMP_AGE_S
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Remove the temp files that dead writers left in ``folder`` (module docstring); returns them. Never fails:
+    a file another cleaner removed first, or one that cannot be removed, is left to the next write."""
+    removed = []
+    try:
+        candidates = [entry for entry in os.scandir(folder)
+                      if entry.name.startswith(".") and entry.name.endswith(".tmp")]
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in candidates:
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            if _dead_writer(entry.name, now - entry.stat(follow_symlinks=False).st_mtime):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue
+    return removed
+
+
 def atomic_write_json(path: Path, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` to ``path`` via temp file + fsync + rename; on any error no file is left behind."""
+    """Write ``payload`` to ``path`` via temp file + fsync + rename; on any error no file is left behind. Temp
+    files of dead writers in the same folder are removed first (module docstring)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Compact: indenting would put every pixel of the depth-map thumbnails on a line of its own.
     text = json.dumps(payload, separators=(",", ":"), sort_keys=False, allow_nan=False, default=_json_default)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temp_files(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.w{os.getpid()}@{_host_tag()}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; records are shared results, readable by others
         with os.fdopen(fd, "w") as handle:
@@ -142,12 +209,55 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+class RecordValueError(ValueError):
+    """A metric or cost of a record is out of its valid range; the message names the field, the value and the range."""
+
+
+# field -> (lowest, highest, lowest allowed itself); every value must also be a finite number (or null: not measured)
+METRIC_RANGES = {"top1": (0.0, 100.0, True), "top5": (0.0, 100.0, True), "val_loss": (0.0, math.inf, True),
+                 "num_images": (0.0, math.inf, True)}
+FLOPS_RANGES = {"gflops": (0.0, math.inf, False), "dense_gflops": (0.0, math.inf, False),
+                "gflops_min": (0.0, math.inf, False), "gflops_max": (0.0, math.inf, False),
+                "gflops_std": (0.0, math.inf, True), "flops_ratio": (0.0, math.inf, False)}
+
+
+def _check_range(field: str, value: Any, low: float, high: float, closed_low: bool) -> None:
+    if value is None:
+        return
+    valid = f"{'[' if closed_low else '('}{low:g}, {high:g}]" if math.isfinite(high) else \
+        f"{'>=' if closed_low else '>'} {low:g}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise RecordValueError(f"{field}={value!r} is not a number; valid: a finite number {valid}")
+    if not (math.isfinite(value) and (value >= low if closed_low else value > low) and value <= high):
+        raise RecordValueError(f"{field}={value!r} is outside the valid range {valid}; nothing was written")
+
+
+def check_values(record: dict[str, Any]) -> None:
+    """Refuse out-of-range metrics and costs (``metrics.top1`` of inf, 150 or -5; zero, negative or non-finite
+    ``flops.gflops``) with a :class:`RecordValueError` naming the field and the value."""
+    metrics = record.get("metrics")
+    if not isinstance(metrics, dict):
+        raise RecordValueError(f"metrics={metrics!r} is not an object of metric values")
+    for field, (low, high, closed) in METRIC_RANGES.items():
+        _check_range(f"metrics.{field}", metrics.get(field), low, high, closed)
+    flops = record.get("flops")
+    if flops is not None:
+        if not isinstance(flops, dict):
+            raise RecordValueError(f"flops={flops!r} is not an object of FLOP counts (or null: not measured)")
+        for field, (low, high, closed) in FLOPS_RANGES.items():
+            _check_range(f"flops.{field}", flops.get(field), low, high, closed)
+
+
 def write_record(results_dir: Path, record: dict[str, Any]) -> Path:
-    """Validate the required keys and write ``record`` to ``results_dir/runs/<record_id>.json``."""
+    """Validate the required keys and the values (:func:`check_values`) and write ``record`` to
+    ``results_dir/runs/<record_id>.json``."""
     missing = [k for k in REQUIRED_KEYS if k not in record]
     if missing:
         raise ValueError(f"results record is missing {missing}")
-    return atomic_write_json(Path(results_dir) / "runs" / f"{record['record_id']}.json", record)
+    runs = Path(results_dir) / "runs"
+    runs.mkdir(parents=True, exist_ok=True)  # the folder, as before; a refused record itself never appears in it
+    check_values(record)
+    return atomic_write_json(runs / f"{record['record_id']}.json", record)
 
 
 def load_record(path: Path) -> dict[str, Any]:
@@ -169,6 +279,7 @@ def build_record(kind: str, config: dict[str, Any], method: str, method_params: 
     """The one record builder of ``run``, ``measure`` and ``tradeoff`` records. ``config`` is the resolved config;
     ``method_params`` have the factory's defaults applied (a record written before a parameter existed stays
     comparable); ``extra`` adds top-level entries (``tradeoff``, ``subset_metrics``)."""
+    check_values({"metrics": metrics, "flops": costs.get("flops")})  # before anything else: never written
     model = config["model"]
     short = str(model.get("short_name") or model["name"])
     return {

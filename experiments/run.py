@@ -14,9 +14,11 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any folder
 
 from experiments import pipeline  # noqa: E402
+from experiments.refusal import leave_nothing_on_refusal  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@leave_nothing_on_refusal
 def main(cfg: DictConfig) -> float:
     record = pipeline.run(cfg)
     return record["metrics"]["top1"]

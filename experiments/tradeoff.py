@@ -47,6 +47,7 @@ from experiments.build import build_method  # noqa: E402
 from experiments.checkpoints import clear_resume_state  # noqa: E402
 from experiments.config import ConfigError  # noqa: E402
 from experiments.plan import RunPlan, build_on_meta, validate  # noqa: E402
+from experiments.refusal import leave_nothing_on_refusal  # noqa: E402
 from methods.models import CheckpointError, read_checkpoint  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@leave_nothing_on_refusal
 def main(cfg: DictConfig) -> Optional[float]:
     done = run(cfg)
     top1 = [r["metrics"]["top1"] for r in done]

@@ -360,7 +360,7 @@ def _check(key: str, value, ok: bool, valid: str) -> None:
         raise ValueError(f"method.params.{key}={value!r} is invalid; valid range: {valid}")
 
 
-@register_method("adavit", inference_knob="inference_gate_shift", finetune=True,
+@register_method("adavit", family="halting", inference_knob="inference_gate_shift", finetune=True,
                  tradeoff_values=(-8, -6, -4, -2, -1, 0, 1, 2, 4, 8))
 def build_adavit(
     vit: nn.Module,

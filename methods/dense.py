@@ -23,7 +23,7 @@ class Dense(TokenReducer):
                             final_tokens=self.vit.norm(x))  # normed, as DynamicViT's token distillation reads them
 
 
-@register_method("dense")
+@register_method("dense", family="none")
 def build_dense(vit: nn.Module) -> Dense:
     """The unreduced DeiT: every block on every token, the 100% cost every ratio refers to."""
     return Dense(vit)

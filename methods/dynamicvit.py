@@ -244,7 +244,7 @@ def _check_rate(value: float, key: str) -> float:
     return float(value)
 
 
-@register_method("dynamicvit", inference_knob="inference_keep_rate", finetune=True,
+@register_method("dynamicvit", family="pruning", inference_knob="inference_keep_rate", finetune=True,
                  tradeoff_values=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
 def build_dynamicvit(
     vit: nn.Module,

@@ -6,6 +6,7 @@ depth-based settings (target depth 8 of 12) meaningful; the width keeps a CPU ep
 """
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -46,30 +47,80 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
+# Globals a trusted-format checkpoint may hold besides tensors: DeiT's ``main.py`` saves its argparse options
+# under ``args``. Allow-listed for ``weights_only=True`` loading (the safe unpickler stays on; nothing else passes).
+CHECKPOINT_SAFE_GLOBALS = [argparse.Namespace]
+VALID_FORMATS = ("valid: a torch.save file (.pth/.pt: a state dict, DeiT's {'model': ...} or a suite checkpoint) "
+                 "or a .safetensors file")
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a ``.pth``/``.pt`` (plain state dict, DeiT's ``{'model': ...}`` or a suite checkpoint) or
-    ``.safetensors`` file into a dict. Raises :class:`CheckpointError` on a missing or corrupt file."""
+    """Read a ``.pth``/``.pt`` (plain state dict, DeiT's ``{'model': ...}`` -- also as DeiT's ``main.py`` saves it,
+    with ``args`` an ``argparse.Namespace`` -- or a suite checkpoint) or ``.safetensors`` file into a dict.
+
+    Raises :class:`CheckpointError` naming the file on a missing, empty or corrupt file, on a state dict whose
+    entries are not string keys and tensor values, and on NaN or inf weights."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"model.checkpoint: file not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"model.checkpoint: cannot read {path}: the file is empty (0 bytes); {VALID_FORMATS}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return {"model": load_file(str(path))}
-        content = torch.load(path, map_location="cpu", weights_only=True)
+            content = {"model": load_file(str(path))}
+        else:
+            with open(path, "rb") as handle:
+                head = handle.read(8)
+            if not head.startswith((b"PK", b"\x80")):  # torch.save writes a zip archive (a pickle before 1.6)
+                raise CheckpointError(f"model.checkpoint: cannot read {path}: not a torch.save file (it starts with "
+                                      f"{head!r}: neither a zip archive nor a pickle); {VALID_FORMATS}")
+            with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
+                content = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except Exception as error:  # torch and safetensors raise many types for a damaged file
-        raise CheckpointError(f"model.checkpoint: cannot read {path}: {type(error).__name__}: {error}") from error
+        raise CheckpointError(f"model.checkpoint: cannot read {path}: {type(error).__name__}: {error}; "
+                              f"{VALID_FORMATS}") from error
     if not isinstance(content, dict):
         raise CheckpointError(f"model.checkpoint: {path} holds a {type(content).__name__}, not a state dict")
     for key in ("model", "state_dict", "model_ema"):
         if key in content and isinstance(content[key], dict):
-            return content if key == "model" else {**content, "model": content[key]}
-    return {"model": content}
+            content = content if key == "model" else {**content, "model": content[key]}
+            break
+    else:
+        content = {"model": content}
+    check_state_dict(content["model"], f"model.checkpoint={path}", finite=True)
+    return content
+
+
+def _show(items: list[str], limit: int = 5) -> str:
+    return ", ".join(items[:limit]) + (f" ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def check_state_dict(state: dict, source: str, finite: bool = False) -> None:
+    """Every entry a string key and a tensor value (and, with ``finite``, no NaN or inf in a floating tensor),
+    else :class:`CheckpointError` naming the source and the first offending entries."""
+    bad_keys = [f"{k!r} ({type(k).__name__})" for k in state if not isinstance(k, str)]
+    bad_values = [f"{k!r} ({type(v).__name__})" for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad_keys or bad_values:
+        parts = ([f"non-string keys: {_show(bad_keys)}"] if bad_keys else []) + (
+            [f"non-tensor values under: {_show(bad_values)}"] if bad_values else [])
+        raise CheckpointError(f"{source} is not a state dict of named tensors: {'; '.join(parts)}; valid: a dict "
+                              "of parameter names (str) to tensors, e.g. torch.save(model.state_dict(), PATH)")
+    if finite:
+        nonfinite = [k for k, v in state.items()
+                     if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
+        if nonfinite:
+            raise CheckpointError(f"{source} holds NaN or inf weights in {len(nonfinite)} tensor(s): "
+                                  f"{_show(nonfinite)}; valid: finite weights (a checkpoint from before the "
+                                  "training diverged)")
 
 
 def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Load all-or-nothing: any missing, unexpected or misshapen key raises, naming them, before any copy."""
+    check_state_dict(state_dict, source)
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))

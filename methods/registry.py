@@ -31,12 +31,19 @@ class MethodSpec:
     finetune: bool  # whether the harness fine-tunes the method by default (else: evaluated off the shelf)
     tradeoff_values: Optional[tuple]  # default grid of the knob for experiments/tradeoff.py; None without a knob
     summary: str  # one line for the README's method table
+    family: Optional[str]  # how it reduces, one of FAMILIES (None: undeclared); the report compares families
+
+
+# pruning: keeps a subset of the tokens as they are; merging: mixes tokens pairwise or softly into fewer;
+# clustering: groups the tokens and keeps one per cluster (a medoid, a centre, a weighted mean);
+# halting: tokens stop per image (A-ViT); none: the dense reference.
+FAMILIES = ("none", "pruning", "merging", "clustering", "halting")
 
 
 _SPECS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, *, inference_knob: Optional[str] = None, finetune: bool = False,
+def register_method(name: str, *, family: Optional[str] = None, inference_knob: Optional[str] = None, finetune: bool = False,
                     tradeoff_values: Optional[Sequence] = None, summary: Optional[str] = None) -> Callable:
     """Decorator filing a factory ``fn(vit, **params) -> TokenReducer`` under ``name`` (see :class:`MethodSpec`).
 
@@ -50,9 +57,11 @@ def register_method(name: str, *, inference_knob: Optional[str] = None, finetune
             raise ValueError(f"method {name!r}: inference knob {inference_knob!r} is not a factory parameter")
         if not isinstance(finetune, bool):
             raise ValueError(f"method {name!r}: finetune={finetune!r} must be true or false")
+        if family is not None and family not in FAMILIES:
+            raise ValueError(f"method {name!r}: family={family!r} is not one of: {', '.join(FAMILIES)}")
         _SPECS[name] = MethodSpec(name, factory, inference_knob, finetune,
                                   _check_grid(name, inference_knob, tradeoff_values),
-                                  summary if summary is not None else _first_line(factory.__doc__))
+                                  summary if summary is not None else _first_line(factory.__doc__), family)
         return factory
 
     return decorate

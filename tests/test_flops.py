@@ -28,6 +28,12 @@ SETTINGS = {
     "topk": [{}, {"keep_rate": 0.5}, {"schedule": "evit"}],
     "random": [{}, {"keep_rate": 0.5}],
     "ats": [{}, {"budget": 0.5}, {"budget": 16, "locations": [2, 5, 8]}],
+    "kmedoids": [{}, {"keep_rate": 0.5}, {"medoid_cost": "members"}],
+    "dpcknn": [{}, {"keep_rate": 0.5}, {"k_neighbors": 3}],
+    "sit": [{}, {"keep_rate": 0.5}],
+    "patchmerger": [{}, {"keep_rate": 0.5}],
+    "sinkhorn": [{}, {"keep_rate": 0.5}, {"iterations": 5}],
+    "heuristic": [{}, {"contiguous": False, "keep_rate": 0.5}, {"pattern": "linf"}],
 }
 
 

@@ -42,7 +42,7 @@ class KeepFirst(TokenReducer):
         return MethodOutput(backbone.head(self.vit, x), counts, depth)
 
 
-@register_method("{name}", inference_knob="keep", tradeoff_values=(16, 48))
+@register_method("{name}", family="pruning", inference_knob="keep", tradeoff_values=(16, 48))
 def build(vit, keep: int = 32) -> KeepFirst:
     """Keep the first ``keep`` patches (a test of the three-file contract)."""
     return KeepFirst(vit, keep)

@@ -44,6 +44,7 @@ def test_end_to_end_tiny_run_writes_one_complete_record(tmp_path):
     assert saved["params"] == sum(p.numel() for p in methods.create_method(
         "dense", create_backbone("deit_digits_patch4_32", num_classes=10, depth=2)).parameters())
     assert saved["tokens"]["attn_mean"] == [65.0, 65.0]
+    assert saved["data_read"] == {"classes": 10, "train_images": 1437, "val_images": 360}  # 1797 digits, 20% val
     assert saved["flops"]["flops_ratio"] == pytest.approx(1.0)
     assert torch.__version__.startswith(saved["provenance"]["packages"]["torch"])
     assert saved["train"]["epochs"] == 1 and saved["train"]["init"].startswith("baseline:")
@@ -97,7 +98,7 @@ def test_checkpoint_with_other_class_count_is_refused(tmp_path):
     (["data.name=nope"], DataError, r"data\.name='nope' unknown; valid: digits, imagefolder"),
     (["data=imagefolder", "data.root=/does/not/exist"], DataError, r"data\.root=/does/not/exist does not exist"),
     (["data.img_size=30"], ValueError, r"data\.img_size=30 is not a positive multiple of the patch size 4"),
-    (["train.epochs=-1"], pipeline.ConfigError, r"train\.epochs=-1 must be >= 0"),
+    (["train.epochs=-1"], pipeline.ConfigError, r"train\.epochs=-1 must be in \[0, \d+\]"),
     (["train.lr=-0.1"], pipeline.ConfigError, r"train\.lr=-0\.1 must be > 0"),
     (["train.opt=adamx"], pipeline.ConfigError, r"train\.opt='adamx' unknown; valid: adamw"),
     (["+method.params.bogus=1"], pipeline.ConfigError, r"method\.params: unknown key\(s\) \['bogus'\]"),
@@ -134,6 +135,10 @@ def test_imagefolder_trains_one_step(tmp_path):
     assert record["metrics"]["num_images"] == 6
     assert record["train"]["history"][0]["task"] > 0
     assert record["data"] == "imagefolder"
+    # what the run read is what the startup check counted: 2 classes x 3 images per split
+    read = record["data_read"]
+    assert (read["classes"], read["train_images"], read["val_images"]) == (2, 6, 6)
+    assert (read["train_classes"], read["val_classes"], read["header_checked"]) == (2, 2, True)
 
 
 @pytest.mark.parametrize("layout, message", [

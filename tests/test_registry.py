@@ -14,6 +14,7 @@ import yaml
 
 import methods
 from methods import registry
+from methods.registry import FAMILIES, register_method
 from methods.base import MethodOutput
 from conftest import make_tiny_vit
 
@@ -71,10 +72,11 @@ def test_a_registration_carries_its_metadata(scratch_registry):
 
         Longer text that is not the summary."""
 
-    methods.register_method("knobby", inference_knob="keep", finetune=True, tradeoff_values=[0.25, 0.5])(build)
+    methods.register_method("knobby", family="pruning", inference_knob="keep", finetune=True,
+                            tradeoff_values=[0.25, 0.5])(build)
     assert methods.method_spec("knobby") == methods.MethodSpec(
         name="knobby", factory=build, inference_knob="keep", finetune=True, tradeoff_values=(0.25, 0.5),
-        summary="Keeps what it keeps.")
+        summary="Keeps what it keeps.", family="pruning")
     assert methods.methods_with_knob()["knobby"] == "keep"
     assert methods.resolved_params("knobby", {"keep": 0.75}) == {"keep": 0.75, "blocks": [1, 2]}
     methods.register_method("plain", summary="Given summary.")(lambda vit: None)
@@ -145,6 +147,18 @@ def test_a_new_module_in_the_package_is_discovered(scratch_registry, tmp_path, m
         assert isinstance(out, MethodOutput) and out.token_counts.shape == (1, 4, 2)
     finally:
         sys.modules.pop("methods.throwaway_method", None)
+
+
+def test_every_method_declares_its_family():
+    """The report groups methods by family; an undeclared one would land in no comparison."""
+    families = {name: methods.method_spec(name).family for name in methods.list_methods()}
+    assert all(family in FAMILIES for family in families.values()), families
+    assert families["topk"] == "pruning" and families["tome"] == "merging" and families["adavit"] == "halting"
+
+
+def test_an_unknown_family_is_refused(scratch_registry):
+    with pytest.raises(ValueError, match=r"family='pooling' is not one of: none, pruning, merging, clustering"):
+        register_method("throwaway", family="pooling")(lambda vit: None)
 
 
 @pytest.mark.parametrize("name", methods.list_methods())

@@ -148,7 +148,8 @@ def test_train_true_fine_tunes_once_then_sweeps(tmp_path):
     (["method=evit", "method.tradeoff_values=0.5"], ConfigCompositionException,
      r"Error merging override method\.tradeoff_values=0\.5"),  # a list, typed at composition
     (["method=dense"], ConfigError, r"method=dense has no inference knob to sweep; valid methods: adavit "
-                                    r"\(inference_gate_shift\), ats \(budget\), dynamicvit \(inference_keep_rate\)"),
+                                    r"\(inference_gate_shift\), ats \(budget\), dpcknn \(keep_rate\), "
+                                    r"dynamicvit \(inference_keep_rate\)"),
     (["method=dynamicvit", AT_1_2_3], CheckpointError, r"the dense weights has no trained predictors for method "
                                              r"'dynamicvit'.*experiment\.train=true"),
 ])

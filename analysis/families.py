@@ -1,0 +1,117 @@
+"""Which tokens to use: pruning vs merging vs clustering at matched FLOPs. Owns the family comparison table.
+
+Haurum et al. ("Which Tokens to Use?", ICCVW 2023) compare token-reduction *families* and find plain top-k
+pruning a surprisingly strong baseline. This module asks the same question of our records. A method's family is
+the one its registration declares (``methods.registry.FAMILIES``: pruning, merging, clustering, halting), as
+copied into :data:`analysis.formatting.METHOD_FAMILY` (the report reads records only); unknown names count as
+``other``.
+
+Every method contributes *curves* on a backbone:
+
+- its run settings (``kind: run``, seeds averaged), ordered by FLOPs, as one curve: between two trained
+  settings, choosing either model at random reaches any point on the segment, so linear interpolation is an
+  achievable (if conservative) accuracy at that budget;
+- each of its trade-off curves (one checkpoint swept over its knob, :mod:`analysis.curves`).
+
+At each FLOPs budget (50/65/80% of dense), each curve's top-1 is interpolated, never extrapolated
+(:func:`analysis.curves.top1_at_flops`), and a family's entry is its best curve there, named. The caveat printed
+under the table: on the embedded digits data the ranking says little about ImageNet.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import pandas as pd
+
+from . import curves, tables
+from .formatting import DASH, METHOD_FAMILY, fmt
+
+COMPARED = ("pruning", "merging", "clustering", "halting")
+FOOTNOTE = (
+    "Best top-1 (%) of each family at a FLOPs budget (FLOPs ratio = GFLOPs ÷ dense GFLOPs), with the method and "
+    "source that reach it: 'runs' interpolates between a method's trained or off-the-shelf run settings "
+    "(seed means), 'curve' one checkpoint swept over its knob. Linear interpolation, never extrapolated; "
+    "— = no curve of the family spans the budget. Families as registered (methods/registry.py). Caveat: on the "
+    "embedded digits data (8x8 px upsampled, 10 classes) these rankings need not carry over to ImageNet."
+)
+
+
+def family_of(method: str) -> str:
+    """The family of ``method`` (:data:`analysis.formatting.METHOD_FAMILY`); ``other`` for an unknown name."""
+    return METHOD_FAMILY.get(method, "other")
+
+
+def family_curves(agg: pd.DataFrame, points: pd.DataFrame) -> pd.DataFrame:
+    """One row per point of every curve: ``model``, ``data``, ``slug``, ``family``, ``method``, ``source``
+    (``runs``, or ``curve`` with the curve's label where it is not just the method), ``flops_ratio``,
+    ``top1``."""
+    rows: list[dict[str, Any]] = []
+    runs = agg[agg["kind"] == "run"] if not agg.empty else agg
+    for _, row in runs.iterrows():
+        rows.append({"model": row["model"], "data": row["data"], "slug": row["slug"], "method": row["method"],
+                     "source": "runs", "flops_ratio": row["flops_ratio_mean"], "top1": row["top1_mean"]})
+    for _, row in (points.iterrows() if not points.empty else iter(())):
+        rows.append({"model": row["model"], "data": row["data"], "slug": row["slug"], "method": row["method"],
+                     "source": "curve" if row["label"] == row["method"] else f"curve {row['label']}",
+                     "flops_ratio": row["flops_ratio_mean"],
+                     "top1": row["top1_mean"]})
+    frame = pd.DataFrame(rows, columns=["model", "data", "slug", "method", "source", "flops_ratio", "top1"])
+    frame.insert(3, "family", [family_of(m) for m in frame["method"]])
+    return frame
+
+
+def family_frame(frame: pd.DataFrame, targets: Iterable[float] = curves.TARGETS) -> pd.DataFrame:
+    """Per backbone, target and compared family: the best interpolated top-1 and the curve reaching it."""
+    rows = []
+    for (model, data, slug), part in frame.groupby(["model", "data", "slug"], sort=False):
+        for target in targets:
+            for family in COMPARED:
+                best: dict[str, Any] = {"model": model, "data": data, "slug": slug, "target": float(target),
+                                        "family": family, "top1": math.nan, "method": None, "source": None}
+                members = part[part["family"] == family]
+                for (method, source), curve in members.groupby(["method", "source"], sort=False):
+                    value = curves.top1_at_flops(curve["flops_ratio"], curve["top1"], target)
+                    if not math.isnan(value) and (math.isnan(best["top1"]) or value > best["top1"]):
+                        best.update(top1=value, method=method, source=source)
+                rows.append(best)
+    return pd.DataFrame(rows)
+
+
+def family_table(frame: pd.DataFrame, model: str, data: str) -> Optional[tables.Table]:
+    part = frame[(frame["model"] == model) & (frame["data"] == data)]
+    if part.empty or part["top1"].isna().all():
+        return None
+    present = [f for f in COMPARED if part.loc[part["family"] == f, "top1"].notna().any()]
+    display, numeric = [], []
+    for target, rows in part.groupby("target", sort=False):
+        cells: dict[str, str] = {"FLOPs budget": f"{target * 100:.0f}% of dense"}
+        for family in present:
+            row = rows[rows["family"] == family].iloc[0]
+            cells[family] = (DASH if row["method"] is None else
+                             f"{fmt(row['top1'], '.2f')} ({row['method']}, {row['source']})")
+            numeric.append({"target": target, "family": family, "top1": row["top1"], "method": row["method"],
+                            "source": row["source"]})
+        display.append(cells)
+    return tables.Table(f"Which tokens to use: families at matched FLOPs, {model} on {data}",
+                        pd.DataFrame(display), pd.DataFrame(numeric), "l" + "l" * len(present))
+
+
+def write_family_tables(agg: pd.DataFrame, records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """``families_<backbone>.{md,tex,csv}`` for every backbone where some family spans a budget."""
+    if agg.empty:
+        return []
+    frame = family_frame(family_curves(agg, curves.curve_points(records)))
+    if frame.empty:
+        return []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for (model, data, slug), _ in frame.groupby(["model", "data", "slug"], sort=False):
+        table = family_table(frame, model, data)
+        if table is not None:
+            paths += table.write(out / f"families_{slug}", f"tab:families-{slug}", footnote=FOOTNOTE)
+    if not paths:
+        print("note: no family spans a 50/65/80% FLOPs budget; no family comparison table")
+    return paths

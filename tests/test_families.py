@@ -1,0 +1,67 @@
+"""``analysis.families``: the family comparison at matched FLOPs on crafted records, worked out by hand, and the
+report's copy of each method's family against the registry."""
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+
+import methods
+from analysis import curves, families, formatting, load, tables
+from test_curves import point_record, write
+
+
+def run_record(method: str, seed: int, top1: float, ratio: float, **params) -> dict:
+    record = point_record(method, "keep_rate", params.pop("keep_rate", None), seed, top1, ratio, **params)
+    record["kind"] = "run"
+    del record["tradeoff"]
+    return record
+
+
+def test_report_families_equal_the_registrations():
+    assert {name: formatting.METHOD_FAMILY.get(name) for name in methods.list_methods()} == \
+        {name: methods.method_spec(name).family for name in methods.list_methods()}
+
+
+def test_best_of_each_family_at_matched_flops(tmp_path):
+    records = [
+        run_record("dense", 0, 95.0, 1.0),
+        # topk runs: keep 0.7 at ratio 0.7 (seeds 90, 92 -> 91), keep 0.5 at ratio 0.5 (80)
+        run_record("topk", 0, 90.0, 0.7, keep_rate=0.7), run_record("topk", 1, 92.0, 0.7, keep_rate=0.7),
+        run_record("topk", 0, 80.0, 0.5, keep_rate=0.5),
+        run_record("random", 0, 70.0, 0.5, keep_rate=0.5), run_record("random", 0, 85.0, 0.8, keep_rate=0.8),
+        # a ToMe curve from one checkpoint: (0.4, 60) to (0.9, 95)
+        point_record("tome", "r", 8, 0, 60.0, 0.4), point_record("tome", "r", 2, 0, 95.0, 0.9),
+        run_record("kmedoids", 0, 99.0, 0.6, keep_rate=0.6),  # one point spans no budget
+    ]
+    frame = load.load_records(write(tmp_path, records))
+    agg = tables.aggregate(tables.without_tradeoff(frame))
+    best = families.family_frame(families.family_curves(agg, curves.curve_points(frame)))
+    got = {(row.target, row.family): (row.method, row.source, row.top1) for row in best.itertuples()}
+    # pruning at 0.65: topk's runs 80 + 0.15 / 0.2 * 11 = 88.25 beat random's 70 + 0.15 / 0.3 * 15 = 77.5;
+    # at 0.8 only random spans it (85). Merging: ToMe 60 + 35 * (t - 0.4) / 0.5 = 67, 77.5, 88.
+    assert got[(0.5, "pruning")] == ("topk", "runs", pytest.approx(80.0))
+    assert got[(0.65, "pruning")] == ("topk", "runs", pytest.approx(88.25))
+    assert got[(0.8, "pruning")] == ("random", "runs", pytest.approx(85.0))
+    assert [got[(t, "merging")][2] for t in curves.TARGETS] == pytest.approx([67.0, 77.5, 88.0])
+    assert got[(0.65, "merging")][:2] == ("tome", "curve")
+    assert all(math.isnan(got[(t, "clustering")][2]) for t in curves.TARGETS)
+    paths = families.write_family_tables(agg, frame, tmp_path / "report")
+    text = (tmp_path / "report" / "families_deit_digits.md").read_text()
+    assert re.search(r"\| 65% of dense \| 88\.25 \(topk, runs\) +\| 77\.50 \(tome, curve\) +\|", text), text
+    assert "clustering" not in text.split("*Notes.*")[0]  # a family that spans no budget gets no column
+    assert "need not carry over to ImageNet" in text and len(paths) == 3
+
+
+def test_no_records_no_table(tmp_path):
+    assert families.write_family_tables(tables.aggregate(load.load_records(write(tmp_path, []))),
+                                        load.load_records(tmp_path), tmp_path / "report") == []
+
+
+@pytest.mark.parametrize("condition,title", [
+    ("cpu b32 fp32 t1", "cpu, batch 32, fp32, 1 thread(s)"),  # CPU entries name their threads
+    ("cuda b64 bf16", "cuda, batch 64, bf16"),
+])
+def test_condition_titles_with_and_without_threads(condition, title):
+    assert formatting.condition_title(condition) == title
