@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from . import backbone
 from .base import MethodOutput, TokenReducer
+from .evit import check_keep_rate
 from .registry import register_method
 from .tokens import check_cumulative_keep, kept_patch_count, keep_with_cls, topk_patches, validate_locations
 
@@ -104,9 +105,9 @@ class DynamicViT(TokenReducer):
             inference_keep_rate: keep rate of the ``eval()`` forward; ``None`` = ``keep_rate``.
         """
         super().__init__(vit)
-        self.keep_rate = _check_rate(keep_rate, "method.params.keep_rate")
+        self.keep_rate = check_keep_rate(keep_rate, "method.params.keep_rate")
         rate = keep_rate if inference_keep_rate is None else inference_keep_rate
-        self.inference_keep_rate = _check_rate(rate, "method.params.inference_keep_rate")
+        self.inference_keep_rate = check_keep_rate(rate, "method.params.inference_keep_rate")
         self.locations = validate_locations(locations, self.depth, key="method.params.locations")
         knob = "keep_rate" if inference_keep_rate is None else "inference_keep_rate"
         check_cumulative_keep(f"method.params.{knob}", self.inference_keep_rate, self.num_patches,
@@ -236,12 +237,6 @@ def _kept_token_mse(out: MethodOutput, teacher_out: MethodOutput) -> Tensor:
     if not kept.any():
         return student.sum() * 0.0
     return F.mse_loss(student[kept], teacher[kept])
-
-
-def _check_rate(value: float, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise ValueError(f"{key}={value!r} is outside the valid range (0, 1]")
-    return float(value)
 
 
 @register_method("dynamicvit", family="pruning", inference_knob="inference_keep_rate", finetune=True,

@@ -78,7 +78,8 @@ from torch import Tensor, nn
 
 from . import backbone, tokens
 from .registry import register_method
-from .staged import Reduced, StagedReduction, check_nonnegative, check_rate, stage_counts
+from .evit import check_keep_rate
+from .staged import Reduced, StagedReduction, check_nonnegative, stage_counts
 
 Pattern = Literal["l1", "l2", "linf"]
 PATTERNS = ("l1", "l2", "linf")
@@ -145,7 +146,7 @@ class Heuristic(StagedReduction):
         if not isinstance(contiguous, bool):
             raise ValueError(f"method.params.contiguous={contiguous!r} must be true or false")
         radius = check_nonnegative(min_radius, "method.params.min_radius")
-        rate = check_rate(keep_rate)
+        rate = check_keep_rate(keep_rate)
         given = tokens.validate_locations(locations, len(vit.blocks), "method.params.locations", first=0)
         side = grid_side(vit)
         z = centre_distances(side, pattern)

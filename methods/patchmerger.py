@@ -63,7 +63,7 @@ from torch import Tensor, nn
 
 from .evit import check_bool
 from .registry import register_method
-from .staged import Reduced, StagedReduction
+from .staged import SoftMixing
 
 
 class PatchMergerStage(nn.Module):
@@ -85,7 +85,7 @@ class PatchMergerStage(nn.Module):
         return torch.matmul(mix, source.to(mix.dtype)).to(x.dtype), mix
 
 
-class PatchMerger(StagedReduction):
+class PatchMerger(SoftMixing):
     """PatchMerger at each location; see the module docstring."""
 
     def __init__(self, vit: nn.Module, keep_rate: float, locations: Sequence[int],
@@ -102,10 +102,6 @@ class PatchMerger(StagedReduction):
         self.mix_normalized = check_bool(mix_normalized, "method.params.mix_normalized")
         for count in self.patch_counts:
             self.reducers.append(PatchMergerStage(count, self.embed_dim, self.scaled_attention, self.mix_normalized))
-
-    def reduce(self, stage: int, patches: Tensor, attention: Optional[Tensor]) -> Reduced:
-        out, _ = self.reducers[stage](patches)
-        return Reduced(out, identity=None)
 
     def extra_macs(self, token_counts: Tensor) -> Tensor:
         """Per image and stage, ``2 * K * P * C``: the logits and the mix."""

@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .registry import register_method
-from .staged import Reduced, StagedReduction, check_positive_int
+from .staged import SoftMixing, check_positive_int
 
 RENORM_TOLERANCE = 1e-6  # re-normalise a centre only when its norm is this far from 1 (see the module docstring)
 
@@ -117,7 +117,7 @@ class SinkhornCentres(nn.Module):
         return (plan @ unit).to(x.dtype), plan
 
 
-class Sinkhorn(StagedReduction):
+class Sinkhorn(SoftMixing):
     """Optimal-transport clustering onto learned centres at each location; see the module docstring."""
 
     def __init__(self, vit: nn.Module, keep_rate: float, locations: Sequence[int],
@@ -134,10 +134,6 @@ class Sinkhorn(StagedReduction):
         self.epsilon = check_positive_finite(epsilon, "method.params.epsilon")
         for count in self.patch_counts:
             self.reducers.append(SinkhornCentres(count, self.embed_dim, self.iterations, self.epsilon))
-
-    def reduce(self, stage: int, patches: Tensor, attention: Optional[Tensor]) -> Reduced:
-        out, _ = self.reducers[stage](patches)
-        return Reduced(out, identity=None)
 
     def extra_macs(self, token_counts: Tensor) -> Tensor:
         """Per image and stage, ``2 * K * N * C``: the scores and the output matmuls."""

@@ -60,7 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from .registry import register_method
-from .staged import Reduced, StagedReduction
+from .staged import SoftMixing
 
 HIDDEN_RATIO = 0.5  # official TokenSlimmingModule(ratio=0.5): hidden = int(C * 0.5)
 
@@ -97,7 +97,7 @@ class TokenSlimming(nn.Module):
         return out.to(x.dtype), mix
 
 
-class SiT(StagedReduction):
+class SiT(SoftMixing):
     """SiT token slimming at each location; see the module docstring."""
 
     def __init__(self, vit: nn.Module, keep_rate: float, locations: Sequence[int],
@@ -106,10 +106,6 @@ class SiT(StagedReduction):
         super().__init__(vit, keep_rate, locations, patch_counts, backbone_lr_scale)
         for count in self.patch_counts:
             self.reducers.append(TokenSlimming(self.embed_dim, count))
-
-    def reduce(self, stage: int, patches: Tensor, attention: Optional[Tensor]) -> Reduced:
-        out, _ = self.reducers[stage](patches)
-        return Reduced(out, identity=None)
 
     def extra_macs(self, token_counts: Tensor) -> Tensor:
         """Per image and stage, ``P * C * H + P * H * K`` (the MLP) plus ``K * P * C`` (the mix)."""

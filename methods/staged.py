@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from . import backbone, tokens
 from .base import MethodOutput, TokenReducer
+from .evit import check_keep_rate
 
 
 @dataclass
@@ -66,7 +67,7 @@ class StagedReduction(TokenReducer):
         super().__init__(vit)
         first = 1 if self.needs_previous_attention else 0
         self.locations = tokens.validate_locations(locations, self.depth, "method.params.locations", first=first)
-        self.keep_rate = None if patch_counts is not None else check_rate(keep_rate)
+        self.keep_rate = None if patch_counts is not None else check_keep_rate(keep_rate)
         self.patch_counts = stage_counts(keep_rate, patch_counts, self.num_patches, len(self.locations))
         self.backbone_lr_scale = check_nonnegative(backbone_lr_scale, "method.params.backbone_lr_scale")
         self.reducers = nn.ModuleList()  # subclasses append one module per stage if they learn something
@@ -147,6 +148,15 @@ class StagedReduction(TokenReducer):
         return {"patch_counts": list(self.patch_counts), "locations": list(self.locations)}
 
 
+class SoftMixing(StagedReduction):
+    """A stage whose learned module (``self.reducers[stage]``, returning ``(tokens, weights)``) makes new tokens
+    that are mixtures of the inputs, so no output is any input token (SiT, PatchMerger, Sinkhorn)."""
+
+    def reduce(self, stage: int, patches: Tensor, attention: Optional[Tensor]) -> Reduced:
+        out, _ = self.reducers[stage](patches)
+        return Reduced(out, identity=None)
+
+
 def _summing_attention(attn: nn.Module, heads: backbone.Heads, out: list) -> Tensor:
     """Plain softmax attention that also appends, to ``out``, each key's attention summed over heads and all
     queries ``[B, N]``. Explicit (not fused) so the sums come from the very probabilities the block uses."""
@@ -169,7 +179,7 @@ def stage_counts(keep_rate: float, patch_counts: Optional[Sequence[int]], num_pa
                 or any(not 1 <= v <= num_patches for v in counts) or any(b > a for a, b in zip(counts, counts[1:]))):
             raise ValueError(f"{key}={counts!r} is not {valid}")
         return counts
-    rate = check_rate(keep_rate)
+    rate = check_keep_rate(keep_rate)
     counts = [int(num_patches * rate ** (stage + 1)) for stage in range(stages)]  # the official rounding
     if counts[-1] < 1:
         smallest = math.ceil((1.0 / num_patches) ** (1.0 / stages) * 1e4) / 1e4
@@ -177,12 +187,6 @@ def stage_counts(keep_rate: float, patch_counts: Optional[Sequence[int]], num_pa
                          f"{stages}: int({num_patches} x {keep_rate!r}^{stages}) = 0; valid: a rate in "
                          f"[{smallest:.4f}, 1] for {num_patches} patches and {stages} stages")
     return counts
-
-
-def check_rate(value, key: str = "method.params.keep_rate") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise ValueError(f"{key}={value!r} is outside the valid range (0, 1]")
-    return float(value)
 
 
 def check_nonnegative(value, key: str) -> float:

@@ -44,6 +44,21 @@ def assert_batch_invariant(method, images) -> None:
             assert torch.equal(single.patch_depth[0], full.patch_depth[i])
 
 
+def assert_own_modules_at_full_lr(method, scale: float, own_count: int) -> tuple[list[dict], set[int]]:
+    """``method.param_groups`` holds every parameter once; the method's own modules (``method.reducers``,
+    ``own_count`` tensors) sit at lr_scale 1 and the backbone at ``scale``, never mixed in one group. Returns the
+    groups and the ids of the own parameters for further checks."""
+    own = {id(p) for p in method.reducers.parameters()}
+    groups = method.param_groups(weight_decay=0.05)
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in method.parameters())  # each parameter exactly once
+    assert len(own) == own_count
+    for group in groups:
+        mine = {id(p) in own for p in group["params"]}
+        assert len(mine) == 1 and group["lr_scale"] == (1.0 if mine.pop() else scale)
+    return groups, own
+
+
 @pytest.fixture(scope="module")
 def deit_small():
     """DeiT-S at 224 px with random weights (token counts and FLOPs do not depend on the weights)."""

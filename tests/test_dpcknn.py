@@ -12,7 +12,7 @@ from torch import nn
 from experiments.config import ConfigError
 from methods import backbone, create_method, method_spec
 from methods.dpcknn import dpc_knn_centres, merge_clusters
-from conftest import assert_batch_invariant, make_tiny_vit
+from conftest import assert_batch_invariant, assert_own_modules_at_full_lr, make_tiny_vit
 from test_schema import assert_refused_at_startup, no_data  # noqa: F401  (no_data is a fixture)
 
 # Five 1-D points, C = 1 (so D = |x_i - x_j| / sqrt(1)), k_neighbors = 2 (the point itself and its nearest):
@@ -189,14 +189,7 @@ def test_gradients_reach_the_score_heads(tiny_vit, images):
 @pytest.mark.parametrize("scale", [0.1, 1.0])
 def test_param_groups_put_the_score_heads_at_full_lr(tiny_vit, scale):
     method = create_method("dpcknn", tiny_vit, locations=[1, 2], backbone_lr_scale=scale)
-    own = {id(p) for p in method.reducers.parameters()}
-    groups = method.param_groups(weight_decay=0.05)
-    grouped = [id(p) for g in groups for p in g["params"]]
-    assert sorted(grouped) == sorted(id(p) for p in method.parameters())  # each parameter exactly once
-    assert len(own) == 4  # two heads, weight and bias each
-    for group in groups:
-        mine = {id(p) in own for p in group["params"]}
-        assert len(mine) == 1 and group["lr_scale"] == (1.0 if mine.pop() else scale)
+    assert_own_modules_at_full_lr(method, scale, 4)  # two heads, weight and bias each
 
 
 def test_registered_fine_tuned_with_keep_rate_knob():

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from experiments.config import ConfigError
 from methods import backbone, create_method, method_spec
 from methods.patchmerger import PatchMergerStage
-from conftest import assert_batch_invariant
+from conftest import assert_batch_invariant, assert_own_modules_at_full_lr
 from test_schema import assert_refused_at_startup, no_data  # noqa: F401  (no_data is a fixture)
 
 # Two tokens of width 2. LayerNorm of a 2-vector (u, v), u < v, is (-1, 1) * s with s = 1 / sqrt(1 + 1e-5) (LN's
@@ -165,14 +165,8 @@ def test_gradients_reach_the_queries_and_the_norm(tiny_vit, images, mix_normaliz
 @pytest.mark.parametrize("scale", [0.1, 1.0])
 def test_param_groups_put_the_stages_at_full_lr(tiny_vit, scale):
     method = create_method("patchmerger", tiny_vit, locations=[1, 2], backbone_lr_scale=scale)
-    own = {id(p) for p in method.reducers.parameters()}
-    groups = method.param_groups(weight_decay=0.05)
-    grouped = [id(p) for g in groups for p in g["params"]]
-    assert sorted(grouped) == sorted(id(p) for p in method.parameters())  # each parameter exactly once
-    assert len(own) == 2 * 3  # per stage: the queries, LN weight and bias
-    for group in groups:
-        mine = {id(p) in own for p in group["params"]}
-        assert len(mine) == 1 and group["lr_scale"] == (1.0 if mine.pop() else scale)
+    # per stage: the queries, LN weight and bias
+    groups, _ = assert_own_modules_at_full_lr(method, scale, 2 * 3)
     decay = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     for stage in method.reducers:  # as the official optim.py: the 2-D queries decay, the LayerNorm does not
         assert id(stage.queries) in decay and not {id(stage.norm.weight), id(stage.norm.bias)} & decay

@@ -12,7 +12,7 @@ import torch
 from experiments.config import ConfigError
 from methods import backbone, create_method, method_spec
 from methods.sinkhorn import sinkhorn_plan
-from conftest import assert_batch_invariant
+from conftest import assert_batch_invariant, assert_own_modules_at_full_lr
 from test_schema import assert_refused_at_startup, no_data  # noqa: F401  (no_data is a fixture)
 
 
@@ -166,14 +166,7 @@ def test_gradients_reach_the_centres(tiny_vit, images):
 @pytest.mark.parametrize("scale", [0.1, 1.0])
 def test_param_groups_put_the_centres_at_full_lr(tiny_vit, scale):
     method = create_method("sinkhorn", tiny_vit, locations=[1, 2], backbone_lr_scale=scale)
-    own = {id(p) for p in method.reducers.parameters()}
-    groups = method.param_groups(weight_decay=0.05)
-    grouped = [id(p) for g in groups for p in g["params"]]
-    assert sorted(grouped) == sorted(id(p) for p in method.parameters())  # each parameter exactly once
-    assert len(own) == 2
-    for group in groups:
-        mine = {id(p) in own for p in group["params"]}
-        assert len(mine) == 1 and group["lr_scale"] == (1.0 if mine.pop() else scale)
+    groups, own = assert_own_modules_at_full_lr(method, scale, 2)
     # the centres are 2-D, so they decay, as timm's grouping does for every matrix
     assert {g["weight_decay"] for g in groups if id(g["params"][0]) in own} == {0.05}
 
