@@ -139,7 +139,8 @@ def matched_flops_table(points: pd.DataFrame, model: str, data: str,
     display = pd.DataFrame([{
         "FLOPs budget": f"{row['target'] * 100:.0f}% of dense",
         **{label: fmt(row[f"top1[{label}]"], ".2f") for label in labels},
-        "Best": row["best"] or DASH,
+        # no curve reaches the budget: best is None, which pandas may hold as NaN (truthy), so test the type
+        "Best": row["best"] if isinstance(row["best"], str) else DASH,
     } for _, row in frame.iterrows()])
     numeric = frame.drop(columns=["slug"]).reset_index(drop=True)
     return tables.Table(f"Top-1 at matched FLOPs: {model} on {data}", display, numeric,

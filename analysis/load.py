@@ -31,7 +31,8 @@ PACKED is the compact form ``experiments/token_maps.py`` writes (its docstring i
 ``{"dtype": "uint8", "shape": [...], "filter": null | "diff2d", "zlib_base64": "..."}``, decoded by
 :func:`unpack_array`; packed thumbnails hold 0..255. Plain nested lists are the form of records written before
 it. ``image``/``depth`` and ``image_index`` are accepted as aliases. ``tokens.mean_patch_depth`` may be flat
-(with ``tokens.grid``), nested rows, or ``{"grid": [r, c], "values": [...]}``.
+(with ``tokens.grid``), nested rows, or ``{"grid": [r, c], "values": [...]}``; with a video grid
+``[time, rows, cols]`` :func:`mean_patch_depth` averages over time (:mod:`analysis.video` reads the 3-D maps).
 """
 from __future__ import annotations
 
@@ -402,7 +403,7 @@ def _as_grid(values: Any, grid: Optional[tuple[int, int]]) -> Optional[np.ndarra
         array = np.asarray(values, dtype=float)
     except (TypeError, ValueError):
         return None
-    if array.ndim == 2:
+    if array.ndim in (2, 3):  # 3: a video model's [time, rows, cols]
         return array
     if array.ndim == 1 and array.size:
         shape = grid if grid and grid[0] * grid[1] == array.size else grid_shape(None, array.size)
@@ -410,9 +411,22 @@ def _as_grid(values: Any, grid: Optional[tuple[int, int]]) -> Optional[np.ndarra
     return None
 
 
+def _time_mean(value: Any, grid: Any) -> Any:
+    """A video model's depths (``grid`` ``[time, rows, cols]``, flat time-major or nested) as their mean over
+    time, ``rows x cols``; anything else unchanged."""
+    if not (isinstance(grid, (list, tuple)) and len(grid) == 3 and isinstance(value, list)):
+        return value
+    try:
+        array = np.asarray(value, dtype=float).reshape([int(g) for g in grid])
+    except (TypeError, ValueError):
+        return value  # does not fit the grid: read as before
+    return array.mean(axis=0)
+
+
 def mean_patch_depth(tokens: Optional[dict]) -> Optional[np.ndarray]:
-    """``tokens.mean_patch_depth`` as a ``rows x cols`` array, or ``None`` when absent or malformed."""
-    value = (tokens or {}).get("mean_patch_depth")
+    """``tokens.mean_patch_depth`` as a ``rows x cols`` array, or ``None`` when absent or malformed. For a video
+    model (``tokens.grid`` ``[time, rows, cols]``) it is the mean over time."""
+    value = _time_mean((tokens or {}).get("mean_patch_depth"), (tokens or {}).get("grid"))
     grid = grid_shape(tokens)
     if isinstance(value, dict):
         grid = grid_shape(value) or grid
@@ -454,7 +468,8 @@ def _image(value: Any) -> Optional[np.ndarray]:
 
 
 def depth_maps(tokens: Optional[dict]) -> list[dict[str, Any]]:
-    """``tokens.maps`` as ``[{"index", "label", "image" (array or None), "depth" (rows x cols)}]``; entries
+    """``tokens.maps`` as ``[{"index", "label", "image" (array or None), "depth" (rows x cols, or time x rows x
+    cols for a video model)}]``; entries
     without a usable depth map are dropped. ``index`` falls back to the entry's position."""
     maps = (tokens or {}).get("maps")
     if not isinstance(maps, list):

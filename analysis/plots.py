@@ -326,6 +326,10 @@ def plot_depth_maps(agg: pd.DataFrame, records: pd.DataFrame, out_dir: str | Pat
         for _, row in chosen.iterrows():
             by_seed = _maps_by_seed(recs, row)
             rows.append((row, next(iter(by_seed.values()))))
+        if any(np.ndim(entry["depth"]) == 3 for _, maps in rows for entry in maps.values()):
+            print(f"note: {model} on {data} is a video backbone: its per-frame depth maps are in the video "
+                  "section (analysis/video.py)")
+            continue
         common = [i for i in rows[0][1] if all(i in maps for _, maps in rows)][:max_images]
         if not common:
             print(f"note: the token maps of {model} on {data} share no image index; skipped depth maps")

@@ -83,7 +83,7 @@ class Rule:
         if self.choices:
             given = value.lower() if self.casefold and isinstance(value, str) else value
             if given not in self.choices:
-                raise ConfigError(f"{key}={value!r} unknown; valid: {', '.join(self.choices)}")
+                raise ConfigError(f"{key}={value!r} unknown; valid: {', '.join(map(str, self.choices))}")
             return
         bounded = any(b is not None for b in (self.ge, self.gt, self.le, self.lt))
         for number in value if isinstance(value, (list, tuple)) else [value]:
@@ -196,6 +196,10 @@ class ModelConfig:
     # a local timm/DeiT .pth or .safetensors, or a checkpoint of this suite
     checkpoint: Optional[str] = spec(None, path=True)
     drop_path_rate: float = spec(0.1, ge=0, lt=1)
+    # video models (methods/video.py): frames per clip, a multiple of the tubelet depth; null for image models
+    num_frames: Optional[int] = spec(None, ge=1, le=MAX_COUNT)
+    # video models: the position table's start, sincos3d or videomae (methods/video.py); null: the model's
+    pos_init: Optional[str] = spec(None, choices=("sincos3d", "videomae"))
     depth: Optional[int] = spec(None, ge=1)
     embed_dim: Optional[int] = spec(None, ge=1)
     num_heads: Optional[int] = spec(None, ge=1)
@@ -203,7 +207,7 @@ class ModelConfig:
 
     def architecture(self) -> dict[str, Any]:
         """The keys that go to ``timm.create_model`` as architecture arguments."""
-        keys = ("depth", "embed_dim", "num_heads", "mlp_ratio")
+        keys = ("num_frames", "pos_init", "depth", "embed_dim", "num_heads", "mlp_ratio")
         return {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
 
 
@@ -233,28 +237,99 @@ class DigitsData(DataConfig):
 
 
 @dataclass
-class ImageFolderData(DataConfig):
-    """``root/<train_split>/<class>/*`` and ``root/<val_split>/<class>/*`` with timm's transforms."""
+class FolderLayout:
+    """Keys shared by the folder options: ``root/<train_split>/<class>/*`` and ``root/<val_split>/<class>/*``,
+    their class count, the eval crop and the normalisation."""
 
-    name: str = "imagefolder"
     root: Optional[str] = spec(None, path=True)
     train_split: str = "train"
     val_split: str = "val"
     num_classes: Optional[int] = spec(None, ge=1)  # null: the number of class folders
     crop_pct: float = spec(0.875, ge=MIN_CROP_PCT, le=1)
-    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
-    reprob: float = spec(0.25, ge=0, le=1)
     mean: List[float] = spec([0.485, 0.456, 0.406])
     std: List[float] = spec([0.229, 0.224, 0.225], gt=0)
 
-    def check(self, key: str) -> None:
-        super().check(key)
+    def check_layout(self, key: str) -> None:
         for name in ("mean", "std"):
             if len(getattr(self, name)) != 3:
                 raise ConfigError(f"{key}.{name}={getattr(self, name)} must have 3 entries (one per RGB channel)")
 
 
-DATA_SCHEMAS = {"digits": DigitsData, "imagefolder": ImageFolderData}
+@dataclass
+class ImageFolderData(DataConfig, FolderLayout):
+    """``root/<train_split>/<class>/*`` and ``root/<val_split>/<class>/*`` with timm's transforms."""
+
+    name: str = "imagefolder"
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
+    reprob: float = spec(0.25, ge=0, le=1)
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        self.check_layout(key)
+
+
+@dataclass
+class VideoData(DataConfig):
+    """Clips ``[3, num_frames, img_size, img_size]`` for a video model (``model.num_frames`` set)."""
+
+    num_frames: Optional[int] = spec(II("model.num_frames"), ge=1, le=MAX_COUNT)  # the model's unless overridden
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        if self.num_frames is None:
+            raise ConfigError(f"{key}={self.name} is video data, but the model is an image model "
+                              f"({key}.num_frames=null follows model.num_frames); valid: a video model, e.g. "
+                              "model=vit_video_digits (embedded) or model=vit_video_small")
+
+
+@dataclass
+class MovingDigitsData(VideoData):
+    """Moving digits (experiments/video_data.py): bundled digits drifting over a static background, no download."""
+
+    name: str = "moving_digits"
+    val_fraction: float = spec(0.2, gt=0, lt=1)
+    split_seed: int = spec(0, ge=0, le=MAX_SEED)  # the split and the validation clips' motion
+    digit_scale: float = spec(0.75, gt=0, le=1)  # a digit's side as a fraction of the img_size canvas
+    num_digits: int = spec(1, choices=(1, 2))  # 2: a second digit moves too, the label is (a + b) mod 10
+    min_speed: float = spec(0.5, ge=0, le=MAX_COUNT)  # px per frame; 0 allows static clips
+    max_speed: float = spec(1.5, ge=0, le=MAX_COUNT)
+    bounce: bool = True  # reflect at the canvas edges (false: clamp, the digit stops at the edge)
+    background: float = spec(0.15, ge=0, le=1)  # amplitude of the static per-clip texture (0: flat black)
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        if self.digit_side < 4:
+            raise ConfigError(f"{key}.digit_scale={self.digit_scale} draws digits of {self.digit_side} px on the "
+                              f"{key}.img_size={self.img_size} canvas; valid: at least 4 px, a scale >= "
+                              f"{4 / self.img_size:.3g}")
+        if self.min_speed > self.max_speed:
+            raise ConfigError(f"{key}.min_speed={self.min_speed} must be <= {key}.max_speed ({self.max_speed})")
+
+    @property
+    def digit_side(self) -> int:
+        """A digit's side in px: ``round(img_size * digit_scale)``, at least 1."""
+        return max(1, round(self.img_size * self.digit_scale))
+
+
+@dataclass
+class VideoFolderData(VideoData, FolderLayout):
+    """``root/<split>/<class>/*.mp4`` decoded with PyAV (experiments/videofolder.py)."""
+
+    name: str = "videofolder"
+    sampling: str = spec("uniform", choices=("uniform", "dense"))  # frame sampling (videofolder.py)
+    stride: int = spec(2, ge=1, le=MAX_COUNT)  # dense sampling: every stride-th frame
+    scale: List[float] = spec([0.25, 1.0], gt=0, le=1)  # training random-resized-crop area range
+    hflip: float = spec(0.5, ge=0, le=1)
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        self.check_layout(key)
+        if len(self.scale) != 2 or self.scale[0] > self.scale[1]:
+            raise ConfigError(f"{key}.scale={self.scale} must be [low, high] with low <= high")
+
+
+DATA_SCHEMAS = {"digits": DigitsData, "imagefolder": ImageFolderData, "moving_digits": MovingDigitsData,
+                "videofolder": VideoFolderData}
 
 
 @dataclass

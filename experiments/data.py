@@ -1,4 +1,5 @@
-"""Datasets and loaders: the embedded digits default and ImageNet-style folders.
+"""Datasets and loaders: the embedded digits default and ImageNet-style folders (video data: ``moving_digits``
+in ``experiments/video_data.py``, ``videofolder`` in ``experiments/videofolder.py``, built through ``BUILDERS``).
 
 - ``digits``: scikit-learn's bundled ``load_digits`` (1,797 8x8 grey images, no download), split into
   train/val with a fixed seed (stratified), upsampled to ``img_size`` so the embedded model sees an 8x8 token
@@ -159,9 +160,25 @@ class FolderScan:
                 "extensions": list(_timm_extensions()), "header_checked": True}
 
 
-def _root_of(data) -> Path:
+@dataclass(frozen=True)
+class FolderWords:
+    """How the folder rules' messages name the sample files and their reader; the defaults are imagefolder's
+    (timm's reader), ``experiments/videofolder.py`` passes its own."""
+
+    item: str = "image"  # one sample file
+    an_item: str = "an image"
+    reader: str = "timm"  # who would mislabel, walk or drop files
+    reads: str = "timm's folder reader"
+    source: str = "timm.data.get_img_extensions"  # where the valid extensions come from
+    example_root: str = "/path/to/imagenet"
+
+
+IMAGE_WORDS = FolderWords()
+
+
+def _root_of(data, words: FolderWords = IMAGE_WORDS) -> Path:
     if data.root is None or not str(data.root).strip():
-        raise DataError(f"data.root is not set (data.root={data.root!r}); pass data.root=/path/to/imagenet "
+        raise DataError(f"data.root is not set (data.root={data.root!r}); pass data.root={words.example_root} "
                         "(with train/ and val/ folders)")
     root = Path(str(data.root)).expanduser()
     if not root.is_dir():
@@ -170,7 +187,7 @@ def _root_of(data) -> Path:
     return root
 
 
-def _split_folder(root: Path, key: str, split: Any) -> Path:
+def _split_folder(root: Path, key: str, split: Any, words: FolderWords = IMAGE_WORDS) -> Path:
     if not isinstance(split, str) or not split.strip():
         raise DataError(f"data.{key}={split!r} is empty: it would read the whole data.root={root} recursively, "
                         "the other split included; valid: the name of a folder under data.root, e.g. "
@@ -178,7 +195,7 @@ def _split_folder(root: Path, key: str, split: Any) -> Path:
     folder = root / split
     if not folder.is_dir():
         raise DataError(f"data.root={root}, data.{key}={split!r}: split folder {split!r} not found "
-                        f"(expected {folder}/<class>/<image>)")
+                        f"(expected {folder}/<class>/<{words.item}>)")
     return folder
 
 
@@ -196,18 +213,20 @@ def _check_distinct(root: Path, train: Path, val: Path, train_split: str, val_sp
                             f"data.root={root}, neither inside the other")
 
 
-def _scan_split(root: Path, key: str, split: str, folder: Path, extensions: tuple[str, ...]) -> SplitScan:
+def _scan_split(root: Path, key: str, split: str, folder: Path, extensions: tuple[str, ...],
+                words: FolderWords = IMAGE_WORDS) -> SplitScan:
+    w = words
     where = f"data.root={root}, data.{key}={split!r}"
     valid_ext = ", ".join(extensions)
     entries = sorted(os.scandir(folder), key=lambda e: e.name)
     class_dirs = [e for e in entries if e.is_dir()]
     stray = [e.path for e in entries if not e.is_dir() and os.path.splitext(e.name)[1].lower() in extensions]
     if stray:
-        raise DataError(f"{where}: {len(stray)} image(s) lie directly in the split folder {folder}, outside any "
-                        f"class folder: {_examples(stray)}; timm would label them with the class ''; valid: "
-                        f"{folder}/<class>/<image>")
+        raise DataError(f"{where}: {len(stray)} {w.item}(s) lie directly in the split folder {folder}, outside any "
+                        f"class folder: {_examples(stray)}; {w.reader} would label them with the class ''; valid: "
+                        f"{folder}/<class>/<{w.item}>")
     if not class_dirs:
-        raise DataError(f"{where}: {folder} has no class folders (expected {folder}/<class>/<image>)")
+        raise DataError(f"{where}: {folder} has no class folders (expected {folder}/<class>/<{w.item}>)")
     split_real = os.path.realpath(folder)
     labels: dict[str, list[str]] = {}
     hidden = 0
@@ -216,19 +235,19 @@ def _scan_split(root: Path, key: str, split: str, folder: Path, extensions: tupl
         real = os.path.realpath(class_dir)
         if _inside(split_real, real):
             raise DataError(f"{where}: symlink loop: class folder {class_dir} points to {real}, which contains the "
-                            f"split folder itself; timm would walk it again and again, multiplying the images and "
-                            f"inventing classes; valid: class folders that hold only image files")
+                            f"split folder itself; {w.reader} would walk it again and again, multiplying the "
+                            f"{w.item}s and inventing classes; valid: class folders that hold only {w.item} files")
         files, ignored = [], []
         for item in sorted(os.scandir(class_dir), key=lambda e: e.name):
             if item.is_dir():
                 target = os.path.realpath(item.path)
                 if _inside(real, target):
                     raise DataError(f"{where}: symlink loop: {item.path} points to {target}, which contains its "
-                                    f"own class folder {entry.name!r}; timm would walk it again and again, "
-                                    f"multiplying the images and inventing classes; remove the link")
-                raise DataError(f"{where}: {item.path} is a folder inside class folder {entry.name!r}; timm labels "
-                                f"an image by its innermost folder, so its images would form a class "
-                                f"{item.name!r} of their own; valid: images directly in {folder}/<class>/ "
+                                    f"own class folder {entry.name!r}; {w.reader} would walk it again and again, "
+                                    f"multiplying the {w.item}s and inventing classes; remove the link")
+                raise DataError(f"{where}: {item.path} is a folder inside class folder {entry.name!r}; {w.reader} "
+                                f"labels {w.an_item} by its innermost folder, so its {w.item}s would form a class "
+                                f"{item.name!r} of their own; valid: {w.item}s directly in {folder}/<class>/ "
                                 f"(move them up or remove the folder)")
             suffix = os.path.splitext(item.name)[1].lower()
             if suffix in extensions:
@@ -239,15 +258,15 @@ def _scan_split(root: Path, key: str, split: str, folder: Path, extensions: tupl
                 ignored.append(item.path)
         if not files:
             kinds = sorted({os.path.splitext(p)[1].lower() or "(no extension)" for p in ignored})
-            held = f"; it holds {len(ignored)} file(s) timm ignores ({', '.join(kinds)})" if ignored else ""
-            raise DataError(f"{where}: class folder {entry.name!r} ({class_dir}) has no images timm's folder "
-                            f"reader reads{held}; valid extensions: {valid_ext} (timm.data.get_img_extensions), "
+            held = f"; it holds {len(ignored)} file(s) {w.reader} ignores ({', '.join(kinds)})" if ignored else ""
+            raise DataError(f"{where}: class folder {entry.name!r} ({class_dir}) has no {w.item}s {w.reads} "
+                            f"reads{held}; valid extensions: {valid_ext} ({w.source}), "
                             "so the class would silently vanish from the run")
         if ignored:
             kinds = sorted({os.path.splitext(p)[1].lower() or "(no extension)" for p in ignored})
-            raise DataError(f"{where}: class folder {entry.name!r} holds {len(ignored)} file(s) that timm's folder "
-                            f"reader ignores ({', '.join(kinds)}): {_examples(ignored)}; they would silently "
-                            f"vanish from the run; valid extensions: {valid_ext} (timm.data.get_img_extensions): "
+            raise DataError(f"{where}: class folder {entry.name!r} holds {len(ignored)} file(s) that {w.reads} "
+                            f"ignores ({', '.join(kinds)}): {_examples(ignored)}; they would silently "
+                            f"vanish from the run; valid extensions: {valid_ext} ({w.source}): "
                             "convert or remove them")
         labels[entry.name] = files
     from timm.utils.misc import natural_key
@@ -258,8 +277,8 @@ def _scan_split(root: Path, key: str, split: str, folder: Path, extensions: tupl
     return SplitScan(key, split, str(folder), samples, class_to_idx, hidden)
 
 
-def _check_no_shared_files(root: Path, train: SplitScan, val: SplitScan) -> None:
-    """No image file is reached twice (a symlink or hard link to another sample, in either split)."""
+def _check_no_shared_files(root: Path, train: SplitScan, val: SplitScan, words: FolderWords = IMAGE_WORDS) -> None:
+    """No sample file is reached twice (a symlink or hard link to another sample, in either split)."""
     seen: dict[tuple[int, int], str] = {}
     for scan in (train, val):
         for path, _ in scan.samples:
@@ -270,10 +289,10 @@ def _check_no_shared_files(root: Path, train: SplitScan, val: SplitScan) -> None
             if (stat.st_dev, stat.st_ino) in seen:
                 first = seen[(stat.st_dev, stat.st_ino)]
                 both = "both splits" if not first.startswith(scan.folder + os.sep) else f"data.{scan.key} twice"
-                raise DataError(f"data.root={root}: the image {os.path.realpath(path)} is reached from {both}: "
+                raise DataError(f"data.root={root}: the {words.item} {os.path.realpath(path)} is reached from {both}: "
                                 f"{first} and {path} (a symlink or hard link); the run would read it twice"
-                                + (" and evaluate on a training image" if both == "both splits" else "")
-                                + "; valid: every image file in exactly one split and one class folder")
+                                + (f" and evaluate on a training {words.item}" if both == "both splits" else "")
+                                + f"; valid: every {words.item} file in exactly one split and one class folder")
             seen[(stat.st_dev, stat.st_ino)] = path
 
 
@@ -470,23 +489,39 @@ def build_imagefolder(cfg) -> DataBundle:
     return DataBundle(datasets[0], datasets[1], scan.num_classes, scan.info())
 
 
-BUILDERS = {"digits": build_digits, "imagefolder": build_imagefolder}
+def build_moving_digits(cfg) -> DataBundle:
+    from .video_data import build_moving_digits as build
+
+    return build(cfg)
+
+
+def build_videofolder(cfg) -> DataBundle:
+    from .videofolder import build_videofolder as build
+
+    return build(cfg)
+
+
+BUILDERS = {"digits": build_digits, "imagefolder": build_imagefolder, "moving_digits": build_moving_digits,
+            "videofolder": build_videofolder}
 
 
 def build_data(data) -> DataBundle:
-    """Datasets for the data config ``data`` (``experiments.config.DigitsData`` or ``ImageFolderData``)."""
+    """Datasets for the data config ``data`` (one of ``experiments.config.DATA_SCHEMAS``)."""
     if data.name not in BUILDERS:
         raise DataError(f"data.name={data.name!r} unknown; valid: {', '.join(BUILDERS)}")
     return BUILDERS[data.name](data)
-
 
 
 def count_classes(data) -> int:
     """The class count the run's head will have, without decoding any image. For imagefolder data this is the
     startup check (:func:`scan_imagefolder`, augmentation included); its file list is what
     ``build_data(data)`` then reads."""
-    if data.name == "digits":
+    if data.name in ("digits", "moving_digits"):
         return DIGITS_CLASSES
+    if data.name == "videofolder":
+        from .videofolder import count_video_classes
+
+        return count_video_classes(data)
     scan = scan_imagefolder(data)
     _transforms(data)  # a bad data.auto_augment fails here, not at the first batch
     _remember(data, scan)

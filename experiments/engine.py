@@ -10,7 +10,7 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -200,8 +200,13 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: Optional
                       torch.cat([p["patch_depth"] for p in parts]), alt, torch.cat(kept) if kept else None)
 
 
-def token_summary(result: EvalResult, depth: int, grid: Optional[tuple[int, int]], map_count: int) -> dict[str, Any]:
-    """Per-block mean counts, the patch-depth histogram, the mean depth per patch and a few depth maps."""
+def token_summary(result: EvalResult, depth: int, grid: Optional[tuple[int, ...]], map_count: int,
+                  moving: Optional[Tensor] = None) -> dict[str, Any]:
+    """Per-block mean counts, the patch-depth histogram, the mean depth per patch and a few depth maps; with
+    ``moving`` (``[N, P]`` bool: the data's moving-region tokens, video data whose pixels change between frames)
+    also ``motion``: the moving
+    tokens' share of all patch tokens and their share of the patch depth summed over tokens (the blocks
+    spent on them: per-token compute, attention's quadratic part aside)."""
     counts = result.token_counts.double()
     summary: dict[str, Any] = {
         "attn_mean": counts[:, :, 0].mean(0).tolist(),
@@ -210,14 +215,32 @@ def token_summary(result: EvalResult, depth: int, grid: Optional[tuple[int, int]
         "mean_patch_depth": result.patch_depth.double().mean(0).tolist(),
         "grid": list(grid) if grid else None,
     }
+    if moving is not None:
+        weights = result.patch_depth.double()
+        summary["motion"] = {"token_share": moving.double().mean().item(),
+                             "depth_share": (weights * moving).sum().item() / max(weights.sum().item(), 1e-12),
+                             "mean_depth_moving": weights[moving].mean().item() if moving.any() else None,
+                             "mean_depth_static": weights[~moving].mean().item() if (~moving).any() else None}
     if result.map_images is not None and map_count:
-        images = result.map_images[:map_count].float()
-        thumbs = F.interpolate(images, size=_thumb_size(images.shape[-1]), mode="area")
+        images = filmstrip(result.map_images[:map_count].float(), grid)
+        side = _thumb_size(images.shape[-2])
+        thumbs = F.interpolate(images, size=(side, side * images.shape[-1] // images.shape[-2]), mode="area")
         low, high = thumbs.amin(dim=(1, 2, 3), keepdim=True), thumbs.amax(dim=(1, 2, 3), keepdim=True)
         thumbs = ((thumbs - low) / (high - low).clamp_min(1e-6) * 255).round().to(torch.uint8)
         summary["maps"] = encode_maps(result.patch_depth[: len(images)].numpy(), thumbs.permute(0, 2, 3, 1).numpy(),
                                       grid)
     return summary
+
+
+def filmstrip(images: Tensor, grid: Optional[Sequence[int]]) -> Tensor:
+    """Clips ``[n, C, T, H, W]`` as ``[n, C, H, T' * W]``: the first frame of each of the grid's ``T'`` time
+    slots (tubelets), side by side; images ``[n, C, H, W]`` pass unchanged."""
+    if images.ndim != 5:
+        return images
+    slots = int(grid[0]) if grid is not None and len(grid) == 3 else images.shape[2]
+    frames = images[:, :, :: images.shape[2] // slots][:, :, :slots]
+    n, channels, _, height, width = frames.shape
+    return frames.permute(0, 1, 3, 2, 4).reshape(n, channels, height, slots * width)
 
 
 def _thumb_size(size: int) -> int:

@@ -73,7 +73,8 @@ def _embed_head_macs(method: TokenReducer) -> float:
     """Patch embedding (a ``k x k`` conv over the patches) and the linear head."""
     vit, dim = method.vit, method.embed_dim
     proj = vit.patch_embed.proj
-    embed = method.num_patches * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] * dim
+    # the kernel's volume: p*p for an image patch, t*p*p for a video tubelet (Conv3d)
+    embed = method.num_patches * proj.in_channels * prod(proj.kernel_size) * dim
     head = vit.head.in_features * vit.head.out_features if isinstance(vit.head, nn.Linear) else 0
     return float(embed + head)
 

@@ -112,14 +112,22 @@ def evaluate(session: Session, method: methods.TokenReducer,
     result = engine.evaluate(method, loader, device, amp_dtype_for(config, device), maps,
                              progress=config.progress,
                              merge=(lambda parts: distributed.merge_batches(parts, dist)) if dist.enabled else None)
-    tokens = token_summary(method, result, maps)
+    tokens = token_summary(method, result, maps, session.data)
     log.info("top-1 %.2f%%, top-5 %.2f%%, tokens per block %s", result.metrics["top1"], result.metrics["top5"],
              [round(v, 1) for v in tokens["attn_mean"]])
     return result, tokens
 
 
-def token_summary(method: methods.TokenReducer, result: engine.EvalResult, map_images: int) -> dict[str, Any]:
-    return engine.token_summary(result, method.depth, tuple(method.vit.patch_embed.grid_size), map_images)
+def token_summary(method: methods.TokenReducer, result: engine.EvalResult, map_images: int,
+                  data: Optional[DataBundle] = None) -> dict[str, Any]:
+    """The record's ``tokens`` entry; video data that marks its moving region (``token_regions``) adds the
+    compute share spent on it."""
+    embed = method.vit.patch_embed
+    regions = getattr(data.val, "token_regions", None) if data is not None else None
+    moving = None
+    if regions is not None and len(result.patch_depth) == len(data.val):  # a sharded eval is merged whole
+        moving = regions(embed.grid_size, (embed.tubelet_size, *embed.patch_size))
+    return engine.token_summary(result, method.depth, tuple(embed.grid_size), map_images, moving)
 
 
 def data_read(data: DataBundle) -> dict[str, Any]:

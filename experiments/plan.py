@@ -90,6 +90,7 @@ def validate(cfg: DictConfig, num_classes: Optional[int] = None, train: Optional
 
     classes = num_classes or count_classes(config.data)
     meta = build_on_meta(config, spec.name, params, classes)
+    check_data_fits_model(config, meta.vit)
     if config.model.pretrained and not config.model.checkpoint:
         check_pretrained(config.model.name)
     if config.model.checkpoint:
@@ -213,7 +214,7 @@ def build_on_meta(config: RunConfig, name: str, params: dict[str, Any], num_clas
         try:
             vit = create_vit(config, num_classes)
         except ValueError as error:
-            if "data.img_size" in str(error):
+            if "data.img_size" in str(error) or "model.num_frames" in str(error) or "model.pos_init" in str(error):
                 raise ConfigError(str(error)) from error
             raise _model_error(config, error) from error
         except (TypeError, AssertionError, RuntimeError) as error:
@@ -223,6 +224,26 @@ def build_on_meta(config: RunConfig, name: str, params: dict[str, Any], num_clas
         except (ValueError, TypeError) as error:
             raise ConfigError(f"{error}" if "method.params" in str(error)
                               else f"method {name!r} with params {params}: {error}") from error
+
+
+def check_data_fits_model(config: RunConfig, vit) -> None:
+    """Clips for a video model (its ``num_frames``), images for an image model."""
+    model_frames = getattr(vit.patch_embed, "num_frames", None)
+    data_frames = getattr(config.data, "num_frames", None)
+    if model_frames is None and data_frames is None:
+        return
+    if model_frames is None:
+        raise ConfigError(f"data={config.data.name} (data.num_frames={data_frames}) is video data, but "
+                          f"model.name={config.model.name} is an image model; valid: a video model, e.g. "
+                          "model=vit_video_digits or model=vit_video_small")
+    if data_frames is None:
+        raise ConfigError(f"model.name={config.model.name} is a video model ({model_frames} frames per clip), but "
+                          f"data={config.data.name} gives images; valid: video data, e.g. data=moving_digits "
+                          "(embedded) or data=videofolder data.root=...")
+    if int(data_frames) != int(model_frames):
+        raise ConfigError(f"data.num_frames={data_frames} but the model takes clips of model.num_frames="
+                          f"{model_frames}; valid: data.num_frames={model_frames}, or set model.num_frames (the "
+                          "data follows it)")
 
 
 def _model_error(config: RunConfig, error: Exception) -> ConfigError:

@@ -124,7 +124,9 @@ def noise_pool(size: int, shape: Sequence[int]) -> Tensor:
 
 
 def input_shape_of(vit: nn.Module) -> tuple[int, ...]:
-    return (vit.patch_embed.proj.in_channels, *vit.patch_embed.img_size)
+    """One input's shape: ``(C, H, W)``, or a video embedding's own ``input_size`` ``(C, T, H, W)``."""
+    embed = vit.patch_embed
+    return tuple(getattr(embed, "input_size", None) or (embed.proj.in_channels, *embed.img_size))
 
 
 def pool_label(pool: Optional[Tensor], pool_size: int) -> str:

@@ -8,6 +8,9 @@ format below is the contract between the two, and ``tests/test_analysis.py`` che
      "patch_depth": PACKED uint8 [rows, cols],     # blocks that processed each patch (flat [P] without a grid)
      "thumbnail": PACKED uint8 [H, W, C]}          # 0..255, min-max scaled per image; C = 1 when grey
 
+For a video model (``tokens.grid`` ``[time, rows, cols]``) ``patch_depth`` is ``[time, rows, cols]`` and the
+thumbnail is a filmstrip ``[H, time * W, C]``: the first frame of each time slot (tubelet), left to right.
+
 where PACKED is ``{"dtype": "uint8", "shape": [...], "filter": null | "diff2d", "zlib_base64": "..."}``: the
 array's bytes in C order, zlib-compressed (level 9), base64-encoded (ASCII). ``filter: "diff2d"`` (thumbnails)
 stores the differences along axis 0 and then axis 1 modulo 256 instead of the values, which compresses smooth
@@ -43,10 +46,11 @@ def pack(values: np.ndarray, filter: Optional[str] = None) -> dict[str, Any]:
 
 
 def pack_depth(patch_depth: np.ndarray, grid: Optional[Sequence[int]]) -> dict[str, Any]:
-    """One image's patch depths ``[P]`` as PACKED ``[rows, cols]`` (flat ``[P]`` when ``grid`` does not fit)."""
+    """One image's patch depths ``[P]`` as PACKED ``grid`` (``[rows, cols]``, or ``[time, rows, cols]`` for a
+    video model); flat ``[P]`` when ``grid`` does not fit."""
     depth = np.asarray(patch_depth)
-    if grid is not None and depth.ndim == 1 and int(grid[0]) * int(grid[1]) == depth.size:
-        depth = depth.reshape(int(grid[0]), int(grid[1]))
+    if grid is not None and depth.ndim == 1 and int(np.prod([int(g) for g in grid])) == depth.size:
+        depth = depth.reshape([int(g) for g in grid])
     return pack(depth)
 
 

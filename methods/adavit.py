@@ -100,6 +100,10 @@ GATE_DEFAULTS: dict[str, tuple[float, float]] = {
     "deit_tiny_patch16_224": (10.0, 30.0),
     "deit_small_patch16_224": (10.0, 75.0),
     "deit_digits_patch4_32": (5.0, 10.0),
+    # video backbones (methods/video.py): the embedded one like the embedded image model (its baseline is
+    # trained the same way); ViT-S over tubelets borrows DeiT-S's, untuned
+    "vit_video_digits": (5.0, 10.0),
+    "vit_video_small_patch16_224": (10.0, 75.0),
 }
 
 PRIOR_MODES = ("correct", "official")

@@ -62,7 +62,7 @@ configuration (its own records), not a knob of the default.
   keeps everything and the radii run one step larger than with a later start.
 
 **Deviations:** ``-g/2`` is a true half: the official ``-P//2`` floors, which for an odd grid shifts the centre
-by half a patch (even grids, DeiT's and the embedded one, are the same). A non-square or non-2-D patch grid is
+by half a patch (even grids, DeiT's and the embedded one, are the same). A non-square or non-2-D patch grid (a video ViT's 3-D one too) is
 refused (the official code silently takes ``int(sqrt(P))``); so is a plan that keeps no patch token (a small
 ``min_radius`` on a long range; the error gives the smallest valid value), and, in not-contiguous mode, a keep rate
 whose target ``int(P * keep_rate ** (i + 1))`` is 0 (the official search would keep the innermost ring; refused
@@ -89,6 +89,11 @@ def grid_side(vit: nn.Module) -> int:
     """The side ``g`` of the model's square 2-D patch grid; anything else is refused."""
     embed = vit.patch_embed
     grid = tuple(getattr(embed, "grid_size", None) or ())
+    if len(grid) == 3:  # a video ViT's (time, rows, columns): the official rule has no time axis
+        raise ValueError(f"heuristic is defined on a square 2-D image grid (distance from the image centre); this "
+                         f"model's token grid is 3-D, {' x '.join(map(str, grid))} (time x rows x columns), and "
+                         "the suite does not invent a space-time radius for it; valid: an image model (e.g. "
+                         "model=deit_digits) or another method")
     if len(grid) != 2 or grid[0] != grid[1]:
         raise ValueError(f"heuristic needs a square 2-D patch grid, but this model's grid is "
                          f"{' x '.join(map(str, grid)) or 'unknown'} (img_size {getattr(embed, 'img_size', None)}, "

@@ -85,7 +85,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                               f"{VALID_FORMATS}") from error
     if not isinstance(content, dict):
         raise CheckpointError(f"model.checkpoint: {path} holds a {type(content).__name__}, not a state dict")
-    for key in ("model", "state_dict", "model_ema"):
+    for key in ("model", "state_dict", "model_ema", "module"):
         if key in content and isinstance(content[key], dict):
             content = content if key == "model" else {**content, "model": content[key]}
             break

@@ -23,6 +23,16 @@ def make_tiny_vit(depth: int = 4, embed_dim: int = 32, num_heads: int = 2, img_s
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread for the test: on two shared cores, oversubscribed intra-op threads make tiny models
+    30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_vit():
     return make_tiny_vit()
 

@@ -12,7 +12,9 @@ import torch
 import methods
 from experiments import pipeline
 from methods.models import CheckpointError, create_backbone, load_state_dict_strict, read_checkpoint
-from test_schema import assert_refused_at_startup, make_cfg, no_data, one_thread  # noqa: F401 (fixtures)
+from test_schema import assert_refused_at_startup, make_cfg, no_data  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DEPTH2 = "+model.depth=2"
 VALID = r"valid: a torch\.save file"

@@ -151,3 +151,14 @@ def test_a_tradeoff_record_without_its_knob_is_skipped_by_name(tmp_path):
     with pytest.warns(RecordWarning, match=r"000\.json: incomplete record, a tradeoff point without tradeoff\.knob"):
         frame = load.load_records(write(tmp_path / "results", [broken]))
     assert frame.empty
+
+
+def test_a_budget_no_curve_reaches_shows_a_dash(tmp_path):
+    """One curve from 57% to 100% of dense: the 50% row has no value and no best (it crashed the table once:
+    the missing best came back as a NaN, which is truthy)."""
+    points = pd.DataFrame([{"model": "m", "data": "d", "slug": "m", "label": "A", "flops_ratio_mean": x,
+                            "top1_mean": y} for x, y in ((0.57, 76.0), (0.8, 88.0), (1.0, 90.0))])
+    table = curves.matched_flops_table(points, "m", "d")
+    assert table.display["Best"].tolist() == ["—", "A", "A"]
+    assert table.display["A"].tolist()[0] == "—"
+    assert "| 50% of dense" in table.to_markdown()

@@ -24,12 +24,7 @@ from test_schema import assert_refused_at_startup, make_cfg, no_data  # noqa: F4
 BASE = ["data=imagefolder", "data.img_size=32", "+model.depth=2", "baseline.enabled=false"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def folder(tmp_path, **kwargs) -> Path:

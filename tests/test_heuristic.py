@@ -223,7 +223,7 @@ def test_a_non_square_or_non_2d_grid_is_refused():
         create_method("heuristic", make_tiny_vit(img_size=(32, 48)), locations=[1, 2])
     vit = make_tiny_vit()
     vit.patch_embed.grid_size = (2, 2, 4)  # as a 3-D (video) patch embedding would have it
-    with pytest.raises(ValueError, match=r"square 2-D patch grid.*2 x 2 x 4"):
+    with pytest.raises(ValueError, match=r"square 2-D image grid.*3-D, 2 x 2 x 4 \(time x rows x columns\)"):
         create_method("heuristic", vit, locations=[1, 2])
 
 

@@ -20,7 +20,9 @@ from analysis import load, tables
 from analysis.load import RecordWarning
 from experiments import records
 from experiments.config import ConfigError
-from test_schema import assert_refused_at_startup, no_data, one_thread  # noqa: F401 (fixtures)
+from test_schema import assert_refused_at_startup, no_data  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = records._host_tag() if hasattr(records, "_host_tag") else socket.gethostname()

@@ -28,13 +28,7 @@ from methods.models import CheckpointError
 CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: oversubscribed intra-op threads make tiny models 30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cfg(tmp_path, *overrides, hydra=False):
