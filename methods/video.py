@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import math
 from functools import partial
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -69,7 +69,7 @@ class TubeletEmbed(nn.Module):
             raise ValueError(f"model.num_frames={self.num_frames} (data.num_frames follows it) is not a positive "
                              f"multiple of the tubelet depth {self.tubelet_size}; valid: "
                              f"{', '.join(str(self.tubelet_size * k) for k in range(1, 5))}, ...")
-        for axis, (size, patch) in enumerate(zip(self.img_size, self.patch_size)):
+        for size, patch in zip(self.img_size, self.patch_size):
             if size < 1 or size % patch:
                 raise ValueError(f"data.img_size={size} is not a positive multiple of the patch size {patch}")
         self.grid_size = (self.num_frames // self.tubelet_size, self.img_size[0] // self.patch_size[0],
@@ -166,17 +166,13 @@ def vit_video_small_patch16_224(pretrained: bool = False, num_frames: int = 16, 
     return _video_vit(VIDEO_SMALL, pretrained, num_frames, tubelet_size, pos_init, **dict(args, **kwargs))
 
 
-def is_video(vit: nn.Module) -> bool:
-    return isinstance(getattr(vit, "patch_embed", None), TubeletEmbed)
-
-
 # ------------------------------------------------------------------------------------- VideoMAE checkpoints
 _OWN_FALLBACK = ("cls_token", "pos_embed", "head.weight", "head.bias")
 _DROPPED_PREFIXES = ("decoder.", "encoder_to_decoder.", "mask_token")
 
 
 def looks_like_videomae(state: dict[str, Tensor]) -> bool:
-    """VideoMAE's keys: separate ``q_bias``/``v_bias``, an ``encoder.`` prefix, or ``fc_norm`` without CLS."""
+    """VideoMAE's keys: separate ``q_bias``/``v_bias`` (its attention) or an ``encoder.`` prefix (pre-training)."""
     return any(k.endswith("attn.q_bias") for k in state) or any(k.startswith("encoder.blocks.") for k in state)
 
 
@@ -224,8 +220,3 @@ def videomae_to_timm(state: dict[str, Tensor], vit: nn.Module, source: str) -> t
         log.info("%s: kept this model's own %s (VideoMAE has no CLS token, a fixed position table, or a head "
                  "of another size)", source, ", ".join(kept))
     return mapped, kept
-
-
-def grid_of(vit: nn.Module) -> Optional[tuple[int, ...]]:
-    grid = getattr(getattr(vit, "patch_embed", None), "grid_size", None)
-    return tuple(int(g) for g in grid) if grid is not None else None
