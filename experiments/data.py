@@ -1,12 +1,14 @@
-"""Datasets and loaders: the embedded digits default and ImageNet-style folders (video data: ``moving_digits``
-in ``experiments/video_data.py``, ``videofolder`` in ``experiments/videofolder.py``, built through ``BUILDERS``).
+"""Image datasets and loaders: the embedded digits default and ImageNet-style folders, and the pieces the video
+data modules share (``DataBundle``, the folder rules). Video data: ``moving_digits`` in
+``experiments/video_data.py``, ``videofolder`` in ``experiments/videofolder.py``; ``experiments/datasets.py``
+maps a data config to its builder.
 
 - ``digits``: scikit-learn's bundled ``load_digits`` (1,797 8x8 grey images, no download), split into
   train/val with a fixed seed (stratified), upsampled to ``img_size`` so the embedded model sees an 8x8 token
   grid, replicated to 3 channels and normalised to [-1, 1]. Training adds random translations.
 - ``imagefolder``: ``root/<train_split>/<class>/*.jpg`` and ``root/<val_split>/...`` read with timm's dataset,
   transforms (DeiT-style RandAugment, random erasing, mixup-free) and loader with worker processes. The folders
-  are scanned and checked once, at startup (``count_classes``), and the datasets read exactly that file list;
+  are scanned and checked once, at startup (``count_imagefolder_classes``), and the datasets read exactly that file list;
   see the rules above :func:`scan_imagefolder`.
 """
 from __future__ import annotations
@@ -85,7 +87,7 @@ def build_digits(cfg) -> DataBundle:
 
 
 # --------------------------------------------------------------------------------------------- imagefolder
-# One scan of ``root/<split>/<class>/<image>`` decides what a run reads: ``count_classes`` (run by
+# One scan of ``root/<split>/<class>/<image>`` decides what a run reads: ``count_imagefolder_classes`` (run by
 # ``plan.validate`` at startup, before anything is built or written) scans and checks both splits, and
 # ``build_imagefolder`` hands that exact file list to timm's dataset, so the images a run trains and evaluates
 # on are the images the check counted. The rules, each refused with a ``DataError`` naming the key and path:
@@ -357,7 +359,7 @@ def scan_imagefolder(data) -> FolderScan:
     return FolderScan(str(root), train, val, _signature(data))
 
 
-# the scan ``count_classes`` made for a data config object, used once by ``build_imagefolder`` for that same
+# the scan ``count_imagefolder_classes`` made for a data config object, used once by ``build_imagefolder`` for that same
 # object (so startup check and run share one file list); dropped when the object goes away
 _SCANS: dict[int, tuple[weakref.ref, FolderScan]] = {}
 
@@ -489,39 +491,9 @@ def build_imagefolder(cfg) -> DataBundle:
     return DataBundle(datasets[0], datasets[1], scan.num_classes, scan.info())
 
 
-def build_moving_digits(cfg) -> DataBundle:
-    from .video_data import build_moving_digits as build
-
-    return build(cfg)
-
-
-def build_videofolder(cfg) -> DataBundle:
-    from .videofolder import build_videofolder as build
-
-    return build(cfg)
-
-
-BUILDERS = {"digits": build_digits, "imagefolder": build_imagefolder, "moving_digits": build_moving_digits,
-            "videofolder": build_videofolder}
-
-
-def build_data(data) -> DataBundle:
-    """Datasets for the data config ``data`` (one of ``experiments.config.DATA_SCHEMAS``)."""
-    if data.name not in BUILDERS:
-        raise DataError(f"data.name={data.name!r} unknown; valid: {', '.join(BUILDERS)}")
-    return BUILDERS[data.name](data)
-
-
-def count_classes(data) -> int:
-    """The class count the run's head will have, without decoding any image. For imagefolder data this is the
-    startup check (:func:`scan_imagefolder`, augmentation included); its file list is what
-    ``build_data(data)`` then reads."""
-    if data.name in ("digits", "moving_digits"):
-        return DIGITS_CLASSES
-    if data.name == "videofolder":
-        from .videofolder import count_video_classes
-
-        return count_video_classes(data)
+def count_imagefolder_classes(data) -> int:
+    """The startup check of imagefolder data (:func:`scan_imagefolder`, augmentation included): its class count;
+    the scan's file list is what :func:`build_imagefolder` then reads for this same config object."""
     scan = scan_imagefolder(data)
     _transforms(data)  # a bad data.auto_augment fails here, not at the first batch
     _remember(data, scan)

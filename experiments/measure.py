@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from experiments import costs, engine, pipeline, records  # noqa: E402
 from experiments.build import build_method, resolve_device  # noqa: E402
 from experiments.checkpoints import seed_everything  # noqa: E402
-from experiments.data import build_data  # noqa: E402
+from experiments.datasets import build_data  # noqa: E402
 from experiments.plan import validate  # noqa: E402
 from experiments.refusal import leave_nothing_on_refusal  # noqa: E402
 

@@ -28,7 +28,8 @@ from .baseline import ensure_baseline
 from .build import build_method, resolve_device
 from .checkpoints import CHECKPOINT_VERSION, clear_resume_state, save_checkpoint, seed_everything, strip_prefix
 from .config import ConfigError  # noqa: F401  (re-exported: pipeline.ConfigError)
-from .data import DataBundle, build_data, make_loader
+from .data import DataBundle, make_loader
+from .datasets import build_data
 from .plan import RunPlan, validate
 from .training import amp_dtype_for, fit
 

@@ -38,7 +38,7 @@ from . import identity
 from .build import create_vit, resolve_device
 from .checkpoints import load_weights, read_resume_checkpoint, start_over_hint
 from .config import DATA_SCHEMAS, ConfigError, DataError, RunConfig, check_ranges
-from .data import count_classes
+from .datasets import count_classes
 from .launcher_ranges import check_launcher
 
 

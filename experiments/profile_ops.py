@@ -26,7 +26,7 @@ if __package__ in (None, ""):
 from experiments import costs  # noqa: E402
 from experiments.build import build_method, resolve_device  # noqa: E402
 from experiments.checkpoints import seed_everything  # noqa: E402
-from experiments.data import build_data  # noqa: E402
+from experiments.datasets import build_data  # noqa: E402
 from experiments.plan import validate  # noqa: E402
 
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::item")

@@ -39,7 +39,7 @@ from experiments import costs, records, throughput  # noqa: E402
 from experiments.build import create_vit  # noqa: E402
 from experiments.checkpoints import seed_everything  # noqa: E402
 from experiments.config import MeasureConfig  # noqa: E402
-from experiments.data import build_data, count_classes  # noqa: E402
+from experiments.datasets import build_data, count_classes  # noqa: E402
 from experiments.plan import typed_config  # noqa: E402
 
 

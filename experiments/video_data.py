@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-DIGITS_CLASSES = 10
+from .data import DIGITS_CLASSES, DataBundle
+
 TEXTURE_CELLS = 4  # side of the random background texture before it is scaled to the canvas
 # a pixel "moves" when it changes by more than a quarter of the intensity range between frames: the faint
 # bilinear fringe of a drifting digit does not make a whole tubelet "moving" (on the embedded 24 px canvas,
@@ -122,6 +123,7 @@ class MovingDigitsDataset(Dataset):
         self.images, self.labels, self.partners = images, labels, partners
         self.num_frames, self.motion, self.bounce = num_frames, motion, bounce
         self.fixed_seed = fixed_seed
+        self._regions: dict[tuple, Tensor] = {}  # token_regions per (grid, tubelet)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -162,9 +164,13 @@ class MovingDigitsDataset(Dataset):
         (validation) clips only."""
         if self.fixed_seed is None:
             raise ValueError("the moving region is defined for fixed clips (the validation split) only")
-        # clip by clip: a 224 px, 16-frame split's masks would take ~0.3 GB at once
-        return torch.cat([tokens_touched(torch.from_numpy(changed_pixels(self.fixed_clip(i)[0]))[None], grid,
-                                         tubelet) for i in range(len(self))])
+        key = (tuple(int(g) for g in grid), tuple(int(t) for t in tubelet))
+        if key not in self._regions:  # the clips are fixed: a trade-off sweep's points share one pass
+            # clip by clip: a 224 px, 16-frame split's masks would take ~0.3 GB at once
+            self._regions[key] = torch.cat([
+                tokens_touched(torch.from_numpy(changed_pixels(self.fixed_clip(i)[0]))[None], grid, tubelet)
+                for i in range(len(self))])
+        return self._regions[key]
 
 
 def changed_pixels(frames: np.ndarray, threshold: float = MOTION_THRESHOLD) -> np.ndarray:
@@ -189,8 +195,6 @@ def tokens_touched(footprints: Tensor, grid: Sequence[int], tubelet: Sequence[in
 
 def build_moving_digits(cfg):
     from sklearn.model_selection import train_test_split
-
-    from .data import DataBundle
 
     side = max(1, round(cfg.img_size * cfg.digit_scale))  # MovingDigitsData.digit_side
     images, labels = digit_images(side)

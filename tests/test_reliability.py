@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 
 from conftest import build_for
 from experiments import checkpoints, engine, identity, pipeline, plan, records, training
-from experiments.data import build_data
+from experiments.datasets import build_data
 from methods.dynamicvit import DynamicViT
 from methods.models import CheckpointError, load_state_dict_strict
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from experiments import plan
-from experiments.data import DataError, build_data
+from experiments.data import DataError
+from experiments.datasets import build_data
 from experiments.videofolder import (VIDEO_EXTENSIONS, VideoFolderDataset, build_videofolder, count_video_classes,
                                      sample_frames, scan_videofolder)
 from test_schema import assert_refused_at_startup, make_cfg, no_data  # noqa: F401  (no_data: a fixture)
