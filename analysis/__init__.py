@@ -11,6 +11,6 @@
   figures' look and saving), shared by all of the above;
 - :mod:`analysis.run_report`: executes the notebook headless (``make report``).
 
-It reads record files only (schema: ``experiments/records.py``) and imports neither torch, ``methods`` nor
+It reads record files only (schema: ``experiments/records/__init__.py``) and imports neither torch, ``methods`` nor
 ``experiments``, so the report rebuilds on any machine with pandas and seaborn.
 """

@@ -1,6 +1,6 @@
 """Loading results records into pandas: owns reading, validating and flattening record JSON files.
 
-Records follow the schema in ``experiments/records.py`` (version 1); this module re-implements the little it
+Records follow the schema in ``experiments/records/__init__.py`` (version 1); this module re-implements the little it
 needs (required keys, the ``status`` check) so that ``analysis/`` never imports torch, ``methods`` or
 ``experiments``.
 
@@ -27,7 +27,7 @@ Token-map format read by :func:`depth_maps` (``tokens.maps``, a list, one entry 
      "thumbnail": PACKED or [[...], ...],     # H x W x C (C = 1: grey); lists: also 3 x H x W, 0..1 or 0..255
      "patch_depth": PACKED or [[...], ...]}   # grid rows x cols, or flat (reshaped with ``grid``)
 
-PACKED is the compact form ``experiments/token_maps.py`` writes (its docstring is the specification):
+PACKED is the compact form ``experiments/records/token_maps.py`` writes (its docstring is the specification):
 ``{"dtype": "uint8", "shape": [...], "filter": null | "diff2d", "zlib_base64": "..."}``, decoded by
 :func:`unpack_array`; packed thumbnails hold 0..255. Plain nested lists are the form of records written before
 it. ``image``/``depth`` and ``image_index`` are accepted as aliases. ``tokens.mean_patch_depth`` may be flat
@@ -143,7 +143,7 @@ def read_record(path: str | Path) -> dict[str, Any]:
     return record
 
 
-# field -> (lowest, highest, lowest allowed itself), as experiments/records.py checks before writing
+# field -> (lowest, highest, lowest allowed itself), as experiments/records/__init__.py checks before writing
 METRIC_RANGES = {"top1": (0.0, 100.0, True), "top5": (0.0, 100.0, True), "val_loss": (0.0, math.inf, True),
                  "num_images": (0.0, math.inf, True)}
 FLOPS_RANGES = {"gflops": (0.0, math.inf, False), "dense_gflops": (0.0, math.inf, False),

@@ -3,8 +3,8 @@
 A video backbone (``methods/video.py``) runs on space-time tubelet tokens: its records carry ``tokens.grid``
 ``[T', H', W']`` (three entries, time-major), per-clip maps whose ``patch_depth`` is ``[T', H', W']`` and whose
 thumbnail is a filmstrip ``[H, T' * W, C]`` (first frame of each time slot, left to right; the format is
-``experiments/token_maps.py``'s, decoded with :mod:`analysis.load`), and, on video data with a known moving
-region, ``tokens.motion`` (``experiments/engine.py`` ``token_summary``).
+``experiments/records/token_maps.py``'s, decoded with :mod:`analysis.load`), and, on video data with a known moving
+region, ``tokens.motion`` (``experiments/train/engine.py`` ``token_summary``).
 
 :func:`write_video_section` ``(agg, records, out_dir)`` writes, per video backbone (``<backbone>`` = the slug of
 :func:`analysis.tables.aggregate`):

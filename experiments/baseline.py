@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, identity
-from .build import build_method
-from .checkpoints import CHECKPOINT_VERSION, clear_resume_state, save_checkpoint, seed_everything
-from .training import fit
+from experiments import identity
+from experiments.train import distributed
+from experiments.build import build_method
+from experiments.train.checkpoints import CHECKPOINT_VERSION, clear_resume_state, save_checkpoint, seed_everything
+from experiments.train.fit import fit
 
 log = logging.getLogger(__name__)
 

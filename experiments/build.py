@@ -15,8 +15,8 @@ import methods
 from methods import ragged
 from methods.models import check_img_size, create_backbone, load_state_dict_strict
 
-from .checkpoints import load_checkpoint_file
-from .config import RunConfig
+from experiments.train.checkpoints import load_checkpoint_file
+from experiments.config import RunConfig
 
 
 def resolve_device(device: str) -> torch.device:

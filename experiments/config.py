@@ -284,7 +284,7 @@ class VideoData(DataConfig):
 
 @dataclass
 class MovingDigitsData(VideoData):
-    """Moving digits (experiments/video_data.py): bundled digits drifting over a static background, no download."""
+    """Moving digits (experiments/data/moving_digits.py): bundled digits drifting over a static background, no download."""
 
     name: str = "moving_digits"
     val_fraction: float = spec(0.2, gt=0, lt=1)
@@ -313,7 +313,7 @@ class MovingDigitsData(VideoData):
 
 @dataclass
 class VideoFolderData(VideoData, FolderLayout):
-    """``root/<split>/<class>/*.mp4`` decoded with PyAV (experiments/videofolder.py)."""
+    """``root/<split>/<class>/*.mp4`` decoded with PyAV (experiments/data/videofolder.py)."""
 
     name: str = "videofolder"
     sampling: str = spec("uniform", choices=("uniform", "dense"))  # frame sampling (videofolder.py)

@@ -7,7 +7,7 @@ is honoured too). It takes the same Hydra config and overrides as ``run.py``, us
 ``measure.images`` validation images (per-image token counts and throughput inputs), prints one JSON line and
 writes a results record of kind ``measure`` (unless ``measure.record=false``). No baseline is trained.
 
-It owns the ``measure`` record; the costs themselves come from ``experiments/costs.py``, which ``run.py`` and
+It owns the ``measure`` record; the costs themselves come from ``experiments/cost/costs.py``, which ``run.py`` and
 ``tradeoff.py`` call too, so every record carries the same entries. The ``measure:`` settings are typed and
 range-checked with the rest of the config (``experiments/config.py``, ``MeasureConfig``).
 
@@ -40,10 +40,12 @@ from torch.utils.data import DataLoader, TensorDataset
 if __package__ in (None, ""):  # run as a script: make the repository importable, as experiments/run.py does
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments import costs, engine, pipeline, records  # noqa: E402
+from experiments import pipeline, records  # noqa: E402
+from experiments.cost import costs
+from experiments.train import engine
 from experiments.build import build_method, resolve_device  # noqa: E402
-from experiments.checkpoints import seed_everything  # noqa: E402
-from experiments.datasets import build_data  # noqa: E402
+from experiments.train.checkpoints import seed_everything  # noqa: E402
+from experiments.data.registry import build_data  # noqa: E402
 from experiments.plan import validate  # noqa: E402
 from experiments.refusal import leave_nothing_on_refusal  # noqa: E402
 

@@ -23,15 +23,18 @@ from omegaconf import DictConfig, OmegaConf
 import methods
 from methods.models import read_checkpoint
 
-from . import costs, distributed, engine, records
-from .baseline import ensure_baseline
-from .build import build_method, resolve_device
-from .checkpoints import CHECKPOINT_VERSION, clear_resume_state, save_checkpoint, seed_everything, strip_prefix
-from .config import ConfigError  # noqa: F401  (re-exported: pipeline.ConfigError)
-from .data import DataBundle, make_loader
-from .datasets import build_data
-from .plan import RunPlan, validate
-from .training import amp_dtype_for, fit
+from experiments import records
+from experiments.cost import costs
+from experiments.train import distributed, engine
+from experiments.baseline import ensure_baseline
+from experiments.build import build_method, resolve_device
+from experiments.train.checkpoints import (CHECKPOINT_VERSION, clear_resume_state, save_checkpoint, seed_everything,
+                                           strip_prefix)
+from experiments.config import ConfigError  # noqa: F401  (re-exported: pipeline.ConfigError)
+from experiments.data.images import DataBundle, make_loader
+from experiments.data.registry import build_data
+from experiments.plan import RunPlan, validate
+from experiments.train.fit import amp_dtype_for, fit
 
 log = logging.getLogger(__name__)
 

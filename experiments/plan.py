@@ -34,12 +34,12 @@ import methods
 from methods import ragged
 from methods.models import CheckpointError, load_state_dict_strict, read_checkpoint
 
-from . import identity
-from .build import create_vit, resolve_device
-from .checkpoints import load_weights, read_resume_checkpoint, start_over_hint
-from .config import DATA_SCHEMAS, ConfigError, DataError, RunConfig, check_ranges
-from .datasets import count_classes
-from .launcher_ranges import check_launcher
+from experiments import identity
+from experiments.build import create_vit, resolve_device
+from experiments.train.checkpoints import load_weights, read_resume_checkpoint, start_over_hint
+from experiments.config import DATA_SCHEMAS, ConfigError, DataError, RunConfig, check_ranges
+from experiments.data.registry import count_classes
+from experiments.cluster.launcher_ranges import check_launcher
 
 
 @dataclass(frozen=True)

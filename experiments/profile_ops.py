@@ -23,10 +23,10 @@ from torch.profiler import ProfilerActivity, profile
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments import costs  # noqa: E402
+from experiments.cost import costs  # noqa: E402
 from experiments.build import build_method, resolve_device  # noqa: E402
-from experiments.checkpoints import seed_everything  # noqa: E402
-from experiments.datasets import build_data  # noqa: E402
+from experiments.train.checkpoints import seed_everything  # noqa: E402
+from experiments.data.registry import build_data  # noqa: E402
 from experiments.plan import validate  # noqa: E402
 
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::item")

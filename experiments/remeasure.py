@@ -4,7 +4,7 @@
 
 Records measured with timing protocol 1 (batch ``b`` timed the first ``b`` images against FLOPs averaged over
 all images, with the ``dense`` wrapper as the reference) are brought to the current protocol
-(``experiments/throughput.py``: the timed pool is the image set whose FLOPs are reported; timm's forward is the
+(``experiments/cost/throughput.py``: the timed pool is the image set whose FLOPs are reported; timm's forward is the
 reference):
 
 - **Methods with fixed token counts** (every image of the record had the same FLOPs: ``gflops_std == 0``) do
@@ -35,11 +35,12 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import methods  # noqa: E402
-from experiments import costs, records, throughput  # noqa: E402
+from experiments import records  # noqa: E402
+from experiments.cost import costs, throughput
 from experiments.build import create_vit  # noqa: E402
-from experiments.checkpoints import seed_everything  # noqa: E402
+from experiments.train.checkpoints import seed_everything  # noqa: E402
 from experiments.config import MeasureConfig  # noqa: E402
-from experiments.datasets import build_data, count_classes  # noqa: E402
+from experiments.data.registry import build_data, count_classes  # noqa: E402
 from experiments.plan import typed_config  # noqa: E402
 
 

@@ -42,9 +42,10 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import methods  # noqa: E402
-from experiments import distributed, identity, pipeline, records  # noqa: E402
+from experiments import identity, pipeline, records  # noqa: E402
+from experiments.train import distributed
 from experiments.build import build_method  # noqa: E402
-from experiments.checkpoints import clear_resume_state  # noqa: E402
+from experiments.train.checkpoints import clear_resume_state  # noqa: E402
 from experiments.config import ConfigError  # noqa: E402
 from experiments.plan import RunPlan, build_on_meta, validate  # noqa: E402
 from experiments.refusal import leave_nothing_on_refusal  # noqa: E402

@@ -356,7 +356,7 @@ def test_eval_output_does_not_hold_the_batch_and_its_official_counts_come_from_t
 def test_evaluation_reports_the_official_counts_of_every_image():
     """``engine.evaluate`` asks the hook batch by batch: its ``alt_token_counts`` equal the masked path's
     official counts on the whole set, and exceed the executed counts where an image stopped early."""
-    from experiments import engine
+    from experiments.train import engine
 
     model, images = mixed_model(), mixed_images()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(6, dtype=torch.long)),

@@ -296,8 +296,8 @@ def test_token_maps_in_the_engine_layout_and_alternatives():
 
 
 def test_packed_token_maps_decode_to_what_was_packed():
-    """The compact map format of ``experiments/token_maps.py`` (the writer) read back by ``analysis.load``."""
-    from experiments import token_maps
+    """The compact map format of ``experiments/records/token_maps.py`` (the writer) read back by ``analysis.load``."""
+    from experiments.records import token_maps
 
     rng = np.random.default_rng(0)
     depth = rng.integers(0, 13, size=(3, 16))

@@ -8,7 +8,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 import methods
-from experiments import config, throughput
+from experiments import config
+from experiments.cost import throughput
 
 CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"
 

@@ -16,10 +16,10 @@ import torch
 from PIL import Image, ImageOps
 
 from conftest import write_png_folder
-from experiments import data as data_module
+from experiments.data import images as data_module
 from experiments import plan
-from experiments.data import DataError
-from experiments.datasets import build_data
+from experiments.data.images import DataError
+from experiments.data.registry import build_data
 from test_schema import assert_refused_at_startup, make_cfg, no_data  # noqa: F401  (no_data: a fixture)
 
 BASE = ["data=imagefolder", "data.img_size=32", "+model.depth=2", "baseline.enabled=false"]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import methods
-from experiments import flops
+from experiments.cost import flops
 from methods.models import create_backbone
 
 # fvcore counts (LayerNorm included) of dense DeiT at 224 px, 1000 classes: reference/methods.md.

@@ -1,5 +1,5 @@
 """Sweep launching, DDP and preemption without SLURM: submitit's local and debug executors run the job code that
-SLURM jobs run (``experiments/launch.py``, ``distributed.py``, ``preemption.py`` and the pipeline's resume).
+SLURM jobs run (``experiments/cluster/launch.py``, ``distributed.py``, ``preemption.py`` and the pipeline's resume).
 
 - every shipped sweep config expands to cells that pass ``plan.validate``, and names only registered methods;
 - ``launch`` submits what hydra-submitit-launcher's own ``launch`` submits (executor, parameters, sweep
@@ -35,7 +35,11 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import HydraContext, RunMode
 
 import methods
-from experiments import distributed, engine, launch, pipeline, preemption, sweep_checks
+from experiments import pipeline
+from experiments.train import distributed, engine
+from experiments.cluster import launch
+from experiments.train import preemption
+from experiments.cluster import sweep_checks
 from experiments.plan import validate
 from methods.models import create_backbone
 

@@ -16,8 +16,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 import methods
-from experiments import costs, measure, plan, records, throughput
-from experiments.engine import EvalResult
+from experiments import measure, plan, records
+from experiments.cost import costs, throughput
+from experiments.train.engine import EvalResult
 from experiments.config import ConfigError
 from hydra.errors import ConfigCompositionException
 from methods.models import create_backbone
@@ -276,7 +277,7 @@ def test_efficiency_divides_by_the_flops_of_exactly_the_timed_images(tmp_path, m
     evaluation's, computed here by hand from the method's own counts on the pool images."""
     from test_adavit import mixed_images, mixed_model
 
-    from experiments import flops
+    from experiments.cost import flops
 
     seen = {}
 

@@ -85,7 +85,7 @@ def test_token_maps_in_a_record_are_compact_and_lossless():
     import torch
 
     from analysis import load
-    from experiments import engine
+    from experiments.train import engine
 
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 224), torch.linspace(-1, 1, 224), indexing="ij")
     grey = torch.stack([torch.exp(-((xx - 0.1 * i) ** 2 + yy ** 2) / 0.2) for i in range(8)])[:, None]

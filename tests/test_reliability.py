@@ -19,8 +19,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import build_for
-from experiments import checkpoints, engine, identity, pipeline, plan, records, training
-from experiments.datasets import build_data
+from experiments import identity, pipeline, plan, records
+from experiments.train import checkpoints, engine
+from experiments.train import fit as training
+from experiments.data.registry import build_data
 from methods.dynamicvit import DynamicViT
 from methods.models import CheckpointError, load_state_dict_strict
 
@@ -135,7 +137,7 @@ def test_crash_mid_training_resumes_to_the_same_result(tmp_path, monkeypatch, ca
     monkeypatch.setattr(engine, "train_one_epoch", original)
     stale = resume_file(cfg).with_name(".last.pth.99999.tmp")
     stale.write_bytes(b"PK\x03\x04 a save cut short by a kill")
-    with caplog.at_level("INFO", logger="experiments.training"):
+    with caplog.at_level("INFO", logger="experiments.train.fit"):
         resumed = pipeline.run(cfg)
     assert "resumed from" in caplog.text and "at epoch 1" in caplog.text
     same_training(resumed, reference)
@@ -269,7 +271,7 @@ def test_disk_full_while_writing_the_record_leaves_no_record_and_the_rerun_finis
     assert list(runs.iterdir()) == []  # neither a record nor a temp file
     assert checkpoints.read_resume_checkpoint(resume_file(cfg))["epoch"] == 2  # training is not lost
     monkeypatch.undo()
-    with caplog.at_level("INFO", logger="experiments.training"):
+    with caplog.at_level("INFO", logger="experiments.train.fit"):
         record = pipeline.run(cfg)
     assert "resumed from" in caplog.text and len(record["train"]["history"]) == 2
     assert len(records_in(tmp_path)) == 1 and not resume_file(cfg).exists()

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments import remeasure, throughput
+from experiments import remeasure
+from experiments.cost import throughput
 
 RUNS = Path(__file__).resolve().parents[1] / "results" / "runs"
 

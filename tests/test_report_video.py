@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from analysis import load, plots, tables, video
-from experiments import token_maps
+from experiments.records import token_maps
 from test_families import run_record
 from test_curves import write
 

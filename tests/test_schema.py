@@ -21,7 +21,7 @@ from experiments import build, config
 from methods.models import create_backbone
 from conftest import write_png_folder
 from experiments import pipeline, plan
-from experiments.data import DataError
+from experiments.data.images import DataError
 from experiments.config import ConfigError
 from methods.models import CheckpointError
 

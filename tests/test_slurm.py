@@ -24,7 +24,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import slurm_cluster
-from experiments import launch, pipeline
+from experiments import pipeline
+from experiments.cluster import launch
 
 pytestmark = pytest.mark.slurm
 

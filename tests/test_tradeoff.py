@@ -13,7 +13,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
 from conftest import build_for
-from experiments import checkpoints, pipeline, plan, records, tradeoff
+from experiments import pipeline, plan, records, tradeoff
+from experiments.train import checkpoints
 from experiments.config import ConfigError
 from methods.models import CheckpointError
 

@@ -1,11 +1,11 @@
-"""Moving digits (experiments/video_data.py): determinism, motion by hand, static clips, the moving region's
+"""Moving digits (experiments/data/moving_digits.py): determinism, motion by hand, static clips, the moving region's
 tokens, and the startup refusals of video settings."""
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from experiments import video_data
+from experiments.data import moving_digits as video_data
 from experiments.config import ConfigError, MovingDigitsData
 from test_pipeline import make_cfg
 

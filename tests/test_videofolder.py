@@ -1,4 +1,4 @@
-"""``data=videofolder`` (experiments/videofolder.py): frame sampling by value, decoded clips, the startup check and
+"""``data=videofolder`` (experiments/data/videofolder.py): frame sampling by value, decoded clips, the startup check and
 its refusals, and the composed config end to end.
 
 Every video is written in ``tmp_path`` at test time with PyAV (MPEG-4 part 2 at the finest quantiser, yuv420p):
@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from experiments import plan
-from experiments.data import DataError
-from experiments.datasets import build_data
-from experiments.videofolder import (VIDEO_EXTENSIONS, VideoFolderDataset, build_videofolder, count_video_classes,
+from experiments.data.images import DataError
+from experiments.data.registry import build_data
+from experiments.data.videofolder import (VIDEO_EXTENSIONS, VideoFolderDataset, build_videofolder, count_video_classes,
                                      sample_frames, scan_videofolder)
 from test_schema import assert_refused_at_startup, make_cfg, no_data  # noqa: F401  (no_data: a fixture)
 

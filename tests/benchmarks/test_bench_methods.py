@@ -4,7 +4,7 @@ Excluded from ``make test`` (marker ``benchmark``); ``make bench`` runs them and
 ``results/benchmarks/``. Each benchmark's ``extra_info`` carries the method's analytic GFLOPs per image and its
 FLOPs ratio to dense, so the JSON alone shows whether wall time tracks FLOPs. These are regression timings of
 the forward code (Python overhead dominates at this size); the throughput table comes from
-``experiments/measure.py`` (protocol in ``experiments/throughput.py``).
+``experiments/measure.py`` (protocol in ``experiments/cost/throughput.py``).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import methods
-from experiments import flops
+from experiments.cost import flops
 from methods.models import EMBEDDED_MODEL, create_backbone
 
 pytestmark = pytest.mark.benchmark

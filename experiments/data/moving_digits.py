@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .data import DIGITS_CLASSES, DataBundle
+from experiments.data.images import DIGITS_CLASSES, DataBundle
 
 TEXTURE_CELLS = 4  # side of the random background texture before it is scaled to the canvas
 # a pixel "moves" when it changes by more than a quarter of the intensity range between frames: the faint

@@ -11,7 +11,7 @@ Protocol (the union of the official repos' best practice, ``reference/methods.md
   ``b`` walk the pool in order, wrapping around, and a timed run is a whole number of passes over the batches,
   so every pool image is timed equally often (``P / gcd(P, b)`` batches per pass: 64 single images at batch 1;
   at batch 256 each image four times). The caller passes the FLOPs ratio of exactly that pool
-  (``experiments/costs.py``), and each entry says which images were timed (``timed_images``).
+  (``experiments/cost/costs.py``), and each entry says which images were timed (``timed_images``).
 - ``iters`` is calibrated from the warm-up, per model and condition, so that one timed run lasts at least
   ``min_time_s`` (short forwards would otherwise time the timer), rounded up to whole passes over the pool.
 - **The dense reference is timm's own forward** (``vit(images)``) of the same module (same weights, no copy),

@@ -81,7 +81,7 @@ def free_space(path: Path) -> str:
 
 # ------------------------------------------------------------------------------------------------ resuming
 def read_resume_checkpoint(path: Path) -> dict[str, Any]:
-    """The content of a resume checkpoint (``experiments.training.fit`` writes it)."""
+    """The content of a resume checkpoint (``experiments.train.fit.fit`` writes it)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states need pickle
     except Exception as error:  # noqa: BLE001 - a damaged zip or pickle raises many types

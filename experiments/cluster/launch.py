@@ -4,10 +4,10 @@
 ``submitit_slurm`` / ``submitit_local`` configs with these classes as ``_target_`` (through
 ``hydra_plugins/adaptive_vit_bench_launcher``: Hydra instantiates launchers from ``hydra_plugins`` only). The job
 side is the plugin's: each job runs ``experiments/run.py``'s task in its own Hydra output directory, and
-``checkpoint()`` resubmits it on submitit's signal (``experiments/preemption.py`` has the training side of that);
+``checkpoint()`` resubmits it on submitit's signal (``experiments/train/preemption.py`` has the training side of that);
 a run that raises also gets its traceback into the job's logs. Added on the launching side:
 
-Before anything is submitted (``experiments/sweep_checks.py``)
+Before anything is submitted (``experiments/cluster/sweep_checks.py``)
   - every sweep cell is composed and checked with ``experiments.plan.validate`` (checks about this machine's
     hardware are left to SLURM jobs); all failing cells are reported together (``SweepError``), nothing is
     submitted;
@@ -42,7 +42,7 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import OmegaConf
 
-from .sweep_checks import Cell, SweepError, compose_cells, pin_sweep_dir
+from experiments.cluster.sweep_checks import Cell, SweepError, compose_cells, pin_sweep_dir
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def write_summary(sweep_dir: Path, launcher: str, summaries: Sequence[JobSummary
 def _export_checkout() -> None:
     """Jobs inherit this environment: put this checkout first on their ``PYTHONPATH``, so they unpickle the
     launcher (``hydra_plugins.adaptive_vit_bench_launcher``) and run this checkout's code whatever the install."""
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     entries = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
     os.environ["PYTHONPATH"] = os.pathsep.join([root, *entries])
 
@@ -223,7 +223,7 @@ class _SweepLauncher(BaseSubmititLauncher):
       - one ``map_array`` of ``(overrides, "hydra.sweep.dir", num, "job_id_for_<num>", Singleton state)``;
       - the list of rank-0 ``JobReturn``s, in cell order.
     Different from it:
-      - before the executor: ``pin_sweep_dir`` and ``compose_cells`` (``experiments/sweep_checks.py``), then the
+      - before the executor: ``pin_sweep_dir`` and ``compose_cells`` (``experiments/cluster/sweep_checks.py``), then the
         checkout is put on the jobs' ``PYTHONPATH``;
       - an executor that refuses the parameters raises ``SweepError``, a refused ``map_array``
         ``SubmissionError``;

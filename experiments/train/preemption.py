@@ -19,8 +19,8 @@ import sys
 import threading
 from typing import Any, Callable, Iterator, Optional
 
-from . import distributed
-from .distributed import DistEnv
+from experiments.train import distributed
+from experiments.train.distributed import DistEnv
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Image datasets and loaders: the embedded digits default and ImageNet-style folders, and the pieces the video
 data modules share (``DataBundle``, the folder rules). Video data: ``moving_digits`` in
-``experiments/video_data.py``, ``videofolder`` in ``experiments/videofolder.py``; ``experiments/datasets.py``
+``experiments/data/moving_digits.py``, ``videofolder`` in ``experiments/data/videofolder.py``; ``experiments/data/registry.py``
 maps a data config to its builder.
 
 - ``digits``: scikit-learn's bundled ``load_digits`` (1,797 8x8 grey images, no download), split into
@@ -28,7 +28,7 @@ from timm.data.readers.reader_image_folder import ReaderImageFolder
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .config import DataError  # noqa: F401  (re-exported: experiments.data.DataError)
+from experiments.config import DataError  # noqa: F401  (re-exported: experiments.data.images.DataError)
 
 DIGITS_CLASSES = 10  # build_digits: the ten digits
 
@@ -165,7 +165,7 @@ class FolderScan:
 @dataclass(frozen=True)
 class FolderWords:
     """How the folder rules' messages name the sample files and their reader; the defaults are imagefolder's
-    (timm's reader), ``experiments/videofolder.py`` passes its own."""
+    (timm's reader), ``experiments/data/videofolder.py`` passes its own."""
 
     item: str = "image"  # one sample file
     an_item: str = "an image"

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .token_maps import encode_maps
+from experiments.records.token_maps import encode_maps
 
 log = logging.getLogger(__name__)
 

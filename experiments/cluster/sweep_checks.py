@@ -1,6 +1,6 @@
 """A sweep's cells, composed and checked on the launching side before anything is submitted.
 
-``experiments.launch`` calls these first: the sweep directory is resolved once and pinned, every cell is composed
+``experiments.cluster.launch`` calls these first: the sweep directory is resolved once and pinned, every cell is composed
 as its job will compose it and validated by ``experiments.plan.validate``, and cells that would share an output
 directory, ``paths.run_dir`` or resume folder are refused. Problems are raised together as one ``SweepError``.
 Nothing here talks to a scheduler.
@@ -97,7 +97,7 @@ def _compose_cell(config: DictConfig, hydra_context, overrides: list[str], num: 
                   runs_here: bool) -> Cell:
     """The cell's config as the job will see it: composed, its output directory set and its task config cut out
     the way Hydra's ``run_job`` does, then validated."""
-    from .plan import validate  # noqa: PLC0415 - heavy (torch, timm): only when a sweep is launched
+    from experiments.plan import validate  # noqa: PLC0415 - heavy (torch, timm): only when a sweep is launched
 
     cfg = hydra_context.config_loader.load_sweep_config(config, overrides)
     with read_write(cfg.hydra), open_dict(cfg.hydra):

@@ -21,11 +21,11 @@ from timm.scheduler import create_scheduler_v2
 
 from methods.models import CheckpointError, load_state_dict_strict
 
-from . import distributed, engine, preemption
-from .checkpoints import (CHECKPOINT_VERSION, get_rng_state, read_resume_checkpoint, save_checkpoint, seed_everything,
+from experiments.train import distributed, engine, preemption
+from experiments.train.checkpoints import (CHECKPOINT_VERSION, get_rng_state, read_resume_checkpoint, save_checkpoint, seed_everything,
                           set_rng_state)
-from .config import Recipe, RunConfig
-from .data import make_loader
+from experiments.config import Recipe, RunConfig
+from experiments.data.images import make_loader
 
 log = logging.getLogger(__name__)
 

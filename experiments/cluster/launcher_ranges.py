@@ -10,7 +10,7 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
-from .config import ConfigError, check_ranges, spec
+from experiments.config import ConfigError, check_ranges, spec
 
 
 @dataclass
@@ -37,7 +37,7 @@ class LauncherRanges:
 
 
 def check_launcher() -> None:
-    """``hydra.launcher`` ranges, inside a Hydra app only (``experiments.launch`` validates every cell with its
+    """``hydra.launcher`` ranges, inside a Hydra app only (``experiments.cluster.launch`` validates every cell with its
     launcher before submitting)."""
     from hydra.core.hydra_config import HydraConfig  # noqa: PLC0415
 

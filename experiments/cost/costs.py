@@ -1,4 +1,4 @@
-"""Cost measurement for a record: FLOPs (``experiments/flops.py``) and throughput (``experiments/throughput.py``)
+"""Cost measurement for a record: FLOPs (``experiments/cost/flops.py``) and throughput (``experiments/cost/throughput.py``)
 put together into the record's ``flops`` and ``throughput`` entries.
 
 ``run.py``, ``measure.py`` and ``tradeoff.py`` all call :func:`measure_costs` after evaluation, so every record
@@ -16,9 +16,9 @@ from torch.utils.data import Subset
 import methods
 from methods.dense import Dense  # the reference every method is timed against
 
-from . import flops, throughput
-from .config import MeasureConfig
-from .data import make_loader
+from experiments.cost import flops, throughput
+from experiments.config import MeasureConfig
+from experiments.data.images import make_loader
 
 log = logging.getLogger(__name__)
 

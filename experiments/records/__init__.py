@@ -21,7 +21,7 @@ Schema (``schema_version`` 1); ``analysis/`` reads these keys:
 - ``tokens``: ``attn_mean`` and ``mlp_mean`` (per block, mean over images), ``depth_histogram`` (patch tokens
   by the number of blocks that saw them, 0..depth), ``mean_patch_depth`` (per patch, over the eval set, with
   ``grid``), ``maps`` (per-patch depth and a thumbnail for a few eval images, packed as in
-  ``experiments/token_maps.py``; trade-off points have none);
+  ``experiments/records/token_maps.py``; trade-off points have none);
 - ``flops``: ``gflops`` (mean per image; 1 multiply-add = 1 FLOP), ``gflops_std/min/max``, ``dense_gflops``,
   ``flops_ratio``, ``convention``; ``null`` until measured;
 - ``throughput``: list of ``{device, batch_size, dtype, img_per_s, dense_img_per_s, speedup_vs_dense,
@@ -73,7 +73,7 @@ def new_record_id(method: str, model: str, seed: int) -> str:
 
 
 def git_state(repo: Path | None = None) -> dict[str, Any]:
-    repo = repo or Path(__file__).resolve().parents[1]
+    repo = repo or Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None

@@ -1,15 +1,17 @@
 """Which data option builds which datasets: the one map from a data config (``data.name``) to its builder
 (:func:`build_data`) and to its startup check (:func:`count_classes`).
 
-Image data lives in ``experiments/data.py``, video data in ``experiments/video_data.py`` (moving digits) and
-``experiments/videofolder.py`` (video folders); the video modules import only ``data``'s shared pieces, so this
+Image data lives in ``experiments/data/images.py``, video data in ``experiments/data/moving_digits.py`` (moving digits) and
+``experiments/data/videofolder.py`` (video folders); the video modules import only ``data``'s shared pieces, so this
 module is the only one that knows every option.
 """
 from __future__ import annotations
 
-from . import video_data, videofolder
-from .config import DataError
-from .data import DIGITS_CLASSES, DataBundle, build_digits, build_imagefolder, count_imagefolder_classes
+from experiments.data import moving_digits as video_data
+from experiments.data import videofolder
+from experiments.config import DataError
+from experiments.data.images import (DIGITS_CLASSES, DataBundle, build_digits, build_imagefolder,
+                                     count_imagefolder_classes)
 
 BUILDERS = {"digits": build_digits, "imagefolder": build_imagefolder,
             "moving_digits": video_data.build_moving_digits, "videofolder": videofolder.build_videofolder}

@@ -5,7 +5,7 @@ This module owns the video side of that data option: the startup check (:func:`s
 :func:`count_video_classes` by ``plan.validate`` before anything is built or written), frame sampling
 (:func:`sample_frames`), decoding and the clip transforms (:class:`VideoFolderDataset`), and the bundle
 (:func:`build_videofolder`). The folder walk and its structural rules are imagefolder's, imported from
-``experiments/data.py`` (``_scan_split`` and the checks next to it), so both options refuse the same layouts with
+``experiments/data/images.py`` (``_scan_split`` and the checks next to it), so both options refuse the same layouts with
 the same words; the startup scan is shared with the build through ``_remember``/``_recall``, so the run reads
 exactly the videos (and frame counts) that the check counted.
 
@@ -53,8 +53,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .config import DataError
-from .data import (DataBundle, FolderScan, FolderWords, SplitScan, _check_distinct, _check_no_shared_files,
+from experiments.config import DataError
+from experiments.data.images import (DataBundle, FolderScan, FolderWords, SplitScan, _check_distinct, _check_no_shared_files,
                    _check_same_classes, _examples, _recall, _remember, _root_of, _scan_split, _signature,
                    _split_folder)
 
@@ -62,7 +62,7 @@ VIDEO_EXTENSIONS = (".avi", ".mkv", ".mov", ".mp4", ".webm")  # lower-case; file
 SAMPLINGS = ("uniform", "dense")
 RATIO_RANGE = (3 / 4, 4 / 3)  # random resized crop aspect ratios (torchvision's and timm's default)
 VIDEO_WORDS = FolderWords(item="video", an_item="a video", reader="the videofolder reader",
-                          reads="the videofolder reader", source="experiments.videofolder.VIDEO_EXTENSIONS",
+                          reads="the videofolder reader", source="experiments.data.videofolder.VIDEO_EXTENSIONS",
                           example_root="/path/to/videos")
 
 

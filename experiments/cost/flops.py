@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from methods import TokenReducer
 from methods.backbone import mlp_ratio
 
-from . import records
+from experiments import records
 
 SDPA_OP = "aten::scaled_dot_product_attention"
 CDIST_OP = "aten::cdist"
