@@ -399,7 +399,8 @@ class RunConfig:
 
 # ------------------------------------------------------------------------------------------- registration
 def register_configs() -> None:
-    """File the schemas in Hydra's ``ConfigStore``: ``base_config`` (the primary config's schema, which types
+    """Called by the entry points (``run.py``, ``measure.py``, ``tradeoff.py``, ``profile_ops.py``, ``bench.py``)
+    and the tests before they compose, never at import (importing the harness stays free of Hydra state). File the schemas in Hydra's ``ConfigStore``: ``base_config`` (the primary config's schema, which types
     ``method`` and ``model`` too), ``data/base_<name>`` (each data option's schema), and one ``method/<name>_defaults`` per registered method, holding its
     factory's signature defaults (so a method's defaults are written once, in its factory)."""
     import methods  # noqa: PLC0415 - the registry fills on import (methods are discovered, not listed)
@@ -412,5 +413,3 @@ def register_configs() -> None:
         defaults = methods.resolved_params(name, {})
         store.store(group="method", name=f"{name}_defaults", node=MethodConfig(name=name, params=defaults))
 
-
-register_configs()

@@ -41,6 +41,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import pipeline, records  # noqa: E402
+from experiments.config import register_configs  # noqa: E402
 from experiments.cost import costs
 from experiments.train import engine
 from experiments.build import build_method, resolve_device  # noqa: E402
@@ -109,6 +110,9 @@ def summary_line(record: dict[str, Any]) -> dict[str, Any]:
         "throughput": [{k: e.get(k) for k in keys} for e in record["throughput"]]
         if record.get("throughput") else None,
     }
+
+
+register_configs()  # the schemas main() composes against
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -24,6 +24,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.cost import costs  # noqa: E402
+from experiments.config import register_configs  # noqa: E402
 from experiments.build import build_method, resolve_device  # noqa: E402
 from experiments.train.checkpoints import seed_everything  # noqa: E402
 from experiments.data.registry import build_data  # noqa: E402
@@ -54,6 +55,9 @@ def op_profile(method: torch.nn.Module, images: torch.Tensor, repeats: int) -> d
         "syncs_per_forward": sum(ops[name] for name in SYNC_OPS) / repeats,
         "top_ops": {name: count / repeats for name, count in ops.most_common(15)},
     }
+
+
+register_configs()  # the schemas main() composes against
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -14,7 +14,11 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any folder
 
 from experiments import pipeline  # noqa: E402
+from experiments.config import register_configs  # noqa: E402
 from experiments.refusal import leave_nothing_on_refusal  # noqa: E402
+
+
+register_configs()  # the schemas main() composes against
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

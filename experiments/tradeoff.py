@@ -43,6 +43,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import methods  # noqa: E402
 from experiments import identity, pipeline, records  # noqa: E402
+from experiments.config import register_configs  # noqa: E402
 from experiments.train import distributed
 from experiments.build import build_method  # noqa: E402
 from experiments.train.checkpoints import clear_resume_state  # noqa: E402
@@ -161,6 +162,9 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         clear_resume_state(plan.resume_dir)
     distributed.teardown(session.dist)
     return done
+
+
+register_configs()  # the schemas main() composes against
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

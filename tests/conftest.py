@@ -11,6 +11,9 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
 import methods  # noqa: F401  (registers methods and the embedded model)
+from experiments.config import register_configs
+
+register_configs()  # as the entry points do: the tests compose configs with Hydra's compose API
 
 
 def make_tiny_vit(depth: int = 4, embed_dim: int = 32, num_heads: int = 2, img_size: int = 32,
