@@ -213,27 +213,18 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """The base of every dataset's config. Each dataset's own config lives in its module in ``experiments/data/``
+    next to its builder, and is registered with it (``experiments/data/registry.py``); the folder and video bases
+    below are shared by several of them."""
+
     name: str = MISSING
     img_size: int = spec(II("model.img_size"), ge=1)  # the model's native size unless overridden
 
     def check(self, key: str) -> None:
-        if self.name not in DATA_SCHEMAS or not isinstance(self, DATA_SCHEMAS[self.name]):
-            raise DataError(f"{key}.name={self.name!r} unknown; valid: {', '.join(DATA_SCHEMAS)}")
+        from experiments.data.registry import data_spec, list_data  # noqa: PLC0415 - the data modules import this one
 
-
-@dataclass
-class DigitsData(DataConfig):
-    """scikit-learn's bundled digits (no download), a fixed seeded stratified split, upsampled to img_size."""
-
-    name: str = "digits"
-    val_fraction: float = spec(0.2, gt=0, lt=1)
-    split_seed: int = spec(0, ge=0, le=MAX_SEED)
-    augment_shift: int = spec(2, ge=0, le=MAX_COUNT)  # random translation (pixels) of training images
-
-    def check(self, key: str) -> None:
-        super().check(key)
-        if self.augment_shift >= self.img_size:
-            raise ConfigError(f"{key}.augment_shift={self.augment_shift} must be < {key}.img_size ({self.img_size})")
+        if not isinstance(self, data_spec(self.name, key).config):
+            raise DataError(f"{key}.name={self.name!r} unknown; valid: {', '.join(list_data())}")
 
 
 @dataclass
@@ -256,19 +247,6 @@ class FolderLayout:
 
 
 @dataclass
-class ImageFolderData(DataConfig, FolderLayout):
-    """``root/<train_split>/<class>/*`` and ``root/<val_split>/<class>/*`` with timm's transforms."""
-
-    name: str = "imagefolder"
-    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
-    reprob: float = spec(0.25, ge=0, le=1)
-
-    def check(self, key: str) -> None:
-        super().check(key)
-        self.check_layout(key)
-
-
-@dataclass
 class VideoData(DataConfig):
     """Clips ``[3, num_frames, img_size, img_size]`` for a video model (``model.num_frames`` set)."""
 
@@ -280,56 +258,6 @@ class VideoData(DataConfig):
             raise ConfigError(f"{key}={self.name} is video data, but the model is an image model "
                               f"({key}.num_frames=null follows model.num_frames); valid: a video model, e.g. "
                               "model=vit_video_digits (embedded) or model=vit_video_small")
-
-
-@dataclass
-class MovingDigitsData(VideoData):
-    """Moving digits (experiments/data/moving_digits.py): bundled digits drifting over a static background, no download."""
-
-    name: str = "moving_digits"
-    val_fraction: float = spec(0.2, gt=0, lt=1)
-    split_seed: int = spec(0, ge=0, le=MAX_SEED)  # the split and the validation clips' motion
-    digit_scale: float = spec(0.75, gt=0, le=1)  # a digit's side as a fraction of the img_size canvas
-    num_digits: int = spec(1, choices=(1, 2))  # 2: a second digit moves too, the label is (a + b) mod 10
-    min_speed: float = spec(0.5, ge=0, le=MAX_COUNT)  # px per frame; 0 allows static clips
-    max_speed: float = spec(1.5, ge=0, le=MAX_COUNT)
-    bounce: bool = True  # reflect at the canvas edges (false: clamp, the digit stops at the edge)
-    background: float = spec(0.15, ge=0, le=1)  # amplitude of the static per-clip texture (0: flat black)
-
-    def check(self, key: str) -> None:
-        super().check(key)
-        if self.digit_side < 4:
-            raise ConfigError(f"{key}.digit_scale={self.digit_scale} draws digits of {self.digit_side} px on the "
-                              f"{key}.img_size={self.img_size} canvas; valid: at least 4 px, a scale >= "
-                              f"{4 / self.img_size:.3g}")
-        if self.min_speed > self.max_speed:
-            raise ConfigError(f"{key}.min_speed={self.min_speed} must be <= {key}.max_speed ({self.max_speed})")
-
-    @property
-    def digit_side(self) -> int:
-        """A digit's side in px: ``round(img_size * digit_scale)``, at least 1."""
-        return max(1, round(self.img_size * self.digit_scale))
-
-
-@dataclass
-class VideoFolderData(VideoData, FolderLayout):
-    """``root/<split>/<class>/*.mp4`` decoded with PyAV (experiments/data/videofolder.py)."""
-
-    name: str = "videofolder"
-    sampling: str = spec("uniform", choices=("uniform", "dense"))  # frame sampling (videofolder.py)
-    stride: int = spec(2, ge=1, le=MAX_COUNT)  # dense sampling: every stride-th frame
-    scale: List[float] = spec([0.25, 1.0], gt=0, le=1)  # training random-resized-crop area range
-    hflip: float = spec(0.5, ge=0, le=1)
-
-    def check(self, key: str) -> None:
-        super().check(key)
-        self.check_layout(key)
-        if len(self.scale) != 2 or self.scale[0] > self.scale[1]:
-            raise ConfigError(f"{key}.scale={self.scale} must be [low, high] with low <= high")
-
-
-DATA_SCHEMAS = {"digits": DigitsData, "imagefolder": ImageFolderData, "moving_digits": MovingDigitsData,
-                "videofolder": VideoFolderData}
 
 
 @dataclass
@@ -382,7 +310,7 @@ class RunConfig:
 
     method: MethodConfig = field(default_factory=MethodConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: Any = MISSING  # DigitsData or ImageFolderData, typed by the chosen option's schema
+    data: Any = MISSING  # typed by the chosen dataset's registered config (experiments/data/registry.py)
     seed: int = spec(0, ge=0, le=MAX_SEED)
     device: str = spec("auto", choices=("auto", "cpu", "cuda"))
     num_workers: int = spec(0, ge=0, le=MAX_THREADS)  # data loader workers
@@ -404,11 +332,12 @@ def register_configs() -> None:
     ``method`` and ``model`` too), ``data/base_<name>`` (each data option's schema), and one ``method/<name>_defaults`` per registered method, holding its
     factory's signature defaults (so a method's defaults are written once, in its factory)."""
     import methods  # noqa: PLC0415 - the registry fills on import (methods are discovered, not listed)
+    from experiments.data import registry as data_registry  # noqa: PLC0415 - datasets too
 
     store = ConfigStore.instance()
     store.store(name="base_config", node=RunConfig)
-    for name, schema in DATA_SCHEMAS.items():
-        store.store(group="data", name=f"base_{name}", node=schema)
+    for name in data_registry.list_data():
+        store.store(group="data", name=f"base_{name}", node=data_registry.data_spec(name).config)
     for name in methods.list_methods():
         defaults = methods.resolved_params(name, {})
         store.store(group="method", name=f"{name}_defaults", node=MethodConfig(name=name, params=defaults))

@@ -60,7 +60,7 @@ def measure_run(cfg: DictConfig) -> dict[str, Any]:
     config, measure = plan.config, plan.config.measure
     device = resolve_device(config.device)
     seed_everything(config.seed)
-    data = build_data(config.data)
+    data = build_data(config.data, plan.data_scan)
     count = measure.images
     if count > len(data.val):
         log.warning("measure.images=%d but the validation split has %d images: using all", count, len(data.val))

@@ -31,7 +31,7 @@ from experiments.build import build_method, resolve_device
 from experiments.train.checkpoints import (CHECKPOINT_VERSION, clear_resume_state, save_checkpoint, seed_everything,
                                            strip_prefix)
 from experiments.config import ConfigError  # noqa: F401  (re-exported: pipeline.ConfigError)
-from experiments.data.images import DataBundle, make_loader
+from experiments.data.loaders import DataBundle, make_loader
 from experiments.data.registry import build_data
 from experiments.plan import RunPlan, validate
 from experiments.train.fit import amp_dtype_for, fit
@@ -76,7 +76,7 @@ def prepare(plan: RunPlan) -> Session:
         torch.set_num_threads(config.threads)  # inside SLURM tasks distributed.setup() then uses the task's CPUs
     dist, device = distributed.setup(resolve_device(config.device))  # a multi-task job: DDP, one task per GPU
     seed_everything(config.seed)
-    data = build_data(config.data)
+    data = build_data(config.data, plan.data_scan)  # the files the startup check counted
 
     init_state, weights, weights_file = None, plan.weights.label, plan.weights.path
     if plan.weights.kind == "baseline":

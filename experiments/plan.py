@@ -37,8 +37,8 @@ from methods.models import CheckpointError, load_state_dict_strict, read_checkpo
 from experiments import identity
 from experiments.build import create_vit, resolve_device
 from experiments.train.checkpoints import load_weights, read_resume_checkpoint, start_over_hint
-from experiments.config import DATA_SCHEMAS, ConfigError, DataError, RunConfig, check_ranges
-from experiments.data.registry import count_classes
+from experiments.config import ConfigError, RunConfig, check_ranges
+from experiments.data.registry import check_data, count_classes, data_spec
 from experiments.cluster.launcher_ranges import check_launcher
 
 
@@ -71,6 +71,7 @@ class RunPlan:
     resume_dir: Optional[Path]  # paths.state_dir/<run key> when the run trains
     meta_method: methods.TokenReducer  # built on the meta device
     tradeoff_values: Optional[list]  # method.tradeoff_values, else the method's registered grid
+    data_scan: Any = None  # the data's startup check result (a folder scan), which build_data reads; None: none ran
 
 
 def validate(cfg: DictConfig, num_classes: Optional[int] = None, train: Optional[bool] = None) -> RunPlan:
@@ -88,7 +89,8 @@ def validate(cfg: DictConfig, num_classes: Optional[int] = None, train: Optional
     check_grid(spec.name, config.method.tradeoff_values)
     check_model_name(config.model.name)
 
-    classes = num_classes or count_classes(config.data)
+    scan = None if num_classes else check_data(config.data)
+    classes = num_classes or count_classes(config.data, scan)
     meta = build_on_meta(config, spec.name, params, classes)
     check_data_fits_model(config, meta.vit)
     if config.model.pretrained and not config.model.checkpoint:
@@ -107,7 +109,7 @@ def validate(cfg: DictConfig, num_classes: Optional[int] = None, train: Optional
     grid = config.method.tradeoff_values
     return RunPlan(cfg, config, spec.name, params, methods.resolved_params(spec.name, params), weights, trains,
                    classes, key, resume_dir, meta, list(grid) if grid is not None else
-                   (list(spec.tradeoff_values) if spec.tradeoff_values is not None else None))
+                   (list(spec.tradeoff_values) if spec.tradeoff_values is not None else None), scan)
 
 
 # ------------------------------------------------------------------------------------------------ sections
@@ -133,15 +135,13 @@ def typed_config(cfg: DictConfig) -> RunConfig:
     if missing:
         raise ConfigError(f"config: missing section(s) {missing}; valid: a config composed from "
                           "experiments/conf/config.yaml")
-    name = OmegaConf.select(cfg, "data.name")
-    if name not in DATA_SCHEMAS:
-        raise DataError(f"data.name={name!r} unknown; valid: {', '.join(DATA_SCHEMAS)}")
+    data = data_spec(OmegaConf.select(cfg, "data.name"))  # an unknown name is refused, naming the valid ones
     values = {item.name: OmegaConf.to_container(cfg[item.name], resolve=False) if OmegaConf.is_config(cfg[item.name])
               else cfg[item.name] for item in fields(RunConfig)}
     # ${hydra:runtime.output_dir} resolves only inside a Hydra app; outside one the run has no run dir
     values["paths"]["run_dir"] = OmegaConf.select(cfg, "paths.run_dir", throw_on_resolution_failure=False)
     schema = OmegaConf.structured(RunConfig)
-    schema.data = OmegaConf.structured(DATA_SCHEMAS[name])
+    schema.data = OmegaConf.structured(data.config)
     try:
         return OmegaConf.to_object(OmegaConf.merge(schema, values))
     except ConfigKeyError as error:  # a key added with +key=value that the schema does not have

@@ -69,7 +69,7 @@ def main(cfg: DictConfig) -> None:
     plan = validate(cfg, cfg.measure.num_classes, train=False)
     device = resolve_device(plan.config.device)
     seed_everything(plan.config.seed)
-    images, _ = costs.load_images(build_data(plan.config.data).val, batch, 0, plan.config.seed)
+    images, _ = costs.load_images(build_data(plan.config.data, plan.data_scan).val, batch, 0, plan.config.seed)
     method = build_method(plan).to(device)
     torch.set_num_threads(plan.config.threads or torch.get_num_threads())
     print(json.dumps({"method": plan.method_name, "batch_size": batch, **op_profile(method, images.to(device),

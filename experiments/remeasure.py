@@ -40,7 +40,7 @@ from experiments.cost import costs, throughput
 from experiments.build import create_vit  # noqa: E402
 from experiments.train.checkpoints import seed_everything  # noqa: E402
 from experiments.config import MeasureConfig  # noqa: E402
-from experiments.data.registry import build_data, count_classes  # noqa: E402
+from experiments.data.registry import build_data, check_data, count_classes  # noqa: E402
 from experiments.plan import typed_config  # noqa: E402
 
 
@@ -66,10 +66,11 @@ def setting_key(record: dict[str, Any]) -> str:
     }, sort_keys=True, default=str)
 
 
-def num_classes_of(record: dict[str, Any], config) -> int:
-    """The record's head size: ``measure.num_classes`` where set (measure records), else the data's."""
+def num_classes_of(record: dict[str, Any], config, scan: Any = None) -> int:
+    """The record's head size: ``measure.num_classes`` where set (measure records), else the data's (``scan``:
+    its startup check's result, made here when None)."""
     head = record["config"]["measure"].get("num_classes")
-    return int(head) if head else count_classes(config.data)
+    return int(head) if head else count_classes(config.data, scan)
 
 
 def current_schema(config: dict[str, Any]) -> dict[str, Any]:
@@ -87,9 +88,10 @@ def time_setting(record: dict[str, Any], images: int = 64) -> list[dict[str, Any
     (threads,) = {e["threads"] for e in entries}
     (device,) = {e["device"] for e in entries}
     seed_everything(0)
-    vit = create_vit(config, num_classes_of(record, config))
+    scan = check_data(config.data)  # one scan of folder data, for the head and the images
+    vit = create_vit(config, num_classes_of(record, config, scan))
     method = methods.create_method(record["method"], vit, **record["method_params"]).eval()
-    pool, _ = costs.load_images(build_data(config.data).val, images, 0, 0)
+    pool, _ = costs.load_images(build_data(config.data, scan).val, images, 0, 0)
     measure = MeasureConfig(flops=False, batch_sizes=sorted({e["batch_size"] for e in entries}),
                             dtypes=sorted({e["dtype"] for e in entries}), threads=threads, timing_images=images,
                             wrapper_check=False)

@@ -16,9 +16,10 @@ import torch
 from PIL import Image, ImageOps
 
 from conftest import write_png_folder
-from experiments.data import images as data_module
 from experiments import plan
-from experiments.data.images import DataError
+from experiments.config import DataError
+from experiments.data.imagefolder import fix_posterize, posterize_bits
+from experiments.data.loaders import make_loader
 from experiments.data.registry import build_data
 from test_schema import assert_refused_at_startup, make_cfg, no_data  # noqa: F401  (no_data: a fixture)
 
@@ -46,9 +47,15 @@ def noise(size=16, seed=0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8))
 
 
-def checked_data(tmp_path, root, *extra):
-    """The typed data config after the startup check (``plan.validate``) passed on it."""
-    return plan.validate(make_cfg(tmp_path, *overrides(root, *extra))).config.data
+def checked_plan(tmp_path, root, *extra):
+    """The run plan after the startup check (``plan.validate``) passed: its data config and folder scan."""
+    return plan.validate(make_cfg(tmp_path, *overrides(root, *extra)))
+
+
+def checked_bundle(tmp_path, root, *extra):
+    """The datasets a run builds from the plan's startup scan."""
+    run = checked_plan(tmp_path, root, *extra)
+    return build_data(run.config.data, run.data_scan)
 
 
 # ------------------------------------------------------------------------- 1. training on validation images
@@ -155,12 +162,12 @@ def test_corrupt_pixel_data_raises_naming_the_file_instead_of_substituting(tmp_p
     cut = root / "train" / "dog" / "0.jpg"
     (root / "train" / "dog" / "0.png").unlink()
     cut.write_bytes(encoded.getvalue()[: len(encoded.getvalue()) // 2])
-    bundle = build_data(checked_data(tmp_path, root))
+    bundle = checked_bundle(tmp_path, root)
     index = [i for i, (path, _) in enumerate(bundle.train.reader.samples) if path.endswith("dog/0.jpg")]
     assert len(index) == 1
     with pytest.raises(DataError, match=r"data\.train_split='train': cannot read image .*train/dog/0\.jpg"):
         bundle.train[index[0]]
-    loader = data_module.make_loader(bundle.train, 4, train=False, num_workers=0, seed=0)
+    loader = make_loader(bundle.train, 4, train=False, num_workers=0, seed=0)
     with pytest.raises(DataError, match=r"cannot read image .*train/dog/0\.jpg"):
         list(loader)
 
@@ -198,9 +205,9 @@ def test_the_run_reads_exactly_the_files_the_check_counted(tmp_path):
     """One scan: the datasets get the checked list (a file added after the check is not read), and the bundle's
     info says how many images and classes each split has."""
     root = folder(tmp_path, classes=("cat", "dog", "emu"), per_class=3)
-    data = checked_data(tmp_path, root)
+    run = checked_plan(tmp_path, root)
     noise().save(root / "train" / "cat" / "late.png")  # appears after the startup check
-    bundle = build_data(data)
+    bundle = build_data(run.config.data, run.data_scan)  # the scan the plan carries
     assert len(bundle.train) == 9 and len(bundle.val) == 9
     assert all(not path.endswith("late.png") for path, _ in bundle.train.reader.samples)
     assert bundle.info["train_images"] == 9 and bundle.info["val_images"] == 9
@@ -216,7 +223,7 @@ def test_uppercase_imagenet_extensions_are_read_and_counted(tmp_path):
     for path in root.rglob("*.png"):
         noise().save(path.with_suffix(".JPEG"), format="JPEG")
         path.unlink()
-    bundle = build_data(checked_data(tmp_path, root))
+    bundle = checked_bundle(tmp_path, root)
     assert bundle.info["train_images"] == 4 and bundle.info["train_classes"] == 2
     assert all(path.endswith(".JPEG") for path, _ in bundle.val.reader.samples)
 
@@ -243,9 +250,9 @@ def test_an_empty_class_folder_is_refused_by_name(tmp_path, no_data):
 def run_transform(tmp_path):
     """The training transform a run of the default ``data=imagefolder`` builds (``rand-m9-mstd0.5-inc1``)."""
     root = folder(tmp_path)
-    data = checked_data(tmp_path, root)
-    assert data.auto_augment == "rand-m9-mstd0.5-inc1"
-    return build_data(data).train.transform
+    run = checked_plan(tmp_path, root)
+    assert run.config.data.auto_augment == "rand-m9-mstd0.5-inc1"
+    return build_data(run.config.data, run.data_scan).train.transform
 
 
 def rand_augment_of(transform):
@@ -286,12 +293,12 @@ def test_every_default_randaugment_op_runs_at_magnitude_10(tmp_path):
 
 def test_posterize_bits_keeps_pillows_results_for_1_to_8_bits():
     image = noise(20, 5)
-    assert not np.asarray(data_module.posterize_bits(image, 0)).any()
-    assert not np.asarray(data_module.posterize_bits(image, -1)).any()
+    assert not np.asarray(posterize_bits(image, 0)).any()
+    assert not np.asarray(posterize_bits(image, -1)).any()
     for bits in range(1, 8):
-        assert np.array_equal(np.asarray(data_module.posterize_bits(image, bits)),
+        assert np.array_equal(np.asarray(posterize_bits(image, bits)),
                               np.asarray(ImageOps.posterize(image, bits)))
-    assert data_module.posterize_bits(image, 8) is image
+    assert posterize_bits(image, 8) is image
 
 
 def test_auto_augment_policies_with_zero_bit_levels_are_fixed():
@@ -299,7 +306,7 @@ def test_auto_augment_policies_with_zero_bit_levels_are_fixed():
     from timm.data.auto_augment import auto_augment_transform, posterize
 
     policy = auto_augment_transform("v0", {"translate_const": 100})
-    assert data_module.fix_posterize(policy) > 0
+    assert fix_posterize(policy) > 0
     ops = [op for sub in policy.policy for op in sub]
     assert all(op.aug_fn is not posterize for op in ops)
     [op] = [op for op in ops if op.name == "Posterize"][:1]

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 import methods
 from conftest import build_for, write_png_folder
 from experiments import pipeline
-from experiments.data.images import DataError
+from experiments.config import DataError
 from methods.models import CheckpointError, create_backbone
 
 CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"

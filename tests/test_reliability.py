@@ -373,7 +373,7 @@ def test_corrupt_baseline_work_checkpoint_is_a_clear_error(tmp_path):
     (work / "last.pth").write_bytes(b"PK\x03\x04")
     cfg = make_cfg(tmp_path, "baseline.enabled=true", "baseline.epochs=1")
     checked = plan.validate(cfg)
-    data = build_data(checked.config.data)
+    data = build_data(checked.config.data, checked.data_scan)
     method = build_for(cfg, data.num_classes)
     with pytest.raises(CheckpointError, match=rf"resume checkpoint {work}/last\.pth is corrupt.*rm {work}/last\.pth"):
         training.fit(method, data, checked.config.baseline, checked.config, torch.device("cpu"), work, "dense")

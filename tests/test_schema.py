@@ -21,7 +21,8 @@ from experiments import build, config
 from methods.models import create_backbone
 from conftest import write_png_folder
 from experiments import pipeline, plan
-from experiments.data.images import DataError
+from experiments.config import DataError
+from experiments.data.digits import DigitsData
 from experiments.config import ConfigError
 from methods.models import CheckpointError
 
@@ -459,4 +460,4 @@ def test_config_yaml_only_chooses(tmp_path):
     for section in ("train", "baseline", "eval", "experiment", "measure"):
         assert OmegaConf.to_container(cfg[section]) == OmegaConf.to_container(schema[section]), section
     assert OmegaConf.to_container(cfg.data, resolve=True) == {**OmegaConf.to_container(
-        OmegaConf.structured(config.DigitsData), resolve=False), "img_size": 32}
+        OmegaConf.structured(DigitsData), resolve=False), "img_size": 32}

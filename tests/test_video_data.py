@@ -6,7 +6,8 @@ import torch
 from omegaconf import OmegaConf
 
 from experiments.data import moving_digits as video_data
-from experiments.config import ConfigError, MovingDigitsData
+from experiments.config import ConfigError
+from experiments.data.moving_digits import MovingDigitsData
 from test_pipeline import make_cfg
 
 

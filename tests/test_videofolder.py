@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from experiments import plan
-from experiments.data.images import DataError
+from experiments.config import DataError
 from experiments.data.registry import build_data
-from experiments.data.videofolder import (VIDEO_EXTENSIONS, VideoFolderDataset, build_videofolder, count_video_classes,
-                                     sample_frames, scan_videofolder)
+from experiments.data.videofolder import (VIDEO_EXTENSIONS, VideoFolderDataset, build_videofolder, sample_frames,
+                                          scan_videofolder)
 from test_schema import assert_refused_at_startup, make_cfg, no_data  # noqa: F401  (no_data: a fixture)
 
 GREY_STEP = 16  # frame i is grey level 16 * i (16 frames stay below 256)
@@ -75,7 +75,7 @@ class Cfg:
 
 def refused_with(data, message):
     with pytest.raises(DataError) as raised:
-        count_video_classes(data)
+        scan_videofolder(data)
     assert re.search(message, str(raised.value), re.DOTALL), f"{message!r} not in {str(raised.value)!r}"
 
 
@@ -159,7 +159,7 @@ def test_bad_sampling_arguments_are_refused():
 # --------------------------------------------------------------------------------------------- the dataset
 def test_eval_clip_shape_normalisation_and_frame_order(tmp_path):
     cfg = Cfg(root=str(video_tree(tmp_path)))
-    bundle = build_videofolder(cfg)
+    bundle = build_data(cfg)
     clip, label = bundle.val[1]
     assert clip.shape == (3, 8, 32, 32) and clip.dtype == torch.float32 and label == 1
     assert frame_numbers(clip, cfg) == [1, 3, 5, 7, 9, 11, 13, 15]  # int((i + 0.5) * 16 / 8)
@@ -170,7 +170,7 @@ def test_eval_clip_shape_normalisation_and_frame_order(tmp_path):
 
 def test_eval_reads_are_deterministic(tmp_path):
     cfg = Cfg(root=str(video_tree(tmp_path)))
-    val = build_videofolder(cfg).val
+    val = build_data(cfg).val
     torch.manual_seed(0)
     first = val[0][0]
     torch.manual_seed(1)
@@ -179,7 +179,7 @@ def test_eval_reads_are_deterministic(tmp_path):
 
 def test_dense_eval_and_train_clips_by_value(tmp_path):
     cfg = Cfg(root=str(video_tree(tmp_path)), sampling="dense", stride=2, num_frames=4)
-    bundle = build_videofolder(cfg)
+    bundle = build_data(cfg)
     assert frame_numbers(bundle.val[0][0], cfg) == [4, 6, 8, 10]  # window 7 of 16, centred
     torch.manual_seed(3)
     for _ in range(3):
@@ -194,7 +194,7 @@ def test_a_short_video_repeats_its_last_frame_in_the_clip(tmp_path):
     for split in ("train", "val"):
         write_video(root / split / "cat" / "short.mp4", num_frames=5)
     cfg = Cfg(root=str(root))
-    bundle = build_videofolder(cfg)
+    bundle = build_data(cfg)
     assert frame_numbers(bundle.val[0][0], cfg) == [0, 1, 2, 3, 4, 4, 4, 4]
 
 
@@ -214,7 +214,7 @@ def test_train_crops_one_view_for_all_frames_and_flips_with_hflip(tmp_path, hfli
         write_video(root / split / "cat" / "0.mp4", num_frames=8, pattern=half_and_half())
     cfg = Cfg(root=str(root), hflip=hflip, scale=[0.9, 1.0], mean=[0.0] * 3, std=[1.0] * 3)
     torch.manual_seed(0)
-    clip, _ = build_videofolder(cfg).train[0]
+    clip, _ = build_data(cfg).train[0]
     assert clip.shape == (3, 8, 32, 32)
     for t in range(1, 8):  # the same crop (and flip) on every frame
         torch.testing.assert_close(clip[:, t], clip[:, 0], atol=3 / 255, rtol=0)
@@ -225,7 +225,7 @@ def test_train_crops_one_view_for_all_frames_and_flips_with_hflip(tmp_path, hfli
 def test_a_video_that_fails_to_decode_raises_naming_it(tmp_path):
     """The startup check demuxes only; a file broken after it is named at read time, never replaced."""
     cfg = Cfg(root=str(video_tree(tmp_path)))
-    bundle = build_videofolder(cfg)
+    bundle = build_data(cfg)
     broken = Path(bundle.val.samples[0][0])
     broken.write_bytes(os.urandom(2048))
     with pytest.raises(DataError, match=rf"data\.val_split='val': cannot decode video {re.escape(str(broken))}"):
@@ -239,9 +239,10 @@ def test_a_good_tree_is_counted_and_built_from_the_same_scan(tmp_path):
         path.rename(path.with_suffix(".MP4"))
     (root / "train" / "cat" / ".DS_Store").write_bytes(b"\0")  # hidden: ignored
     cfg = Cfg(root=str(root))
-    assert count_video_classes(cfg) == 3
+    scan = scan_videofolder(cfg)  # the startup check
+    assert scan.num_classes == 3
     write_video(root / "train" / "cat" / "late.mp4", num_frames=4)  # after the check: not read
-    bundle = build_videofolder(cfg)
+    bundle = build_videofolder(cfg, scan)
     assert isinstance(bundle.train, VideoFolderDataset) and bundle.num_classes == 3
     assert len(bundle.train) == len(bundle.val) == 6
     assert all(not path.endswith("late.mp4") for path, _ in bundle.train.samples)
@@ -289,7 +290,7 @@ def test_a_container_without_a_stated_frame_count_is_counted_by_demuxing(tmp_pat
     cfg = Cfg(root=str(root))
     scan = scan_videofolder(cfg)
     assert set(scan.frames.values()) == {11}
-    clip, _ = build_videofolder(cfg).val[0]
+    clip, _ = build_videofolder(cfg, scan).val[0]
     assert frame_numbers(clip, cfg) == [0, 2, 3, 4, 6, 7, 8, 10]  # int((i + 0.5) * 11 / 8)
 
 
@@ -342,7 +343,7 @@ def test_the_composed_config_validates_with_classes_from_the_folders(tmp_path):
     assert run.num_classes == 3
     data = run.config.data
     assert data.num_frames == 8 and data.img_size == 24  # the model's
-    bundle = build_data(data)  # the startup scan, shared
+    bundle = build_data(data, run.data_scan)  # the startup scan, carried on the plan
     clip, label = bundle.val[2]
     assert clip.shape == (3, 8, 24, 24) and label == 2
 

@@ -18,7 +18,7 @@ from methods.dense import Dense  # the reference every method is timed against
 
 from experiments.cost import flops, throughput
 from experiments.config import MeasureConfig
-from experiments.data.images import make_loader
+from experiments.data.loaders import make_loader
 
 log = logging.getLogger(__name__)
 

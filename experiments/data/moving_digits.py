@@ -24,6 +24,7 @@ share of the tokens.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -32,13 +33,46 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from experiments.data.images import DIGITS_CLASSES, DataBundle
+from experiments.config import MAX_COUNT, MAX_SEED, ConfigError, VideoData, spec
+from experiments.data.digits import DIGITS_CLASSES
+from experiments.data.loaders import DataBundle
+from experiments.data.registry import register_data
 
 TEXTURE_CELLS = 4  # side of the random background texture before it is scaled to the canvas
 # a pixel "moves" when it changes by more than a quarter of the intensity range between frames: the faint
 # bilinear fringe of a drifting digit does not make a whole tubelet "moving" (on the embedded 24 px canvas,
 # 85% of the tokens change at all, 65% by more than this)
 MOTION_THRESHOLD = 0.25
+
+
+@dataclass
+class MovingDigitsData(VideoData):
+    """Moving digits (experiments/data/moving_digits.py): bundled digits drifting over a static background, no download."""
+
+    name: str = "moving_digits"
+    val_fraction: float = spec(0.2, gt=0, lt=1)
+    split_seed: int = spec(0, ge=0, le=MAX_SEED)  # the split and the validation clips' motion
+    digit_scale: float = spec(0.75, gt=0, le=1)  # a digit's side as a fraction of the img_size canvas
+    num_digits: int = spec(1, choices=(1, 2))  # 2: a second digit moves too, the label is (a + b) mod 10
+    min_speed: float = spec(0.5, ge=0, le=MAX_COUNT)  # px per frame; 0 allows static clips
+    max_speed: float = spec(1.5, ge=0, le=MAX_COUNT)
+    bounce: bool = True  # reflect at the canvas edges (false: clamp, the digit stops at the edge)
+    background: float = spec(0.15, ge=0, le=1)  # amplitude of the static per-clip texture (0: flat black)
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        if self.digit_side < 4:
+            raise ConfigError(f"{key}.digit_scale={self.digit_scale} draws digits of {self.digit_side} px on the "
+                              f"{key}.img_size={self.img_size} canvas; valid: at least 4 px, a scale >= "
+                              f"{4 / self.img_size:.3g}")
+        if self.min_speed > self.max_speed:
+            raise ConfigError(f"{key}.min_speed={self.min_speed} must be <= {key}.max_speed ({self.max_speed})")
+
+    @property
+    def digit_side(self) -> int:
+        """A digit's side in px: ``round(img_size * digit_scale)``, at least 1."""
+        return max(1, round(self.img_size * self.digit_scale))
+
 
 
 def digit_images(size: int) -> tuple[np.ndarray, Tensor]:
@@ -193,7 +227,9 @@ def tokens_touched(footprints: Tensor, grid: Sequence[int], tubelet: Sequence[in
     return cubes.any(dim=6).any(dim=4).any(dim=2).flatten(1)
 
 
-def build_moving_digits(cfg):
+@register_data("moving_digits", config=MovingDigitsData, num_classes=DIGITS_CLASSES)
+def build_moving_digits(cfg, scan=None) -> DataBundle:
+    """Train and val :class:`MovingDigitsDataset` (generated data: no startup scan)."""
     from sklearn.model_selection import train_test_split
 
     side = max(1, round(cfg.img_size * cfg.digit_scale))  # MovingDigitsData.digit_side

@@ -1,13 +1,13 @@
 """Video folders (``data=videofolder``): ``root/<split>/<class>/<video>`` decoded with PyAV, for cluster users with
 real video data (Kinetics/SSv2/UCF-style class folders of .mp4 files).
 
-This module owns the video side of that data option: the startup check (:func:`scan_videofolder`, run through
-:func:`count_video_classes` by ``plan.validate`` before anything is built or written), frame sampling
+This module owns the video side of that data option: its config (:class:`VideoFolderData`), the startup check
+(:func:`scan_videofolder`, run by ``plan.validate`` before anything is built or written), frame sampling
 (:func:`sample_frames`), decoding and the clip transforms (:class:`VideoFolderDataset`), and the bundle
-(:func:`build_videofolder`). The folder walk and its structural rules are imagefolder's, imported from
-``experiments/data/images.py`` (``_scan_split`` and the checks next to it), so both options refuse the same layouts with
-the same words; the startup scan is shared with the build through ``_remember``/``_recall``, so the run reads
-exactly the videos (and frame counts) that the check counted.
+(:func:`build_videofolder`). The folder walk and its structural rules are the shared ones of
+``experiments/data/folders.py`` (imagefolder's too), so both options refuse the same layouts with the same words;
+the startup scan travels on the run plan to the build, so the run reads exactly the videos (and frame counts) that
+the check counted.
 
 Rules, each refused with a ``DataError`` naming the key, the path and what is valid:
 
@@ -47,16 +47,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from experiments.config import DataError
-from experiments.data.images import (DataBundle, FolderScan, FolderWords, SplitScan, _check_distinct, _check_no_shared_files,
-                   _check_same_classes, _examples, _recall, _remember, _root_of, _scan_split, _signature,
-                   _split_folder)
+from experiments.config import MAX_COUNT, ConfigError, DataError, FolderLayout, VideoData, spec
+from experiments.data.folders import FolderScan, FolderWords, SplitScan, examples, scan_folders
+from experiments.data.loaders import DataBundle
+from experiments.data.registry import register_data
 
 VIDEO_EXTENSIONS = (".avi", ".mkv", ".mov", ".mp4", ".webm")  # lower-case; files are compared lower-cased
 SAMPLINGS = ("uniform", "dense")
@@ -64,6 +64,23 @@ RATIO_RANGE = (3 / 4, 4 / 3)  # random resized crop aspect ratios (torchvision's
 VIDEO_WORDS = FolderWords(item="video", an_item="a video", reader="the videofolder reader",
                           reads="the videofolder reader", source="experiments.data.videofolder.VIDEO_EXTENSIONS",
                           example_root="/path/to/videos")
+
+
+@dataclass
+class VideoFolderData(VideoData, FolderLayout):
+    """``root/<split>/<class>/*.mp4`` decoded with PyAV (experiments/data/videofolder.py)."""
+
+    name: str = "videofolder"
+    sampling: str = spec("uniform", choices=SAMPLINGS)  # frame sampling (sample_frames)
+    stride: int = spec(2, ge=1, le=MAX_COUNT)  # dense sampling: every stride-th frame
+    scale: List[float] = spec([0.25, 1.0], gt=0, le=1)  # training random-resized-crop area range
+    hflip: float = spec(0.5, ge=0, le=1)
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        self.check_layout(key)
+        if len(self.scale) != 2 or self.scale[0] > self.scale[1]:
+            raise ConfigError(f"{key}.scale={self.scale} must be [low, high] with low <= high")
 
 
 # ------------------------------------------------------------------------------------------------- sampling
@@ -149,7 +166,7 @@ def _count_all_frames(root: Path, scans: Sequence[SplitScan]) -> dict[str, int]:
     bad = [error for _, error in results if error]
     if bad:
         raise DataError(f"data.root={root}: {len(bad)} of {len(paths)} video file(s) are not readable videos "
-                        f"(empty, corrupt, not a video, no video stream or no frames): {_examples(bad, 3)}; valid: "
+                        f"(empty, corrupt, not a video, no video stream or no frames): {examples(bad, 3)}; valid: "
                         f"video files PyAV (FFmpeg) opens, with a video stream of at least one frame - remove or "
                         f"replace these")
     return {path: frames for path, (frames, _) in zip(paths, results)}
@@ -163,38 +180,16 @@ class VideoFolderScan:
     frames: dict[str, int]  # path -> frames available (stated or counted)
 
     @property
-    def signature(self) -> tuple:
-        return self.folders.signature
-
-    @property
     def num_classes(self) -> int:
         return self.folders.num_classes
 
 
 def scan_videofolder(data) -> VideoFolderScan:
-    """Scan and check both splits of the videofolder config ``data`` (the module docstring's rules); raise
-    ``DataError`` naming the key and path."""
-    root = _root_of(data, VIDEO_WORDS)
-    train_dir = _split_folder(root, "train_split", data.train_split, VIDEO_WORDS)
-    val_dir = _split_folder(root, "val_split", data.val_split, VIDEO_WORDS)
-    _check_distinct(root, train_dir, val_dir, data.train_split, data.val_split)
-    train = _scan_split(root, "train_split", data.train_split, train_dir, VIDEO_EXTENSIONS, VIDEO_WORDS)
-    val = _scan_split(root, "val_split", data.val_split, val_dir, VIDEO_EXTENSIONS, VIDEO_WORDS)
-    _check_same_classes(root, train, val)
-    if data.num_classes and int(data.num_classes) != len(train.class_to_idx):
-        raise DataError(f"data.num_classes={data.num_classes} but {train_dir} has {len(train.class_to_idx)} class "
-                        f"folders; valid: data.num_classes={len(train.class_to_idx)} or null (the folders' count)")
-    _check_no_shared_files(root, train, val, VIDEO_WORDS)
-    frames = _count_all_frames(root, (train, val))
-    return VideoFolderScan(FolderScan(str(root), train, val, _signature(data)), frames)
-
-
-def count_video_classes(cfg) -> int:
-    """The startup check for ``data=videofolder`` (:func:`scan_videofolder`): the class count the head will
-    have; the scan is kept for ``build_videofolder(cfg)`` on this same config object."""
-    scan = scan_videofolder(cfg)
-    _remember(cfg, scan)
-    return scan.num_classes
+    """The startup check of ``data=videofolder``: scan and check both splits of the videofolder config ``data``
+    (the module docstring's rules) and count every video's frames; raise ``DataError`` naming the key and path.
+    Its scan is what :func:`build_videofolder` reads."""
+    folders = scan_folders(data, VIDEO_EXTENSIONS, VIDEO_WORDS)
+    return VideoFolderScan(folders, _count_all_frames(Path(folders.root), (folders.train, folders.val)))
 
 
 # ------------------------------------------------------------------------------------------------ decoding
@@ -310,10 +305,11 @@ def _bundle_info(scan: VideoFolderScan, cfg) -> dict[str, Any]:
             "img_size": int(cfg.img_size)}
 
 
-def build_videofolder(cfg) -> DataBundle:
-    """Train and val :class:`VideoFolderDataset` over the checked video folders of ``cfg`` (the startup scan when
-    ``count_video_classes`` ran on this object, a fresh scan otherwise)."""
-    scan = _recall(cfg) or scan_videofolder(cfg)
+@register_data("videofolder", config=VideoFolderData, check=scan_videofolder,
+               num_classes=lambda data, scan: scan.num_classes)
+def build_videofolder(cfg, scan: VideoFolderScan) -> DataBundle:
+    """Train and val :class:`VideoFolderDataset` over the checked video folders of ``scan`` (the startup
+    check's)."""
     datasets = []
     for split, train in ((scan.folders.train, True), (scan.folders.val, False)):
         where = f"data.root={scan.folders.root}, data.{split.key}={split.name!r}"

@@ -25,7 +25,7 @@ from experiments.train import distributed, engine, preemption
 from experiments.train.checkpoints import (CHECKPOINT_VERSION, get_rng_state, read_resume_checkpoint, save_checkpoint, seed_everything,
                           set_rng_state)
 from experiments.config import Recipe, RunConfig
-from experiments.data.images import make_loader
+from experiments.data.loaders import make_loader
 
 log = logging.getLogger(__name__)
 
