@@ -49,8 +49,7 @@ def timm_extensions() -> tuple[str, ...]:
 
 
 def _header_error(path: str) -> Optional[str]:
-    from PIL import Image
-
+    """Why ``path``'s header does not open with PIL, or None."""
     try:
         with Image.open(path) as image:  # header only: format and size, no pixel decoding
             image.size
@@ -60,6 +59,7 @@ def _header_error(path: str) -> Optional[str]:
 
 
 def _check_headers(root: str, scans: tuple[SplitScan, ...]) -> None:
+    """Every sample's header opens with PIL; the bad ones are refused together, a few by name."""
     paths = [path for scan in scans for path, _ in scan.samples]
     workers = max(1, min(16, 2 * (os.cpu_count() or 1), len(paths) // 256 or 1))
     if workers == 1:
