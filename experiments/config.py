@@ -14,11 +14,13 @@ output folders) is checked by ``experiments.plan``.
 from __future__ import annotations
 
 import math
+import os
+import secrets
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import II, MISSING
+from omegaconf import II, MISSING, OmegaConf
 
 from methods.ragged import BACKENDS as RAGGED_BACKENDS
 
@@ -326,6 +328,16 @@ class RunConfig:
 
 
 # ------------------------------------------------------------------------------------------- registration
+_RUN_TOKEN = f"{os.getpid()}{secrets.token_hex(2)}"
+
+
+def run_token() -> str:
+    """``${run_token:}`` in ``hydra.run.dir``: this process's id and 4 random hex digits, the same for every
+    resolution in one process. Two identical commands started in the same second (Hydra's ``${now:}`` has
+    one-second resolution) get distinct run folders, also on two hosts of a cluster sharing one ``outputs/``."""
+    return _RUN_TOKEN
+
+
 def register_configs() -> None:
     """Called by the entry points (``run.py``, ``measure.py``, ``tradeoff.py``, ``profile_ops.py``, ``bench.py``)
     and the tests before they compose, never at import (importing the harness stays free of Hydra state). File the schemas in Hydra's ``ConfigStore``: ``base_config`` (the primary config's schema, which types
@@ -334,6 +346,8 @@ def register_configs() -> None:
     import methods  # noqa: PLC0415 - the registry fills on import (methods are discovered, not listed)
     from experiments.data import registry as data_registry  # noqa: PLC0415 - datasets too
 
+    if not OmegaConf.has_resolver("run_token"):
+        OmegaConf.register_new_resolver("run_token", run_token)
     store = ConfigStore.instance()
     store.store(name="base_config", node=RunConfig)
     for name in data_registry.list_data():

@@ -35,6 +35,7 @@ from experiments.data.loaders import DataBundle, make_loader
 from experiments.data.registry import build_data
 from experiments.plan import RunPlan, validate
 from experiments.train.fit import amp_dtype_for, fit
+from experiments.train.run_lock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,11 @@ class Session:
     weights: str  # checkpoint:PATH, pretrained:timm, baseline:FILE (cached|trained now), random
     weights_file: Optional[Path]  # the file behind them, if any
     train_summary: dict[str, Any]
+    lock: RunLock  # held on the resume folder until the record is written (train/run_lock.py)
+
+    def release(self) -> None:
+        """Let another process run this configuration (after the record is written)."""
+        self.lock.release()
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -64,17 +70,29 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     record = write_record(session, session.method, result, tokens, start_time)
     if session.plan.trains:
         clear_resume_state(session.plan.resume_dir)  # finished: a new run of this config starts afresh
+    session.release()
     distributed.teardown(session.dist)
     return record
 
 
 def prepare(plan: RunPlan) -> Session:
-    """Set up the process (threads, device, DDP), load the data, resolve the weights, build the method and
-    fine-tune it when the plan trains."""
+    """Set up the process (threads, device, DDP), take the resume folder's lock, load the data, resolve the
+    weights, build the method and fine-tune it when the plan trains. The lock is released on any error here, and
+    otherwise by :meth:`Session.release` once the record is written (or when the process ends)."""
     config = plan.config
     if config.threads:
         torch.set_num_threads(config.threads)  # inside SLURM tasks distributed.setup() then uses the task's CPUs
     dist, device = distributed.setup(resolve_device(config.device))  # a multi-task job: DDP, one task per GPU
+    lock = RunLock(plan.resume_dir if plan.trains and dist.is_main else None).acquire()
+    try:
+        return _prepare(plan, dist, device, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _prepare(plan: RunPlan, dist: distributed.DistEnv, device: torch.device, lock: RunLock) -> Session:
+    config = plan.config
     seed_everything(config.seed)
     data = build_data(config.data, plan.data_scan)  # the files the startup check counted
 
@@ -100,7 +118,7 @@ def prepare(plan: RunPlan) -> Session:
             save_checkpoint(weights_file, {"version": CHECKPOINT_VERSION, "method": plan.method_name,
                                            "model": method.state_dict(), "method_params": plan.recorded_params})
     train_summary["init"] = weights
-    return Session(plan, dist, device, data, method, weights, weights_file, train_summary)
+    return Session(plan, dist, device, data, method, weights, weights_file, train_summary, lock)
 
 
 def evaluate(session: Session, method: methods.TokenReducer,

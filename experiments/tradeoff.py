@@ -160,6 +160,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
                      record["metrics"]["top1"], fl.get("gflops", float("nan")), fl.get("flops_ratio", float("nan")))
     if plan.trains and session.dist.is_main:
         clear_resume_state(plan.resume_dir)
+    session.release()
     distributed.teardown(session.dist)
     return done
 
