@@ -14,6 +14,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from experiments import plan
 from experiments.config import DataError
@@ -223,7 +224,7 @@ def test_train_crops_one_view_for_all_frames_and_flips_with_hflip(tmp_path, hfli
 
 
 def test_a_video_that_fails_to_decode_raises_naming_it(tmp_path):
-    """The startup check demuxes only; a file broken after it is named at read time, never replaced."""
+    """The startup check decodes one frame per file; a file broken after it is named at read time, never replaced."""
     cfg = Cfg(root=str(video_tree(tmp_path)))
     bundle = build_data(cfg)
     broken = Path(bundle.val.samples[0][0])
@@ -278,6 +279,32 @@ def test_an_audio_only_file_is_refused_for_having_no_video_stream(tmp_path):
         for packet in [*stream.encode(frame), *stream.encode()]:
             container.mux(packet)
     refused_with(Cfg(root=str(root)), r"not readable videos .*train/cat/sound\.mkv \(ValueError: no video stream\)")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_an_image_renamed_mp4_is_refused_at_startup_naming_it(tmp_path, fmt):
+    """FFmpeg opens a PNG or JPEG named .mp4 with its image demuxer as a one-frame clip: not a video."""
+    root = video_tree(tmp_path)
+    Image.fromarray(np.zeros((40, 48, 3), np.uint8)).save(root / "train" / "cat" / "still.mp4", format=fmt)
+    with pytest.raises(DataError, match=r"1 of 5 video file\(s\) are not readable videos .*train/cat/still\.mp4 "
+                                        r"\(ValueError: an image, not a video \(FFmpeg reads it with the \w+_pipe"):
+        count_video_classes(Cfg(root=str(root)))
+
+
+def test_a_clip_whose_frames_do_not_decode_is_refused_at_startup_naming_it(tmp_path):
+    """A valid container (frame count stated) whose picture data is zeroed: a demux passes, the decode of its
+    first frame fails, so the scan refuses it before any training instead of the loader failing later."""
+    root = video_tree(tmp_path)
+    clip = root / "val" / "dog" / "0.mp4"
+    data = bytearray(clip.read_bytes())
+    at = data.find(b"mdat")
+    size = int.from_bytes(data[at - 4:at], "big")
+    data[at + 4:at - 4 + size] = bytes(size - 8)  # keep the box, zero its payload (the coded frames)
+    clip.write_bytes(bytes(data))
+    with av.open(str(clip)) as container:
+        assert container.streams.video[0].frames == 16  # the header still states every frame
+    with pytest.raises(DataError, match=r"1 of 4 video file\(s\) are not readable videos .*val/dog/0\.mp4"):
+        count_video_classes(Cfg(root=str(root)))
 
 
 def test_a_container_without_a_stated_frame_count_is_counted_by_demuxing(tmp_path):

@@ -17,10 +17,14 @@ Rules, each refused with a ``DataError`` naming the key, the path and what is va
   extension is not a video extension (:data:`VIDEO_EXTENSIONS`: .avi, .mkv, .mov, .mp4, .webm, compared
   lower-case) is refused by name instead of silently vanishing; both splits have the same class folders;
   ``data.num_classes``, when set, equals their number; no video file is reached from both splits.
-- **Readable videos**: every video opens with PyAV, has a video stream and a frame count >= 1: the stream's
-  ``frames`` when the container states it (> 0), otherwise the number of demuxed packets of the stream (no
-  decoding). Empty files, random bytes, text named ``.mp4`` and audio-only files are refused at startup, with the
-  count and a few names. What a demux cannot see (corrupt picture data) raises at read time, naming the file.
+- **Readable videos**: every video opens with PyAV in a video container (an image renamed ``.mp4``, which
+  FFmpeg opens with an image demuxer such as ``png_pipe`` as one still frame, is refused), has a video stream
+  whose first frame decodes, and a frame count >= 1: the stream's ``frames`` when the container states it
+  (> 0), otherwise the number of demuxed packets of the stream. Empty files, random bytes, text named ``.mp4``,
+  images, audio-only files and clips whose picture data does not decode are refused at startup, with the count
+  and a few names; decoding one frame per file costs about a millisecond each. A frame later in a clip that
+  fails to decode (damage past the first frame, or a file changed after the check) raises at read time, naming
+  the file.
 - **Frames** (:func:`sample_frames`, index ``i`` = the ``i``-th decoded frame, presentation order), with
   ``n`` frames available and ``T = data.num_frames``:
 
@@ -126,19 +130,33 @@ def sample_frames(num_available: int, num_frames: int, sampling: str, stride: in
 
 
 # ------------------------------------------------------------------------------------------- startup check
+# FFmpeg's single-image demuxers: a PNG or JPEG renamed .mp4 opens as "png_pipe" or "jpeg_pipe" (one still frame)
+IMAGE_DEMUXERS = ("image2", "image2pipe")
+
+
 def count_frames(path: str) -> int:
-    """Frames of ``path``'s first video stream without decoding: the stated count, else its demuxed packets.
-    Raises whatever PyAV raises for a file it cannot open, and ``ValueError`` for a file without video."""
+    """Frames of ``path``'s first video stream: the stated count, else its demuxed packets. The file must be a
+    video container (not an image that FFmpeg's image demuxers open as one still frame) and its first frame
+    must decode, so a clip that cannot be read is refused at startup, not after training. Raises whatever
+    PyAV raises for a file it cannot open or decode, and ``ValueError`` for a file that is not a video."""
     import av
 
     with av.open(path) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
         stream = container.streams.video[0]
+        demuxer = container.format.name
+        if demuxer in IMAGE_DEMUXERS or demuxer.endswith("_pipe"):
+            raise ValueError(f"an image, not a video (FFmpeg reads it with the {demuxer} demuxer, codec "
+                             f"{stream.codec_context.name}: one still frame)")
+        if next(container.decode(stream), None) is None:
+            raise ValueError("no frame decodes")
         if stream.frames > 0:
             return int(stream.frames)
+    with av.open(path) as container:  # the decode above consumed packets: count them on a fresh demux
         # the container does not state it (mkv, webm, some avi): count the stream's packets, which a demux reads
         # without decoding; the flush packet at the end carries no data
+        stream = container.streams.video[0]
         return sum(1 for packet in container.demux(stream) if packet.size > 0)
 
 
@@ -166,7 +184,8 @@ def _count_all_frames(root: Path, scans: Sequence[SplitScan]) -> dict[str, int]:
     bad = [error for _, error in results if error]
     if bad:
         raise DataError(f"data.root={root}: {len(bad)} of {len(paths)} video file(s) are not readable videos "
-                        f"(empty, corrupt, not a video, no video stream or no frames): {examples(bad, 3)}; valid: "
+                        f"(empty, corrupt, an image, no video stream, no frames, or a first frame that does not "
+                        f"decode): {examples(bad, 3)}; valid: "
                         f"video files PyAV (FFmpeg) opens, with a video stream of at least one frame - remove or "
                         f"replace these")
     return {path: frames for path, (frames, _) in zip(paths, results)}
