@@ -177,7 +177,8 @@ def test_upgrade_applies_each_migration_in_turn_and_leaves_the_callers_record_al
         migrate.upgrade({**old, "schema_version": "1"})
 
 
-def test_an_older_record_is_upgraded_on_load_and_its_file_is_never_rewritten(tmp_path, monkeypatch):
+def test_an_older_record_is_upgraded_on_load_by_both_readers_and_its_file_is_never_rewritten(tmp_path, monkeypatch):
+    from analysis import load
     from experiments.records import migrate
 
     monkeypatch.setitem(migrate.MIGRATIONS, 0, lambda r: {**r, "method": r["method_name"]})
@@ -188,4 +189,6 @@ def test_an_older_record_is_upgraded_on_load_and_its_file_is_never_rewritten(tmp
     before = path.read_bytes()
     loaded = records.load_record(path)
     assert loaded["schema_version"] == records.SCHEMA_VERSION and loaded["method"] == "dense"
+    frame = load.load_records(tmp_path)
+    assert list(frame["method"]) == ["dense"] and list(frame["top1"]) == [1.0]
     assert path.read_bytes() == before
