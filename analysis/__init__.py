@@ -1,7 +1,7 @@
 """Analysis of results records: the small library behind ``analysis/report.ipynb``.
 
-- :mod:`analysis.load`: record JSON files -> one tidy DataFrame (bad files skipped with a warning), and the
-  decoding of the records' compact token maps;
+- :mod:`analysis.load`: record JSON files -> one tidy DataFrame (bad files skipped with a warning);
+  :mod:`analysis.token_stats` and :mod:`analysis.throughput` read the token statistics and throughput entries;
 - :mod:`analysis.tables`: seed aggregation (once per report), the main and A-ViT ablation tables (Markdown,
   LaTeX, CSV), Pareto fronts;
 - :mod:`analysis.plots`: the report's figures (PNG and PDF), all drawn from that one aggregate;
@@ -11,6 +11,8 @@
   figures' look and saving), shared by all of the above;
 - :mod:`analysis.run_report`: executes the notebook headless (``make report``).
 
-It reads record files only (schema: ``experiments/records/__init__.py``) and imports neither torch, ``methods`` nor
-``experiments``, so the report rebuilds on any machine with pandas and seaborn.
+It reads record files only, with the records package (``experiments/records``: the schema, its ranges and the
+token-map decoding) and the metric registry (``experiments/train/metrics.py``), both torch-free; it imports
+neither torch, ``methods`` nor the rest of ``experiments``, so the report rebuilds on any machine with pandas and
+seaborn.
 """

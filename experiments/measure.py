@@ -11,8 +11,8 @@ It owns the ``measure`` record; the costs themselves come from ``experiments/cos
 ``tradeoff.py`` call too, so every record carries the same entries. The ``measure:`` settings are typed and
 range-checked with the rest of the config (``experiments/config.py``, ``MeasureConfig``).
 
-Records of kind ``measure`` follow the run schema; ``metrics`` holds ``null`` accuracies (the weights are
-usually random and the images few) and ``num_images``; ``subset_metrics`` keeps the accuracy on the measured
+Records of kind ``measure`` follow the run schema; ``metrics`` holds ``null`` for every registered metric (the
+weights are usually random and the images few) but ``num_images``; ``subset_metrics`` keeps the accuracy on the measured
 images as a sanity check of loaded weights.
 
 The benchmark tables (every method at its default and a stronger setting, DeiT-S on CPU, DeiT-S/B on GPU, the
@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from experiments import pipeline, records  # noqa: E402
 from experiments.config import register_configs  # noqa: E402
 from experiments.cost import costs
-from experiments.train import engine
+from experiments.train import engine, metrics
 from experiments.build import build_method, resolve_device  # noqa: E402
 from experiments.train.checkpoints import seed_everything  # noqa: E402
 from experiments.data.registry import build_data  # noqa: E402
@@ -80,7 +80,7 @@ def measure_run(cfg: DictConfig) -> dict[str, Any]:
     measured = costs.measure_costs(method, result, measure, device, images)
     record = records.build_record(
         "measure", OmegaConf.to_container(cfg, resolve=True), plan.method_name, plan.recorded_params,
-        {"top1": None, "top5": None, "val_loss": None, "num_images": count}, tokens, measured,
+        {**dict.fromkeys(metrics.METRICS), "num_images": count}, tokens, measured,
         {"epochs": 0, "history": [], "wall_time_s": 0.0, "init": weights}, start_time, config.paths.run_dir,
         sum(p.numel() for p in method.parameters()), method.record_info(),
         subset_metrics={**result.metrics, "weights": weights})

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -19,13 +18,14 @@ import pytest
 from analysis import load, tables
 from analysis.load import RecordWarning
 from experiments import records
+from experiments.records import store
 from experiments.config import ConfigError
 from test_schema import assert_refused_at_startup, no_data  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
-HOST = records._host_tag() if hasattr(records, "_host_tag") else socket.gethostname()
+HOST = store._host_tag()
 
 
 # ------------------------------------------------------------------------------ output folders at startup

@@ -102,3 +102,93 @@ def test_token_maps_in_a_record_are_compact_and_lossless():
         assert np.array_equal(entry["depth"], patch_depth[i].reshape(14, 14).numpy())
     assert [m["image"].shape for m in maps] == [(64, 64)] * 7 + [(64, 64, 3)]
     assert all(m["image"].min() == 0.0 and m["image"].max() == 1.0 for m in maps)  # min-max scaled per image
+
+
+# ------------------------------------------------------------------------------ the package, schema, migration
+def test_importing_records_needs_neither_torch_nor_hydra_nor_the_methods():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import sys, experiments.records, experiments.records.token_maps; "
+              "bad = [m for m in sys.modules if m.split('.')[0] in "
+              "('torch', 'methods', 'timm', 'hydra', 'omegaconf')]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], check=True, timeout=120)
+
+
+def test_any_numeric_metric_is_carried_and_a_non_finite_one_is_refused_naming_it(tmp_path):
+    record = minimal_record()
+    record["metrics"].update(ece=0.03, calibration_bins=15, mystery=None)
+    path = records.write_record(tmp_path, record)
+    assert records.load_record(path)["metrics"] == {"top1": 1.0, "ece": 0.03, "calibration_bins": 15, "mystery": None}
+    for bad, message in ((float("inf"), r"metrics\.ece=inf is not finite; valid: a finite number$"),
+                         ("0.03", r"metrics\.ece='0\.03' is not a number; valid: a finite number$"),
+                         (True, r"metrics\.ece=True is not a number")):
+        with pytest.raises(records.RecordValueError, match=message.replace("$", "; nothing was written")):
+            records.write_record(tmp_path, dict(record, record_id="bad", metrics={"top1": 1.0, "ece": bad}))
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["r1.json"]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"kind": "sweep"}, r"kind='sweep' is invalid: Input should be 'run', 'measure' or 'tradeoff'"),
+    ({"metrics": {"top5": 90.0}}, r"a run without a numeric metrics\.top1"),
+    ({"kind": "tradeoff", "tradeoff": {"value": 0.5}}, r"a tradeoff point without tradeoff\.knob"),
+    ({"flops": {"gflops": 1.0, "gflops_std": -0.5}}, r"flops\.gflops_std=-0\.5 is outside the valid range >= 0"),
+    ({"tokens": {"depth_histogram": [3, -1]}}, r"tokens\.depth_histogram\[1\]=-1 is outside the valid range >= 0"),
+    ({"seed": [0]}, r"seed=\[0\] is not a number \(valid: an integer\)"),
+    ({"method": ""}, r"method='' is invalid"),
+    ({"schema_version": "1"}, r"schema_version='1' is invalid"),
+])
+def test_schema_refuses_bad_sections_naming_the_field_value_and_valid_range(tmp_path, changes, message):
+    with pytest.raises(records.RecordValueError, match=message):
+        records.write_record(tmp_path, {**minimal_record(), **changes})
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_a_measure_record_may_have_null_accuracies():
+    records.validate_record({**minimal_record(), "kind": "measure",
+                             "metrics": {"top1": None, "top5": None, "val_loss": None, "num_images": 8}})
+
+
+def test_required_keys_are_the_models_required_fields_and_an_incomplete_record_names_them(tmp_path):
+    assert records.REQUIRED_KEYS == ("schema_version", "record_id", "kind", "method", "model", "data", "seed",
+                                     "metrics", "config", "provenance")
+    record = {k: v for k, v in minimal_record().items() if k not in ("seed", "data")}
+    with pytest.raises(records.IncompleteRecordError, match="missing data, seed"):
+        records.validate_record(record)
+
+
+def test_upgrade_applies_each_migration_in_turn_and_leaves_the_callers_record_alone():
+    from experiments.records import migrate
+
+    steps = {1: lambda r: {**r, "metrics": {**r["metrics"], "top1_fraction": r["metrics"]["top1"] / 100}},
+             2: lambda r: {**{k: v for k, v in r.items() if k != "model"}, "renamed": r["model"]}}
+    old = minimal_record()
+    new = migrate.upgrade(old, current=3, migrations=steps)
+    assert new["schema_version"] == 3 and new["renamed"] == "m" and "model" not in new
+    assert new["metrics"]["top1_fraction"] == pytest.approx(0.01, abs=1e-12)
+    assert old == minimal_record(), "the record read from disk was changed"
+    assert migrate.upgrade(old) is old  # already current: nothing to do
+    with pytest.raises(records.RecordValueError, match=r"unsupported schema_version 1: no migration from it to 3"):
+        migrate.upgrade(old, current=3, migrations={2: steps[2]})
+    with pytest.raises(records.RecordValueError, match=r"unsupported schema_version 2 \(this code reads up to 1\)"):
+        migrate.upgrade({**old, "schema_version": 2})
+    with pytest.raises(records.RecordValueError, match=r"schema_version='1' is not an integer"):
+        migrate.upgrade({**old, "schema_version": "1"})
+
+
+def test_an_older_record_is_upgraded_on_load_by_both_readers_and_its_file_is_never_rewritten(tmp_path, monkeypatch):
+    from analysis import load
+    from experiments.records import migrate
+
+    monkeypatch.setitem(migrate.MIGRATIONS, 0, lambda r: {**r, "method": r["method_name"]})
+    old = {k: v for k, v in minimal_record().items() if k != "method"}
+    path = tmp_path / "runs" / "old.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({**old, "schema_version": 0, "method_name": "dense"}))
+    before = path.read_bytes()
+    loaded = records.load_record(path)
+    assert loaded["schema_version"] == records.SCHEMA_VERSION and loaded["method"] == "dense"
+    frame = load.load_records(tmp_path)
+    assert list(frame["method"]) == ["dense"] and list(frame["top1"]) == [1.0]
+    assert path.read_bytes() == before

@@ -1,6 +1,6 @@
 """The compact form of a record's token maps (``tokens.maps``): owns encoding the per-image patch depths and
-thumbnails into small JSON values. ``analysis.load`` decodes them (it must not import this package, so the
-format below is the contract between the two, and ``tests/test_analysis.py`` checks the round trip).
+thumbnails into small JSON values and decoding them (:func:`unpack_array`, which ``analysis`` reads them with;
+``tests/test_analysis.py`` checks the round trip). numpy only.
 
 ``tokens.maps`` is a list, one entry per eval image (the first ``eval.map_images`` of the eval set)::
 
@@ -16,11 +16,12 @@ array's bytes in C order, zlib-compressed (level 9), base64-encoded (ASCII). ``f
 stores the differences along axis 0 and then axis 1 modulo 256 instead of the values, which compresses smooth
 images about twice as well; decoding takes the cumulative sums along axis 1 and then axis 0, modulo 256.
 A thumbnail whose channels are all equal keeps one channel. Records written before this format hold plain
-nested lists there; ``analysis.load`` reads both.
+nested lists there; ``analysis`` reads both.
 """
 from __future__ import annotations
 
 import base64
+import binascii
 import zlib
 from typing import Any, Optional, Sequence
 
@@ -28,6 +29,7 @@ import numpy as np
 
 DTYPE = "uint8"
 FILTERS = (None, "diff2d")
+PACKED_KEYS = ("dtype", "shape", "filter", "zlib_base64")
 
 
 def pack(values: np.ndarray, filter: Optional[str] = None) -> dict[str, Any]:
@@ -75,3 +77,27 @@ def encode_maps(patch_depth: np.ndarray, thumbnails: Optional[np.ndarray],
             entry["thumbnail"] = pack_thumbnail(thumbnails[i])
         maps.append(entry)
     return maps
+
+
+def is_packed(value: Any) -> bool:
+    """Whether ``value`` is a PACKED array (module docstring)."""
+    return isinstance(value, dict) and "zlib_base64" in value
+
+
+def unpack_array(value: dict[str, Any]) -> np.ndarray:
+    """A PACKED array (module docstring) as a numpy array of its dtype; raises ``ValueError`` when malformed."""
+    missing = [key for key in PACKED_KEYS if key not in value]
+    if missing:
+        raise ValueError(f"packed array lacks {', '.join(missing)}")
+    if value["dtype"] != DTYPE:
+        raise ValueError(f"packed array dtype {value['dtype']!r} unknown; valid: {DTYPE}")
+    try:
+        raw = zlib.decompress(base64.b64decode(value["zlib_base64"], validate=True))
+        array = np.frombuffer(raw, dtype=value["dtype"]).reshape([int(n) for n in value["shape"]])
+    except (binascii.Error, zlib.error, TypeError, ValueError) as error:
+        raise ValueError(f"packed array is corrupt ({error})") from error
+    if value["filter"] == "diff2d":  # differences along axes 0 and 1, modulo 256: undo with running sums
+        return np.cumsum(np.cumsum(array, axis=1, dtype=array.dtype), axis=0, dtype=array.dtype)
+    if value["filter"] is not None:
+        raise ValueError(f"packed array filter {value['filter']!r} unknown; valid: null, diff2d")
+    return array.copy()

@@ -18,8 +18,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from experiments.records.token_maps import encode_maps
+from experiments.train.metrics import compute_metrics
 
 log = logging.getLogger(__name__)
+EVAL_OUTPUTS = ("correct1", "correct5", "loss")  # the per-image results the metric functions read
 
 
 class NonFiniteLossError(RuntimeError):
@@ -150,9 +152,10 @@ class EvalResult:
 def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
              keep_images: int = 0, progress: bool = True,
              merge: Optional[Callable[[list[dict[str, Any]]], list[dict[str, Any]]]] = None) -> EvalResult:
-    """Top-1/top-5, mean loss and per-image token counts over ``loader`` in eval mode (physical removal).
+    """The registered metrics (``experiments/train/metrics.py``: top-1/top-5, mean loss...) and per-image token
+    counts over ``loader`` in eval mode (physical removal).
 
-    Every batch gives per-image results; the metrics are computed once from them, in batch order. A sharded
+    Every batch gives per-image results; the metrics are computed once from them, joined in batch order. A sharded
     evaluation passes ``merge`` (``distributed.merge_batches``), which puts every rank's batches back in that
     order, so its metrics equal the single-process ones exactly.
     """
@@ -191,10 +194,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: Optional
         if have >= keep_images or "images" not in part:
             break
         kept.append(part["images"][: keep_images - have])
-    metrics = {"top1": 100.0 * int(sum(p["correct1"].sum().item() for p in parts)) / total,
-               "top5": 100.0 * int(sum(p["correct5"].sum().item() for p in parts)) / total,
-               "val_loss": torch.cat([p["loss"] for p in parts]).double().sum().item() / total,
-               "num_images": total}
+    metrics = compute_metrics({key: torch.cat([p[key] for p in parts]) for key in EVAL_OUTPUTS})
     alt = {name: torch.cat([p["alt"][name] for p in parts]) for name in parts[0]["alt"]}
     return EvalResult(metrics, torch.cat([p["token_counts"] for p in parts]),
                       torch.cat([p["patch_depth"] for p in parts]), alt, torch.cat(kept) if kept else None)
