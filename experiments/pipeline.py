@@ -23,13 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 import methods
 from methods.models import read_checkpoint
 
-from experiments import records
+from experiments import identity, records
 from experiments.cost import costs
 from experiments.train import distributed, engine
 from experiments.baseline import ensure_baseline
 from experiments.build import build_method, resolve_device
-from experiments.train.checkpoints import (CHECKPOINT_VERSION, clear_resume_state, save_checkpoint, seed_everything,
-                                           strip_prefix)
+from experiments.train.checkpoints import (CHECKPOINT_VERSION, clear_resume_state, file_sha256, save_checkpoint,
+                                           seed_everything, strip_prefix)
 from experiments.config import ConfigError  # noqa: F401  (re-exported: pipeline.ConfigError)
 from experiments.data.loaders import DataBundle, make_loader
 from experiments.data.registry import build_data
@@ -53,6 +53,8 @@ class Session:
     weights_file: Optional[Path]  # the file behind them, if any
     train_summary: dict[str, Any]
     lock: RunLock  # held on the resume folder until the record is written (train/run_lock.py)
+    start_sha256: Optional[str] = None  # the weights file the run started from (checkpoint or baseline)
+    evaluated_sha256: Optional[str] = None  # the weights it evaluates: its final.pth when it trained
 
     def release(self) -> None:
         """Let another process run this configuration (after the record is written)."""
@@ -101,6 +103,7 @@ def _prepare(plan: RunPlan, dist: distributed.DistEnv, device: torch.device, loc
         weights_file, reused = ensure_baseline(plan, data, device, dist)
         init_state = strip_prefix(read_checkpoint(weights_file)["model"], "vit.")
         weights = f"baseline:{weights_file.name}" + (" (cached)" if reused else " (trained now)")
+    start_sha256 = file_sha256(weights_file) if dist.is_main else None
     seed_everything(config.seed)
     method = build_method(plan, init_state).to(device)
     log.info("method %s on %s (%s), weights from %s", plan.method_name, config.model.name, config.data.name, weights)
@@ -118,7 +121,9 @@ def _prepare(plan: RunPlan, dist: distributed.DistEnv, device: torch.device, loc
             save_checkpoint(weights_file, {"version": CHECKPOINT_VERSION, "method": plan.method_name,
                                            "model": method.state_dict(), "method_params": plan.recorded_params})
     train_summary["init"] = weights
-    return Session(plan, dist, device, data, method, weights, weights_file, train_summary, lock)
+    evaluated_sha256 = file_sha256(weights_file) if plan.trains and dist.is_main else start_sha256
+    return Session(plan, dist, device, data, method, weights, weights_file, train_summary, lock, start_sha256,
+                   evaluated_sha256)
 
 
 def evaluate(session: Session, method: methods.TokenReducer,
@@ -172,12 +177,16 @@ def write_record(session: Session, method: methods.TokenReducer, result: engine.
     if need:
         images, _ = costs.load_images(session.data.val, need, plan.config.num_workers, plan.config.seed)
     measured = costs.measure_costs(method, result, plan.config.measure, session.device, images)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    recorded = plan.recorded_params if params is None else methods.resolved_params(plan.method_name, params)
+    scan_digest = getattr(plan.data_scan, "content_digest", None)
+    ident = identity.result_identity(config, plan.method_name, recorded, kind, plan.trains, session.start_sha256,
+                                     scan_digest() if scan_digest else None)
     record = records.build_record(
-        kind, OmegaConf.to_container(cfg, resolve=True), plan.method_name,
-        plan.recorded_params if params is None else methods.resolved_params(plan.method_name, params),
-        result.metrics, tokens, measured, session.train_summary, start_time, plan.config.paths.run_dir,
-        sum(p.numel() for p in method.parameters()), method.record_info(), data_read=data_read(session.data),
-        **extra)
+        kind, config, plan.method_name, recorded, result.metrics, tokens, measured, session.train_summary,
+        start_time, plan.config.paths.run_dir, sum(p.numel() for p in method.parameters()), method.record_info(),
+        data_read=data_read(session.data), identity=ident,
+        weights={"start_sha256": session.start_sha256, "evaluated_sha256": session.evaluated_sha256}, **extra)
     path = records.write_record(Path(plan.config.paths.results_dir), record)
     log.info("results record: %s", path)
     record["path"] = str(path)

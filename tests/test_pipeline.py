@@ -13,6 +13,7 @@ import methods
 from conftest import build_for, write_png_folder
 from experiments import pipeline
 from experiments.config import DataError
+from experiments.train.checkpoints import file_sha256
 from methods.models import CheckpointError, create_backbone
 
 CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"
@@ -49,9 +50,17 @@ def test_end_to_end_tiny_run_writes_one_complete_record(tmp_path):
     assert torch.__version__.startswith(saved["provenance"]["packages"]["torch"])
     assert saved["train"]["epochs"] == 1 and saved["train"]["init"].startswith("baseline:")
     assert (tmp_path / "run" / "checkpoints" / "final.pth").exists()
-    # A second run reuses the cached baseline.
+    # weights by content: the baseline it started from, the fine-tuned final.pth it evaluated
+    [baseline] = (tmp_path / "cache").glob("*.pth")
+    assert saved["weights"] == {"start_sha256": file_sha256(baseline),
+                                "evaluated_sha256": file_sha256(tmp_path / "run" / "checkpoints" / "final.pth")}
+    assert saved["identity"]["start_weights_sha256"] == file_sha256(baseline)
+    assert saved["identity"]["data_files"] is None  # embedded digits: the data config is the whole identity
+    # A second run reuses the cached baseline; off the shelf it evaluates what it started from, another identity.
     again = pipeline.run(make_cfg(tmp_path, *TINY))
     assert again["train"]["init"].endswith("(cached)")
+    assert again["weights"] == {"start_sha256": file_sha256(baseline), "evaluated_sha256": file_sha256(baseline)}
+    assert again["identity"]["key"] != saved["identity"]["key"]
     assert len(records_in(tmp_path)) == 2
     assert record["record_id"] != again["record_id"]
 
@@ -139,6 +148,8 @@ def test_imagefolder_trains_one_step(tmp_path):
     read = record["data_read"]
     assert (read["classes"], read["train_images"], read["val_images"]) == (2, 6, 6)
     assert (read["train_classes"], read["val_classes"], read["header_checked"]) == (2, 2, True)
+    # the folder enters the record's identity by its file list, not its absolute root
+    assert len(record["identity"]["data_files"]) == 16 and str(tmp_path) not in json.dumps(record["identity"])
 
 
 @pytest.mark.parametrize("layout, message", [

@@ -20,6 +20,8 @@ The rules, each refused with a ``DataError`` naming the key and path:
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +67,14 @@ class FolderScan:
     @property
     def num_classes(self) -> int:
         return len(self.train.class_to_idx)
+
+    def content_digest(self) -> str:
+        """What a run reads, as a digest for its record identity (``experiments/identity.py``): each split's
+        files by name relative to ``root``, size and class, never the absolute root nor the files' bytes. A copy
+        of the same tree elsewhere has the same digest; a file added, removed, resized or relabelled changes it."""
+        listing = {split.key: [(os.path.relpath(path, self.root), os.stat(path).st_size, label)
+                               for path, label in split.samples] for split in (self.train, self.val)}
+        return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -202,6 +202,10 @@ class VideoFolderScan:
     def num_classes(self) -> int:
         return self.folders.num_classes
 
+    def content_digest(self) -> str:
+        """The folders' digest (:meth:`FolderScan.content_digest`): frame counts follow from the files."""
+        return self.folders.content_digest()
+
 
 def scan_videofolder(data) -> VideoFolderScan:
     """The startup check of ``data=videofolder``: scan and check both splits of the videofolder config ``data``

@@ -6,6 +6,7 @@ silent fresh start.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
@@ -51,6 +52,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- saving
+def file_sha256(path) -> str | None:
+    """sha256 of a weights file (``None`` without one): records name weights by content, never by path."""
+    if path is None or not Path(path).is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Temp file + rename. A failed write raises :class:`CheckpointSaveError` naming the file, and leaves no temp
     file behind."""
