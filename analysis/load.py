@@ -37,6 +37,7 @@ from analysis.throughput import conditions, dtype_short, throughput_frame  # noq
 from analysis.token_stats import (depth_histogram, depth_maps, grid_shape, image_array,  # noqa: F401
                                   mean_patch_depth, number)
 from experiments.records import migrate
+from experiments.records.identity import identity_of
 from experiments.records.schema import IncompleteRecordError, RecordValueError
 from experiments.records.token_maps import is_packed, unpack_array  # noqa: F401 (re-exported)
 from experiments.train.metrics import METRICS
@@ -44,7 +45,7 @@ from experiments.train.metrics import METRICS
 _image = image_array  # the name analysis.video reads thumbnails with
 REPORT_DIRNAME = "report"
 BEFORE_METRICS = ("path", "record_id", "kind", "model", "architecture", "data", "method", "method_params",
-                  "params_key", "seed")
+                  "params_key", "seed", "run_key", "setting_key")
 AFTER_METRICS = ("params", "gflops", "gflops_std", "dense_gflops", "flops_ratio", "tokens", "throughput",
                  "end_time", "torch", "timm", "knob", "knob_value", "curve", "curve_key", "img_size", "method_info")
 
@@ -118,6 +119,7 @@ def read_record(path: str | Path) -> dict[str, Any]:
 
 def _flatten(record: dict[str, Any], rel: str) -> dict[str, Any]:
     metrics = record["metrics"]
+    identity = identity_of(record)
     flops = record.get("flops") if isinstance(record.get("flops"), dict) else {}
     tokens = record.get("tokens") if isinstance(record.get("tokens"), dict) else None
     throughput = record.get("throughput") if isinstance(record.get("throughput"), list) else None
@@ -137,6 +139,7 @@ def _flatten(record: dict[str, Any], rel: str) -> dict[str, Any]:
         "model": _name(record["model"]), "architecture": _name(record.get("architecture")),
         "data": _name(record["data"]) or "unknown", "method": _name(record["method"]), "method_params": method_params,
         "params_key": params_key(method_params), "seed": record["seed"],
+        "run_key": identity["key"], "setting_key": identity["setting"],
         **{name: number(value) for name, value in metrics.items() if name not in FIXED_COLUMNS},
         "params": number(record.get("params")), "gflops": gflops, "gflops_std": number(flops.get("gflops_std")),
         "dense_gflops": dense, "flops_ratio": ratio, "tokens": tokens, "throughput": throughput,
@@ -153,8 +156,11 @@ def load_records(folder: str | Path) -> pd.DataFrame:
     """All usable records under ``folder`` as one DataFrame (:func:`columns`), deterministically sorted.
 
     Never raises for bad content: corrupt, incomplete or unsupported files are skipped with a
-    :class:`RecordWarning` naming the file, as is an older duplicate of the same run (same model, data, method,
-    params, kind and seed; the newest ``provenance.end_time`` wins). Records of kind ``measure`` (costs of an
+    :class:`RecordWarning` naming the file, as is an older duplicate of the same run: the same record identity
+    (``run_key``, ``experiments/records/identity.py``: the resolved configuration that determines the result,
+    the data files and the starting weights included); the newest ``provenance.end_time`` wins, and
+    ``frame.attrs["superseded"]`` lists what was dropped and by which file. Records of different identities are
+    never merged; ``setting_key`` is the identity without the seed. Records of kind ``measure`` (costs of an
     untrained model, ``metrics.top1`` null) are kept with a NaN top-1; a ``run`` needs a numeric top-1.
     A missing or empty folder gives an empty frame; :func:`summary` explains it.
     """
@@ -177,14 +183,19 @@ def load_records(folder: str | Path) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=columns({name for row in rows for name in row}))
     if frame.empty:
         return frame
-    identity = ["model", "data", "method", "params_key", "kind", "seed"]
-    frame = frame.sort_values(identity + ["end_time", "record_id"], kind="stable", key=text_sort_key)
-    dupes = frame.duplicated(identity, keep="last")
+    order = ["model", "data", "method", "params_key", "kind", "seed", "run_key"]
+    frame = frame.sort_values(order + ["end_time", "record_id"], kind="stable", key=text_sort_key)
+    dupes = frame.duplicated("run_key", keep="last")
+    newest = frame[~dupes].set_index("run_key")["path"]
+    superseded = []
     for _, row in frame[dupes].iterrows():
+        superseded.append({"path": row["path"], "record_id": row["record_id"], "by": newest[row["run_key"]]})
         warnings.warn(f"skipping {root / row['path']}: superseded by a newer record of the same run "
-                      f"({row['kind']} {row['method']} {row['params_key']} seed {row['seed']})", RecordWarning,
-                      stacklevel=2)
-    return frame[~dupes].reset_index(drop=True)
+                      f"({newest[row['run_key']]}: {row['kind']} {row['method']} {row['params_key']} seed "
+                      f"{row['seed']}, identity {row['run_key']})", RecordWarning, stacklevel=2)
+    kept = frame[~dupes].reset_index(drop=True)
+    kept.attrs["superseded"] = superseded  # the report's header lists them
+    return kept
 
 
 def text_sort_key(column: pd.Series) -> pd.Series:

@@ -370,6 +370,7 @@ def test_a_backbone_with_dense_records_only_gets_notes_not_a_crash(tmp_path):
     [path] = list((results / "runs").glob("*.json"))
     record = json.loads(path.read_text())
     record.update(model="deit_tiny", record_id="dense_tiny")
+    record["config"]["model"].update(name="deit_tiny_patch16_224", short_name="deit_tiny")  # another run
     (results / "runs" / "dense_tiny.json").write_text(json.dumps(record))
     records = load.load_records(results)
     figures = plots.write_figures(tables.aggregate(records), records, tmp_path / "report")
