@@ -158,8 +158,8 @@ def write_record(session: Session, method: methods.TokenReducer, result: engine.
         kind, OmegaConf.to_container(cfg, resolve=True), plan.method_name,
         plan.recorded_params if params is None else methods.resolved_params(plan.method_name, params),
         result.metrics, tokens, measured, session.train_summary, start_time, plan.config.paths.run_dir,
-        sum(p.numel() for p in method.parameters()), method.record_info(), data_read=data_read(session.data),
-        **extra)
+        sum(p.numel() for p in method.parameters()), methods.method_info(plan.method_name, method),
+        data_read=data_read(session.data), **extra)
     path = records.write_record(Path(plan.config.paths.results_dir), record)
     log.info("results record: %s", path)
     record["path"] = str(path)
