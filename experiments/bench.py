@@ -90,9 +90,14 @@ def checkpoint_method(path: Path) -> str:
     """The method a suite checkpoint was trained with (its ``method`` entry); a plain timm one names none."""
     from experiments.train.checkpoints import read_checkpoint
 
+    import methods
+
     name = read_checkpoint(str(path)).get("method")
     if not isinstance(name, str):
         raise ValueError(f"--checkpoint={path}: names no method (a suite checkpoint from run.py is needed)")
+    if name not in methods.list_methods():
+        raise ValueError(f"--checkpoint={path}: its method {name!r} is not registered; registered: "
+                         f"{', '.join(methods.list_methods())}")
     return name
 
 

@@ -87,11 +87,13 @@ def test_bad_flags_are_refused_naming_the_flag(capsys, argv, flag):
     assert flag in err and "Traceback" not in err
 
 
-def test_a_checkpoint_that_names_no_method_is_refused(capsys, tmp_path):
+@pytest.mark.parametrize("content, message", [({"model": {}}, "names no method"),
+                                              ({"model": {}, "method": "nope"}, "'nope' is not registered")])
+def test_a_checkpoint_without_a_registered_method_is_refused(capsys, tmp_path, content, message):
     checkpoint = tmp_path / "plain.pth"
-    torch.save({"model": {}}, checkpoint)
+    torch.save(content, checkpoint)
     assert bench.main(["embedded", "--checkpoint", str(checkpoint), "--dry-run"]) == 2
-    assert "names no method" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
