@@ -24,7 +24,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from . import load, style, tables
-from .formatting import DASH, condition_title, fmt, format_value, mean_std, method_rank
+from .formatting import DASH, condition_title, fmt, format_value, mean_std, method_families, method_rank
 
 TARGETS = (0.5, 0.65, 0.8)
 KIND = "tradeoff"
@@ -43,13 +43,14 @@ def tradeoff_records(records: pd.DataFrame) -> pd.DataFrame:
 
 def curve_points(records: pd.DataFrame) -> pd.DataFrame:
     """One row per (backbone, method, curve, knob value); see the module docstring. Columns: ``model``,
-    ``data``, ``slug``, ``method``, ``curve_key``, ``label``, ``knob``, ``knob_value``, ``n_seeds``,
+    ``data``, ``slug``, ``method``, ``family`` (its records' ``method_info.family``), ``curve_key``, ``label``, ``knob``, ``knob_value``, ``n_seeds``,
     ``top1_mean``/``_std``, ``gflops_mean``/``_std``, ``flops_ratio_mean``/``_std`` and ``img_per_s[c]`` per
     throughput condition ``c`` (listed in ``frame.attrs["conditions"]``)."""
     points = tradeoff_records(records)
     if points.empty:
         return pd.DataFrame()
     points = points.copy()
+    families = method_families(points)
     through = load.throughput_frame(points)
     conds = load.conditions(through)
     several = records.groupby("model")["data"].nunique().to_dict()
@@ -59,7 +60,8 @@ def curve_points(records: pd.DataFrame) -> pd.DataFrame:
         for _, group in curve.groupby(curve["knob_value"].map(format_value), sort=False):
             row: dict[str, Any] = {
                 "model": model, "data": data, "slug": tables.backbone_slug(model, data, several.get(model, 1) > 1),
-                "method": method, "curve_key": curve_key, "params": _without(group["method_params"].iloc[0], knob),
+                "method": method, "family": families[method], "curve_key": curve_key,
+                "params": _without(group["method_params"].iloc[0], knob),
                 "knob": knob, "knob_value": group["knob_value"].iloc[0], "n_seeds": len(group),
             }
             for metric in ("top1", "gflops", "flops_ratio"):
@@ -78,8 +80,9 @@ def curve_points(records: pd.DataFrame) -> pd.DataFrame:
         by_key = dict(zip(firsts["curve_key"], labels))
         frame.loc[idx, "label"] = [f"{m} ({by_key[k]})" if by_key[k] else m
                                    for m, k in zip(part["method"], part["curve_key"])]
-    frame["_order"] = [(m, d, method_rank(me), lab, r) for m, d, me, lab, r in
-                       zip(frame["model"], frame["data"], frame["method"], frame["label"], frame["flops_ratio_mean"])]
+    frame["_order"] = [(m, d, method_rank(me, f), lab, r) for m, d, me, f, lab, r in
+                       zip(frame["model"], frame["data"], frame["method"], frame["family"], frame["label"],
+                           frame["flops_ratio_mean"])]
     frame = frame.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
     frame.attrs["conditions"] = conds
     return frame
@@ -152,7 +155,7 @@ def plot_curves(points: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     every curve on the same axes, error bars = std over seeds."""
     paths: list[Path] = []
     conds = points.attrs.get("conditions", [])
-    styles = style.method_styles(list(points["method"]))
+    styles = style.method_styles(dict(zip(points["method"], points["family"])))
     for (model, data, slug), part in points.groupby(["model", "data", "slug"], sort=False):
         cond = _widest_condition(part, conds)
         with style.figure_style():

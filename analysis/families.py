@@ -2,9 +2,9 @@
 
 Haurum et al. ("Which Tokens to Use?", ICCVW 2023) compare token-reduction *families* and find plain top-k
 pruning a surprisingly strong baseline. This module asks the same question of our records. A method's family is
-the one its registration declares (``methods.registry.FAMILIES``: pruning, merging, clustering, halting), as
-copied into :data:`analysis.formatting.METHOD_FAMILY` (the report reads records only); unknown names count as
-``other``.
+the one its registration declares (``methods.registry.FAMILIES``: pruning, merging, clustering, halting), as the
+harness writes it into each record (``method_info.family``); the compared families are those present, without
+the dense reference (``none``) and methods whose records declare none (``—``).
 
 Every method contributes *curves* on a backbone:
 
@@ -26,9 +26,8 @@ from typing import Any, Iterable, Optional
 import pandas as pd
 
 from . import curves, tables
-from .formatting import DASH, METHOD_FAMILY, fmt
+from .formatting import DASH, REFERENCE, fmt
 
-COMPARED = ("pruning", "merging", "clustering", "halting")
 FOOTNOTE = (
     "Best top-1 (%) of each family at a FLOPs budget (FLOPs ratio = GFLOPs ÷ dense GFLOPs), with the method and "
     "source that reach it: 'runs' interpolates between a method's trained or off-the-shelf run settings "
@@ -38,9 +37,9 @@ FOOTNOTE = (
 )
 
 
-def family_of(method: str) -> str:
-    """The family of ``method`` (:data:`analysis.formatting.METHOD_FAMILY`); ``other`` for an unknown name."""
-    return METHOD_FAMILY.get(method, "other")
+def compared(frame: pd.DataFrame) -> list[str]:
+    """The families of ``frame`` the table compares, by name: every declared one but the reference."""
+    return sorted(set(frame["family"]) - {REFERENCE, DASH})
 
 
 def family_curves(agg: pd.DataFrame, points: pd.DataFrame) -> pd.DataFrame:
@@ -50,16 +49,14 @@ def family_curves(agg: pd.DataFrame, points: pd.DataFrame) -> pd.DataFrame:
     rows: list[dict[str, Any]] = []
     runs = agg[agg["kind"] == "run"] if not agg.empty else agg
     for _, row in runs.iterrows():
-        rows.append({"model": row["model"], "data": row["data"], "slug": row["slug"], "method": row["method"],
-                     "source": "runs", "flops_ratio": row["flops_ratio_mean"], "top1": row["top1_mean"]})
+        rows.append({"model": row["model"], "data": row["data"], "slug": row["slug"], "family": row["family"],
+                     "method": row["method"], "source": "runs", "flops_ratio": row["flops_ratio_mean"], "top1": row["top1_mean"]})
     for _, row in (points.iterrows() if not points.empty else iter(())):
-        rows.append({"model": row["model"], "data": row["data"], "slug": row["slug"], "method": row["method"],
+        rows.append({"model": row["model"], "data": row["data"], "slug": row["slug"], "family": row["family"],
+                     "method": row["method"],
                      "source": "curve" if row["label"] == row["method"] else f"curve {row['label']}",
-                     "flops_ratio": row["flops_ratio_mean"],
-                     "top1": row["top1_mean"]})
-    frame = pd.DataFrame(rows, columns=["model", "data", "slug", "method", "source", "flops_ratio", "top1"])
-    frame.insert(3, "family", [family_of(m) for m in frame["method"]])
-    return frame
+                     "flops_ratio": row["flops_ratio_mean"], "top1": row["top1_mean"]})
+    return pd.DataFrame(rows, columns=["model", "data", "slug", "family", "method", "source", "flops_ratio", "top1"])
 
 
 def family_frame(frame: pd.DataFrame, targets: Iterable[float] = curves.TARGETS) -> pd.DataFrame:
@@ -67,7 +64,7 @@ def family_frame(frame: pd.DataFrame, targets: Iterable[float] = curves.TARGETS)
     rows = []
     for (model, data, slug), part in frame.groupby(["model", "data", "slug"], sort=False):
         for target in targets:
-            for family in COMPARED:
+            for family in compared(frame):
                 best: dict[str, Any] = {"model": model, "data": data, "slug": slug, "target": float(target),
                                         "family": family, "top1": math.nan, "method": None, "source": None}
                 members = part[part["family"] == family]
@@ -83,7 +80,7 @@ def family_table(frame: pd.DataFrame, model: str, data: str) -> Optional[tables.
     part = frame[(frame["model"] == model) & (frame["data"] == data)]
     if part.empty or part["top1"].isna().all():
         return None
-    present = [f for f in COMPARED if part.loc[part["family"] == f, "top1"].notna().any()]
+    present = [f for f in compared(part) if part.loc[part["family"] == f, "top1"].notna().any()]
     display, numeric = [], []
     for target, rows in part.groupby("target", sort=False):
         cells: dict[str, str] = {"FLOPs budget": f"{target * 100:.0f}% of dense"}

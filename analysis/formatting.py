@@ -1,5 +1,6 @@
 """How numbers, settings and methods are shown in the report: owns the seed statistics (mean and sample std),
-the fixed number formats of every table, parameter values as short text and the order of methods.
+the fixed number formats of every table, parameter values as short text, and each method's family and order
+(read from the records' ``method_info.family``).
 
 Shared by :mod:`analysis.tables`, :mod:`analysis.curves`, :mod:`analysis.published` and :mod:`analysis.plots`,
 so the same value prints the same way in every table and figure.
@@ -12,21 +13,35 @@ from typing import Any
 
 import pandas as pd
 
-METHOD_ORDER = ("dense", "adavit", "dynamicvit", "evit", "tome", "ats", "topk", "random", "kmedoids", "dpcknn",
-                "sinkhorn", "sit", "patchmerger", "heuristic")
-# Each method's family as its registration declares it (methods/registry.py); the report reads records only, so
-# it keeps a copy, and tests/test_analysis.py fails when the two differ.
-METHOD_FAMILY = {
-    "dense": "none", "adavit": "halting", "ats": "pruning", "dynamicvit": "pruning", "evit": "pruning",
-    "heuristic": "pruning", "random": "pruning", "topk": "pruning", "patchmerger": "merging", "sit": "merging",
-    "tome": "merging", "dpcknn": "clustering", "kmedoids": "clustering", "sinkhorn": "clustering",
-}
 DASH = "—"  # a value that was not measured
+# The family of the unreduced reference in the registry (methods/registry.py): every ratio and Δ refers to it.
+REFERENCE = "none"
 
 
-def method_rank(method: str) -> tuple[int, str]:
-    """Sort key of a method name: :data:`METHOD_ORDER`, then unknown methods alphabetically."""
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+def family_of(info: Any) -> str:
+    """The family a record's ``method_info`` declares (the harness writes it from the method's registration);
+    :data:`DASH` for a record without one."""
+    family = info.get("family") if isinstance(info, dict) else None
+    return family if isinstance(family, str) and family else DASH
+
+
+def method_families(records: pd.DataFrame) -> dict[str, str]:
+    """Each method of ``records`` (a frame with ``method`` and ``method_info``) -> the family its records
+    declare (the first that declares one), :data:`DASH` where none does."""
+    families: dict[str, str] = {}
+    if records.empty:
+        return families
+    infos = records["method_info"] if "method_info" in records else [None] * len(records)
+    for method, info in zip(records["method"], infos):
+        if families.get(method, DASH) == DASH:
+            families[method] = family_of(info)
+    return families
+
+
+def method_rank(method: str, family: str) -> tuple[bool, bool, str, str]:
+    """Sort key of a method: the reference (family :data:`REFERENCE`) first, then by family name (undeclared
+    last), then by name. No method list: a new method sorts by its family."""
+    return (family != REFERENCE, family == DASH, family, method)
 
 
 def mean_std(values: pd.Series) -> tuple[float, float]:

@@ -8,13 +8,13 @@ from __future__ import annotations
 import contextlib
 import textwrap
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator, Mapping
 
 import matplotlib
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from .formatting import method_rank
+from .formatting import REFERENCE, method_rank
 
 DPI = 150
 MARKERS = ("*", "o", "s", "D", "^", "v", "P", "X", "h", "<", ">", "p")
@@ -41,13 +41,15 @@ def save_figure(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
     return [png, pdf]
 
 
-def method_styles(methods: Iterable[str]) -> dict[str, tuple[tuple[float, float, float], str]]:
-    """A fixed colour and marker per method (dense is dark grey with a star), stable across figures."""
-    ordered = sorted(set(methods), key=method_rank)
+def method_styles(families: Mapping[str, str]) -> dict[str, tuple[tuple[float, float, float], str]]:
+    """A fixed colour and marker per method of ``families`` (method -> family, as
+    :func:`analysis.formatting.method_families` reads them), stable across figures; the reference (family
+    ``none``) is dark grey with a star."""
+    ordered = sorted(families, key=lambda method: method_rank(method, families[method]))
     palette = sns.color_palette("colorblind", 10)
     styles, k = {}, 0
     for method in ordered:
-        if method == "dense":
+        if families[method] == REFERENCE:
             styles[method] = ((0.2, 0.2, 0.2), "*")
             continue
         styles[method] = (palette[k % len(palette)], MARKERS[1 + k % (len(MARKERS) - 1)])

@@ -4,10 +4,11 @@
   (``model`` and ``data``) and setting (``method`` and ``method_params``): mean and sample std over seeds of
   top-1, GFLOPs, FLOPs ratio and, per throughput condition, img/s, speedup and efficiency; plus the changes
   against the dense row of the same backbone.
-- :func:`main_table` and :func:`adavit_ablation` select and format columns; :func:`write_tables` writes every
-  table as Markdown, LaTeX (booktabs) and CSV, with :data:`FOOTNOTE` under the Markdown and LaTeX versions.
-- :func:`pareto_front` is shared with the figures; :func:`write_index` writes ``report.md``, which links every
-  table and figure.
+- :func:`main_table` and :func:`ablation_table` (any method with several settings on a backbone) select and
+  format columns; :func:`write_tables` writes every table as Markdown, LaTeX (booktabs) and CSV through
+  :class:`analysis.table_files.Table`, with its footnote under the Markdown and LaTeX versions.
+- :func:`pareto_front` is shared with the figures; :func:`analysis.table_files.write_index` writes
+  ``report.md``, which links every table and figure.
 
 The report aggregates once (``aggregate(without_tradeoff(records))``) and passes that frame to every table and
 figure. Number formats and the method order live in :mod:`analysis.formatting`.
@@ -15,9 +16,10 @@ figure. Number formats and the method order live in :mod:`analysis.formatting`.
 Definitions: ``flops_ratio = GFLOPs / dense GFLOPs`` (per record, the record's own dense reference);
 ``speedup = img/s / dense img/s`` (per record, as measured in the same process); ``efficiency = speedup ×
 flops_ratio``, i.e. the measured speedup over the FLOP reduction (1 = wall clock follows FLOPs). Each is
-computed per record, then averaged over seeds. Rows are sorted by backbone, by method
-(:data:`analysis.formatting.METHOD_ORDER`), then by ``method_params``; numbers are printed with fixed formats,
-so the same records always give the same files.
+computed per record, then averaged over seeds. The dense reference is the method whose records declare the
+family ``none`` (``method_info.family``, from the registry). Rows are sorted by backbone, by method (the
+reference first, then by family and name: :func:`analysis.formatting.method_rank`), then by ``method_params``;
+numbers are printed with fixed formats, so the same records always give the same files.
 """
 from __future__ import annotations
 
@@ -32,19 +34,9 @@ import numpy as np
 import pandas as pd
 
 from . import load
-from .formatting import DASH, fmt, fmt_rate, format_value, mean_std, method_rank, plus_minus
-
-FOOTNOTE = (
-    "GFLOPs: mean per-image cost over the evaluation set, counting 1 multiply-add as 1 FLOP (fvcore and the "
-    "papers' convention, i.e. GMACs); LayerNorm, softmax, GELU, gather and top-k are not counted. "
-    "Throughput: images/s in eval mode under torch.inference_mode, inputs preloaded on the device, at least "
-    "10 warm-up iterations, the device synchronised around the timed region, the median of at least 5 "
-    "repeats; dense is measured interleaved in the same process and speedup = img/s ÷ dense img/s. "
-    "Efficiency = speedup ÷ (dense GFLOPs ÷ GFLOPs): 1 means the wall-clock speedup matches the FLOP saving. "
-    "Top-1 in %, mean ± sample std over seeds; Δ against dense of the same backbone (GFLOPs in %, top-1 in "
-    "points). Throughput columns are labelled device, batch size, dtype; — = not measured."
-)
-
+from .formatting import (DASH, REFERENCE, fmt, fmt_rate, format_value, mean_std, method_families, method_rank,
+                         plus_minus)
+from .table_files import FOOTNOTE, Table, latex_escape, write_index  # noqa: F401  (re-exported: tables.Table...)
 
 # --- ordering and labels --------------------------------------------------------------------------------------
 
@@ -135,7 +127,8 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
     Records of another ``kind`` than ``run`` (``measure``: costs of an untrained model) form their own rows,
     marked ``[measure]`` in ``setting`` and sorted after the run of the same setting.
 
-    Columns: ``model``, ``data``, ``slug``, ``method``, ``method_params``, ``params_key``, ``kind``, ``setting``,
+    Columns: ``model``, ``data``, ``slug``, ``method``, ``family`` (``—`` where no record declares one),
+    ``method_params``, ``params_key``, ``kind``, ``setting``,
     ``n_seeds``, ``seeds``, ``params``, then ``<metric>_mean``/``<metric>_std`` for ``top1``, ``top5``,
     ``gflops``, ``flops_ratio``, ``depth`` and, per condition ``c``, ``img_per_s[c]``, ``speedup[c]``,
     ``efficiency[c]``; and ``top1_delta`` (points) and ``gflops_change_pct`` against dense (NaN without a
@@ -145,8 +138,10 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     records = records.copy()
     records["depth"] = records["tokens"].map(mean_depth)
+    families = method_families(records)
+    records["family"] = records["method"].map(families)
     # a record without its own dense reference falls back to the dense records of its backbone
-    dense_g = records[records["method"] == "dense"].groupby(["model", "data"])["gflops"].mean()
+    dense_g = records[records["family"] == REFERENCE].groupby(["model", "data"])["gflops"].mean()
     fallback = [g / dense_g.get((m, d), math.nan) for m, d, g in zip(records["model"], records["data"],
                                                                         records["gflops"])]
     records["flops_ratio"] = records["flops_ratio"].fillna(pd.Series(fallback, index=records.index))
@@ -165,7 +160,7 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
         group = group.sort_values("seed", key=load.text_sort_key, kind="stable")
         row: dict[str, Any] = {
             "model": model, "data": data, "slug": backbone_slug(model, data, several[model] > 1),
-            "method": method, "method_params": group["method_params"].iloc[0], "params_key": pkey, "kind": kind,
+            "method": method, "family": families[method], "method_params": group["method_params"].iloc[0], "params_key": pkey, "kind": kind,
             "n_seeds": len(group), "seeds": ",".join(str(s) for s in group["seed"]),
             "params": group["params"].mean() if group["params"].notna().any() else math.nan,
         }
@@ -179,15 +174,16 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
                 row[f"{metric}_mean[{cond}]"], row[f"{metric}_std[{cond}]"] = mean_std(values)
         rows.append(row)
     frame = pd.DataFrame(rows)
-    frame["_order"] = [(m, d, method_rank(me), params_sort_key(p), k != "run", k) for m, d, me, p, k in
-                       zip(frame["model"], frame["data"], frame["method"], frame["method_params"], frame["kind"])]
+    frame["_order"] = [(m, d, method_rank(me, f), params_sort_key(p), k != "run", k) for m, d, me, f, p, k in
+                       zip(frame["model"], frame["data"], frame["method"], frame["family"], frame["method_params"],
+                           frame["kind"])]
     frame = frame.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
     frame["setting"] = ""
     for _, idx in frame.groupby(["model", "data", "method"], sort=False).groups.items():
         labels = setting_labels(list(frame.loc[idx, "method_params"]))
         frame.loc[idx, "setting"] = [label if kind == "run" else f"{label} [{kind}]"
                                      for label, kind in zip(labels, frame.loc[idx, "kind"])]
-    dense = frame[frame["method"] == "dense"].groupby(["model", "data"]).first()  # the run, if there is one
+    dense = frame[frame["family"] == REFERENCE].groupby(["model", "data"]).first()  # the run, if there is one
     dense_top1 = [dense["top1_mean"].get((m, d), math.nan) for m, d in zip(frame["model"], frame["data"])]
     frame["top1_delta"] = frame["top1_mean"] - np.asarray(dense_top1, dtype=float)
     frame["gflops_change_pct"] = (frame["flops_ratio_mean"] - 1.0) * 100.0
@@ -195,83 +191,7 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-# --- table files ----------------------------------------------------------------------------------------------
-
-class Table:
-    """A formatted table: ``display`` (strings, for Markdown and LaTeX), ``numeric`` (for CSV), ``title``,
-    ``align`` (one ``l``/``r`` per display column) and ``midrules`` (display row indices to rule above)."""
-
-    def __init__(self, title: str, display: pd.DataFrame, numeric: pd.DataFrame, align: str,
-                 midrules: Iterable[int] = ()) -> None:
-        self.title, self.display, self.numeric, self.align = title, display, numeric, align
-        self.midrules = sorted(set(midrules))
-
-    def to_markdown(self, footnote: str = FOOTNOTE) -> str:
-        header = list(self.display.columns)
-        widths = [max([len(h)] + [len(v) for v in self.display[h]]) for h in header]
-
-        def line(cells: list[str]) -> str:
-            return "| " + " | ".join(c.ljust(w) if a == "l" else c.rjust(w)
-                                     for c, w, a in zip(cells, widths, self.align)) + " |"
-
-        rule = "| " + " | ".join(("-" * w if a == "l" else "-" * (w - 1) + ":")
-                                 for w, a in zip(widths, self.align)) + " |"
-        body = [line(list(row)) for row in self.display.itertuples(index=False)]
-        text = [f"### {self.title}", "", line(header), rule, *body, ""]
-        if footnote:
-            text += [f"*Notes.* {footnote}", ""]
-        return "\n".join(text)
-
-    def to_latex(self, label: str, footnote: str = FOOTNOTE) -> str:
-        header = " & ".join(latex_escape(h) for h in self.display.columns) + r" \\"
-        body = []
-        for i, row in enumerate(self.display.itertuples(index=False)):
-            if i in self.midrules:
-                body.append(r"\midrule")
-            body.append(" & ".join(_latex_cell(v) for v in row) + r" \\")
-        lines = [
-            "% generated by analysis/tables.py; needs \\usepackage{booktabs,graphicx}",
-            r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_escape(self.title)}}}",
-            rf"\label{{{label}}}", r"\resizebox{\linewidth}{!}{%",
-            rf"\begin{{tabular}}{{{self.align}}}", r"\toprule", header, r"\midrule", *body, r"\bottomrule",
-            r"\end{tabular}}",
-        ]
-        if footnote:
-            lines += [r"\par\smallskip\footnotesize\raggedright " + latex_escape(footnote)]
-        lines += [r"\end{table}", ""]
-        return "\n".join(lines)
-
-    def to_csv(self) -> str:
-        return self.numeric.to_csv(index=False, float_format="%.10g", lineterminator="\n")
-
-    def write(self, stem: Path, label: str, footnote: str = FOOTNOTE) -> list[Path]:
-        """Write ``<stem>.md``, ``<stem>.tex`` and ``<stem>.csv``; returns the paths."""
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for suffix, text in ((".md", self.to_markdown(footnote)), (".tex", self.to_latex(label, footnote)),
-                             (".csv", self.to_csv())):
-            path = stem.with_suffix(suffix)
-            path.write_text(text, encoding="utf-8")
-            paths.append(path)
-        return paths
-
-
-_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "±": r"$\pm$", "×": r"$\times$", "÷": r"$\div$", "Δ": r"$\Delta$", "—": "--", "≥": r"$\geq$"}
-
-
-def latex_escape(text: Any) -> str:
-    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
-
-
-def _latex_cell(text: Any) -> str:
-    """A table cell: escaped, with a leading minus of a number typeset as a minus sign."""
-    text = str(text)
-    if re.match(r"-\d", text):
-        return "$-$" + latex_escape(text[1:])
-    return latex_escape(text)
-
+# --- tables ----------------------------------------------------------------------------------------------------
 
 def _condition_columns(row: pd.Series, conds: list[str], with_images: bool) -> dict:
     out = {}
@@ -307,7 +227,7 @@ def main_table(agg: pd.DataFrame, model: str, data: str) -> Table:
     conds = _present_conditions(agg, part)
     rows = []
     for _, row in part.iterrows():
-        dense = row["method"] == "dense"
+        dense = row["family"] == REFERENCE
         rows.append({
             "Method": row["method"], "Setting": row["setting"], "Seeds": str(row["n_seeds"]),
             "Params (M)": fmt(row["params"] / 1e6, ".2f"), "GFLOPs": fmt(row["gflops_mean"], ".3f"),
@@ -322,11 +242,12 @@ def main_table(agg: pd.DataFrame, model: str, data: str) -> Table:
     return Table(f"Main results: {model} on {data}", display, _numeric(part, conds), align, rules)
 
 
-def adavit_ablation(agg: pd.DataFrame, model: str, data: str, method: str = "adavit") -> Optional[Table]:
-    """A-ViT settings of one backbone side by side, one column per differing ``method_params`` key (ponder and
-    prior weights, gate constants, target depth, prior mode...); ``None`` without A-ViT records."""
+def ablation_table(agg: pd.DataFrame, model: str, data: str, method: str) -> Optional[Table]:
+    """The settings of ``method`` on one backbone side by side, one column per differing ``method_params`` key
+    (e.g. A-ViT's ponder and prior weights, a keep rate); ``None`` unless the method has several settings
+    (distinct ``method_params``; a run and a measure of one setting are one)."""
     part = agg[(agg["model"] == model) & (agg["data"] == data) & (agg["method"] == method)].reset_index(drop=True)
-    if part.empty:
+    if part["params_key"].nunique() < 2:
         return None
     conds = _present_conditions(agg, part)
     params = list(part["method_params"])
@@ -345,16 +266,16 @@ def adavit_ablation(agg: pd.DataFrame, model: str, data: str, method: str = "ada
     numeric = _numeric(part, conds)
     for k in reversed(keys):
         numeric.insert(5, k, [p.get(k) for p in params])
-    title = f"A-ViT ablation: {model} on {data}"
+    title = f"{method} ablation: {model} on {data}"
     return Table(title, display, numeric, "l" * len(keys) + "r" * (len(display.columns) - len(keys)))
 
 
 def write_tables(agg: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """Write the main table and the A-ViT ablation of every backbone of ``agg`` (:func:`aggregate` of
-    :func:`without_tradeoff` records: ``analysis.curves`` tabulates the tradeoff points) into ``out_dir``;
-    returns the paths.
+    """Write the main table of every backbone of ``agg`` (:func:`aggregate` of :func:`without_tradeoff`
+    records: ``analysis.curves`` tabulates the tradeoff points) and the ablation of every method with several
+    settings there into ``out_dir``; returns the paths.
 
-    Files: ``main_<backbone>.{md,tex,csv}``, ``adavit_ablation_<backbone>.{md,tex,csv}`` (backbone = model
+    Files: ``main_<backbone>.{md,tex,csv}``, ``<method>_ablation_<backbone>.{md,tex,csv}`` (backbone = model
     name, plus the data set name when a model was run on several) and ``all_settings.csv`` (every aggregate).
     """
     out = Path(out_dir)
@@ -363,42 +284,14 @@ def write_tables(agg: pd.DataFrame, out_dir: str | Path) -> list[Path]:
         return []
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for (model, data, slug), _ in agg.groupby(["model", "data", "slug"], sort=True):
+    for (model, data, slug), part in agg.groupby(["model", "data", "slug"], sort=True):
         paths += main_table(agg, model, data).write(out / f"main_{slug}", f"tab:main-{slug}")
-        ablation = adavit_ablation(agg, model, data)
-        if ablation is None:
-            print(f"note: no adavit records for {model} on {data}; no A-ViT ablation table")
-        else:
-            paths += ablation.write(out / f"adavit_ablation_{slug}", f"tab:adavit-{slug}")
+        for method in dict.fromkeys(part["method"]):  # agg order: the reference, then by family and name
+            ablation = ablation_table(agg, model, data, method)
+            if ablation is not None:
+                paths += ablation.write(out / f"{method}_ablation_{slug}", f"tab:{method}-{slug}")
     everything = out / "all_settings.csv"
     numeric = _numeric(agg)
     everything.write_text(numeric.to_csv(index=False, float_format="%.10g", lineterminator="\n"), encoding="utf-8")
     paths.append(everything)
     return paths
-
-
-def write_index(out_dir: str | Path, table_paths: Iterable[Path], figure_paths: Iterable[Path],
-                summary: str = "") -> Optional[Path]:
-    """Write ``<out_dir>/report.md``: the summary, every Markdown table inline, every PNG figure linked.
-    Nothing is written when there is nothing to index."""
-    table_paths, figure_paths = list(table_paths), list(figure_paths)
-    if not table_paths and not figure_paths:
-        return None
-    out = Path(out_dir)
-    lines = ["# Token-reduction benchmark report", "",
-             "Generated by `analysis/report.ipynb` (`make report`); do not edit by hand.", ""]
-    if summary:
-        lines += [summary, ""]
-    for path in table_paths:
-        if path.suffix == ".md":
-            lines += [path.read_text(encoding="utf-8").rstrip(), "",
-                      f"Also as [LaTeX]({path.with_suffix('.tex').name}) and [CSV]({path.with_suffix('.csv').name}).",
-                      ""]
-    lines += ["## Figures", ""]
-    for path in figure_paths:
-        if path.suffix == ".png":
-            lines += [f"### {path.stem}", "", f"![{path.stem}]({path.name}) ([PDF]({path.with_suffix('.pdf').name}))",
-                      ""]
-    index = out / "report.md"
-    index.write_text("\n".join(lines), encoding="utf-8")
-    return index

@@ -10,8 +10,8 @@ region, ``tokens.motion`` (``experiments/train/engine.py`` ``token_summary``).
 :func:`analysis.tables.aggregate`):
 
 - ``video_depth_<backbone>.{png,pdf}``: halting depth over time for up to :data:`MAX_CLIPS` clips of one
-  adaptive setting (A-ViT if it has maps, else the first non-dense method, in the suite's order, whose maps
-  vary): one row per clip, the filmstrip, then the patch depth of each time slot on a shared 0..depth scale;
+  adaptive setting (a method of the halting family, as its records declare, if one has maps, else the first
+  reduction method, in the report's order, whose maps vary): one row per clip, the filmstrip, then the patch depth of each time slot on a shared 0..depth scale;
 - ``video_motion_<backbone>.{md,tex,csv}``: per method and setting, seed mean ± std of the moving region's
   token share, its share of the blocks run, and its mean depth over the static tokens' (:data:`FOOTNOTE`).
 
@@ -28,12 +28,13 @@ import pandas as pd
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from . import load, plots, tables
-from .formatting import mean_std, plus_minus
+from . import load, tables
+from .figure_data import depth_of, records_of
+from .formatting import REFERENCE, mean_std, plus_minus
 from .style import figure_style, save_figure, wrap
 
 MAX_CLIPS = 4
-PREFERRED = "adavit"  # the halting method: its depth maps are the point of the figure
+PREFERRED_FAMILY = "halting"  # tokens stop per image: their depth maps are the point of the figure
 FOOTNOTE = (
     "Moving region = tokens whose tubelet holds a pixel that changes by > 0.25 (of the [0, 1] range) between "
     "frames; compute share = share of blocks run "
@@ -118,15 +119,16 @@ def _first_maps(group: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def depth_setting(part: pd.DataFrame, recs: pd.DataFrame) -> Optional[tuple[pd.Series, list[dict[str, Any]]]]:
-    """The setting whose maps the figure shows, with its maps: A-ViT's first setting with maps (trained runs
-    before measures), else the first non-dense setting, in ``agg`` order, whose depths vary."""
-    candidates = part[part["method"] != "dense"].sort_values("kind", key=lambda k: k != "run", kind="stable")
+    """The setting whose maps the figure shows, with its maps: the first setting of a halting-family method
+    with maps (trained runs before measures), else the first setting of a reduction method (not the family
+    ``none`` reference), in ``agg`` order, whose depths vary."""
+    candidates = part[part["family"] != REFERENCE].sort_values("kind", key=lambda k: k != "run", kind="stable")
     fallback = None
     for _, row in candidates.iterrows():
-        maps = _first_maps(plots._records_of(recs, row))
+        maps = _first_maps(records_of(recs, row))
         if not maps:
             continue
-        if row["method"] == PREFERRED:
+        if row["family"] == PREFERRED_FAMILY:
             return row, maps
         varies = len(np.unique(np.concatenate([m["depth"].ravel() for m in maps]))) > 1
         if fallback is None and varies:  # a constant map says nothing about where compute went
@@ -162,7 +164,7 @@ def plot_video_depth(part: pd.DataFrame, recs: pd.DataFrame, model: str, data: s
     row, maps = chosen
     maps = [m for m in maps if m["depth"].shape == maps[0]["depth"].shape][:max_clips]
     slots = maps[0]["depth"].shape[0]
-    depth = plots._depth_of(plots._records_of(recs, row)) or int(max(m["depth"].max() for m in maps))
+    depth = depth_of(records_of(recs, row)) or int(max(m["depth"].max() for m in maps))
     norm = Normalize(vmin=0, vmax=depth)
     with figure_style():
         fig = Figure(figsize=(1.3 * 2 * slots + 1.6, 1.45 * len(maps) + 0.6), layout="constrained")
@@ -190,7 +192,7 @@ def motion_frame(part: pd.DataFrame, recs: pd.DataFrame) -> pd.DataFrame:
     ``token_share``, ``depth_share`` and ``depth_ratio`` over seeds."""
     rows = []
     for _, row in part.iterrows():
-        values = [v for v in map(motion_values, plots._records_of(recs, row)["tokens"]) if v is not None]
+        values = [v for v in map(motion_values, records_of(recs, row)["tokens"]) if v is not None]
         if not values:
             continue
         out: dict[str, Any] = {"method": row["method"], "setting": row["setting"], "params_key": row["params_key"],

@@ -7,14 +7,15 @@ seconds with the default protocol.
 
 ``python experiments/bench.py cpu [--threads 1,2]`` (``make bench-cpu``): DeiT-S at 224 px on the CPU, batch 1,
 32 and 64, fp32, once per thread count. ``python experiments/bench.py embedded --checkpoint CK``: the embedded
-model, with the A-ViT checkpoint that ``make demo`` writes for ``adavit`` (the other methods on random weights:
-their token counts do not depend on the weights). ``--defaults-only`` keeps one row per method.
+model, with the A-ViT checkpoint that ``make demo`` writes (the other methods on random weights: their token
+counts do not depend on the weights). ``--defaults-only`` keeps one row per method.
 
 Each measurement is one ``measure.py`` run (``experiments/measure.py``: the same config, checks and record), so
 every row becomes a ``measure`` record in ``results/runs/`` with the device name in its throughput entries;
-one summary line per measurement goes to stdout. A-ViT on random weights uses gate constants that give
-0.6-0.7x dense FLOPs on the benchmark images (DeiT-S 10/4.0: 0.68x, DeiT-B 10/7: 0.61x; stronger: 10/3.5 and
-10/5, 0.60x and 0.53x); with a trained checkpoint the stronger row is ``inference_gate_shift=-2``.
+one summary line per measurement goes to stdout. The rows come from the registry: each method's default and
+the ``stronger`` setting its ``@register_method`` declares, or the pair it declares for a backbone where the
+defaults do not fit (``bench_settings``: A-ViT's gate constants for random weights, ToMe's r on 65 tokens). The
+method of ``--checkpoint`` (read from the file) runs on it at its own default and stronger setting.
 
 The committed CPU DeiT-S table was run as ``bench.py cpu --defaults-only --threads 1 measure.warmup=1
 measure.repeats=3`` and ``--threads 2 --batch-sizes [1,32]`` with the same overrides: at 5 img/s a full
@@ -28,7 +29,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 from tqdm import tqdm
@@ -39,38 +40,39 @@ if __package__ in (None, ""):
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "experiments" / "conf"
 
-# (method, overrides) at the default and one stronger setting, per backbone where the constants differ
-ADAVIT_GATES = {"deit_small": ((10, 4.0), (10, 3.5)), "deit_base": ((10, 7.0), (10, 5.0))}
-ADAVIT_TRAINED = ([], ["method.params.inference_gate_shift=-2"])  # a trained checkpoint: its gates, then the knob
+
+def overrides_of(params: dict) -> list[str]:
+    """``{"keep_rate": 0.5}`` -> ``["method.params.keep_rate=0.5"]`` (Hydra's syntax for the value)."""
+    return [f"method.params.{key}={_hydra_value(value)}" for key, value in params.items()]
 
 
-def settings(model: str) -> list[tuple[str, list[str]]]:
-    """The (method, overrides) rows of a table on ``model``."""
-    rows = [("dense", [])]
-    if model in ADAVIT_GATES:
-        rows += [("adavit", [f"method.params.gate_scale={scale}", f"method.params.gate_center={center}"])
-                 for scale, center in ADAVIT_GATES[model]]
-    else:
-        rows += [("adavit", overrides) for overrides in ADAVIT_TRAINED]
-    for rate in (0.7, 0.5):
-        rows += [(name, [f"method.params.keep_rate={rate}"]) for name in ("dynamicvit", "evit", "topk", "random")]
-    rows += [("tome", ["method.params.r=13"]), ("tome", ["method.params.r=16"])]
-    rows += [("ats", []), ("ats", ["method.params.budget=0.5"])]  # the official K = N, then a per-stage budget
-    for rate in (0.7, 0.5):  # TokenReduction's family (methods/staged.py)
-        rows += [(name, [f"method.params.keep_rate={rate}"])
-                 for name in ("kmedoids", "dpcknn", "sit", "patchmerger", "sinkhorn")]
-    # the heuristic's default contiguous mode ignores the keep rate: the default, then the rate-driven mode
-    rows += [("heuristic", []), ("heuristic", ["method.params.contiguous=false", "method.params.keep_rate=0.5"])]
-    if model == "deit_digits":  # 65 tokens: ToMe's r must leave tokens after 12 blocks
-        rows = [row for row in rows if row[0] != "tome"] + [("tome", ["method.params.r=4"]),
-                                                           ("tome", ["method.params.r=5"])]
+def _hydra_value(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    return str(value)
+
+
+def settings(model: str, trained: Iterable[str] = ()) -> list[tuple[str, list[str]]]:
+    """The (method, overrides) rows of a table on ``model``: every registered method at the settings its
+    registration declares (:func:`methods.bench_settings`), the dense reference first. A method in ``trained``
+    runs on a trained checkpoint, so it keeps its own default and stronger setting on every backbone."""
+    import methods
+
+    rows = []
+    for name in sorted(methods.list_methods(), key=lambda n: (methods.method_spec(n).family != "none", n)):
+        chosen = methods.bench_settings(name, None if name in trained else model)
+        rows += [(name, overrides_of(params)) for params in chosen]
     return rows
 
 
 TABLES = {
-    "gpu": dict(models=("deit_small", "deit_base"), device="cuda", batch_sizes="[1,64,256]", dtypes="[fp32,bf16]"),
-    "cpu": dict(models=("deit_small",), device="cpu", batch_sizes="[1,32,64]", dtypes="[fp32]"),
-    "embedded": dict(models=("deit_digits",), device="cpu", batch_sizes="[1,32,64]", dtypes="[fp32]"),
+    "gpu": dict(models=("deit_small", "deit_base"), device="cuda", batch_sizes=(1, 64, 256), dtypes="[fp32,bf16]"),
+    "cpu": dict(models=("deit_small",), device="cpu", batch_sizes=(1, 32, 64), dtypes="[fp32]"),
+    "embedded": dict(models=("deit_digits",), device="cpu", batch_sizes=(1, 32, 64), dtypes="[fp32]"),
 }
 
 
@@ -84,42 +86,87 @@ def compose(overrides: list[str]):
         return hydra_compose("config", overrides=overrides)
 
 
-def plan_rows(table: str, threads: list[Optional[int]], checkpoint: Optional[str], extra: list[str],
-              run_dir: Path, defaults_only: bool = False) -> list[list[str]]:
+def checkpoint_method(path: Path) -> str:
+    """The method a suite checkpoint was trained with (its ``method`` entry); a plain timm one names none."""
+    from experiments.train.checkpoints import read_checkpoint
+
+    import methods
+
+    name = read_checkpoint(str(path)).get("method")
+    if not isinstance(name, str):
+        raise ValueError(f"--checkpoint={path}: names no method (a suite checkpoint from run.py is needed)")
+    if name not in methods.list_methods():
+        raise ValueError(f"--checkpoint={path}: its method {name!r} is not registered; registered: "
+                         f"{', '.join(methods.list_methods())}")
+    return name
+
+
+def plan_rows(table: str, threads: Sequence[Optional[int]], checkpoint: Optional[tuple[str, Path]],
+              extra: list[str], run_dir: Path, defaults_only: bool = False,
+              batch_sizes: Optional[Sequence[int]] = None) -> list[list[str]]:
+    """Every measurement of ``table`` as its Hydra overrides; ``checkpoint`` is (its method, its path)."""
+    import methods
+
     spec = TABLES[table]
+    sizes = "[" + ",".join(str(b) for b in (batch_sizes or spec["batch_sizes"])) + "]"
+    trained = [checkpoint[0]] if checkpoint else []
     rows = []
     for model in spec["models"]:
         for thread in threads:
             seen = set()
-            for method, params in settings(model):
+            for method, params in settings(model, trained):
                 if defaults_only and method in seen:
                     continue
                 seen.add(method)
                 overrides = [f"method={method}", f"model={model}", f"device={spec['device']}",
-                             f"measure.batch_sizes={spec['batch_sizes']}", f"measure.dtypes={spec['dtypes']}",
+                             f"measure.batch_sizes={sizes}", f"measure.dtypes={spec['dtypes']}",
                              "progress=false", f"paths.run_dir={run_dir}", *params]
-                if method != "dense":  # the dense row is the table's wrapper-vs-timm harness check
+                if methods.method_spec(method).family != "none":  # the dense row: the wrapper-vs-timm check
                     overrides.append("measure.wrapper_check=false")
                 if model != "deit_digits":
                     overrides.append("measure.num_classes=1000")
-                if thread:
+                if thread is not None:
                     overrides.append(f"measure.threads={thread}")
-                if checkpoint and method == "adavit":
-                    overrides.append(f"model.checkpoint={checkpoint}")
+                if method in trained:
+                    overrides.append(f"model.checkpoint={checkpoint[1]}")
                 rows.append(overrides + extra)
     return rows
 
 
+def positive_ints(text: str) -> list[int]:
+    """``"1,2"`` or ``"[1,32]"`` -> ``[1, 2]``; anything but positive integers is refused by argparse, which
+    names the flag."""
+    parts = text.strip().removeprefix("[").removesuffix("]").split(",")
+    try:
+        values = [int(part) for part in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive integers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be a positive integer (1 or more)")
+    return values
+
+
+def parser() -> argparse.ArgumentParser:
+    parse = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
+    parse.add_argument("table", choices=sorted(TABLES))
+    parse.add_argument("--threads", type=positive_ints, default=None,
+                       help="CPU thread counts, e.g. 1,2 (default: torch's)")
+    parse.add_argument("--checkpoint", type=Path, default=None,
+                       help="a trained suite checkpoint (`make demo`'s A-ViT on embedded): its method runs on it")
+    parse.add_argument("--batch-sizes", type=positive_ints, default=None,
+                       help="replace the table's batch sizes, e.g. 1,32")
+    parse.add_argument("--defaults-only", action="store_true", help="each method at its default setting only")
+    parse.add_argument("--dry-run", action="store_true", help="print the measurements, run nothing")
+    parse.add_argument("overrides", nargs="*", help="extra Hydra overrides (key=value) for every measurement")
+    return parse
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("table", choices=sorted(TABLES))
-    parser.add_argument("--threads", default=None, help="CPU thread counts, e.g. 1,2 (default: torch's)")
-    parser.add_argument("--checkpoint", default=None, help="embedded: the A-ViT checkpoint `make demo` wrote")
-    parser.add_argument("--batch-sizes", default=None, help="replace the table's batch sizes, e.g. [1,32]")
-    parser.add_argument("--defaults-only", action="store_true", help="each method at its default setting only")
-    parser.add_argument("--dry-run", action="store_true", help="print the measurements, run nothing")
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every measurement")
-    args = parser.parse_intermixed_args(argv)
+    parse = parser()
+    args = parse.parse_intermixed_args(argv)
+    bad = [item for item in args.overrides if "=" not in item]
+    if bad:
+        parse.error(f"overrides must be key=value Hydra overrides, got {bad}")
     if TABLES[args.table]["device"] == "cuda" and not torch.cuda.is_available() and not args.dry_run:
         print("bench.py gpu: no CUDA GPU is available here; nothing was run or written", file=sys.stderr)
         return 2
@@ -127,14 +174,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("bench.py embedded: --checkpoint is required (the A-ViT checkpoint `make demo` writes: "
               "outputs/<date>/<time>_adavit_deit_digits_s0/checkpoints/final.pth)", file=sys.stderr)
         return 2
-    if args.checkpoint and not Path(args.checkpoint).is_file():
-        print(f"bench.py: --checkpoint={args.checkpoint!r} is not a file", file=sys.stderr)
-        return 2
-    threads = [int(t) for t in args.threads.split(",")] if args.threads else [None]
+    checkpoint = None
+    if args.checkpoint:
+        if not args.checkpoint.is_file():
+            print(f"bench.py: --checkpoint={str(args.checkpoint)!r} is not a file", file=sys.stderr)
+            return 2
+        try:
+            checkpoint = (checkpoint_method(args.checkpoint), args.checkpoint)
+        except ValueError as error:
+            print(f"bench.py: {error}", file=sys.stderr)
+            return 2
     run_dir = ROOT / "outputs" / "bench" / time.strftime("%Y%m%dT%H%M%S")
-    if args.batch_sizes:
-        TABLES[args.table]["batch_sizes"] = args.batch_sizes
-    rows = plan_rows(args.table, threads, args.checkpoint, args.overrides, run_dir, args.defaults_only)
+    rows = plan_rows(args.table, args.threads or [None], checkpoint, args.overrides, run_dir,
+                     args.defaults_only, args.batch_sizes)
     if args.dry_run:
         for overrides in rows:
             print(" ".join(overrides))

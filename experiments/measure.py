@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, TensorDataset
 if __package__ in (None, ""):  # run as a script: make the repository importable, as experiments/run.py does
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import methods  # noqa: E402
 from experiments import pipeline, records  # noqa: E402
 from experiments.config import register_configs  # noqa: E402
 from experiments.cost import costs
@@ -82,7 +83,7 @@ def measure_run(cfg: DictConfig) -> dict[str, Any]:
         "measure", OmegaConf.to_container(cfg, resolve=True), plan.method_name, plan.recorded_params,
         {**dict.fromkeys(metrics.METRICS), "num_images": count}, tokens, measured,
         {"epochs": 0, "history": [], "wall_time_s": 0.0, "init": weights}, start_time, config.paths.run_dir,
-        sum(p.numel() for p in method.parameters()), method.record_info(),
+        sum(p.numel() for p in method.parameters()), methods.method_info(plan.method_name, method),
         subset_metrics={**result.metrics, "weights": weights})
     if measure.record:
         record["path"] = str(records.write_record(Path(config.paths.results_dir), record))

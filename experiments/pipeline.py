@@ -184,7 +184,7 @@ def write_record(session: Session, method: methods.TokenReducer, result: engine.
                                      scan_digest() if scan_digest else None)
     record = records.build_record(
         kind, config, plan.method_name, recorded, result.metrics, tokens, measured, session.train_summary,
-        start_time, plan.config.paths.run_dir, sum(p.numel() for p in method.parameters()), method.record_info(),
+        start_time, plan.config.paths.run_dir, sum(p.numel() for p in method.parameters()), methods.method_info(plan.method_name, method),
         data_read=data_read(session.data), identity=ident,
         weights={"start_sha256": session.start_sha256, "evaluated_sha256": session.evaluated_sha256}, **extra)
     path = records.write_record(Path(plan.config.paths.results_dir), record)

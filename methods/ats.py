@@ -230,7 +230,7 @@ def parse_budget(budget: Budget, num_tokens: int, stages: int, key: str = "metho
 
 
 @register_method("ats", family="pruning", inference_knob="budget",
-                 tradeoff_values=(0.2, 0.3, 0.4, 0.5, 0.65, 0.8, 1.0))
+                 tradeoff_values=(0.2, 0.3, 0.4, 0.5, 0.65, 0.8, 1.0), stronger={"budget": 0.5})
 def build_ats(vit: nn.Module, budget: Budget = None, locations: Optional[Sequence[int]] = None,
               attn_group: Optional[int] = None) -> ATS:
     """ATS: keep the distinct tokens an inverse-CDF sampler draws from CLS attention x value norm (per image).

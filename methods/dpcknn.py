@@ -166,7 +166,7 @@ class DPCKNN(StagedReduction):
 
 
 @register_method("dpcknn", family="clustering", inference_knob="keep_rate", finetune=True,
-                 tradeoff_values=KEEP_RATE_GRID)
+                 tradeoff_values=KEEP_RATE_GRID, stronger={"keep_rate": 0.5})
 def build_dpcknn(vit: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9),
                  patch_counts: Optional[Sequence[int]] = None, k_neighbors: int = 5, equal_weight: bool = False,
                  backbone_lr_scale: float = 1.0) -> DPCKNN:

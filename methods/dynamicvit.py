@@ -240,7 +240,7 @@ def _kept_token_mse(out: MethodOutput, teacher_out: MethodOutput) -> Tensor:
 
 
 @register_method("dynamicvit", family="pruning", inference_knob="inference_keep_rate", finetune=True,
-                 tradeoff_values=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
+                 tradeoff_values=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), stronger={"keep_rate": 0.5})
 def build_dynamicvit(
     vit: nn.Module,
     keep_rate: float = 0.7,

@@ -149,7 +149,8 @@ def check_bool(value, key: str) -> bool:
 KEEP_RATE_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # default trade-off grid of keep_rate (also topk, random)
 
 
-@register_method("evit", family="pruning", inference_knob="keep_rate", tradeoff_values=KEEP_RATE_GRID)
+@register_method("evit", family="pruning", inference_knob="keep_rate", tradeoff_values=KEEP_RATE_GRID,
+                 stronger={"keep_rate": 0.5})
 def build_evit(vit: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9),
                fuse: bool = True) -> EViT:
     """EViT: keep the tokens with the highest CLS attention inside blocks 3/6/9, fuse the rest into one."""

@@ -204,7 +204,8 @@ class Heuristic(StagedReduction):
         return {**super().record_info(), "radii": list(self.radii)}
 
 
-@register_method("heuristic", family="pruning", inference_knob=None, finetune=False)
+@register_method("heuristic", family="pruning", inference_knob=None, finetune=False,
+                 stronger={"contiguous": False, "keep_rate": 0.5})  # contiguous mode ignores the keep rate
 def build_heuristic(vit: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9),
                     pattern: Pattern = "l1", contiguous: bool = True, min_radius: float = 1.0) -> Heuristic:
     """Heuristic: keep the patches nearest the grid centre, a radius shrinking over blocks 3-9 (fixed mask)."""

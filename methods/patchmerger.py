@@ -111,7 +111,8 @@ class PatchMerger(SoftMixing):
         return macs
 
 
-@register_method("patchmerger", family="merging", inference_knob=None, finetune=True)
+@register_method("patchmerger", family="merging", inference_knob=None, finetune=True,
+                 stronger={"keep_rate": 0.5})
 def build_patchmerger(vit: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9),
                       patch_counts: Optional[Sequence[int]] = None, scaled_attention: bool = False,
                       mix_normalized: bool = True, backbone_lr_scale: float = 1.0) -> PatchMerger:

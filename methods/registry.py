@@ -32,6 +32,10 @@ class MethodSpec:
     tradeoff_values: Optional[tuple]  # default grid of the knob for experiments/tradeoff.py; None without a knob
     summary: str  # one line for the README's method table
     family: Optional[str]  # how it reduces, one of FAMILIES (None: undeclared); the report compares families
+    stronger: Optional[dict] = None  # the one stronger setting the benchmark tables time next to the default
+    # backbone -> (default, stronger) parameters where the defaults do not fit that backbone's benchmark (random
+    # weights, few tokens); experiments/bench.py reads it, so no backbone constant is written there
+    bench_settings: Optional[dict] = None
 
 
 # pruning: keeps a subset of the tokens as they are; merging: mixes tokens pairwise or softly into fewer;
@@ -44,11 +48,14 @@ _SPECS: dict[str, MethodSpec] = {}
 
 
 def register_method(name: str, *, family: Optional[str] = None, inference_knob: Optional[str] = None, finetune: bool = False,
-                    tradeoff_values: Optional[Sequence] = None, summary: Optional[str] = None) -> Callable:
+                    tradeoff_values: Optional[Sequence] = None, summary: Optional[str] = None,
+                    stronger: Optional[Mapping[str, Any]] = None,
+                    bench_settings: Optional[Mapping[str, Sequence[Mapping[str, Any]]]] = None) -> Callable:
     """Decorator filing a factory ``fn(vit, **params) -> TokenReducer`` under ``name`` (see :class:`MethodSpec`).
 
     ``summary`` defaults to the first line of the factory's docstring. The knob must be a factory parameter,
-    and a grid needs a knob and distinct values."""
+    and a grid needs a knob and distinct values. ``stronger`` and each ``bench_settings`` pair name factory
+    parameters only (their values are checked when a run is planned)."""
 
     def decorate(factory: Callable[..., TokenReducer]) -> Callable[..., TokenReducer]:
         if name in _SPECS:
@@ -61,7 +68,9 @@ def register_method(name: str, *, family: Optional[str] = None, inference_knob: 
             raise ValueError(f"method {name!r}: family={family!r} is not one of: {', '.join(FAMILIES)}")
         _SPECS[name] = MethodSpec(name, factory, inference_knob, finetune,
                                   _check_grid(name, inference_knob, tradeoff_values),
-                                  summary if summary is not None else _first_line(factory.__doc__), family)
+                                  summary if summary is not None else _first_line(factory.__doc__), family,
+                                  _check_setting(name, factory, "stronger", stronger),
+                                  _check_bench_settings(name, factory, bench_settings))
         return factory
 
     return decorate
@@ -77,6 +86,45 @@ def _check_grid(name: str, knob: Optional[str], values: Optional[Sequence]) -> O
     if len({repr(v) for v in values}) != len(values):
         raise ValueError(f"method {name!r}: tradeoff_values={list(values)!r} repeats a value")
     return tuple(values)
+
+
+def _check_setting(name: str, factory: Callable, key: str, setting: Optional[Mapping]) -> Optional[dict]:
+    if setting is None:
+        return None
+    if not isinstance(setting, Mapping):
+        raise ValueError(f"method {name!r}: {key}={setting!r} must be a mapping of parameter -> value")
+    unknown = sorted(set(setting) - set(list(inspect.signature(factory).parameters)[1:]))
+    if unknown:
+        raise ValueError(f"method {name!r}: {key} names {unknown}, which are not factory parameters")
+    return dict(setting)
+
+
+def _check_bench_settings(name: str, factory: Callable, settings: Optional[Mapping]) -> Optional[dict]:
+    if settings is None:
+        return None
+    checked = {}
+    for model, pair in settings.items():
+        if isinstance(pair, (str, bytes, Mapping)) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise ValueError(f"method {name!r}: bench_settings[{model!r}]={pair!r} must be a (default, stronger) "
+                             f"pair of parameter mappings")
+        checked[model] = tuple(_check_setting(name, factory, f"bench_settings[{model!r}]", s) for s in pair)
+    return checked
+
+
+def bench_settings(name: str, model: Optional[str] = None) -> list[dict]:
+    """The settings a benchmark table times for method ``name`` on backbone ``model``: the default and the
+    registered ``stronger`` one (the backbone's own pair where the registration gives one; the default alone
+    for a method with nothing to make stronger, e.g. the dense reference). ``model=None``: trained weights,
+    so no backbone pair applies."""
+    spec = method_spec(name)
+    if model is not None and spec.bench_settings and model in spec.bench_settings:
+        return [dict(setting) for setting in spec.bench_settings[model]]
+    return [{}] if spec.stronger is None else [{}, dict(spec.stronger)]
+
+
+def method_info(name: str, method: TokenReducer) -> dict[str, Any]:
+    """What a record keeps about the built method: its registered family, then ``method.record_info()``."""
+    return {"family": method_spec(name).family, **method.record_info()}
 
 
 def _first_line(doc: Optional[str]) -> str:

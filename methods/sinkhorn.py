@@ -149,7 +149,8 @@ def check_positive_finite(value, key: str) -> float:
     return float(value)
 
 
-@register_method("sinkhorn", family="clustering", inference_knob=None, finetune=True)
+@register_method("sinkhorn", family="clustering", inference_knob=None, finetune=True,
+                 stronger={"keep_rate": 0.5})
 def build_sinkhorn(vit: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9),
                    patch_counts: Optional[Sequence[int]] = None, iterations: int = 3, epsilon: float = 1.0,
                    backbone_lr_scale: float = 1.0) -> Sinkhorn:

@@ -116,7 +116,8 @@ class SiT(SoftMixing):
         return macs
 
 
-@register_method("sit", family="merging", inference_knob=None, finetune=True)
+@register_method("sit", family="merging", inference_knob=None, finetune=True,
+                 stronger={"keep_rate": 0.5})
 def build_sit(vit: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9),
               patch_counts: Optional[Sequence[int]] = None, backbone_lr_scale: float = 1.0) -> SiT:
     """SiT: a learned MLP mixes the patches into fewer tokens before blocks 3/6/9 (softmax over tokens, trained)."""

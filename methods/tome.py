@@ -126,7 +126,8 @@ def parse_r(r: Union[int, Sequence[int]], depth: int, key: str = "method.params.
     return schedule + [0] * (depth - len(schedule))
 
 
-@register_method("tome", family="merging", inference_knob="r", tradeoff_values=(0, 1, 2, 3, 4, 6, 8, 13, 16))
+@register_method("tome", family="merging", inference_knob="r", tradeoff_values=(0, 1, 2, 3, 4, 6, 8, 13, 16),
+                 stronger={"r": 16}, bench_settings={"deit_digits": ({"r": 4}, {"r": 5})})  # 65 tokens: r=13 empties them
 def build_tome(vit: nn.Module, r: Union[int, Sequence[int]] = 13, prop_attn: bool = True) -> ToMe:
     """ToMe: merge the r most similar token pairs in every block (bipartite matching), proportional attention."""
     return ToMe(vit, r=r, prop_attn=prop_attn)

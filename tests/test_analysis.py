@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import formatting, load, plots, run_report, tables
+from analysis import depth_figures, formatting, load, plots, run_report, tables
 from analysis.load import RecordWarning
 from test_curves import point_record
 
@@ -192,15 +192,29 @@ def test_table_values_match_hand_computed_aggregates():
     assert row["top1_std"] == pytest.approx(0.5)
 
 
-def test_adavit_ablation_has_one_column_per_differing_param():
+def test_ablation_has_one_column_per_differing_param():
     agg = tables.aggregate(fixture_records())
-    ablation = tables.adavit_ablation(agg, "deit_digits", "digits")
+    ablation = tables.ablation_table(agg, "deit_digits", "digits", "adavit")
     assert list(ablation.display.columns[:3]) == ["ponder_weight", "prior", "target_depth"]
     assert len(ablation.display) == 3
     row = table_row(ablation, prior="official")
     assert row["target_depth"] == "6" and row["Top-1 (%)"] == "94.00 ± 0.00" and row["Δ Top-1"] == "-3.50"
     assert "gate_scale" not in ablation.display.columns  # the same in every setting
-    assert tables.adavit_ablation(agg[agg["method"] != "adavit"], "deit_digits", "digits") is None
+    assert tables.ablation_table(agg, "deit_digits", "digits", "no_such_method") is None
+    assert tables.ablation_table(agg, "deit_digits", "digits", "dense") is None  # one setting: nothing to ablate
+    # any method with several settings gets one, e.g. the fixtures' top-k at two keep ratios
+    topk = tables.ablation_table(agg, "deit_digits", "digits", "topk")
+    assert list(topk.display.columns[:1]) == ["keep_ratio"] and len(topk.display) == 2
+    assert topk.title == "topk ablation: deit_digits on digits"
+
+
+def test_every_method_with_several_settings_gets_an_ablation_file(tmp_path):
+    agg = tables.aggregate(fixture_records())
+    names = {p.name for p in tables.write_tables(agg, tmp_path) if p.suffix == ".md"}
+    runs = agg[agg["model"] == "deit_digits"]
+    several = {m for m, n in runs.groupby("method")["params_key"].nunique().items() if n > 1}
+    assert {n.removesuffix("_ablation_deit_digits.md") for n in names if "_ablation_" in n} == several
+    assert "adavit" in several and "dense" not in several
 
 
 def test_table_files_are_written_and_deterministic(tmp_path):
@@ -220,7 +234,9 @@ def test_table_files_are_written_and_deterministic(tmp_path):
     assert "LayerNorm, softmax, GELU, gather" in markdown and "median of at least 5" in markdown
     rows = [line for line in markdown.splitlines() if line.startswith("| ")][2:]
     methods = [line.split("|")[1].strip() for line in rows]
-    assert methods[0] == "dense" and methods.index("adavit") < methods.index("evit") < methods.index("random")
+    # the reference (family none) first, then by family (clustering, halting, merging, pruning), then by name
+    assert methods[0] == "dense" and methods.index("adavit") < methods.index("tome") < methods.index("evit") \
+        < methods.index("random")
 
 
 def test_missing_flops_and_throughput_give_nan_columns_and_skipped_figures(tmp_path, capsys):
@@ -271,10 +287,10 @@ def test_pareto_front_on_crafted_points():
 def test_kept_iou_by_hand():
     a = np.array([[12, 3], [5, 1]])
     b = np.array([[12, 12], [2, 1]])
-    assert plots.kept_iou(a, b, 0) == pytest.approx(1.0)  # every patch saw block 0
-    assert plots.kept_iou(a, b, 2) == pytest.approx(2 / 3)  # kept: a {0,1,2}, b {0,1}
-    assert plots.kept_iou(a, b, 4) == pytest.approx(1 / 3)  # kept: a {0,2}, b {0,1}
-    assert math.isnan(plots.kept_iou(a, b, 12))
+    assert depth_figures.kept_iou(a, b, 0) == pytest.approx(1.0)  # every patch saw block 0
+    assert depth_figures.kept_iou(a, b, 2) == pytest.approx(2 / 3)  # kept: a {0,1,2}, b {0,1}
+    assert depth_figures.kept_iou(a, b, 4) == pytest.approx(1 / 3)  # kept: a {0,2}, b {0,1}
+    assert math.isnan(depth_figures.kept_iou(a, b, 12))
 
 
 def test_token_maps_in_the_engine_layout_and_alternatives():
@@ -338,10 +354,10 @@ def _drawn_panels(monkeypatch, draw) -> dict[str, object]:
     return {ax.get_title().replace("\n", " "): ax for fig in figures for ax in fig.axes if ax.get_visible()}
 
 
-def test_adavit_depth_figure_draws_the_prior_target_its_records_carry(monkeypatch, capsys):
+def test_depth_prior_figure_draws_the_prior_target_its_records_carry(monkeypatch, capsys):
     records = fixture_records()
     agg = tables.aggregate(records)
-    panels = _drawn_panels(monkeypatch, lambda: plots.plot_adavit_depth(agg, records, "unused"))
+    panels = _drawn_panels(monkeypatch, lambda: plots.plot_depth_prior(agg, records, "unused"))
     official = next(ax for title, ax in panels.items() if "prior=official" in title)
     [line] = [line for line in official.get_lines() if line.get_label().startswith("prior target")]
     recorded = raw_records("adavit", prior="official")[0]["method_info"]["prior_target"]
@@ -357,11 +373,23 @@ def test_adavit_depth_figure_draws_the_prior_target_its_records_carry(monkeypatc
     without = (stripped["method"] == "adavit") & stripped["params_key"].str.contains('"prior":"official"')
     stripped.loc[without, "method_info"] = None  # records written before method_info existed
     capsys.readouterr()
-    panels = _drawn_panels(monkeypatch, lambda: plots.plot_adavit_depth(agg, stripped, "unused"))
+    panels = _drawn_panels(monkeypatch, lambda: plots.plot_depth_prior(agg, stripped, "unused"))
     official = next(ax for title, ax in panels.items() if "prior=official" in title)
     assert not [line for line in official.get_lines() if line.get_label().startswith("prior target")]
     assert official.patches  # the histogram is still drawn
     assert "no method_info.prior_target" in capsys.readouterr().out
+
+
+def test_depth_prior_figure_for_any_method_whose_records_carry_a_target(monkeypatch):
+    """Not a method list: a top-k record given a prior target gets its own figure next to A-ViT's."""
+    records = fixture_records()
+    target = [1.0 / 12] * 12
+    records["method_info"] = [{**(info or {}), "prior_target": target} if method == "topk" else info
+                              for method, info in zip(records["method"], records["method_info"])]
+    stems = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, out_dir, stem: stems.append(stem) or [])
+    plots.plot_depth_prior(tables.aggregate(records), records, "unused")
+    assert sorted(stems) == ["adavit_depth_deit_digits", "topk_depth_deit_digits"]
 
 
 def test_a_backbone_with_dense_records_only_gets_notes_not_a_crash(tmp_path):
@@ -379,7 +407,7 @@ def test_a_backbone_with_dense_records_only_gets_notes_not_a_crash(tmp_path):
 
 def test_kept_iou_frame_on_fixtures_is_symmetric_with_unit_diagonal():
     records = fixture_records()
-    frame = plots.kept_iou_frame(tables.aggregate(records), records, "deit_digits", "digits")
+    frame = depth_figures.kept_iou_frame(tables.aggregate(records), records, "deit_digits", "digits")
     assert set(frame["block"]) == {3, 6, 9, 11}
     assert "dense" not in set(frame["method_a"])
     diagonal = frame[frame["method_a"] == frame["method_b"]]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import methods
 from analysis import curves, load, tables
 from analysis.load import RecordWarning
 
@@ -17,11 +18,13 @@ B32 = "cpu b32 fp32"
 
 def point_record(method: str, knob: str, value, seed: int, top1: float, ratio: float, img_s: float = 1000.0,
                  **params) -> dict:
-    """A minimal, complete ``tradeoff`` record (the fields analysis reads)."""
+    """A minimal, complete ``tradeoff`` record (the fields analysis reads; the family as the harness writes it,
+    from the registration)."""
     dense = 0.05
     return {
         "schema_version": 1, "record_id": f"{method}_{knob}_{value}_s{seed}_{sorted(params.items())}",
         "kind": "tradeoff", "status": "complete", "method": method, "method_params": {**params, knob: value},
+        "method_info": {"family": methods.method_spec(method).family},
         "model": "deit_digits", "architecture": "deit_digits_patch4_32", "data": "digits", "seed": seed,
         "metrics": {"top1": top1, "top5": 100.0, "num_images": 360},
         "flops": {"gflops": ratio * dense, "dense_gflops": dense, "flops_ratio": ratio},

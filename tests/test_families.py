@@ -1,5 +1,6 @@
-"""``analysis.families``: the family comparison at matched FLOPs on crafted records, worked out by hand, and the
-report's copy of each method's family against the registry."""
+"""``analysis.families``: the family comparison at matched FLOPs on crafted records, worked out by hand, and
+each method's family and order as the report reads them from the records (``method_info.family``, which the
+harness writes from the registry)."""
 from __future__ import annotations
 
 import math
@@ -19,9 +20,26 @@ def run_record(method: str, seed: int, top1: float, ratio: float, **params) -> d
     return record
 
 
-def test_report_families_equal_the_registrations():
-    assert {name: formatting.METHOD_FAMILY.get(name) for name in methods.list_methods()} == \
-        {name: methods.method_spec(name).family for name in methods.list_methods()}
+def test_the_report_reads_each_family_from_the_records(tmp_path):
+    """Families come from ``method_info.family`` alone: a record without one shows ``—`` and sorts last; the
+    reference (``none``) sorts first, then by family, then by name. No method list is involved: a method
+    the report has never seen (``zz_new``) sorts by the family its records declare."""
+    new = run_record("topk", 0, 50.0, 0.5, keep_rate=0.5)
+    new.update(method="zz_new", record_id="zz_new", method_info={"family": "clustering"})
+    old = run_record("evit", 0, 60.0, 0.6, keep_rate=0.6)
+    del old["method_info"]  # written before the harness recorded families
+    records = [run_record(name, 0, 90.0, 0.7) for name in methods.list_methods()] + [new, old]
+    frame = load.load_records(write(tmp_path, records))
+    families = formatting.method_families(frame)
+    assert families == {**{n: methods.method_spec(n).family for n in methods.list_methods()},
+                        "zz_new": "clustering", "evit": methods.method_spec("evit").family}
+    assert formatting.method_families(frame[frame["record_id"] == "zz_new"]) == {"zz_new": "clustering"}
+    assert formatting.family_of(None) == formatting.family_of({}) == formatting.DASH
+    agg = tables.aggregate(frame)
+    assert list(agg["family"]) == sorted(agg["family"], key=lambda f: (f != "none", f == formatting.DASH, f))
+    ranks = sorted(["b", "a", "c", "d"], key=lambda m: formatting.method_rank(
+        m, {"a": "pruning", "b": "none", "c": formatting.DASH, "d": "merging"}[m]))
+    assert ranks == ["b", "d", "a", "c"]
 
 
 def test_best_of_each_family_at_matched_flops(tmp_path):
@@ -49,7 +67,8 @@ def test_best_of_each_family_at_matched_flops(tmp_path):
     assert all(math.isnan(got[(t, "clustering")][2]) for t in curves.TARGETS)
     paths = families.write_family_tables(agg, frame, tmp_path / "report")
     text = (tmp_path / "report" / "families_deit_digits.md").read_text()
-    assert re.search(r"\| 65% of dense \| 88\.25 \(topk, runs\) +\| 77\.50 \(tome, curve\) +\|", text), text
+    # columns: the compared families by name (merging, then pruning)
+    assert re.search(r"\| 65% of dense \| 77\.50 \(tome, curve\) +\| 88\.25 \(topk, runs\) +\|", text), text
     assert "clustering" not in text.split("*Notes.*")[0]  # a family that spans no budget gets no column
     assert "need not carry over to ImageNet" in text and len(paths) == 3
 

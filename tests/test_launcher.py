@@ -99,10 +99,12 @@ def same_results(record: dict, reference: dict) -> None:
 
 # --------------------------------------------------------------------------------------------- sweep configs
 def sweep_cells(name: str) -> list[list[str]]:
+    """The cells Hydra's basic sweeper makes of sweep ``name`` (its config loader expands ``glob(...)``)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"+sweep={name}"], return_hydra_config=True)
-    params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
-    parsed = OverridesParser.create().parse_overrides(params)
+        loader = GlobalHydra.instance().config_loader()
+        params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
+        parsed = OverridesParser.create(config_loader=loader).parse_overrides(params)
     return [list(cell) for batch in BasicSweeper.split_arguments(parsed, None) for cell in batch]
 
 
@@ -116,6 +118,14 @@ def test_sweep_configs_expand_to_valid_cells(tmp_path, name):
         method = dict(c.split("=", 1) for c in cell).get("method")
         assert method in registered, f"sweep {name}: method={method} is not a registered method ({registered})"
         validate(compose_cfg(tmp_path, "model=deit_small", "data.img_size=224", *cell))  # 196 patches
+
+
+@pytest.mark.parametrize("name, left_out", [("methods", set()), ("video", {"heuristic"})])
+def test_every_method_sweeps_list_the_registry(name, left_out):
+    """The sweeps that say "every method" expand to every registered method (a new one too, without an edit)
+    but those they name as left out."""
+    assert {dict(c.split("=", 1) for c in cell)["method"] for cell in sweep_cells(name)} == \
+        set(methods.list_methods()) - left_out
 
 
 # ----------------------------------------------------------------------------------- refused before sbatch

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import load, plots, tables, video
+from analysis import depth_figures, load, plots, tables, video
 from experiments.records import token_maps
 from test_families import run_record
 from test_curves import write
@@ -156,7 +156,7 @@ def test_kept_token_iou_reads_space_time_maps(tmp_path):
     agg, loaded = report_inputs(write(tmp_path / "results", records))
     maps = {m: load.depth_maps(loaded[loaded["method"] == m].iloc[0]["tokens"]) for m in ("adavit", "evit")}
     assert maps["adavit"][0]["depth"].shape == GRID
-    frame = plots.kept_iou_frame(agg, loaded, "vit_video_digits", "moving_digits", blocks=[5])
+    frame = depth_figures.kept_iou_frame(agg, loaded, "vit_video_digits", "moving_digits", blocks=[5])
     pair = frame[(frame["method_a"] == "adavit") & (frame["method_b"] == "evit")].iloc[0]
     # by hand: per clip |kept_a & kept_b| / |kept_a | kept_b| at block 5 (kept = depth > 5), then the mean
     by_hand = [np.logical_and(a["depth"] > 5, b["depth"] > 5).sum() / np.logical_or(a["depth"] > 5, b["depth"] > 5).sum()
