@@ -155,12 +155,15 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
     several = records.groupby("model")["data"].nunique().to_dict()
 
     rows = []
-    keys = ["model", "data", "method", "params_key", "kind"]
-    for (model, data, method, pkey, kind), group in records.groupby(keys, sort=False):
+    # a row averages the seeds of one setting (record identity without seed and starting weights): records of
+    # another recipe, data folder or fine-tuning choice with the same parameters are rows of their own
+    keys = ["model", "data", "method", "params_key", "kind", "setting_key"]
+    for (model, data, method, pkey, kind, setting_key), group in records.groupby(keys, sort=False):
         group = group.sort_values("seed", key=load.text_sort_key, kind="stable")
         row: dict[str, Any] = {
             "model": model, "data": data, "slug": backbone_slug(model, data, several[model] > 1),
-            "method": method, "family": families[method], "method_params": group["method_params"].iloc[0], "params_key": pkey, "kind": kind,
+            "method": method, "family": families[method], "method_params": group["method_params"].iloc[0],
+            "params_key": pkey, "kind": kind, "setting_key": setting_key,
             "n_seeds": len(group), "seeds": ",".join(str(s) for s in group["seed"]),
             "params": group["params"].mean() if group["params"].notna().any() else math.nan,
         }
@@ -183,6 +186,10 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
         labels = setting_labels(list(frame.loc[idx, "method_params"]))
         frame.loc[idx, "setting"] = [label if kind == "run" else f"{label} [{kind}]"
                                      for label, kind in zip(labels, frame.loc[idx, "kind"])]
+    # rows whose parameters agree but whose identities differ (recipe, data files, measurement) say which is which
+    twins = frame.duplicated(["model", "data", "method", "setting"], keep=False)
+    frame.loc[twins, "setting"] = [f"{label} [setting {key[:6]}]" for label, key in
+                                   zip(frame.loc[twins, "setting"], frame.loc[twins, "setting_key"])]
     dense = frame[frame["family"] == REFERENCE].groupby(["model", "data"]).first()  # the run, if there is one
     dense_top1 = [dense["top1_mean"].get((m, d), math.nan) for m, d in zip(frame["model"], frame["data"])]
     frame["top1_delta"] = frame["top1_mean"] - np.asarray(dense_top1, dtype=float)

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import copy
+import json
 import shutil
+import warnings
 
 import pytest
 
 from conftest import write_png_folder
+from analysis import load, tables
 from experiments import identity
+from experiments.records import upgrade
 from experiments.data.imagefolder import ImageFolderData, check_imagefolder
 
 CONFIG = {  # the shape of a resolved config as records carry it (the sections identity reads)
@@ -71,9 +75,10 @@ def test_the_baseline_recipe_counts_only_without_a_starting_weights_hash():
     assert key(changed("baseline.epochs", 30), start=None)["key"] != key(start=None)["key"]
 
 
-def test_the_seed_changes_the_run_but_not_the_setting():
-    other = key(changed("seed", 1))
+def test_the_seed_and_its_starting_weights_change_the_run_but_not_the_setting():
+    other = key(changed("seed", 1), start="c" * 64)  # each seed fine-tunes its own baseline
     assert other["key"] != key()["key"] and other["setting"] == key()["setting"]
+    assert key(changed("train.epochs", 2))["setting"] != key()["setting"]
 
 
 def test_a_folder_digest_follows_the_files_not_where_they_lie(tmp_path):
@@ -88,3 +93,93 @@ def test_a_folder_digest_follows_the_files_not_where_they_lie(tmp_path):
     victim.write_bytes(victim.read_bytes() + b"\0")  # one byte longer
     assert digest(tmp_path / "two") != first
     assert str(tmp_path) not in first and len(first) == 16
+
+
+# --- the report: which records are one run ------------------------------------------------------------------
+def run_record(record_id: str, seed: int = 0, end: str = "2026-12-01T00:00:00+00:00", params=None, **config):
+    """A minimal legacy ``run`` record (no identity: the report derives one) with config sections ``config``."""
+    base = {"method": {"name": "evit"}, "model": {"name": "deit_digits_patch4_32", "short_name": "deit_digits"},
+            "data": {"name": "imagefolder", "root": "/data/a"}, "train": {"epochs": 4}, "seed": seed}
+    for section, values in config.items():
+        base[section] = {**base.get(section, {}), **values}
+    return {"schema_version": 1, "record_id": record_id, "kind": "run", "method": "evit",
+            "method_params": params if params is not None else dict(PARAMS), "model": "deit_digits",
+            "data": "imagefolder", "seed": seed, "metrics": {"top1": 90.0}, "config": base,
+            "train": {"epochs": base["train"]["epochs"]}, "provenance": {"end_time": end}}
+
+
+def load_frame(tmp_path, records):
+    runs = tmp_path / "results" / "runs"
+    runs.mkdir(parents=True)
+    for record in records:
+        (runs / f"{record['record_id']}.json").write_text(json.dumps(record))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load.load_records(tmp_path / "results")
+
+
+@pytest.mark.parametrize("other", [
+    {"data": {"root": "/data/b"}},  # two image folders, same model, method and seed
+    {"train": {"epochs": 2}},  # two recipes
+    {"train": {"epochs": 0}},  # off the shelf next to fine-tuned
+])
+def test_records_of_different_runs_are_never_merged(tmp_path, other):
+    frame = load_frame(tmp_path, [run_record("a"), run_record("b", end="2026-12-02T00:00:00+00:00", **other)])
+    assert sorted(frame["record_id"]) == ["a", "b"] and not frame.attrs["superseded"]
+    agg = tables.aggregate(frame)
+    assert len(agg) == 2 and list(agg["n_seeds"]) == [1, 1]  # two rows, never one averaged over both
+    assert agg["setting"].nunique() == 2  # and the rows say which is which
+
+
+def test_the_same_run_from_two_commits_keeps_the_newest_and_says_so(tmp_path):
+    frame = load_frame(tmp_path, [run_record("old"), run_record("new", end="2026-12-02T00:00:00+00:00")])
+    assert list(frame["record_id"]) == ["new"]
+    assert frame.attrs["superseded"] == [{"path": "runs/old.json", "record_id": "old", "by": "runs/new.json"}]
+
+
+def test_two_curves_of_different_weights_are_both_kept(tmp_path):
+    points = []
+    for curve, sha in (("c1", "1" * 64), ("c2", "2" * 64)):
+        point = run_record(f"{curve}_p", params={**PARAMS, "keep_rate": 0.5})
+        point.update(kind="tradeoff", tradeoff={"knob": "keep_rate", "value": 0.5, "curve": curve,
+                                                "weights_sha256": sha})
+        points.append(point)
+    frame = load_frame(tmp_path, points)
+    assert sorted(frame["curve"]) == ["c1", "c2"] and not frame.attrs["superseded"]
+
+
+def test_an_older_record_without_a_new_parameter_joins_the_newer_row_once_upgraded(tmp_path):
+    """EViT before ``fuse`` existed: the upgrade fills it from the registry, so both seeds share one row."""
+    import methods
+
+    old = run_record("old", seed=0, params={"keep_rate": 0.7, "locations": [3, 6, 9]})
+    new = run_record("new", seed=1, params=methods.resolved_params("evit", {"keep_rate": 0.7}))
+    before = tables.aggregate(load_frame(tmp_path / "before", [old, new]))
+    assert len(before) == 2  # raw parameters differ: two settings
+    results = tmp_path / "after" / "results"
+    load_frame(tmp_path / "after", [old, new])
+    changes = upgrade.plan_upgrades(results, methods.resolved_params, lambda m: methods.method_spec(m).family)
+    for path, record in changes:
+        path.write_text(json.dumps(record))
+    upgraded = json.loads((results / "runs" / "old.json").read_text())
+    assert upgraded["method_params"] == {"keep_rate": 0.7, "locations": [3, 6, 9], "fuse": True}
+    assert upgraded["method_info"]["family"] == "pruning" and upgraded["identity"]["legacy"] is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        after = tables.aggregate(load.load_records(results))
+    assert len(after) == 1 and after["n_seeds"].iloc[0] == 2
+    assert upgrade.plan_upgrades(results, methods.resolved_params, lambda m: methods.method_spec(m).family) == []
+
+
+def test_the_upgrade_refuses_before_writing_anything(tmp_path):
+    import methods
+
+    results = tmp_path / "results"
+    load_frame(tmp_path, [run_record("a", params={"keep_rate": 0.7}), run_record("b")])
+    (results / "runs" / "zz.json").write_text(json.dumps({**run_record("zz"), "method": "no_such_method"}))
+    before = {p.name: p.read_bytes() for p in (results / "runs").iterdir()}
+    with pytest.raises(ValueError, match=r"zz\.json: cannot upgrade .*no_such_method.*nothing was written"):
+        upgrade.plan_upgrades(results, methods.resolved_params, lambda m: methods.method_spec(m).family)
+    assert {p.name: p.read_bytes() for p in (results / "runs").iterdir()} == before
+    with pytest.raises(ValueError, match=r"no such results folder"):
+        upgrade.plan_upgrades(tmp_path / "missing", methods.resolved_params, lambda m: m)

@@ -12,7 +12,8 @@ cannot change it left out by the explicit list :data:`NOT_RESULT_KEYS`:
   says where the run started;
 - the fine-tune recipe counts only when the run fine-tuned (``fine_tuned``).
 
-``key`` identifies the run, ``setting`` the same without the seed (what a report row averages over seeds).
+``key`` identifies the run; ``setting`` is the same without the seed and the starting weights (each seed starts
+from its own baseline): what a report row averages over seeds.
 Records of one identity from different commits are one run measured twice (the newest supersedes); records of
 different identities are never merged. Records written before identities existed get :func:`legacy_identity`
 on load: the same digest over what they carry (the folder's root in place of its file list, the curve's weights
@@ -61,12 +62,12 @@ def result_identity(config: dict[str, Any], method: str, params: dict[str, Any],
         content.pop("train", None)  # an off-the-shelf result does not depend on the fine-tune recipe
     if start_weights_sha256 is not None:
         content.pop("baseline", None)  # the weights themselves say where the run started
-    content["start_weights_sha256"] = start_weights_sha256
     content["data_files"] = data_files
     content["kind"] = kind
     seed = content.pop("seed", None)
-    setting = content_digest(content)
+    setting = content_digest(content)  # each seed starts from its own weights (its baseline): neither counts here
     content["seed"] = seed
+    content["start_weights_sha256"] = start_weights_sha256
     return {"key": content_digest(content), "setting": setting, "start_weights_sha256": start_weights_sha256,
             "data_files": data_files}
 

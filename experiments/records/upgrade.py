@@ -1,0 +1,79 @@
+"""``python -m experiments.records.upgrade RESULTS_DIR``: bring committed records up to date with the registry.
+
+Records written before a method parameter existed lack it (an EViT record without ``fuse``), so their
+``method_params`` and identity differ from a newer record at the same setting and the report would split them.
+This command fills each record's missing parameters with the factory's defaults (``methods.resolved_params``:
+the registry is the one source of defaults), its ``method_info.family`` from the registration, and an identity
+(:func:`~experiments.records.identity.legacy_identity`, from the filled parameters) where it has none.
+
+Every file is read and upgraded in memory first; a record that cannot be read or whose method is not
+registered stops the command naming it, before the first file is written. Files are then rewritten atomically
+(compact JSON, every other key unchanged); files already up to date are left alone. The package itself stays
+torch-free: only this command imports the methods.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from experiments.records.identity import legacy_identity
+from experiments.records.store import atomic_write_json, load_record
+
+Defaults = Callable[[str, dict[str, Any]], dict[str, Any]]  # (method, params) -> params with defaults filled
+
+
+def upgraded(record: dict[str, Any], defaults: Defaults, family: Callable[[str], Any]) -> dict[str, Any]:
+    """``record`` with its defaults, family and identity filled (a copy; the caller's dict is unchanged)."""
+    out = copy.deepcopy(record)
+    method = str(out["method"])
+    out["method_params"] = defaults(method, dict(out.get("method_params") or {}))
+    info = out.get("method_info") if isinstance(out.get("method_info"), dict) else {}
+    out["method_info"] = {"family": family(method), **info} if "family" not in info else info
+    if not isinstance(out.get("identity"), dict):
+        out["identity"] = legacy_identity(out)
+    return out
+
+
+def plan_upgrades(folder: Path, defaults: Defaults, family: Callable[[str], Any]) -> list[tuple[Path, dict]]:
+    """The (file, new record) pairs to write under ``folder``; raises ``ValueError`` naming the first file that
+    cannot be upgraded, before anything is written."""
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such results folder; valid: a folder holding runs/*.json")
+    changes = []
+    for path in sorted(folder.rglob("*.json")):
+        if "report" in path.relative_to(folder).parts:
+            continue  # the generated report's own files
+        try:
+            record = load_record(path)
+            new = upgraded(record, defaults, family)
+        except (ValueError, KeyError) as error:
+            raise ValueError(f"{path}: cannot upgrade ({error}); nothing was written") from None
+        if new != record:
+            changes.append((path, new))
+    return changes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path, help="results folder (its runs/*.json and other record files)")
+    parser.add_argument("--dry-run", action="store_true", help="list what would change, write nothing")
+    args = parser.parse_args(argv)
+    import methods  # noqa: PLC0415 - the registry, only for this command
+
+    try:
+        changes = plan_upgrades(args.folder, methods.resolved_params, lambda m: methods.method_spec(m).family)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for path, record in changes:
+        if not args.dry_run:
+            atomic_write_json(path, record)
+    print(f"{len(changes)} record(s) {'to upgrade' if args.dry_run else 'upgraded'} under {args.folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
