@@ -223,5 +223,12 @@ def summary(records: pd.DataFrame, folder: str | Path) -> str:
                 f"first; records are written to <results>/runs/*.json.")
     groups = records.groupby(["model", "data"], sort=True)
     parts = [f"{model} on {data}: {len(g)} records, {g['method'].nunique()} methods, "
-             f"{len(g.drop_duplicates(['method', 'params_key']))} settings" for (model, data), g in groups]
-    return f"Loaded {len(records)} records from {root}: " + "; ".join(parts) + "."
+             f"{g['setting_key'].nunique()} settings" for (model, data), g in groups]
+    text = f"Loaded {len(records)} records from {root}: " + "; ".join(parts) + "."
+    superseded = records.attrs.get("superseded", [])
+    if superseded:
+        shown = "; ".join(f"{item['path']} (by {item['by']})" for item in superseded[:10])
+        more = f"; and {len(superseded) - 10} more" if len(superseded) > 10 else ""
+        text += (f" Superseded by a newer record of the same identity, and left out: {len(superseded)}: "
+                 f"{shown}{more}.")
+    return text

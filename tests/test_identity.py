@@ -135,6 +135,7 @@ def test_the_same_run_from_two_commits_keeps_the_newest_and_says_so(tmp_path):
     frame = load_frame(tmp_path, [run_record("old"), run_record("new", end="2026-12-02T00:00:00+00:00")])
     assert list(frame["record_id"]) == ["new"]
     assert frame.attrs["superseded"] == [{"path": "runs/old.json", "record_id": "old", "by": "runs/new.json"}]
+    assert "left out: 1: runs/old.json (by runs/new.json)" in load.summary(frame, tmp_path / "results")
 
 
 def test_two_curves_of_different_weights_are_both_kept(tmp_path):
