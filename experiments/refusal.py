@@ -28,7 +28,9 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Collection, Optional
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from hydra.types import RunMode
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from experiments.cluster.sweep_checks import SweepError
@@ -111,7 +113,7 @@ def command(hydra_main: Callable[[], Any]) -> Callable[[], Any]:
         except REFUSALS as error:
             if _session["show_traceback"]:
                 raise
-            _session["refused"].append(error)
+            _session["refused"].append(one_line(error))
         finally:
             _session["recording"] = False
             if before is None:
@@ -119,8 +121,8 @@ def command(hydra_main: Callable[[], Any]) -> Callable[[], Any]:
             else:
                 os.environ["HYDRA_FULL_ERROR"] = before
         if _session["refused"]:
-            for error in _session["refused"]:
-                print(one_line(error), file=sys.stderr, flush=True)
+            for line in _session["refused"]:
+                print(line, file=sys.stderr, flush=True)
             sys.exit(REFUSAL_STATUS)
         return result
 
@@ -128,11 +130,17 @@ def command(hydra_main: Callable[[], Any]) -> Callable[[], Any]:
 
 
 def _run_dir() -> Optional[Path]:
-    from hydra.core.hydra_config import HydraConfig
-
     if not HydraConfig.initialized():
         return None
     return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _job_label() -> str:
+    """``job #<n> (<overrides>): `` inside a multirun, where several jobs may be refused; else nothing."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return ""
+    hydra = HydraConfig.get()
+    return f"job #{hydra.job.num} ({' '.join(hydra.overrides.task)}): "
 
 
 def only_hydra_files(folder: Path) -> bool:
@@ -171,7 +179,7 @@ def leave_nothing_on_refusal(entry: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             # under command(): the job ends quietly (Hydra would print its own line about the failed job) and
             # command() prints the refusal once Hydra returns
-            _session["refused"].append(error)
+            _session["refused"].append(one_line(error).replace("error: ", f"error: {_job_label()}", 1))
             return None
 
     return wrapped

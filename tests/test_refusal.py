@@ -45,6 +45,16 @@ def test_a_refusal_is_one_line_exit_2_and_leaves_no_run_folder(tmp_path, script,
     assert list(tmp_path.iterdir()) == [], "a refused command left files behind"
 
 
+def test_a_refused_sweep_names_each_job_and_leaves_no_job_folder(tmp_path):
+    result = command(tmp_path, str(ROOT / "experiments" / "run.py"), "-m", "seed=0,-1", "threads=0",
+                     f"hydra.sweep.dir={tmp_path}/sweep")
+    assert result.returncode == REFUSAL_STATUS and "Traceback" not in result.stderr, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error: ")] == [
+        "error: job #0 (seed=0 threads=0): threads=0 must be in [1, 1024]",
+        "error: job #1 (seed=-1 threads=0): seed=-1 must be in [0, 4294967295]"]
+    assert [path.name for path in (tmp_path / "sweep").iterdir()] == ["multirun.yaml"]  # Hydra's sweep record
+
+
 def test_hydra_full_error_still_shows_the_traceback(tmp_path):
     result = command(tmp_path, str(ROOT / "experiments" / "run.py"), "threads=0", HYDRA_FULL_ERROR="1")
     assert result.returncode != 0 and "Traceback" in result.stderr
