@@ -55,6 +55,14 @@ def test_a_refused_sweep_names_each_job_and_leaves_no_job_folder(tmp_path):
     assert [path.name for path in (tmp_path / "sweep").iterdir()] == ["multirun.yaml"]  # Hydra's sweep record
 
 
+def test_the_console_script_entry_finds_its_configs_and_refuses_in_one_line(tmp_path):
+    """What ``avb-run`` runs once installed: ``experiments.run:main`` called from an imported module, whose
+    configs Hydra finds as the package ``experiments.conf``."""
+    code = "import sys; from experiments.run import main; sys.argv = ['avb-run', 'threads=0']; sys.exit(main())"
+    assert_one_line_refusal(command(tmp_path, "-c", code), "threads=0")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_hydra_full_error_still_shows_the_traceback(tmp_path):
     result = command(tmp_path, str(ROOT / "experiments" / "run.py"), "threads=0", HYDRA_FULL_ERROR="1")
     assert result.returncode != 0 and "Traceback" in result.stderr
