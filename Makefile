@@ -6,10 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast bench bench-cpu bench-gpu report install clean
 
-$(STAMP): pyproject.toml
+# constraints.txt: the versions known to work (torch and torchvision by range: the registry serves other builds
+# per machine); pyproject.toml keeps the ranges a user's own environment may use.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

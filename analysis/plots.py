@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from . import load, tables
 from .depth_figures import plot_depth_maps, plot_kept_iou, plot_mean_depth
 from .figure_data import backbones, records_of
-from .formatting import REFERENCE, condition_title, method_families, method_rank
+from .formatting import REFERENCE, condition_title, method_rank
 from .style import GFLOPS_LABEL, TOP1_LABEL, figure_style, legend_outside, method_styles, save_figure, wrap
 
 

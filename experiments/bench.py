@@ -34,9 +34,6 @@ from typing import Iterable, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "experiments" / "conf"
 

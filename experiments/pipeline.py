@@ -1,6 +1,6 @@
 """One run, end to end (DeiT's ``main.py`` role): validate, prepare, evaluate, measure, record.
 
-``run(cfg)`` is called by ``experiments/run.py`` locally and inside SLURM jobs alike; ``tradeoff.py`` reuses
+``run(cfg)`` is called by ``experiments/run.py`` locally and inside SLURM jobs alike; ``curve.py`` reuses
 ``prepare``, ``evaluate`` and ``write_record``. Every decision comes from the :class:`~experiments.plan.RunPlan`
 that ``plan.validate`` returns; the rooms it calls own the rest: ``build`` (backbone and method), ``baseline``
 (the cached dense baseline), ``training`` (fit and resume), ``checkpoints`` (files and RNG state), ``engine``

@@ -179,7 +179,7 @@ def check_type(key: str, value: Any, method: str, param: str) -> None:
 
 def check_grid(name: str, grid: Optional[list]) -> None:
     """``method.tradeoff_values``: null, or a non-empty list of distinct values of the method's inference knob,
-    each typed like the knob (their ranges are checked by ``experiments.tradeoff``, which builds each point)."""
+    each typed like the knob (their ranges are checked by ``experiments.curve``, which builds each point)."""
     if grid is None:
         return
     knob = methods.inference_knob(name)

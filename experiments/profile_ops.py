@@ -1,6 +1,7 @@
 """Operator profile of one method forward: how many aten ops run per block, and which.
 
-``python experiments/profile_ops.py method=adavit model.checkpoint=PATH profile.batch_size=1``
+``python experiments/profile_ops.py method=adavit model.checkpoint=PATH +profile.batch_size=1`` (also
+``python -m experiments.profile_ops``)
 
 Takes the same Hydra config and overrides as ``measure.py`` (weights from ``model.checkpoint``, else random), runs
 ``profile.repeats`` eval forwards on the first validation images under ``torch.profiler`` and prints one JSON
@@ -12,23 +13,19 @@ from __future__ import annotations
 
 import collections
 import json
-import sys
-from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig, open_dict
 from torch.profiler import ProfilerActivity, profile
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from experiments.cost import costs  # noqa: E402
-from experiments.config import register_configs  # noqa: E402
-from experiments.build import build_method, resolve_device  # noqa: E402
-from experiments.train.checkpoints import seed_everything  # noqa: E402
-from experiments.data.registry import build_data  # noqa: E402
-from experiments.plan import validate  # noqa: E402
+from experiments.build import build_method, resolve_device
+from experiments.config import register_configs
+from experiments.cost import costs
+from experiments.data.registry import build_data
+from experiments.plan import validate
+from experiments.refusal import command, leave_nothing_on_refusal
+from experiments.train.checkpoints import seed_everything
 
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::item")
 
@@ -61,7 +58,8 @@ register_configs()  # the schemas main() composes against
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+@leave_nothing_on_refusal
+def profile_task(cfg: DictConfig) -> None:
     with open_dict(cfg):
         batch = int(cfg.get("profile", {}).get("batch_size", 1))
         repeats = int(cfg.get("profile", {}).get("repeats", 5))
@@ -75,6 +73,8 @@ def main(cfg: DictConfig) -> None:
     print(json.dumps({"method": plan.method_name, "batch_size": batch, **op_profile(method, images.to(device),
                                                                                       repeats)}))
 
+
+main = command(profile_task)
 
 if __name__ == "__main__":
     main()

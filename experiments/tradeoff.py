@@ -1,6 +1,7 @@
-"""Accuracy-vs-compute curves from one checkpoint: sweep a method's inference knob, no retraining.
+"""Entry point: accuracy-vs-compute curves from one checkpoint: sweep a method's inference knob, no retraining.
 
-``python experiments/tradeoff.py method=adavit model.checkpoint=PATH`` loads the weights once, then for each
+``python experiments/tradeoff.py method=adavit model.checkpoint=PATH`` (also ``python -m experiments.tradeoff``
+and ``avb-tradeoff``; the work is ``experiments/curve.py``) loads the weights once, then for each
 value of the method's *inference knob* (declared at registration, ``methods.inference_knob``) rebuilds the
 method with that value, copies the same weights in, evaluates it on the validation split, measures FLOPs and
 throughput, and writes one results record of kind ``tradeoff`` per point. The values come from
@@ -27,154 +28,27 @@ the curve (method, backbone, data, seed, the other parameters and the weights' c
 """
 from __future__ import annotations
 
-import copy
-import hashlib
-import logging
-import sys
-from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import hydra
-from omegaconf import DictConfig, open_dict
-from tqdm.auto import tqdm
+from omegaconf import DictConfig
 
-if __package__ in (None, ""):  # run as a script: make the repository importable, as experiments/run.py does
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from experiments import curve
+from experiments.config import register_configs
+from experiments.refusal import command, leave_nothing_on_refusal
 
-import methods  # noqa: E402
-from experiments import identity, pipeline, records  # noqa: E402
-from experiments.config import register_configs  # noqa: E402
-from experiments.train import distributed
-from experiments.build import build_method  # noqa: E402
-from experiments.train.checkpoints import clear_resume_state  # noqa: E402
-from experiments.config import ConfigError  # noqa: E402
-from experiments.plan import RunPlan, build_on_meta, validate  # noqa: E402
-from experiments.refusal import leave_nothing_on_refusal  # noqa: E402
-from methods.models import CheckpointError, read_checkpoint  # noqa: E402
-
-log = logging.getLogger(__name__)
-
-KIND = "tradeoff"
-
-
-def point_config(cfg: DictConfig, knob: str, value: Any) -> DictConfig:
-    """``cfg`` with ``method.params.<knob>`` set to ``value``: the config a point's record carries."""
-    point = copy.deepcopy(cfg)
-    with open_dict(point):
-        point.method.params[knob] = value
-    return point
-
-
-def validate_sweep(cfg: DictConfig) -> tuple[RunPlan, str, list]:
-    """Everything a sweep needs, checked before anything is loaded or written; returns ``(plan, knob, values)``.
-    ``experiment.train`` null becomes false in ``cfg`` (a sweep does not retrain unless asked)."""
-    with open_dict(cfg):
-        cfg.experiment.train = bool(cfg.experiment.train)
-    name = cfg.method.name
-    if name in methods.list_methods() and methods.inference_knob(name) is None:
-        raise ConfigError(f"method={name} has no inference knob to sweep; valid methods: {_knobbed()}")
-    plan = validate(cfg)
-    knob, values = methods.inference_knob(plan.method_name), check_grid(plan)
-    for value in values:
-        params = {**plan.method_params, knob: value}
-        try:
-            build_on_meta(plan.config, plan.method_name, params, plan.num_classes)
-        except ConfigError as error:
-            raise ConfigError(f"method.tradeoff_values: the point {knob}={value!r} is invalid: {error}") from error
-    check_weights(plan)
-    return plan, knob, values
-
-
-def _knobbed() -> str:
-    return ", ".join(f"{m} ({k})" for m, k in methods.methods_with_knob().items())
-
-
-def check_grid(plan: RunPlan) -> list:
-    """The grid to sweep (typed and checked by ``plan.check_grid``): it must exist."""
-    if plan.tradeoff_values is None:
-        knob = methods.inference_knob(plan.method_name)
-        raise ConfigError(f"method.tradeoff_values is null; pass the {knob} values to sweep, e.g. "
-                          f"'method.tradeoff_values=[...]'")
-    return plan.tradeoff_values
-
-
-def check_weights(plan: RunPlan) -> None:
-    """Refuse a sweep whose weights lack the method's own trained modules (they would stay random)."""
-    if plan.trains:
-        return
-    name, checkpoint = plan.method_name, plan.config.model.checkpoint
-    if checkpoint and read_checkpoint(checkpoint).get("method") == name:
-        return
-    own = sorted({key.split(".")[0] for key in plan.meta_method.state_dict() if not key.startswith("vit.")})
-    source = f"model.checkpoint={checkpoint}" if checkpoint else "the dense weights"
-    if own:
-        raise CheckpointError(
-            f"{source} has no trained {', '.join(own)} for method {name!r}; valid: model.checkpoint=<the "
-            f"final.pth of 'run.py method={name}' (in its run dir, checkpoints/)>, or experiment.train=true to "
-            f"fine-tune once before the sweep")
-    if methods.method_spec(name).finetune:
-        log.warning("sweeping %s on %s, which were not fine-tuned with %s; pass its final.pth as model.checkpoint "
-                    "or experiment.train=true for the method's real curve", name, source, name)
-
-
-def file_sha256(path: Optional[Path]) -> Optional[str]:
-    if path is None or not Path(path).is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def run(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Validate, load (and fine-tune if ``experiment.train=true``) once, then evaluate, measure and record every
-    point; returns the records (rank 0; other ranks get their metrics only)."""
-    plan, knob, values = validate_sweep(cfg)
-    session = pipeline.prepare(plan)
-    sha = file_sha256(session.weights_file) if session.dist.is_main else None
-    curve = identity.curve_id(plan.method_name, cfg, plan.recorded_params, knob, sha or session.weights)
-    trained_state = session.method.state_dict()
-    done = []
-    for value in tqdm(values, desc=f"{plan.method_name} {knob}", disable=not plan.config.progress,
-                      dynamic_ncols=True):
-        start_time = records.now_iso()
-        params = {**plan.method_params, knob: value}
-        point = build_method(plan, params=params, vit=copy.deepcopy(session.method.vit))
-        point.load_state_dict(trained_state)  # same weights (predictors, halting heads included), new knob
-        point = point.to(session.device).eval()
-        log.info("point %s=%r", knob, value)
-        result, tokens = pipeline.evaluate(session, point, map_images=0)  # no figure reads a point's maps
-        if not session.dist.is_main:
-            done.append({"metrics": result.metrics, "rank": session.dist.rank})
-            continue
-        tradeoff = {"knob": knob, "value": value, "values": values, "curve": curve, "weights": session.weights,
-                    "weights_sha256": sha}
-        done.append(pipeline.write_record(session, point, result, tokens, start_time,
-                                          cfg=point_config(cfg, knob, value), params=params, kind=KIND,
-                                          tradeoff=tradeoff))
-    if session.dist.is_main:
-        for record in done:
-            fl = record.get("flops") or {}
-            log.info("%s=%-8s top-1 %6.2f%%  GFLOPs %.4g (x%.3f dense)", knob, record["tradeoff"]["value"],
-                     record["metrics"]["top1"], fl.get("gflops", float("nan")), fl.get("flops_ratio", float("nan")))
-    if plan.trains and session.dist.is_main:
-        clear_resume_state(plan.resume_dir)
-    session.release()
-    distributed.teardown(session.dist)
-    return done
-
-
-register_configs()  # the schemas main() composes against
+register_configs()  # the schemas the task composes against
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 @leave_nothing_on_refusal
-def main(cfg: DictConfig) -> Optional[float]:
-    done = run(cfg)
+def tradeoff_task(cfg: DictConfig) -> Optional[float]:
+    done = curve.run(cfg)
     top1 = [r["metrics"]["top1"] for r in done]
     return max(top1) if top1 else None
 
+
+main = command(tradeoff_task)
 
 if __name__ == "__main__":
     main()

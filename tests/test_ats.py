@@ -2,7 +2,6 @@
 on a tiny model, FLOPs, bad input."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -13,7 +13,7 @@ import methods
 from experiments.cost import flops
 from methods.models import create_backbone
 
-# fvcore counts (LayerNorm included) of dense DeiT at 224 px, 1000 classes: reference/methods.md.
+# fvcore counts (LayerNorm included) of dense DeiT at 224 px, 1000 classes: the README's "Measuring cost".
 DEIT_REFERENCE = {"deit_tiny_patch16_224": 1.258, "deit_small_patch16_224": 4.608, "deit_base_patch16_224": 17.583}
 # The same without attention's two matmuls: what fvcore reports for timm's fused attention without the handle.
 DEIT_WITHOUT_SDPA = {"deit_tiny_patch16_224": 1.080, "deit_small_patch16_224": 4.251}
@@ -144,7 +144,7 @@ def test_crosscheck_summary_on_deit_small_evit():
     assert abs(check["rel_diff"]) < 1e-2 and check["images"] == 1 and check["layernorm"] == "excluded"
     with torch.inference_mode():
         counts = method(image).token_counts
-    assert counts[0, :, 1].tolist() == [197] * 3 + [140] * 3 + [100] * 3 + [72] * 3  # reference/methods.md
+    assert counts[0, :, 1].tolist() == [197] * 3 + [140] * 3 + [100] * 3 + [72] * 3  # CLS + ceil(0.7 x rest) + fused
     assert check["analytic_gflops"] == pytest.approx(flops.flops_summary(method, counts)["gflops"], rel=1e-9)
 
 

@@ -16,8 +16,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 import methods
-from experiments import measure, plan, records
-from experiments.cost import costs, throughput
+from experiments import plan, records
+from experiments.cost import costs, measure_record, throughput
 from experiments.train.engine import EvalResult
 from experiments.config import ConfigError
 from hydra.errors import ConfigCompositionException
@@ -72,7 +72,7 @@ def test_bad_measure_config_names_key_and_choices(tmp_path, override, key, valid
         plan.validate(cfg)
     assert key in str(error.value) and valid in str(error.value)
     with pytest.raises(ConfigError):
-        measure.measure_run(cfg)
+        measure_record.measure_run(cfg)
     assert no_records(tmp_path)
 
 
@@ -91,7 +91,7 @@ def test_cuda_without_gpu_is_an_error_not_a_cpu_fallback(tmp_path):
     with open_dict(cfg):
         cfg.device = "cuda"
     with pytest.raises(ConfigError, match="device=cuda"):
-        measure.measure_run(cfg)
+        measure_record.measure_run(cfg)
     assert no_records(tmp_path)
 
 
@@ -317,7 +317,7 @@ def test_measure_run_writes_a_measure_record(tmp_path, name):
     # a method without its own config file yet runs with its factory defaults
     choose = f"method={name}" if (CONF / "method" / f"{name}.yaml").exists() else f"method.name={name}"
     cfg = make_cfg(tmp_path, choose, *FAST, f"measure.throughput={str(throughput_on).lower()}")
-    record = measure.measure_run(cfg)
+    record = measure_record.measure_run(cfg)
     saved = records.load_record(Path(record["path"]))
     assert saved["kind"] == "measure" and saved["method"] == name and saved["train"]["init"] == "random"
     assert saved["metrics"]["num_images"] == 6 and saved["metrics"]["top1"] is None
@@ -332,13 +332,13 @@ def test_measure_run_writes_a_measure_record(tmp_path, name):
         assert all(ENTRY_KEYS <= set(e) for e in saved["throughput"])
     else:
         assert saved["throughput"] is None
-    line = measure.summary_line(record)
+    line = measure_record.summary_line(record)
     assert {"gflops", "gflops_std", "params_m", "tokens_attn_mean", "throughput"} <= set(line)
     json.dumps(line)
 
 
 def test_measure_run_without_record(tmp_path):
-    record = measure.measure_run(make_cfg(tmp_path, *FAST, "measure.record=false", "measure.throughput=false"))
+    record = measure_record.measure_run(make_cfg(tmp_path, *FAST, "measure.record=false", "measure.throughput=false"))
     assert "path" not in record and no_records(tmp_path)
 
 

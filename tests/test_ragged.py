@@ -138,7 +138,7 @@ def test_backend_is_refused_before_any_work(tmp_path):
     """``eval.ragged_backend=varlen`` on CPU: a config error naming the key and the choices; nothing written."""
     from hydra import compose, initialize_config_dir
 
-    from experiments import measure
+    from experiments.cost import measure_record
     from experiments.config import ConfigError
 
     conf = Path(__file__).resolve().parents[1] / "experiments" / "conf"
@@ -147,7 +147,7 @@ def test_backend_is_refused_before_any_work(tmp_path):
                                            f"paths.run_dir={tmp_path / 'run'}", "method=adavit",
                                            "eval.ragged_backend=varlen"])
     with pytest.raises(ConfigError) as error:
-        measure.measure_run(cfg)
+        measure_record.measure_run(cfg)
     assert "eval.ragged_backend='varlen'" in str(error.value) and "available here: auto, padded" in str(error.value)
     assert not any(tmp_path.rglob("*.json"))
 

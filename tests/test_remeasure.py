@@ -78,3 +78,32 @@ def test_a_setting_is_really_timed_with_the_current_protocol():
         assert entry["timing_protocol"] == 2 and entry["dense_reference"] == "timm"
         assert entry["timed_images"] == "val[0:4]"
         assert entry["flops_ratio"] == pytest.approx(record["flops"]["flops_ratio"], rel=1e-9)
+
+
+def test_a_missing_folder_and_bad_flags_are_refused_naming_them(tmp_path, capsys):
+    for argv, words in [([str(tmp_path / "no" / "such")], "runs="), ([str(tmp_path), "--images", "x"], "--images"),
+                        ([str(tmp_path), "--images", "0"], "--images"), ([str(tmp_path), "--dryrun"], "--dryrun")]:
+        with pytest.raises(SystemExit) as exit_:
+            remeasure.main(argv)
+        assert exit_.value.code == 2 and words in capsys.readouterr().err
+    assert remeasure.main([str(tmp_path)]) == 2  # a folder without records is not "0 of 0"
+    assert "holds no *.json records" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda record: record["config"].pop("measure"), "its config cannot be re-run"),
+    (lambda record: record.update(method="nope"), "method='nope' is not registered"),
+    (lambda record: record["throughput"][1].update(threads=2), "one threads per record"),
+])
+def test_every_record_is_checked_before_the_first_file_is_rewritten(runs, monkeypatch, capsys, damage, words):
+    folder, chosen = runs
+    bad = json.loads((folder / chosen[0].name).read_text())
+    damage(bad)
+    bad_path = folder / "zz_last.json"  # sorted last: every other record would be rewritten before it
+    bad_path.write_text(json.dumps(bad))
+    before = {path: path.read_bytes() for path in folder.iterdir()}
+    monkeypatch.setattr(remeasure, "time_setting", lambda record, images=64: pytest.fail("timed before checks"))
+    assert remeasure.main([str(folder)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and str(bad_path) in error and words in error, error
+    assert {path: path.read_bytes() for path in folder.iterdir()} == before  # nothing rewritten

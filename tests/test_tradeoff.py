@@ -1,5 +1,6 @@
-"""Trade-off curves from one checkpoint (``experiments/tradeoff.py``): compute by value as each method's knob
-moves, complete records per point, agreement with a plain run, and bad input refused before anything is written.
+"""Trade-off curves from one checkpoint (``experiments/curve.py``, which ``experiments/tradeoff.py`` runs): compute
+by value as each method's knob moves, complete records per point, agreement with a plain run, and bad input
+refused before anything is written.
 
 A depth-4 embedded model with random weights (``baseline.enabled=false``) keeps every sweep at a few seconds;
 the token counts are those of the fixed-count rules, so they are checked by value.
@@ -13,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
 from conftest import build_for
-from experiments import pipeline, plan, records, tradeoff
+from experiments import curve, pipeline, plan, records
 from experiments.train import checkpoints
 from experiments.config import ConfigError
 from methods.models import CheckpointError
@@ -53,14 +54,14 @@ def by_value(done):
 def test_fixed_count_methods_give_hand_computed_tokens_and_monotone_flops(tmp_path):
     """topk (floor(64 k^s) patches kept inside blocks 1-3, between attention and MLP) and ToMe (r merged per
     block): per-block counts by hand, FLOPs strictly monotone in the knob, dense at the knob's neutral end."""
-    topk = by_value(tradeoff.run(make_cfg(tmp_path, "method=topk", AT_1_2_3, "method.tradeoff_values=[0.25,0.5,1.0]")))
+    topk = by_value(curve.run(make_cfg(tmp_path, "method=topk", AT_1_2_3, "method.tradeoff_values=[0.25,0.5,1.0]")))
     assert topk[0.25]["tokens"]["attn_mean"] == [65, 65, 17, 5] and topk[0.25]["tokens"]["mlp_mean"] == [65, 17, 5, 2]
     assert topk[0.5]["tokens"]["attn_mean"] == [65, 65, 33, 17] and topk[0.5]["tokens"]["mlp_mean"] == [65, 33, 17, 9]
     assert topk[1.0]["tokens"]["attn_mean"] == [65] * 4
     gflops = [topk[k]["flops"]["gflops"] for k in (0.25, 0.5, 1.0)]
     assert gflops[0] < gflops[1] < gflops[2] and topk[1.0]["flops"]["flops_ratio"] == pytest.approx(1.0)
 
-    tome = by_value(tradeoff.run(make_cfg(tmp_path, "method=tome", "method.tradeoff_values=[0,4,16]")))
+    tome = by_value(curve.run(make_cfg(tmp_path, "method=tome", "method.tradeoff_values=[0,4,16]")))
     assert [tome[r]["tokens"]["attn_mean"] for r in (0, 4, 16)] == [[65] * 4, [65, 61, 57, 53], [65, 49, 33, 17]]
     assert tome[16]["tokens"]["mlp_mean"] == [49, 33, 17, 9]
     gflops = [tome[r]["flops"]["gflops"] for r in (0, 4, 16)]
@@ -71,7 +72,7 @@ def test_learned_methods_sweep_their_own_checkpoint(tmp_path):
     """DynamicViT's inference keep rate (kept before blocks 1-3) and A-ViT's gate shift, each on a checkpoint
     of the method; the trained predictors are the checkpoint's, not fresh ones."""
     checkpoint = save_method_checkpoint(tmp_path, "dynamicvit", AT_1_2_3)
-    done = by_value(tradeoff.run(make_cfg(tmp_path, "method=dynamicvit", AT_1_2_3, f"model.checkpoint={checkpoint}",
+    done = by_value(curve.run(make_cfg(tmp_path, "method=dynamicvit", AT_1_2_3, f"model.checkpoint={checkpoint}",
                                           "method.tradeoff_values=[0.5,0.75,1.0]")))
     assert done[0.5]["tokens"]["attn_mean"] == [65, 33, 17, 9]
     assert done[0.75]["tokens"]["attn_mean"] == [65, 49, 37, 28]  # floor(64 x 0.75^s) + CLS
@@ -81,7 +82,7 @@ def test_learned_methods_sweep_their_own_checkpoint(tmp_path):
     checkpoint = save_method_checkpoint(tmp_path, "adavit", "method.params.halting=head",
                                         "method.params.gate_center=0.0", "method.params.gate_scale=1.0")
     shifts = [-2.0, 0.0, 1.0, 2.0, 4.0]
-    done = by_value(tradeoff.run(make_cfg(tmp_path, "method=adavit", "method.params.halting=head",
+    done = by_value(curve.run(make_cfg(tmp_path, "method=adavit", "method.params.halting=head",
                                           "method.params.gate_center=0.0", "method.params.gate_scale=1.0",
                                           f"model.checkpoint={checkpoint}", f"method.tradeoff_values={shifts}")))
     gflops = [done[s]["flops"]["gflops"] for s in shifts]
@@ -92,7 +93,7 @@ def test_every_point_record_is_complete_and_joins_one_curve(tmp_path):
     checkpoint = save_method_checkpoint(tmp_path, "evit", AT_1_2_3)
     cfg = make_cfg(tmp_path, "method=evit", AT_1_2_3, f"model.checkpoint={checkpoint}",
                    "method.tradeoff_values=[0.5,0.9]")
-    done = tradeoff.run(cfg)
+    done = curve.run(cfg)
     saved = saved_records(tmp_path)
     assert len(saved) == 2 and sorted(r["record_id"] for r in saved) == sorted(r["record_id"] for r in done)
     curves = set()
@@ -104,7 +105,7 @@ def test_every_point_record_is_complete_and_joins_one_curve(tmp_path):
         assert record["method_params"]["keep_rate"] == point["value"]
         assert record["config"]["method"]["params"]["keep_rate"] == point["value"]
         assert point["weights"] == f"checkpoint:{checkpoint}"
-        assert point["weights_sha256"] == tradeoff.file_sha256(checkpoint)
+        assert point["weights_sha256"] == checkpoints.file_sha256(checkpoint)
         assert 0 <= record["metrics"]["top1"] <= 100 and record["metrics"]["num_images"] == 360
         assert record["flops"]["gflops"] > 0 and len(record["tokens"]["attn_mean"]) == 4
         assert record["train"]["epochs"] == 0 and record["config"]["experiment"]["train"] is False
@@ -117,7 +118,7 @@ def test_a_point_equals_a_plain_run_at_that_setting(tmp_path):
     """The sweep rebuilds the method around the same weights: its point at keep 0.7 is run.py's result."""
     checkpoint = save_method_checkpoint(tmp_path, "evit", AT_1_2_3)
     common = ["method=evit", AT_1_2_3, f"model.checkpoint={checkpoint}"]
-    point = by_value(tradeoff.run(make_cfg(tmp_path, *common, "method.tradeoff_values=[0.7,1.0]")))[0.7]
+    point = by_value(curve.run(make_cfg(tmp_path, *common, "method.tradeoff_values=[0.7,1.0]")))[0.7]
     plain = pipeline.run(make_cfg(tmp_path, *common, "method.params.keep_rate=0.7", "experiment.train=false"))
     assert point["metrics"] == plain["metrics"]
     assert point["tokens"]["attn_mean"] == plain["tokens"]["attn_mean"]
@@ -126,11 +127,11 @@ def test_a_point_equals_a_plain_run_at_that_setting(tmp_path):
 
 @pytest.mark.slow
 def test_train_true_fine_tunes_once_then_sweeps(tmp_path):
-    done = tradeoff.run(make_cfg(tmp_path, "method=adavit", "experiment.train=true", "train.epochs=1",
+    done = curve.run(make_cfg(tmp_path, "method=adavit", "experiment.train=true", "train.epochs=1",
                                  "method.tradeoff_values=[-1.0,0.0,1.0]"))
     assert len(done) == 3 and all(r["train"]["epochs"] == 1 for r in done)
     final = tmp_path / "run" / "checkpoints" / "final.pth"
-    assert all(r["tradeoff"]["weights_sha256"] == tradeoff.file_sha256(final) for r in done)
+    assert all(r["tradeoff"]["weights_sha256"] == checkpoints.file_sha256(final) for r in done)
     assert not any((tmp_path / "state").rglob("last.pth"))  # resume state cleared once the sweep is recorded
 
 
@@ -156,7 +157,7 @@ def test_train_true_fine_tunes_once_then_sweeps(tmp_path):
 ])
 def test_bad_input_is_refused_before_anything_is_written(tmp_path, overrides, error, message):
     with pytest.raises(error, match=message):
-        tradeoff.run(make_cfg(tmp_path, *overrides))
+        curve.run(make_cfg(tmp_path, *overrides))
     assert not (tmp_path / "results").exists() and not (tmp_path / "run").exists()
 
 
@@ -177,5 +178,5 @@ def test_a_grid_for_a_method_without_knob_is_refused_by_run_py_too(tmp_path):
 def test_a_checkpoint_of_another_method_is_refused(tmp_path):
     checkpoint = save_method_checkpoint(tmp_path, "dynamicvit", AT_1_2_3)
     with pytest.raises(CheckpointError, match=r"trained with method 'dynamicvit', not 'adavit'.*method=dynamicvit"):
-        tradeoff.run(make_cfg(tmp_path, "method=adavit", f"model.checkpoint={checkpoint}"))
+        curve.run(make_cfg(tmp_path, "method=adavit", f"model.checkpoint={checkpoint}"))
     assert not (tmp_path / "results").exists()

@@ -1,6 +1,6 @@
 """Throughput protocol: img/s of a method and of timm's own dense forward on the same weights, in one process.
 
-Protocol (the union of the official repos' best practice, ``reference/methods.md``):
+Protocol (the union of the official repos' best practice; the README's "Measuring cost" section):
 
 - eval mode, ``torch.inference_mode``, inputs preloaded on the device (fp32; ``bf16``/``fp16`` run under
   ``torch.autocast``), ``warmup`` untimed forwards per model (protocol: >= 10) and one untimed pass over the
@@ -65,7 +65,8 @@ CPU_DTYPES = ("fp32",)
 
 @dataclass
 class Settings:
-    """What to time and how; see the module docstring. Validated by ``experiments.measure.check_config``."""
+    """What to time and how; see the module docstring. Built by ``costs.py`` from the ``measure:`` settings,
+    which ``experiments/config.py`` (``MeasureConfig``) types and range-checks when the plan is validated."""
 
     batch_sizes: Sequence[int]
     dtypes: Sequence[str]

@@ -2,7 +2,7 @@
 
 submitit's own handler (``USR2`` by default, ``SUBMITIT_PREEMPT_SIGNAL``) calls the job's ``checkpoint()``, requeues
 the job and exits at once, wherever the main thread is, possibly halfway through an optimizer step. While
-``deferred()`` is active (``pipeline.fit``), the signal only sets a flag; the training loop asks ``requested()``
+``deferred()`` is active (``train/fit.py``), the signal only sets a flag; the training loop asks ``requested()``
 after every step, saves a consistent checkpoint, and calls ``hand_over()``, which runs submitit's handler (rank 0:
 requeue, then exit; other ranks exit). Outside ``deferred()``, or outside a submitit job, nothing changes.
 

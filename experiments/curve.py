@@ -1,0 +1,130 @@
+"""Accuracy-vs-compute curves from one set of weights: validate a sweep of a method's inference knob, then
+evaluate, measure and record every point (``run``), which ``experiments/tradeoff.py`` runs as a Hydra entry point.
+
+The knob is declared at registration (``methods.inference_knob``); the grid is ``method.tradeoff_values``, else
+the method's registered default grid. Every point is checked before anything runs: a value out of its range, or
+one that removes every patch token, is a ``ConfigError`` naming ``method.params.<knob>`` and the valid range, and
+nothing is written. Weights resolve as in ``run.py``; a method with trained modules of its own needs a checkpoint
+of that method or ``experiment.train=true`` (``check_weights``). Each record carries ``tradeoff``:
+``{"knob", "value", "values", "curve", "weights", "weights_sha256"}``; ``curve`` identifies the curve (method,
+backbone, data, seed, the other parameters and the weights' content), which is how ``analysis`` joins the points.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+from omegaconf import DictConfig, open_dict
+from tqdm.auto import tqdm
+
+import methods
+from experiments import identity, pipeline, records
+from experiments.build import build_method
+from experiments.config import ConfigError
+from experiments.plan import RunPlan, build_on_meta, validate
+from experiments.train import distributed
+from experiments.train.checkpoints import clear_resume_state
+from methods.models import CheckpointError, read_checkpoint
+
+log = logging.getLogger(__name__)
+
+KIND = "tradeoff"
+
+
+def point_config(cfg: DictConfig, knob: str, value: Any) -> DictConfig:
+    """``cfg`` with ``method.params.<knob>`` set to ``value``: the config a point's record carries."""
+    point = copy.deepcopy(cfg)
+    with open_dict(point):
+        point.method.params[knob] = value
+    return point
+
+
+def validate_sweep(cfg: DictConfig) -> tuple[RunPlan, str, list]:
+    """Everything a sweep needs, checked before anything is loaded or written; returns ``(plan, knob, values)``.
+    ``experiment.train`` null becomes false in ``cfg`` (a sweep does not retrain unless asked)."""
+    with open_dict(cfg):
+        cfg.experiment.train = bool(cfg.experiment.train)
+    name = cfg.method.name
+    if name in methods.list_methods() and methods.inference_knob(name) is None:
+        raise ConfigError(f"method={name} has no inference knob to sweep; valid methods: {_knobbed()}")
+    plan = validate(cfg)
+    knob, values = methods.inference_knob(plan.method_name), check_grid(plan)
+    for value in values:
+        params = {**plan.method_params, knob: value}
+        try:
+            build_on_meta(plan.config, plan.method_name, params, plan.num_classes)
+        except ConfigError as error:
+            raise ConfigError(f"method.tradeoff_values: the point {knob}={value!r} is invalid: {error}") from error
+    check_weights(plan)
+    return plan, knob, values
+
+
+def _knobbed() -> str:
+    return ", ".join(f"{m} ({k})" for m, k in methods.methods_with_knob().items())
+
+
+def check_grid(plan: RunPlan) -> list:
+    """The grid to sweep (typed and checked by ``plan.check_grid``): it must exist."""
+    if plan.tradeoff_values is None:
+        knob = methods.inference_knob(plan.method_name)
+        raise ConfigError(f"method.tradeoff_values is null; pass the {knob} values to sweep, e.g. "
+                          f"'method.tradeoff_values=[...]'")
+    return plan.tradeoff_values
+
+
+def check_weights(plan: RunPlan) -> None:
+    """Refuse a sweep whose weights lack the method's own trained modules (they would stay random)."""
+    if plan.trains:
+        return
+    name, checkpoint = plan.method_name, plan.config.model.checkpoint
+    if checkpoint and read_checkpoint(checkpoint).get("method") == name:
+        return
+    own = sorted({key.split(".")[0] for key in plan.meta_method.state_dict() if not key.startswith("vit.")})
+    source = f"model.checkpoint={checkpoint}" if checkpoint else "the dense weights"
+    if own:
+        raise CheckpointError(
+            f"{source} has no trained {', '.join(own)} for method {name!r}; valid: model.checkpoint=<the "
+            f"final.pth of 'run.py method={name}' (in its run dir, checkpoints/)>, or experiment.train=true to "
+            f"fine-tune once before the sweep")
+    if methods.method_spec(name).finetune:
+        log.warning("sweeping %s on %s, which were not fine-tuned with %s; pass its final.pth as model.checkpoint "
+                    "or experiment.train=true for the method's real curve", name, source, name)
+
+
+def run(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Validate, load (and fine-tune if ``experiment.train=true``) once, then evaluate, measure and record every
+    point; returns the records (rank 0; other ranks get their metrics only)."""
+    plan, knob, values = validate_sweep(cfg)
+    session = pipeline.prepare(plan)
+    sha = session.evaluated_sha256  # the weights every point evaluates (final.pth when it fine-tuned first)
+    curve = identity.curve_id(plan.method_name, cfg, plan.recorded_params, knob, sha or session.weights)
+    trained_state = session.method.state_dict()
+    done = []
+    for value in tqdm(values, desc=f"{plan.method_name} {knob}", disable=not plan.config.progress,
+                      dynamic_ncols=True):
+        start_time = records.now_iso()
+        params = {**plan.method_params, knob: value}
+        point = build_method(plan, params=params, vit=copy.deepcopy(session.method.vit))
+        point.load_state_dict(trained_state)  # same weights (predictors, halting heads included), new knob
+        point = point.to(session.device).eval()
+        log.info("point %s=%r", knob, value)
+        result, tokens = pipeline.evaluate(session, point, map_images=0)  # no figure reads a point's maps
+        if not session.dist.is_main:
+            done.append({"metrics": result.metrics, "rank": session.dist.rank})
+            continue
+        tradeoff = {"knob": knob, "value": value, "values": values, "curve": curve, "weights": session.weights,
+                    "weights_sha256": sha}
+        done.append(pipeline.write_record(session, point, result, tokens, start_time,
+                                          cfg=point_config(cfg, knob, value), params=params, kind=KIND,
+                                          tradeoff=tradeoff))
+    if session.dist.is_main:
+        for record in done:
+            fl = record.get("flops") or {}
+            log.info("%s=%-8s top-1 %6.2f%%  GFLOPs %.4g (x%.3f dense)", knob, record["tradeoff"]["value"],
+                     record["metrics"]["top1"], fl.get("gflops", float("nan")), fl.get("flops_ratio", float("nan")))
+    if plan.trains and session.dist.is_main:
+        clear_resume_state(plan.resume_dir)
+    session.release()
+    distributed.teardown(session.dist)
+    return done
