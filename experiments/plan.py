@@ -32,7 +32,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 import methods
 from methods import ragged
 from methods.models import CheckpointError, load_state_dict_strict, read_checkpoint
-from methods.params import ModelSettingError, ParamError, check_value
+from methods.params import ModelSettingError, ParamError, check_params, check_value
 
 from experiments import identity
 from experiments.build import create_vit, resolve_device
@@ -159,8 +159,10 @@ def check_method_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(params) - set(valid))
     if unknown:
         raise ConfigError(f"method.params: unknown key(s) {unknown} for {name!r}; valid: {', '.join(valid)}")
-    for key, value in params.items():
-        check_type(f"method.params.{key}", value, name, key)
+    try:
+        check_params(methods.method_spec(name).factory, params)
+    except ParamError as error:
+        raise ConfigError(str(error)) from None
     return dict(params)
 
 

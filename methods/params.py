@@ -12,9 +12,12 @@ leaves no patch on this grid) is checked where the method is built, with the hel
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import types
 import typing
+from collections.abc import Callable, Mapping
 from collections.abc import Sequence as AbcSequence
 from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
@@ -49,11 +52,34 @@ AttnGroup = Optional[Annotated[int, Field(ge=0, le=MAX_GROUP)]]  # null: the dev
 
 
 # --- the signature check ----------------------------------------------------------------------------------
-def check_value(key: str, value: Any, annotation: Any) -> None:
+def check_params(factory: Callable, params: Mapping[str, Any], prefix: str = "method.params") -> None:
+    """Every value of ``params`` against ``factory``'s signature annotation (:func:`check_value`): what
+    ``methods.create_method`` runs before it calls a factory, so a library call is refused as the plan refuses a
+    config. Keys the signature does not annotate are left to the caller."""
+    adapters = _adapters(factory)
+    for key, value in params.items():
+        if key in adapters:
+            check_value(f"{prefix}.{key}", value, *adapters[key])
+
+
+@functools.lru_cache(maxsize=None)
+def _adapters(factory: Callable) -> dict[str, tuple[Any, TypeAdapter]]:
+    """Per annotated parameter of ``factory`` (after the backbone), its annotation and a strict validator (built
+    once: milliseconds)."""
+    hints = typing.get_type_hints(factory, include_extras=True)
+    keys = list(inspect.signature(factory).parameters)[1:]
+    return {key: (hints[key], _strict(hints[key])) for key in keys if key in hints}
+
+
+def _strict(annotation: Any) -> TypeAdapter:
+    return TypeAdapter(annotation, config=ConfigDict(strict=True))
+
+
+def check_value(key: str, value: Any, annotation: Any, adapter: Optional[TypeAdapter] = None) -> None:
     """``value`` against ``annotation`` (strict); raise :class:`ParamError` naming ``key``, the value and the
     valid range or choices. Numbers must also be finite."""
     try:
-        TypeAdapter(annotation, config=ConfigDict(strict=True)).validate_python(value)
+        (adapter or _strict(annotation)).validate_python(value)
     except ValidationError:
         choices = _choices(annotation)
         if choices is not None:

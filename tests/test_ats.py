@@ -149,7 +149,6 @@ def test_default_budget_is_the_input_patches_and_one_equals_it():
 
 
 @pytest.mark.parametrize("params,needle", [
-    ({"budget": 7}, "K=7 tokens, outside [8, 17]"),
     ({"budget": 18}, "outside [8, 17]"),
     ({"budget": 0.3}, "K=5 tokens"),
     ({"budget": [8, 9, 10]}, "3 entries for 1 ATS locations"),

@@ -148,6 +148,16 @@ def test_the_message_is_derived_from_the_constraint():
         "method.params.inference_keep_rate=0 must be null or a number in (0, 1]"
 
 
+def test_a_library_call_is_refused_by_the_same_signature(tiny_vit):
+    """``methods.create_method`` runs the same check before the factory: a value outside the signature is a
+    ``ParamError`` naming the key, and values inside it (an int where a float is asked for) build."""
+    with pytest.raises(ParamError, match=r"^method\.params\.iterations=1000000000 must be in \[1, 100\]$"):
+        methods.create_method("kmedoids", tiny_vit, locations=[1, 2, 3], iterations=10 ** 9)
+    with pytest.raises(ParamError, match=r"^method\.params\.prior='paper' unknown; valid: correct, official$"):
+        methods.create_method("adavit", tiny_vit, gate_scale=10.0, gate_center=30.0, prior="paper")
+    assert methods.create_method("sinkhorn", tiny_vit, locations=[1, 2], epsilon=2).epsilon == 2.0
+
+
 # ----------------------------------------------------------------------------- the startup refusals of issue 27
 @pytest.mark.parametrize("overrides, key", [
     (["method=kmedoids", "method.params.iterations=1000000000"], "method.params.iterations=1000000000"),
