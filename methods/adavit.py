@@ -191,7 +191,7 @@ class AdaViT(TokenReducer):
                  prior_weight: float, target_depth: float, target_std: float, prior: str,
                  attn_group: Optional[int], inference_gate_shift: float, halting: str) -> None:
         """Defaults and ranges live in :func:`build_adavit`'s signature (checked by the plan); the depth target
-        against this model is checked there too."""
+        against this model and the prior's width (:func:`check_prior_target`) are checked there too."""
         super().__init__(vit)
         self.halting_heads: Optional[nn.ModuleList] = None
         if halting == "head":
@@ -366,6 +366,25 @@ def _counts_from_depth(depth_of: Tensor, depth: int) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ factory
+def check_prior_target(depth: int, mean: float, std: float, mode: str) -> None:
+    """The prior's target must keep the KL term finite: every block above 0 in fp32 with ``correct`` (its log
+    is taken), finite with ``official``. A ``target_std`` too narrow for the blocks around ``target_depth``
+    underflows; the refusal names the smallest width that does not (to 0.01)."""
+    def usable(width: float) -> bool:
+        with torch.device("cpu"):  # also when the method is built on the meta device (experiments.plan)
+            target = prior_target(depth, mean, width, mode).float()
+        return bool(torch.isfinite(target).all() and (mode != "correct" or (target > 0).all()))
+
+    if usable(std):
+        return
+    low, high = std, float(MAX_BLOCKS)
+    for _ in range(40):  # bisection: usable is monotone in the width
+        low, high = (low, (low + high) / 2) if usable((low + high) / 2) else ((low + high) / 2, high)
+    raise ParamError(f"method.params.target_std={std!r} is too narrow: the halting prior around target_depth="
+                     f"{mean:g} over {depth} blocks underflows to 0 in fp32 and the KL term is not finite; valid: "
+                     f"target_std >= {math.ceil(high * 100) / 100:g} (or prior_weight=0)")
+
+
 @register_method("adavit", family="halting", inference_knob="inference_gate_shift", finetune=True,
                  tradeoff_values=(-8, -6, -4, -2, -1, 0, 1, 2, 4, 8))
 def build_adavit(
@@ -414,6 +433,8 @@ def build_adavit(
         target_depth = depth * 8.0 / 12.0
     if not 1.0 <= target_depth <= depth:
         raise ParamError(f"method.params.target_depth={target_depth!r} is outside [1, {depth}] (the model's depth)")
+    if prior_weight > 0:
+        check_prior_target(depth, float(target_depth), float(target_std), prior)
     return AdaViT(vit, float(gate_scale), float(gate_center), float(eps), float(ponder_weight),
                   float(prior_weight), float(target_depth), float(target_std), prior, attn_group,
                   float(inference_gate_shift), halting)

@@ -216,6 +216,9 @@ def test_the_smallest_epsilon_keeps_the_sinkhorn_plan_finite():
     (["method=ats", "method.params.budget=0.1"], r"method\.params\.budget=0\.1 gives K=6 tokens"),
     (["method=ats", "+model.depth=3"], r"method\.params\.locations=null places ATS at blocks 3\.\.2"),
     (["method=adavit", "method.params.target_depth=13"], r"method\.params\.target_depth=13 is outside \[1, 12\]"),
+    # the Gaussian prior around block 8 of 12: below a width of 0.49 blocks its tails are 0 in fp32 (log -inf)
+    (["method=adavit", "method.params.target_std=0.3"], r"method\.params\.target_std=0\.3 is too narrow: .*valid: "
+                                                        r"target_std >= 0\.49 \(or prior_weight=0\)"),
     (["method=adavit", "model=deit_base", "data.img_size=224"],
      r"method\.params\.gate_scale=null but architecture 'deit_base_patch16_224' has no default gate constants"),
     (["method=heuristic", "method.params.min_radius=0.1"], r"method\.params\.min_radius=0\.1 leaves no patch token"),
