@@ -110,7 +110,10 @@ GATE_DEFAULTS: dict[str, tuple[float, float]] = {
 
 Prior = Literal["correct", "official"]
 Halting = Literal["channel0", "head"]
-Positive = Annotated[float, Field(gt=0)]
+# gate constants of the fp32 halting logit gate_scale * s - gate_center: the official ones are 10 and 30-75; a
+# bound keeps the logit finite (a huge scale against a huge centre would give inf - inf = NaN)
+GateScale = Annotated[float, Field(gt=0, le=1e6)]
+GateShift = Annotated[float, Field(ge=-1e6, le=1e6)]
 # a target halting depth in blocks (at most this model's depth, checked in build_adavit) and its spread
 TargetDepth = Annotated[float, Field(ge=1, le=MAX_BLOCKS)]
 TargetStd = Annotated[float, Field(gt=0, le=MAX_BLOCKS)]
@@ -389,8 +392,8 @@ def check_prior_target(depth: int, mean: float, std: float, mode: str) -> None:
                  tradeoff_values=(-8, -6, -4, -2, -1, 0, 1, 2, 4, 8))
 def build_adavit(
     vit: nn.Module,
-    gate_scale: Optional[Positive] = None,
-    gate_center: Optional[float] = None,
+    gate_scale: Optional[GateScale] = None,
+    gate_center: Optional[GateShift] = None,
     eps: Annotated[float, Field(gt=0, lt=1)] = 0.01,
     ponder_weight: Weight = 5e-4,
     prior_weight: Weight = 1e-3,
@@ -398,7 +401,7 @@ def build_adavit(
     target_std: TargetStd = 1.0,
     prior: Prior = "correct",
     attn_group: AttnGroup = None,
-    inference_gate_shift: float = 0.0,
+    inference_gate_shift: GateShift = 0.0,
     halting: Halting = "channel0",
 ) -> AdaViT:
     """A-ViT: tokens halt on a score read from their block output; removed per image at inference (trained).
