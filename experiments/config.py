@@ -35,6 +35,13 @@ MAX_BATCH = 2 ** 16
 MAX_IMAGES = 10 ** 7
 MAX_THREADS = 1024
 MAX_TIME_S = 600.0  # measure.min_time_s: one timed run lasts at least this long
+# model.* architecture overrides: every one sizes a weight tensor or a block loop in timm. 16384 px is 16x
+# the largest published ViT input; 1000 blocks, width 65536 and an MLP 64x wider than the tokens are far past
+# any published ViT (ViT-22B: 48 blocks, width 6144, ratio 4) and keep int(embed_dim * mlp_ratio) a C long.
+MAX_IMG_SIZE = 16384
+MAX_DEPTH = 1000
+MAX_WIDTH = 2 ** 16
+MAX_MLP_RATIO = 64.0
 MIN_CROP_PCT = 0.25  # data.crop_pct: the eval resize is img_size / crop_pct, at most 4x the input size
 
 
@@ -193,7 +200,8 @@ class ModelConfig:
 
     name: str = MISSING
     short_name: str = MISSING
-    img_size: int = spec(MISSING, ge=1)  # the model's native input size; data.img_size follows it by default
+    # the model's native input size; data.img_size follows it by default (at most MAX_IMG_SIZE)
+    img_size: int = spec(MISSING, ge=1, le=MAX_IMG_SIZE)
     pretrained: bool = False  # timm's hub weights (clusters with internet access)
     # a local timm/DeiT .pth or .safetensors, or a checkpoint of this suite
     checkpoint: Optional[str] = spec(None, path=True)
@@ -202,10 +210,11 @@ class ModelConfig:
     num_frames: Optional[int] = spec(None, ge=1, le=MAX_COUNT)
     # video models: the position table's start, sincos3d or videomae (methods/video.py); null: the model's
     pos_init: Optional[str] = spec(None, choices=("sincos3d", "videomae"))
-    depth: Optional[int] = spec(None, ge=1)
-    embed_dim: Optional[int] = spec(None, ge=1)
-    num_heads: Optional[int] = spec(None, ge=1)
-    mlp_ratio: Optional[float] = spec(None, gt=0)
+    # architecture overrides, bounded so that timm's allocations stay finite (see MAX_DEPTH and below)
+    depth: Optional[int] = spec(None, ge=1, le=MAX_DEPTH)
+    embed_dim: Optional[int] = spec(None, ge=1, le=MAX_WIDTH)
+    num_heads: Optional[int] = spec(None, ge=1, le=MAX_WIDTH)
+    mlp_ratio: Optional[float] = spec(None, gt=0, le=MAX_MLP_RATIO)
 
     def architecture(self) -> dict[str, Any]:
         """The keys that go to ``timm.create_model`` as architecture arguments."""

@@ -5,7 +5,8 @@ OmegaConf has typed every key at composition (``experiments.config``); here come
 registry, timm or files, in the order a run meets them:
 
 - the ranges and cross-key rules of every section (``config.check_ranges``), ``hydra.launcher`` ranges;
-- ``method.name`` against the registry and each parameter against its factory's signature (pydantic, strict);
+- ``method.name`` against the registry and each parameter against its factory's signature: type, range and
+  choices (``methods.params.check_value``: pydantic, strict);
   then the method is built on a meta-device backbone (no memory, no weights, milliseconds), so every check of
   timm and of the factory runs too;
 - ``model.pretrained`` against timm's weights, ``model.checkpoint`` (readable, head against the classes, every
@@ -16,7 +17,6 @@ Every error names the key, the bad value and the valid range or choices: ``Confi
 """
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import typing
@@ -28,11 +28,11 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
-from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 import methods
 from methods import ragged
 from methods.models import CheckpointError, load_state_dict_strict, read_checkpoint
+from methods.params import ModelSettingError, ParamError, check_params, check_value
 
 from experiments import identity
 from experiments.build import create_vit, resolve_device
@@ -153,28 +153,27 @@ def typed_config(cfg: DictConfig) -> RunConfig:
 
 
 def check_method_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Each parameter against the factory's signature annotation, strictly (``1`` is not ``true``)."""
+    """Each parameter against the factory's signature annotation (type, range, choices), strictly (``1`` is not
+    ``true``)."""
     valid = methods.method_parameters(name)
     unknown = sorted(set(params) - set(valid))
     if unknown:
         raise ConfigError(f"method.params: unknown key(s) {unknown} for {name!r}; valid: {', '.join(valid)}")
-    for key, value in params.items():
-        check_type(f"method.params.{key}", value, name, key)
+    try:
+        check_params(methods.method_spec(name).factory, params)
+    except ParamError as error:
+        raise ConfigError(str(error)) from None
     return dict(params)
 
 
 def check_type(key: str, value: Any, method: str, param: str) -> None:
-    """``value`` against the annotation of parameter ``param`` of ``method``'s factory (and finite, if a number)."""
-    annotation = typing.get_type_hints(methods.method_spec(method).factory).get(param)
-    if annotation is not None:
-        try:
-            TypeAdapter(annotation, config=ConfigDict(strict=True)).validate_python(value)
-        except ValidationError as error:
-            reasons = "; ".join(dict.fromkeys(item["msg"] for item in error.errors()))
-            words = methods.method_parameters(method)[param].annotation
-            raise ConfigError(f"{key}={value!r} is not of type {words}: {reasons}") from None
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key}={value!r} must be a finite number")
+    """``value`` against the annotation of parameter ``param`` of ``method``'s factory: its type, range or
+    choices (``methods.params.check_value``; one line naming ``key``, the value and what is valid)."""
+    annotation = typing.get_type_hints(methods.method_spec(method).factory, include_extras=True).get(param, Any)
+    try:
+        check_value(key, value, annotation)
+    except ParamError as error:
+        raise ConfigError(str(error)) from None
 
 
 def check_grid(name: str, grid: Optional[list]) -> None:
@@ -209,21 +208,21 @@ def check_model_name(name: str) -> None:
 # --------------------------------------------------------------------------------------- models and weights
 def build_on_meta(config: RunConfig, name: str, params: dict[str, Any], num_classes: int) -> methods.TokenReducer:
     """Backbone and method on the meta device: every check of timm and of the factory runs, nothing is allocated.
-    Their errors become :class:`ConfigError`."""
+    Their errors become :class:`ConfigError`: a :class:`ModelSettingError` or :class:`ParamError` as it is (it
+    names its key), anything else with the model or the method it came from."""
     with torch.device("meta"):
         try:
             vit = create_vit(config, num_classes)
-        except ValueError as error:
-            if "data.img_size" in str(error) or "model.num_frames" in str(error) or "model.pos_init" in str(error):
-                raise ConfigError(str(error)) from error
-            raise _model_error(config, error) from error
-        except (TypeError, AssertionError, RuntimeError) as error:
+        except ModelSettingError as error:
+            raise ConfigError(str(error)) from error
+        except (ValueError, TypeError, AssertionError, RuntimeError, OverflowError) as error:
             raise _model_error(config, error) from error
         try:
             return methods.create_method(name, vit, **params)
+        except ParamError as error:
+            raise ConfigError(str(error)) from error
         except (ValueError, TypeError) as error:
-            raise ConfigError(f"{error}" if "method.params" in str(error)
-                              else f"method {name!r} with params {params}: {error}") from error
+            raise ConfigError(f"method {name!r} with params {params}: {error}") from error
 
 
 def check_data_fits_model(config: RunConfig, vit) -> None:

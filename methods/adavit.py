@@ -82,14 +82,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from . import backbone, ragged
 from .base import MethodOutput, TokenReducer
+from .params import MAX_BLOCKS, AttnGroup, ParamError, Weight
 from .registry import register_method
 
 MASK_BIAS = -1000.0  # the official finite key bias for halted tokens
@@ -106,8 +108,15 @@ GATE_DEFAULTS: dict[str, tuple[float, float]] = {
     "vit_video_small_patch16_224": (10.0, 75.0),
 }
 
-PRIOR_MODES = ("correct", "official")
-HALTING_SOURCES = ("channel0", "head")
+Prior = Literal["correct", "official"]
+Halting = Literal["channel0", "head"]
+# gate constants of the fp32 halting logit gate_scale * s - gate_center: the official ones are 10 and 30-75; a
+# bound keeps the logit finite (a huge scale against a huge centre would give inf - inf = NaN)
+GateScale = Annotated[float, Field(gt=0, le=1e6)]
+GateShift = Annotated[float, Field(ge=-1e6, le=1e6)]
+# a target halting depth in blocks (at most this model's depth, checked in build_adavit) and its spread
+TargetDepth = Annotated[float, Field(ge=1, le=MAX_BLOCKS)]
+TargetStd = Annotated[float, Field(gt=0, le=MAX_BLOCKS)]
 
 
 
@@ -184,7 +193,8 @@ class AdaViT(TokenReducer):
     def __init__(self, vit: nn.Module, gate_scale: float, gate_center: float, eps: float, ponder_weight: float,
                  prior_weight: float, target_depth: float, target_std: float, prior: str,
                  attn_group: Optional[int], inference_gate_shift: float, halting: str) -> None:
-        """Checked by :func:`build_adavit`, where the defaults live."""
+        """Defaults and ranges live in :func:`build_adavit`'s signature (checked by the plan); the depth target
+        against this model and the prior's width (:func:`check_prior_target`) are checked there too."""
         super().__init__(vit)
         self.halting_heads: Optional[nn.ModuleList] = None
         if halting == "head":
@@ -359,9 +369,23 @@ def _counts_from_depth(depth_of: Tensor, depth: int) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ factory
-def _check(key: str, value, ok: bool, valid: str) -> None:
-    if not ok:
-        raise ValueError(f"method.params.{key}={value!r} is invalid; valid range: {valid}")
+def check_prior_target(depth: int, mean: float, std: float, mode: str) -> None:
+    """The prior's target must keep the KL term finite: every block above 0 in fp32 with ``correct`` (its log
+    is taken), finite with ``official``. A ``target_std`` too narrow for the blocks around ``target_depth``
+    underflows; the refusal names the smallest width that does not (to 0.01)."""
+    def usable(width: float) -> bool:
+        with torch.device("cpu"):  # also when the method is built on the meta device (experiments.plan)
+            target = prior_target(depth, mean, width, mode).float()
+        return bool(torch.isfinite(target).all() and (mode != "correct" or (target > 0).all()))
+
+    if usable(std):
+        return
+    low, high = std, float(MAX_BLOCKS)
+    for _ in range(40):  # bisection: usable is monotone in the width
+        low, high = (low, (low + high) / 2) if usable((low + high) / 2) else ((low + high) / 2, high)
+    raise ParamError(f"method.params.target_std={std!r} is too narrow: the halting prior around target_depth="
+                     f"{mean:g} over {depth} blocks underflows to 0 in fp32 and the KL term is not finite; valid: "
+                     f"target_std >= {math.ceil(high * 100) / 100:g} (or prior_weight=0)")
 
 
 @register_method("adavit", family="halting", inference_knob="inference_gate_shift", finetune=True,
@@ -374,17 +398,17 @@ def _check(key: str, value, ok: bool, valid: str) -> None:
                                                {"gate_scale": 10, "gate_center": 5.0})})
 def build_adavit(
     vit: nn.Module,
-    gate_scale: Optional[float] = None,
-    gate_center: Optional[float] = None,
-    eps: float = 0.01,
-    ponder_weight: float = 5e-4,
-    prior_weight: float = 1e-3,
-    target_depth: Optional[float] = None,
-    target_std: float = 1.0,
-    prior: str = "correct",
-    attn_group: Optional[int] = None,
-    inference_gate_shift: float = 0.0,
-    halting: str = "channel0",
+    gate_scale: Optional[GateScale] = None,
+    gate_center: Optional[GateShift] = None,
+    eps: Annotated[float, Field(gt=0, lt=1)] = 0.01,
+    ponder_weight: Weight = 5e-4,
+    prior_weight: Weight = 1e-3,
+    target_depth: Optional[TargetDepth] = None,
+    target_std: TargetStd = 1.0,
+    prior: Prior = "correct",
+    attn_group: AttnGroup = None,
+    inference_gate_shift: GateShift = 0.0,
+    halting: Halting = "channel0",
 ) -> AdaViT:
     """A-ViT: tokens halt on a score read from their block output; removed per image at inference (trained).
 
@@ -406,7 +430,7 @@ def build_adavit(
     if gate_scale is None or gate_center is None:
         if arch not in GATE_DEFAULTS:
             missing = "gate_scale" if gate_scale is None else "gate_center"
-            raise ValueError(
+            raise ParamError(
                 f"method.params.{missing}=null but architecture {arch!r} has no default gate constants "
                 f"(defaults exist for {', '.join(GATE_DEFAULTS)}); set method.params.gate_scale and "
                 f"method.params.gate_center, e.g. 10 and 30 as for DeiT-T")
@@ -416,22 +440,10 @@ def build_adavit(
     depth = len(vit.blocks)
     if target_depth is None:
         target_depth = depth * 8.0 / 12.0
-    for key, value in (("gate_scale", gate_scale), ("gate_center", gate_center), ("eps", eps),
-                       ("ponder_weight", ponder_weight), ("prior_weight", prior_weight),
-                       ("target_depth", target_depth), ("target_std", target_std),
-                       ("inference_gate_shift", inference_gate_shift)):
-        _check(key, value, isinstance(value, (int, float)) and not isinstance(value, bool), "a real number")
-    _check("gate_scale", gate_scale, math.isfinite(gate_scale) and gate_scale > 0, "(0, inf)")
-    _check("gate_center", gate_center, math.isfinite(gate_center), "a finite number")
-    _check("inference_gate_shift", inference_gate_shift, math.isfinite(inference_gate_shift), "a finite number")
-    _check("eps", eps, 0.0 < eps < 1.0, "(0, 1)")
-    _check("ponder_weight", ponder_weight, ponder_weight >= 0, "[0, inf)")
-    _check("prior_weight", prior_weight, prior_weight >= 0, "[0, inf)")
-    _check("target_depth", target_depth, 1.0 <= target_depth <= depth, f"[1, {depth}] (the model's depth)")
-    _check("target_std", target_std, target_std > 0, "(0, inf)")
-    _check("prior", prior, prior in PRIOR_MODES, " | ".join(PRIOR_MODES))
-    _check("halting", halting, halting in HALTING_SOURCES, " | ".join(HALTING_SOURCES))
-    ragged.check_group(attn_group)
+    if not 1.0 <= target_depth <= depth:
+        raise ParamError(f"method.params.target_depth={target_depth!r} is outside [1, {depth}] (the model's depth)")
+    if prior_weight > 0:
+        check_prior_target(depth, float(target_depth), float(target_std), prior)
     return AdaViT(vit, float(gate_scale), float(gate_center), float(eps), float(ponder_weight),
                   float(prior_weight), float(target_depth), float(target_std), prior, attn_group,
                   float(inference_gate_shift), halting)

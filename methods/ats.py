@@ -51,19 +51,24 @@ Where we deviate from the official code (no switch: each makes the result depend
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Annotated, Optional, Sequence, Union
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
-from . import backbone, ragged, tokens
+from . import backbone, params, ragged
 from .base import MethodOutput, TokenReducer
+from .params import MAX_BLOCKS, MAX_TOKENS, AttnGroup, Locations, ParamError
 from .registry import register_method
 
 MIN_BUDGET = 8  # the official clamp: a budget below 8 tokens becomes 8; here it is refused instead
 FIRST_OFFICIAL_BLOCK = 3  # the official DeiT-S placement starts at block 3 (0-based)
 
-Budget = Union[None, int, float, Sequence[Union[int, float]]]
+BudgetCount = Annotated[int, Field(ge=MIN_BUDGET, le=MAX_TOKENS)]  # tokens, CLS included (at most this model's)
+BudgetFraction = Annotated[float, Field(gt=0, le=1)]  # of the input tokens
+BudgetList = Annotated[Sequence[Union[BudgetCount, BudgetFraction]], Field(min_length=1, max_length=MAX_BLOCKS)]
+Budget = Optional[Union[BudgetCount, BudgetFraction, BudgetList]]  # null: the official K = N
 
 
 @torch.no_grad()
@@ -97,7 +102,8 @@ class ATS(TokenReducer):
 
     def __init__(self, vit: nn.Module, locations: list[int], samples: list[int],
                  attn_group: Optional[int]) -> None:
-        """Checked by :func:`build_ats`, where the defaults live. ``samples``: points drawn per location."""
+        """Built by :func:`build_ats`, whose signature holds the defaults and ranges. ``samples``: points drawn
+        per location."""
         super().__init__(vit)
         self.locations = locations
         self.samples = dict(zip(locations, samples))
@@ -209,21 +215,14 @@ def parse_budget(budget: Budget, num_tokens: int, stages: int, key: str = "metho
              f"list of {stages} (one per location)")
     if budget is None:
         return [num_tokens - 1] * stages
-    values = list(budget) if isinstance(budget, Sequence) and not isinstance(budget, (str, bytes)) else [budget]
+    values = list(budget) if isinstance(budget, Sequence) else [budget]
     if len(values) not in (1, stages):
-        raise ValueError(f"{key}={budget!r} has {len(values)} entries for {stages} ATS locations; valid: {valid}")
+        raise ParamError(f"{key}={budget!r} has {len(values)} entries for {stages} ATS locations; valid: {valid}")
     points = []
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{key}={budget!r} is not a number; valid: {valid}")
-        if isinstance(value, float):
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"{key}={value!r} is outside (0, 1] as a fraction; valid: {valid}")
-            count = round(value * num_tokens)
-        else:
-            count = value
+        count = round(value * num_tokens) if isinstance(value, float) else value
         if not MIN_BUDGET <= count <= num_tokens:
-            raise ValueError(f"{key}={value!r} gives K={count} tokens, outside [{MIN_BUDGET}, {num_tokens}] "
+            raise ParamError(f"{key}={value!r} gives K={count} tokens, outside [{MIN_BUDGET}, {num_tokens}] "
                              f"(the official minimum and the token count); valid: {valid}")
         points.append(count - 1)
     return points * stages if len(points) == 1 else points
@@ -231,8 +230,8 @@ def parse_budget(budget: Budget, num_tokens: int, stages: int, key: str = "metho
 
 @register_method("ats", family="pruning", inference_knob="budget",
                  tradeoff_values=(0.2, 0.3, 0.4, 0.5, 0.65, 0.8, 1.0), stronger={"budget": 0.5})
-def build_ats(vit: nn.Module, budget: Budget = None, locations: Optional[Sequence[int]] = None,
-              attn_group: Optional[int] = None) -> ATS:
+def build_ats(vit: nn.Module, budget: Budget = None, locations: Optional[Locations] = None,
+              attn_group: AttnGroup = None) -> ATS:
     """ATS: keep the distinct tokens an inverse-CDF sampler draws from CLS attention x value norm (per image).
 
     ``locations`` None: blocks 3 to the last (the official DeiT-S placement 3..11); a model with 3 blocks or fewer
@@ -241,12 +240,11 @@ def build_ats(vit: nn.Module, budget: Budget = None, locations: Optional[Sequenc
     depth = len(vit.blocks)
     if locations is None:
         if depth <= FIRST_OFFICIAL_BLOCK:
-            raise ValueError(f"method.params.locations=null places ATS at blocks {FIRST_OFFICIAL_BLOCK}.."
+            raise ParamError(f"method.params.locations=null places ATS at blocks {FIRST_OFFICIAL_BLOCK}.."
                              f"{depth - 1}, which a {depth}-block model lacks; set method.params.locations to "
                              f"block indices in [0, {depth - 1}]")
         locations = list(range(FIRST_OFFICIAL_BLOCK, depth))
-    locations = tokens.validate_locations(locations, depth, first=0)
+    locations = params.check_locations(locations, depth)
     num_tokens = vit.patch_embed.num_patches + vit.num_prefix_tokens
     samples = parse_budget(budget, num_tokens, len(locations))
-    ragged.check_group(attn_group)
     return ATS(vit, locations, samples, attn_group)

@@ -66,7 +66,8 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .evit import KEEP_RATE_GRID, check_bool
+from .evit import KEEP_RATE_GRID
+from .params import KeepRate, Locations, ParamError, PatchCounts, TokenCount, Weight
 from .registry import register_method
 from .staged import Reduced, StagedReduction
 
@@ -122,7 +123,7 @@ class DPCKNN(StagedReduction):
     def __init__(self, vit: nn.Module, keep_rate: float, locations: Sequence[int],
                  patch_counts: Optional[Sequence[int]], k_neighbors: int, equal_weight: bool,
                  backbone_lr_scale: float) -> None:
-        """Defaults live in :func:`build_dpcknn`.
+        """Defaults and ranges live in :func:`build_dpcknn`.
 
         Args:
             k_neighbors: neighbours (the token itself included) of the density, in [1, the fewest patch tokens
@@ -131,11 +132,11 @@ class DPCKNN(StagedReduction):
         """
         super().__init__(vit, keep_rate, locations, patch_counts, backbone_lr_scale)
         fewest = min(self.stage_inputs)
-        if isinstance(k_neighbors, bool) or not isinstance(k_neighbors, int) or not 1 <= k_neighbors <= fewest:
-            raise ValueError(f"method.params.k_neighbors={k_neighbors!r} is not an integer in [1, {fewest}] (at "
+        if k_neighbors > fewest:
+            raise ParamError(f"method.params.k_neighbors={k_neighbors!r} is not an integer in [1, {fewest}] (at "
                              f"most the fewest patch tokens entering a stage; they are {self.stage_inputs})")
         self.k_neighbors = k_neighbors
-        self.equal_weight = check_bool(equal_weight, "method.params.equal_weight")
+        self.equal_weight = bool(equal_weight)
         if not self.equal_weight:
             for _ in self.locations:
                 score = nn.Linear(self.embed_dim, 1)
@@ -167,9 +168,9 @@ class DPCKNN(StagedReduction):
 
 @register_method("dpcknn", family="clustering", inference_knob="keep_rate", finetune=True,
                  tradeoff_values=KEEP_RATE_GRID, stronger={"keep_rate": 0.5})
-def build_dpcknn(vit: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9),
-                 patch_counts: Optional[Sequence[int]] = None, k_neighbors: int = 5, equal_weight: bool = False,
-                 backbone_lr_scale: float = 1.0) -> DPCKNN:
+def build_dpcknn(vit: nn.Module, keep_rate: KeepRate = 0.7, locations: Locations = (3, 6, 9),
+                 patch_counts: PatchCounts = None, k_neighbors: TokenCount = 5, equal_weight: bool = False,
+                 backbone_lr_scale: Weight = 1.0) -> DPCKNN:
     """DPC-KNN: density-peak clusters of the patches before blocks 3/6/9, merged by a learned weighted mean."""
     return DPCKNN(vit, keep_rate=keep_rate, locations=locations, patch_counts=patch_counts,
                   k_neighbors=k_neighbors, equal_weight=equal_weight, backbone_lr_scale=backbone_lr_scale)

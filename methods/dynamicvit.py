@@ -27,7 +27,6 @@ Where we deviate from the official code:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional, Sequence
@@ -36,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import backbone
+from . import backbone, params
 from .base import MethodOutput, TokenReducer
-from .evit import check_keep_rate
+from .params import KeepRate, Locations, Weight
 from .registry import register_method
-from .tokens import check_cumulative_keep, kept_patch_count, keep_with_cls, topk_patches, validate_locations
+from .tokens import kept_patch_count, keep_with_cls, topk_patches
 
 
 class KeepPredictor(nn.Module):
@@ -95,7 +94,7 @@ class DynamicViT(TokenReducer):
     def __init__(self, vit: nn.Module, keep_rate: float, locations: Sequence[int], ratio_weight: float,
                  kl_weight: float, token_mse_weight: float, backbone_lr_scale: float,
                  inference_keep_rate: Optional[float]) -> None:
-        """Defaults live in :func:`build_dynamicvit`.
+        """Defaults and ranges live in :func:`build_dynamicvit`.
 
         Args:
             keep_rate: per-stage keep ratio rho in (0, 1]; stage s keeps ``floor(rho ** s * patches)`` patches.
@@ -105,17 +104,12 @@ class DynamicViT(TokenReducer):
             inference_keep_rate: keep rate of the ``eval()`` forward; ``None`` = ``keep_rate``.
         """
         super().__init__(vit)
-        self.keep_rate = check_keep_rate(keep_rate, "method.params.keep_rate")
-        rate = keep_rate if inference_keep_rate is None else inference_keep_rate
-        self.inference_keep_rate = check_keep_rate(rate, "method.params.inference_keep_rate")
-        self.locations = validate_locations(locations, self.depth, key="method.params.locations")
+        self.keep_rate = float(keep_rate)
+        self.inference_keep_rate = float(keep_rate if inference_keep_rate is None else inference_keep_rate)
+        self.locations = params.check_locations(locations, self.depth, first=1)
         knob = "keep_rate" if inference_keep_rate is None else "inference_keep_rate"
-        check_cumulative_keep(f"method.params.{knob}", self.inference_keep_rate, self.num_patches,
-                              len(self.locations))
-        for key, value in (("ratio_weight", ratio_weight), ("kl_weight", kl_weight),
-                           ("token_mse_weight", token_mse_weight), ("backbone_lr_scale", backbone_lr_scale)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"method.params.{key}={value!r} must be a finite number >= 0")
+        params.check_cumulative_keep(f"method.params.{knob}", self.inference_keep_rate, self.num_patches,
+                                     len(self.locations))
         self.ratio_weight, self.kl_weight, self.token_mse_weight = ratio_weight, kl_weight, token_mse_weight
         self.backbone_lr_scale = backbone_lr_scale
         # Target cumulative keep ratios (training) and kept patch counts (inference), one per stage.
@@ -243,13 +237,13 @@ def _kept_token_mse(out: MethodOutput, teacher_out: MethodOutput) -> Tensor:
                  tradeoff_values=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), stronger={"keep_rate": 0.5})
 def build_dynamicvit(
     vit: nn.Module,
-    keep_rate: float = 0.7,
-    locations: Sequence[int] = (3, 6, 9),
-    ratio_weight: float = 2.0,
-    kl_weight: float = 0.5,
-    token_mse_weight: float = 0.5,
-    backbone_lr_scale: float = 0.01,
-    inference_keep_rate: Optional[float] = None,
+    keep_rate: KeepRate = 0.7,
+    locations: Locations = (3, 6, 9),
+    ratio_weight: Weight = 2.0,
+    kl_weight: Weight = 0.5,
+    token_mse_weight: Weight = 0.5,
+    backbone_lr_scale: Weight = 0.01,
+    inference_keep_rate: Optional[KeepRate] = None,
 ) -> DynamicViT:
     """DynamicViT: a learned predictor before blocks 3/6/9 keeps keep_rate ** s of the patches (trained)."""
     return DynamicViT(vit, keep_rate=keep_rate, locations=locations, ratio_weight=ratio_weight,

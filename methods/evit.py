@@ -37,8 +37,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import backbone, tokens
+from . import backbone, params, tokens
 from .base import MethodOutput, TokenReducer
+from .params import KeepRate, Locations
 from .registry import register_method
 
 
@@ -96,7 +97,7 @@ class EViT(AttentionPruning):
     """EViT; see the module docstring."""
 
     def __init__(self, vit: nn.Module, keep_rate: float, locations: Sequence[int], fuse: bool) -> None:
-        """Defaults live in :func:`build_evit`.
+        """Defaults and ranges live in :func:`build_evit`.
 
         Args:
             keep_rate: fraction in (0, 1] of the current non-CLS tokens kept at each location (rounded up).
@@ -105,9 +106,9 @@ class EViT(AttentionPruning):
             fuse: sum the dropped tokens into one extra token weighted by their CLS attention (``false``:
                 plain top-k pruning, i.e. ``topk`` with ``schedule=evit``).
         """
-        super().__init__(vit, fuse=check_bool(fuse, "method.params.fuse"))
-        self.keep_rate = check_keep_rate(keep_rate)
-        self.locations = check_locations(locations, self.depth)
+        super().__init__(vit, fuse=fuse)
+        self.keep_rate = float(keep_rate)
+        self.locations = params.check_locations(locations, self.depth)
 
     def keep_plan(self, num_tokens: int) -> list[Optional[int]]:
         return evit_plan(num_tokens, self.depth, self.keep_rate, self.locations, self.fuse)
@@ -126,32 +127,12 @@ def evit_plan(num_tokens: int, depth: int, keep_rate: float, locations: Sequence
     return plan
 
 
-# --- parameter checks shared with topk.py: errors name the config key, the value and the valid range --------
-
-
-def check_keep_rate(value, key: str = "method.params.keep_rate") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise ValueError(f"{key}={value!r} is outside the valid range (0, 1]")
-    return float(value)
-
-
-def check_locations(value, depth: int, key: str = "method.params.locations") -> list[int]:
-    """Block indices in [0, depth - 1], strictly increasing (pruning happens inside the block, after attention)."""
-    return tokens.validate_locations(value, depth, key, first=0)
-
-
-def check_bool(value, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{key}={value!r} must be true or false")
-    return value
-
-
 KEEP_RATE_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # default trade-off grid of keep_rate (also topk, random)
 
 
 @register_method("evit", family="pruning", inference_knob="keep_rate", tradeoff_values=KEEP_RATE_GRID,
                  stronger={"keep_rate": 0.5})
-def build_evit(vit: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9),
+def build_evit(vit: nn.Module, keep_rate: KeepRate = 0.7, locations: Locations = (3, 6, 9),
                fuse: bool = True) -> EViT:
     """EViT: keep the tokens with the highest CLS attention inside blocks 3/6/9, fuse the rest into one."""
     return EViT(vit, keep_rate=keep_rate, locations=locations, fuse=fuse)

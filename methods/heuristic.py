@@ -71,18 +71,20 @@ as in the rest of the family). ``keep_rate`` is range-checked in contiguous mode
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from typing import Annotated, Literal, Sequence
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
-from . import backbone, tokens
+from . import backbone, params, tokens
+from .params import KeepRate, Locations, ParamError
 from .registry import register_method
-from .evit import check_keep_rate
-from .staged import Reduced, StagedReduction, check_nonnegative, stage_counts
+from .staged import Reduced, StagedReduction, stage_counts
 
 Pattern = Literal["l1", "l2", "linf"]
-PATTERNS = ("l1", "l2", "linf")
+# in patches from the grid centre: at most the side of the largest grid (a 16384 px image in 16 px patches)
+Radius = Annotated[float, Field(ge=0, le=1024)]
 
 
 def grid_side(vit: nn.Module) -> int:
@@ -136,23 +138,19 @@ class Heuristic(StagedReduction):
 
     def __init__(self, vit: nn.Module, keep_rate: float, locations: Sequence[int], pattern: Pattern,
                  contiguous: bool, min_radius: float) -> None:
-        """Defaults live in :func:`build_heuristic`.
+        """Defaults and ranges live in :func:`build_heuristic`.
 
         Args:
             keep_rate: in (0, 1]; used only with ``contiguous=False``.
             locations: strictly increasing block indices; with ``contiguous`` only their min and max count.
             pattern: ``l1``, ``l2`` or ``linf`` distance from the grid centre.
             contiguous: reduce at every block from min to max of ``locations`` on a fixed radius schedule.
-            min_radius: finite, >= 0 (0: the official fallback); the end of the contiguous radius schedule.
+            min_radius: in [0, 1024] (0: the official fallback); the end of the contiguous radius schedule.
         """
         backbone.check_supported(vit)
-        if not isinstance(pattern, str) or pattern not in PATTERNS:
-            raise ValueError(f"method.params.pattern={pattern!r} is not one of: {', '.join(PATTERNS)}")
-        if not isinstance(contiguous, bool):
-            raise ValueError(f"method.params.contiguous={contiguous!r} must be true or false")
-        radius = check_nonnegative(min_radius, "method.params.min_radius")
-        rate = check_keep_rate(keep_rate)
-        given = tokens.validate_locations(locations, len(vit.blocks), "method.params.locations", first=0)
+        radius = float(min_radius)
+        rate = float(keep_rate)
+        given = params.check_locations(locations, len(vit.blocks))
         side = grid_side(vit)
         z = centre_distances(side, pattern)
         if contiguous:
@@ -163,7 +161,7 @@ class Heuristic(StagedReduction):
             radii = closest_radii(z, stage_counts(rate, None, side * side, len(given)))
         kept = [torch.nonzero(z <= r).squeeze(1) for r in radii]  # grid positions, ascending
         if kept[-1].numel() == 0:
-            raise ValueError(self._empty_plan_message(min_radius, z, given, blocks, radii, side, pattern))
+            raise ParamError(self._empty_plan_message(min_radius, z, given, blocks, radii, side, pattern))
         super().__init__(vit, rate, blocks, patch_counts=[k.numel() for k in kept])
         self.keep_rate = None if contiguous else rate  # the contiguous mode ignores it
         self.pattern, self.contiguous, self.min_radius = pattern, contiguous, radius
@@ -206,8 +204,8 @@ class Heuristic(StagedReduction):
 
 @register_method("heuristic", family="pruning", inference_knob=None, finetune=False,
                  stronger={"contiguous": False, "keep_rate": 0.5})  # contiguous mode ignores the keep rate
-def build_heuristic(vit: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9),
-                    pattern: Pattern = "l1", contiguous: bool = True, min_radius: float = 1.0) -> Heuristic:
+def build_heuristic(vit: nn.Module, keep_rate: KeepRate = 0.7, locations: Locations = (3, 6, 9),
+                    pattern: Pattern = "l1", contiguous: bool = True, min_radius: Radius = 1.0) -> Heuristic:
     """Heuristic: keep the patches nearest the grid centre, a radius shrinking over blocks 3-9 (fixed mask)."""
     return Heuristic(vit, keep_rate=keep_rate, locations=locations, pattern=pattern, contiguous=contiguous,
                      min_radius=min_radius)

@@ -37,7 +37,8 @@ from torch import Tensor, nn
 from . import tokens
 from .evit import KEEP_RATE_GRID
 from .registry import register_method
-from .staged import Reduced, StagedReduction, check_positive_int
+from .params import KeepRate, Locations, PatchCounts, Rounds
+from .staged import Reduced, StagedReduction
 
 MedoidCost = Literal["all_tokens", "members"]
 
@@ -71,11 +72,10 @@ class KMedoids(StagedReduction):
 
     def __init__(self, vit: nn.Module, keep_rate: float, locations: Sequence[int],
                  patch_counts: Optional[Sequence[int]], iterations: int, medoid_cost: MedoidCost) -> None:
-        """Defaults live in :func:`build_kmedoids`; ``iterations`` >= 1 assignment/update rounds."""
+        """Defaults and ranges live in :func:`build_kmedoids`; ``iterations``: assignment/update rounds, in
+        [1, 100] (``methods.params.Rounds``)."""
         super().__init__(vit, keep_rate, locations, patch_counts)
-        self.iterations = check_positive_int(iterations, "method.params.iterations")
-        if medoid_cost not in ("all_tokens", "members"):
-            raise ValueError(f"method.params.medoid_cost={medoid_cost!r} is not one of: all_tokens, members")
+        self.iterations = iterations
         self.medoid_cost = medoid_cost
 
     def reduce(self, stage: int, patches: Tensor, attention: Optional[Tensor]) -> Reduced:
@@ -94,8 +94,8 @@ class KMedoids(StagedReduction):
 
 @register_method("kmedoids", family="clustering", inference_knob="keep_rate", tradeoff_values=KEEP_RATE_GRID,
                  stronger={"keep_rate": 0.5})
-def build_kmedoids(vit: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9),
-                   patch_counts: Optional[Sequence[int]] = None, iterations: int = 3,
+def build_kmedoids(vit: nn.Module, keep_rate: KeepRate = 0.7, locations: Locations = (3, 6, 9),
+                   patch_counts: PatchCounts = None, iterations: Rounds = 3,
                    medoid_cost: MedoidCost = "all_tokens") -> KMedoids:
     """K-Medoids: cluster the patches before blocks 3/6/9, keep the medoids (attention-weighted, 3 rounds)."""
     return KMedoids(vit, keep_rate=keep_rate, locations=locations, patch_counts=patch_counts,

@@ -18,6 +18,8 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
+from .params import ModelSettingError
+
 EMBEDDED_MODEL = "deit_digits_patch4_32"
 
 default_cfgs = generate_default_cfgs({
@@ -161,4 +163,4 @@ def create_backbone(
 
 def check_img_size(img_size: int, patch_size: int) -> None:
     if img_size <= 0 or img_size % patch_size:
-        raise ValueError(f"data.img_size={img_size} is not a positive multiple of the patch size {patch_size}")
+        raise ModelSettingError(f"data.img_size={img_size} is not a positive multiple of the patch size {patch_size}")

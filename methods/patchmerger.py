@@ -61,7 +61,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .evit import check_bool
+from .params import KeepRate, Locations, PatchCounts, Weight
 from .registry import register_method
 from .staged import SoftMixing
 
@@ -91,15 +91,15 @@ class PatchMerger(SoftMixing):
     def __init__(self, vit: nn.Module, keep_rate: float, locations: Sequence[int],
                  patch_counts: Optional[Sequence[int]], scaled_attention: bool, mix_normalized: bool,
                  backbone_lr_scale: float) -> None:
-        """Defaults live in :func:`build_patchmerger`.
+        """Defaults and ranges live in :func:`build_patchmerger`.
 
         Args:
             scaled_attention: scale the logits by ``C ** -0.5`` (official switch, default off).
             mix_normalized: mix the layer-normalised tokens (official) or, if false, the raw ones.
         """
         super().__init__(vit, keep_rate, locations, patch_counts, backbone_lr_scale)
-        self.scaled_attention = check_bool(scaled_attention, "method.params.scaled_attention")
-        self.mix_normalized = check_bool(mix_normalized, "method.params.mix_normalized")
+        self.scaled_attention = bool(scaled_attention)
+        self.mix_normalized = bool(mix_normalized)
         for count in self.patch_counts:
             self.reducers.append(PatchMergerStage(count, self.embed_dim, self.scaled_attention, self.mix_normalized))
 
@@ -113,9 +113,9 @@ class PatchMerger(SoftMixing):
 
 @register_method("patchmerger", family="merging", inference_knob=None, finetune=True,
                  stronger={"keep_rate": 0.5})
-def build_patchmerger(vit: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9),
-                      patch_counts: Optional[Sequence[int]] = None, scaled_attention: bool = False,
-                      mix_normalized: bool = True, backbone_lr_scale: float = 1.0) -> PatchMerger:
+def build_patchmerger(vit: nn.Module, keep_rate: KeepRate = 0.7, locations: Locations = (3, 6, 9),
+                      patch_counts: PatchCounts = None, scaled_attention: bool = False,
+                      mix_normalized: bool = True, backbone_lr_scale: Weight = 1.0) -> PatchMerger:
     """PatchMerger: learned queries mix the layer-normalised patches into fewer tokens before blocks 3/6/9 (trained)."""
     return PatchMerger(vit, keep_rate=keep_rate, locations=locations, patch_counts=patch_counts,
                        scaled_attention=scaled_attention, mix_normalized=mix_normalized,

@@ -100,13 +100,6 @@ class Runtime:
         return resolve_backend(self.backend, device)
 
 
-def check_group(group, key: str = "method.params.attn_group") -> None:
-    """``group`` (images per padded attention call) must be None (the device default) or an int >= 0."""
-    if not (group is None or (isinstance(group, int) and not isinstance(group, bool) and group >= 0)):
-        raise ValueError(f"{key}={group!r} is invalid; valid range: null (auto) or an int >= 0 "
-                         f"(0: all images in one call)")
-
-
 def group_for(group: Optional[int], device: torch.device) -> int:
     """Images per padded attention call: ``group``, or the device's measured default when None."""
     return group if group is not None else AUTO_GROUP.get(device.type, 0)

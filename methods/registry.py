@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from .base import TokenReducer
+from .params import check_params
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,8 @@ def _plain(value: Any, key: str) -> Any:
 
 
 def create_method(name: str, vit: nn.Module, **params) -> TokenReducer:
-    """Wrap the timm ViT ``vit`` with method ``name``; ``params`` are checked against the factory's keywords."""
+    """Wrap the timm ViT ``vit`` with method ``name``; ``params`` are checked against the factory's keywords and
+    their annotated ranges and choices (``methods.params``: a bad value raises ``ParamError``)."""
     _check_params(name, params)
+    check_params(get_factory(name), params)
     return get_factory(name)(vit, **params)

@@ -64,15 +64,21 @@ the two matmuls run in autocast's dtype, as the official code's do under ``--use
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Annotated, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from .registry import register_method
-from .staged import SoftMixing, check_positive_int
+from .params import KeepRate, Locations, PatchCounts, Rounds, Weight
+from .staged import SoftMixing
 
+# The temperature divides cosine scores in [-1, 1] in fp32: below about 1e-20 the scores / epsilon and the
+# log-domain sums overflow and the plan and its gradient hold NaN (measured: finite down to 1e-19 over 1-10
+# rounds, NaN from 1e-20); 1e-12 keeps a margin. Above 1e12 every score is 0 to fp32 precision: a uniform plan.
+Epsilon = Annotated[float, Field(ge=1e-12, le=1e12)]
 RENORM_TOLERANCE = 1e-6  # re-normalise a centre only when its norm is this far from 1 (see the module docstring)
 
 
@@ -123,15 +129,15 @@ class Sinkhorn(SoftMixing):
     def __init__(self, vit: nn.Module, keep_rate: float, locations: Sequence[int],
                  patch_counts: Optional[Sequence[int]], iterations: int, epsilon: float,
                  backbone_lr_scale: float) -> None:
-        """Defaults live in :func:`build_sinkhorn`.
+        """Defaults and ranges live in :func:`build_sinkhorn`.
 
         Args:
-            iterations: Sinkhorn rounds (each a ``u`` and a ``v`` update), an integer >= 1.
-            epsilon: the temperature dividing the scores, a finite number > 0.
+            iterations: Sinkhorn rounds (each a ``u`` and a ``v`` update), an integer in [1, 100].
+            epsilon: the temperature dividing the scores, in [1e-12, 1e12] (``Epsilon``).
         """
         super().__init__(vit, keep_rate, locations, patch_counts, backbone_lr_scale)
-        self.iterations = check_positive_int(iterations, "method.params.iterations")
-        self.epsilon = check_positive_finite(epsilon, "method.params.epsilon")
+        self.iterations = iterations
+        self.epsilon = float(epsilon)
         for count in self.patch_counts:
             self.reducers.append(SinkhornCentres(count, self.embed_dim, self.iterations, self.epsilon))
 
@@ -143,17 +149,9 @@ class Sinkhorn(SoftMixing):
         return macs
 
 
-def check_positive_finite(value, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < float("inf"):
-        raise ValueError(f"{key}={value!r} must be a finite number > 0")
-    return float(value)
-
-
-@register_method("sinkhorn", family="clustering", inference_knob=None, finetune=True,
-                 stronger={"keep_rate": 0.5})
-def build_sinkhorn(vit: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9),
-                   patch_counts: Optional[Sequence[int]] = None, iterations: int = 3, epsilon: float = 1.0,
-                   backbone_lr_scale: float = 1.0) -> Sinkhorn:
+def build_sinkhorn(vit: nn.Module, keep_rate: KeepRate = 0.7, locations: Locations = (3, 6, 9),
+                   patch_counts: PatchCounts = None, iterations: Rounds = 3, epsilon: Epsilon = 1.0,
+                   backbone_lr_scale: Weight = 1.0) -> Sinkhorn:
     """Sinkhorn: learned centres before blocks 3/6/9 gather the patches by optimal transport (3 rounds, trained)."""
     return Sinkhorn(vit, keep_rate=keep_rate, locations=locations, patch_counts=patch_counts,
                     iterations=iterations, epsilon=epsilon, backbone_lr_scale=backbone_lr_scale)

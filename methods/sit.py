@@ -59,6 +59,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .params import KeepRate, Locations, PatchCounts, Weight
 from .registry import register_method
 from .staged import SoftMixing
 
@@ -102,7 +103,7 @@ class SiT(SoftMixing):
 
     def __init__(self, vit: nn.Module, keep_rate: float, locations: Sequence[int],
                  patch_counts: Optional[Sequence[int]], backbone_lr_scale: float) -> None:
-        """Defaults live in :func:`build_sit`; the arguments are those of :class:`StagedReduction`."""
+        """Defaults and ranges live in :func:`build_sit`; the arguments are those of :class:`StagedReduction`."""
         super().__init__(vit, keep_rate, locations, patch_counts, backbone_lr_scale)
         for count in self.patch_counts:
             self.reducers.append(TokenSlimming(self.embed_dim, count))
@@ -118,8 +119,8 @@ class SiT(SoftMixing):
 
 @register_method("sit", family="merging", inference_knob=None, finetune=True,
                  stronger={"keep_rate": 0.5})
-def build_sit(vit: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9),
-              patch_counts: Optional[Sequence[int]] = None, backbone_lr_scale: float = 1.0) -> SiT:
+def build_sit(vit: nn.Module, keep_rate: KeepRate = 0.7, locations: Locations = (3, 6, 9),
+              patch_counts: PatchCounts = None, backbone_lr_scale: Weight = 1.0) -> SiT:
     """SiT: a learned MLP mixes the patches into fewer tokens before blocks 3/6/9 (softmax over tokens, trained)."""
     return SiT(vit, keep_rate=keep_rate, locations=locations, patch_counts=patch_counts,
                backbone_lr_scale=backbone_lr_scale)

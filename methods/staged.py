@@ -33,9 +33,9 @@ from typing import ClassVar, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import backbone, tokens
+from . import backbone, params, tokens
 from .base import MethodOutput, TokenReducer
-from .evit import check_keep_rate
+from .params import ParamError
 
 
 @dataclass
@@ -63,13 +63,16 @@ class StagedReduction(TokenReducer):
             patch_counts: explicit patch tokens left by each stage (one per location, non-increasing, >= 1);
                 replaces ``keep_rate``.
             backbone_lr_scale: learning-rate factor of the backbone relative to the method's own modules.
+
+        Ranges are the factories' signatures' (``methods.params``, checked by the plan); here only what needs
+        the model: locations against its depth, the counts against its patches.
         """
         super().__init__(vit)
         first = 1 if self.needs_previous_attention else 0
-        self.locations = tokens.validate_locations(locations, self.depth, "method.params.locations", first=first)
-        self.keep_rate = None if patch_counts is not None else check_keep_rate(keep_rate)
+        self.locations = params.check_locations(locations, self.depth, first=first)
+        self.keep_rate = None if patch_counts is not None else float(keep_rate)
         self.patch_counts = stage_counts(keep_rate, patch_counts, self.num_patches, len(self.locations))
-        self.backbone_lr_scale = check_nonnegative(backbone_lr_scale, "method.params.backbone_lr_scale")
+        self.backbone_lr_scale = float(backbone_lr_scale)
         self.reducers = nn.ModuleList()  # subclasses append one module per stage if they learn something
 
     @property
@@ -127,9 +130,9 @@ class StagedReduction(TokenReducer):
         own = {id(p) for p in self.reducers.parameters()}
         groups = []
         for group in super().param_groups(weight_decay):
-            params = list(group["params"])
+            members = list(group["params"])
             for scale, is_own in ((1.0, True), (self.backbone_lr_scale, False)):
-                chosen = [p for p in params if (id(p) in own) == is_own]
+                chosen = [p for p in members if (id(p) in own) == is_own]
                 if chosen:
                     groups.append({**group, "params": chosen, "lr_scale": scale})
         return groups
@@ -168,36 +171,21 @@ def _summing_attention(attn: nn.Module, heads: backbone.Heads, out: list) -> Ten
 
 def stage_counts(keep_rate: float, patch_counts: Optional[Sequence[int]], num_patches: int,
                  stages: int) -> list[int]:
-    """Patch tokens left by each stage: ``patch_counts`` checked, or ``int(P * keep_rate ** (i + 1))``."""
+    """Patch tokens left by each stage: ``patch_counts`` checked against the model (one per location,
+    non-increasing, at most ``num_patches``), or ``int(P * keep_rate ** (i + 1))``, which must leave a patch."""
     if patch_counts is not None:
         key = "method.params.patch_counts"
         valid = f"{stages} non-increasing integers in [1, {num_patches}] (one per location)"
-        if isinstance(patch_counts, (str, bytes)) or not isinstance(patch_counts, Sequence):
-            raise ValueError(f"{key}={patch_counts!r} must be a list of {valid}")
-        counts = list(patch_counts)
-        if (len(counts) != stages or any(isinstance(v, bool) or not isinstance(v, int) for v in counts)
-                or any(not 1 <= v <= num_patches for v in counts) or any(b > a for a, b in zip(counts, counts[1:]))):
-            raise ValueError(f"{key}={counts!r} is not {valid}")
+        counts = params.check_one_per_location(key, patch_counts, stages, valid)
+        if any(not 1 <= v <= num_patches for v in counts) or any(b > a for a, b in zip(counts, counts[1:])):
+            raise ParamError(f"{key}={counts!r} is not {valid}")
         return counts
-    rate = check_keep_rate(keep_rate)
+    rate = float(keep_rate)
     counts = [int(num_patches * rate ** (stage + 1)) for stage in range(stages)]  # the official rounding
     if counts[-1] < 1:
         smallest = math.ceil((1.0 / num_patches) ** (1.0 / stages) * 1e4) / 1e4
-        raise ValueError(f"method.params.keep_rate={keep_rate!r} leaves fewer than 1 patch token (cluster) at stage "
+        raise ParamError(f"method.params.keep_rate={keep_rate!r} leaves fewer than 1 patch token (cluster) at stage "
                          f"{stages}: int({num_patches} x {keep_rate!r}^{stages}) = 0; valid: a rate in "
                          f"[{smallest:.4f}, 1] for {num_patches} patches and {stages} stages")
     return counts
 
-
-def check_nonnegative(value, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < float("inf"):
-        raise ValueError(f"{key}={value!r} must be a finite number >= 0")
-    return float(value)
-
-
-def check_positive_int(value, key: str, upper: Optional[int] = None) -> int:
-    """An int in [1, upper] (``upper`` None: no bound)."""
-    valid = f"[1, {upper}]" if upper is not None else ">= 1"
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (upper is not None and value > upper):
-        raise ValueError(f"{key}={value!r} is not an integer in {valid}")
-    return value

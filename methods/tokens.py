@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +15,7 @@ from torch import Tensor
 
 def kept_patch_count(num_patches: int, keep_rate: float, mode: str = "floor") -> int:
     """Patch tokens kept out of ``num_patches`` at ``keep_rate``: ``floor`` (DynamicViT) or ``ceil`` (EViT).
-    A rate that keeps no patch is an error (:func:`check_cumulative_keep` names the parameter)."""
+    A rate that keeps no patch is an error (``methods.params.check_cumulative_keep`` names the parameter)."""
     if not 0.0 < keep_rate <= 1.0:
         raise ValueError(f"keep_rate={keep_rate} is outside (0, 1]")
     exact = num_patches * keep_rate
@@ -25,17 +24,6 @@ def kept_patch_count(num_patches: int, keep_rate: float, mode: str = "floor") ->
     if count < 1:
         raise ValueError(f"keep_rate={keep_rate:.6g} keeps no patch token: {mode}({num_patches} x {keep_rate:.6g}) = 0")
     return min(num_patches, count)
-
-
-def check_cumulative_keep(key: str, keep_rate: float, num_patches: int, stages: int) -> None:
-    """Cumulative rates ``keep_rate ** s`` (floor, s = 1..stages) must keep a patch at the last stage: a rate
-    that removes every patch token is refused, naming ``key`` and the smallest rate that keeps one."""
-    if stages < 1 or math.floor(num_patches * keep_rate ** stages + 1e-9) >= 1:
-        return
-    smallest = (1.0 / num_patches) ** (1.0 / stages)
-    raise ValueError(f"{key}={keep_rate!r} removes every patch token: after {stages} pruning stage(s), "
-                     f"floor({num_patches} x {keep_rate!r}^{stages}) = 0; valid: a rate in "
-                     f"[{math.ceil(smallest * 1e4) / 1e4:.4f}, 1] for {num_patches} patches")
 
 
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
@@ -59,25 +47,6 @@ def topk_patches(scores: Tensor, k: int, sort_indices: bool = False) -> tuple[Te
 def keep_with_cls(x: Tensor, keep_patches: Tensor) -> Tensor:
     """CLS followed by the patches at ``keep_patches`` (indices over patches, i.e. token index - 1)."""
     return torch.cat([x[:, :1], gather_tokens(x[:, 1:], keep_patches)], dim=1)
-
-
-def validate_locations(locations: Sequence[int], depth: int, key: str = "method.params.locations",
-                       first: int = 1) -> list[int]:
-    """Block indices must be ints in [first, depth), strictly increasing. ``first`` is 1 for pruning *before* a
-    block (DynamicViT: before block 0 there is nothing to score with) and 0 for pruning *inside* a block after
-    its attention (EViT, top-k)."""
-    valid = f"[{first}, {depth - 1}]"
-    if isinstance(locations, (str, bytes)) or not isinstance(locations, Sequence) or not locations:
-        raise ValueError(f"{key}={locations!r} must be a non-empty list of block indices in {valid}")
-    if any(isinstance(v, bool) or not isinstance(v, int) for v in locations):
-        raise ValueError(f"{key}={list(locations)!r} must hold integer block indices in {valid}")
-    locations = list(locations)
-    bad = [v for v in locations if not first <= v < depth]
-    if bad:
-        raise ValueError(f"{key}={locations}: {bad} outside the valid block range {valid}")
-    if any(b <= a for a, b in zip(locations, locations[1:])):
-        raise ValueError(f"{key}={locations} must be strictly increasing (valid: indices in {valid})")
-    return locations
 
 
 # --- EViT: fusion of the inattentive tokens ----------------------------------------------------------------

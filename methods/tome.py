@@ -29,15 +29,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Sequence, Union
+from typing import Annotated, Sequence, Union
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from . import backbone, tokens
 from .base import MethodOutput, TokenReducer
-from .evit import check_bool
+from .params import MAX_BLOCKS, MAX_TOKENS, ParamError
 from .registry import register_method
+
+Merged = Annotated[int, Field(ge=0, le=MAX_TOKENS)]  # tokens merged in a block (ToMe clamps to half of them)
+R = Union[Merged, Annotated[Sequence[Merged], Field(max_length=MAX_BLOCKS)]]  # one for all blocks, or per block
 
 
 @dataclass
@@ -51,7 +55,7 @@ class ToMe(TokenReducer):
     """Token merging in every block; see the module docstring."""
 
     def __init__(self, vit: nn.Module, r: Union[int, Sequence[int]], prop_attn: bool) -> None:
-        """Defaults live in :func:`build_tome`.
+        """Defaults and ranges live in :func:`build_tome`.
 
         Args:
             r: tokens merged per block, an int for every block or a per-block list (at most ``depth`` long).
@@ -60,7 +64,7 @@ class ToMe(TokenReducer):
         """
         super().__init__(vit)
         self.schedule = parse_r(r, self.depth)
-        self.prop_attn = check_bool(prop_attn, "method.params.prop_attn")
+        self.prop_attn = bool(prop_attn)
 
     @property
     def r(self) -> list[int]:
@@ -105,29 +109,19 @@ class ToMe(TokenReducer):
 
 
 def parse_r(r: Union[int, Sequence[int]], depth: int, key: str = "method.params.r") -> list[int]:
-    """An int or a per-block list of tokens to merge -> one int >= 0 per block (a short list is padded with 0)."""
-    valid = f"an integer >= 0 or a list of at most {depth} integers >= 0 (one per block)"
-    if isinstance(r, bool):
-        raise ValueError(f"{key}={r!r} is not {valid}")
+    """An int or a per-block list of tokens to merge -> one int >= 0 per block (a short list is padded with 0).
+    The values' type and range are the signature's (:data:`R`); a list longer than this model's depth is refused."""
     if isinstance(r, int):
-        if r < 0:
-            raise ValueError(f"{key}={r} is negative; valid: {valid}")
         return [r] * depth
-    if isinstance(r, (str, bytes)) or not isinstance(r, Sequence):
-        raise ValueError(f"{key}={r!r} is not {valid}")
     schedule = list(r)
-    if any(isinstance(v, bool) or not isinstance(v, int) for v in schedule):
-        raise ValueError(f"{key}={schedule!r} must hold integers; valid: {valid}")
     if len(schedule) > depth:
-        raise ValueError(f"{key} has {len(schedule)} entries but the model has {depth} blocks; valid: {valid}")
-    negative = [v for v in schedule if v < 0]
-    if negative:
-        raise ValueError(f"{key}={schedule} has negative entries {negative}; valid: {valid}")
+        raise ParamError(f"{key} has {len(schedule)} entries but the model has {depth} blocks; valid: an integer "
+                         f">= 0 or a list of at most {depth} integers >= 0 (one per block)")
     return schedule + [0] * (depth - len(schedule))
 
 
 @register_method("tome", family="merging", inference_knob="r", tradeoff_values=(0, 1, 2, 3, 4, 6, 8, 13, 16),
                  stronger={"r": 16}, bench_settings={"deit_digits": ({"r": 4}, {"r": 5})})  # 65 tokens: r=13 empties them
-def build_tome(vit: nn.Module, r: Union[int, Sequence[int]] = 13, prop_attn: bool = True) -> ToMe:
+def build_tome(vit: nn.Module, r: R = 13, prop_attn: bool = True) -> ToMe:
     """ToMe: merge the r most similar token pairs in every block (bipartite matching), proportional attention."""
     return ToMe(vit, r=r, prop_attn=prop_attn)

@@ -30,16 +30,20 @@ The generator state is not checkpointed.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from typing import Annotated, Literal, Optional, Sequence
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
-from . import tokens
-from .evit import KEEP_RATE_GRID, AttentionPruning, check_keep_rate, check_locations, evit_plan
+from . import params, tokens
+from .evit import KEEP_RATE_GRID, AttentionPruning, evit_plan
+from .params import KeepRate, Locations, ParamError, TokenCount
 from .registry import register_method
 
 Schedule = Literal["dynamicvit", "evit"]
+TokenCounts = Optional[Annotated[Sequence[TokenCount], Field(min_length=1, max_length=params.MAX_BLOCKS)]]
+Seed = Annotated[int, Field(ge=0, le=2 ** 32 - 1)]  # the config's seed range (experiments.config.MAX_SEED)
 
 
 class TopK(AttentionPruning):
@@ -47,7 +51,7 @@ class TopK(AttentionPruning):
 
     def __init__(self, vit: nn.Module, keep_rate: float, locations: Sequence[int], schedule: Schedule,
                  token_counts: Optional[Sequence[int]]) -> None:
-        """Defaults live in :func:`build_topk`.
+        """Defaults and ranges live in :func:`build_topk`.
 
         Args:
             keep_rate: per-stage keep ratio in (0, 1].
@@ -63,13 +67,11 @@ class TopK(AttentionPruning):
             self.keep_rate, self.schedule = None, None
             self.locations = [i for i, plan in enumerate(self.keep_plan(self.num_tokens)) if plan is not None]
             return
-        self.keep_rate = check_keep_rate(keep_rate)
-        self.locations = check_locations(locations, self.depth)
-        if schedule not in ("dynamicvit", "evit"):
-            raise ValueError(f"method.params.schedule={schedule!r} is not one of: dynamicvit, evit")
+        self.keep_rate = float(keep_rate)
+        self.locations = params.check_locations(locations, self.depth)
         self.schedule = schedule
         if schedule == "dynamicvit":  # floor counts (evit's ceil always keeps a patch)
-            tokens.check_cumulative_keep("method.params.keep_rate", self.keep_rate, self.num_patches,
+            params.check_cumulative_keep("method.params.keep_rate", self.keep_rate, self.num_patches,
                                          len(self.locations))
 
     def keep_plan(self, num_tokens: int) -> list[Optional[int]]:
@@ -94,8 +96,6 @@ class RandomPruning(TopK):
                  token_counts: Optional[Sequence[int]], seed: int) -> None:
         super().__init__(vit, keep_rate=keep_rate, locations=locations, schedule=schedule,
                          token_counts=token_counts)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"method.params.seed={seed!r} must be an integer >= 0")
         self.seed = seed
         self._train_generator = torch.Generator().manual_seed(seed)
         self._eval_generator = torch.Generator()
@@ -116,40 +116,36 @@ class RandomPruning(TopK):
 
 def check_token_counts(value, depth: int, num_tokens: int, key: str = "method.params.token_counts") -> list[int]:
     """A non-increasing list of at most ``depth`` ints in [1, num_tokens], starting at ``num_tokens``; padded
-    to ``depth`` by repeating its last entry."""
+    to ``depth`` by repeating its last entry. (Its type, a non-empty list of counts >= 1, is the signature's.)"""
     valid = f"at most {depth} non-increasing integers in [1, {num_tokens}], the first equal to {num_tokens}"
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
-        raise ValueError(f"{key}={value!r} must be a list of {valid}")
     counts = list(value)
-    if any(isinstance(v, bool) or not isinstance(v, int) for v in counts):
-        raise ValueError(f"{key}={counts!r} must hold integers; valid: {valid}")
     if len(counts) > depth:
-        raise ValueError(f"{key} has {len(counts)} entries but the model has {depth} blocks; valid: {valid}")
+        raise ParamError(f"{key} has {len(counts)} entries but the model has {depth} blocks; valid: {valid}")
     bad = [v for v in counts if not 1 <= v <= num_tokens]
     if bad:
-        raise ValueError(f"{key}={counts}: {bad} outside [1, {num_tokens}]; valid: {valid}")
+        raise ParamError(f"{key}={counts}: {bad} outside [1, {num_tokens}]; valid: {valid}")
     if counts[0] != num_tokens:
-        raise ValueError(f"{key}={counts} starts at {counts[0]}; block 0 runs on all {num_tokens} tokens "
+        raise ParamError(f"{key}={counts} starts at {counts[0]}; block 0 runs on all {num_tokens} tokens "
                          f"(its attention scores the first pruning); valid: {valid}")
     rises = [i for i in range(1, len(counts)) if counts[i] > counts[i - 1]]
     if rises:
-        raise ValueError(f"{key}={counts} increases at block(s) {rises}; valid: {valid}")
+        raise ParamError(f"{key}={counts} increases at block(s) {rises}; valid: {valid}")
     return counts + counts[-1:] * (depth - len(counts))
 
 
 @register_method("topk", family="pruning", inference_knob="keep_rate", tradeoff_values=KEEP_RATE_GRID,
                  stronger={"keep_rate": 0.5})
-def build_topk(vit: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9),
-               schedule: Schedule = "dynamicvit", token_counts: Optional[Sequence[int]] = None) -> TopK:
+def build_topk(vit: nn.Module, keep_rate: KeepRate = 0.7, locations: Locations = (3, 6, 9),
+               schedule: Schedule = "dynamicvit", token_counts: TokenCounts = None) -> TopK:
     """Top-k: keep the tokens with the highest CLS attention at fixed blocks (EViT without fusion)."""
     return TopK(vit, keep_rate=keep_rate, locations=locations, schedule=schedule, token_counts=token_counts)
 
 
 @register_method("random", family="pruning", inference_knob="keep_rate", tradeoff_values=KEEP_RATE_GRID,
                  stronger={"keep_rate": 0.5})
-def build_random(vit: nn.Module, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9),
-                 schedule: Schedule = "dynamicvit", token_counts: Optional[Sequence[int]] = None,
-                 seed: int = 0) -> RandomPruning:
+def build_random(vit: nn.Module, keep_rate: KeepRate = 0.7, locations: Locations = (3, 6, 9),
+                 schedule: Schedule = "dynamicvit", token_counts: TokenCounts = None,
+                 seed: Seed = 0) -> RandomPruning:
     """Random: top-k's token counts, tokens chosen by a seeded generator (the sanity floor)."""
     return RandomPruning(vit, keep_rate=keep_rate, locations=locations, schedule=schedule,
                          token_counts=token_counts, seed=seed)

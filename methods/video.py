@@ -42,6 +42,8 @@ from torch import Tensor, nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
+from .params import ModelSettingError
+
 log = logging.getLogger(__name__)
 
 POS_INITS = ("sincos3d", "videomae")
@@ -66,12 +68,12 @@ class TubeletEmbed(nn.Module):
         self.img_size, self.patch_size = _pair(img_size), _pair(patch_size)
         self.num_frames, self.tubelet_size = int(num_frames), int(tubelet_size)
         if self.tubelet_size < 1 or self.num_frames < 1 or self.num_frames % self.tubelet_size:
-            raise ValueError(f"model.num_frames={self.num_frames} (data.num_frames follows it) is not a positive "
-                             f"multiple of the tubelet depth {self.tubelet_size}; valid: "
-                             f"{', '.join(str(self.tubelet_size * k) for k in range(1, 5))}, ...")
+            raise ModelSettingError(f"model.num_frames={self.num_frames} (data.num_frames follows it) is not a "
+                                    f"positive multiple of the tubelet depth {self.tubelet_size}; valid: "
+                                    f"{', '.join(str(self.tubelet_size * k) for k in range(1, 5))}, ...")
         for size, patch in zip(self.img_size, self.patch_size):
             if size < 1 or size % patch:
-                raise ValueError(f"data.img_size={size} is not a positive multiple of the patch size {patch}")
+                raise ModelSettingError(f"data.img_size={size} is not a positive multiple of the patch size {patch}")
         self.grid_size = (self.num_frames // self.tubelet_size, self.img_size[0] // self.patch_size[0],
                           self.img_size[1] // self.patch_size[1])
         self.num_patches = math.prod(self.grid_size)
@@ -138,7 +140,7 @@ def _video_vit(variant: str, pretrained: bool, num_frames: int, tubelet_size: in
         raise ValueError(f"model.pretrained=true: {variant} has no hub weights; pass VideoMAE weights as "
                          "model.checkpoint=/path/to/file.pth (see methods/video.py)")
     if pos_init not in POS_INITS:
-        raise ValueError(f"model.pos_init={pos_init!r} unknown; valid: {', '.join(POS_INITS)}")
+        raise ModelSettingError(f"model.pos_init={pos_init!r} unknown; valid: {', '.join(POS_INITS)}")
     embed_layer = partial(TubeletEmbed, num_frames=num_frames, tubelet_size=tubelet_size)
     model = build_model_with_cfg(VisionTransformer, variant, pretrained, embed_layer=embed_layer, **kwargs)
     embed = model.patch_embed

@@ -201,14 +201,8 @@ def test_registered_fine_tuned_with_keep_rate_knob():
 @pytest.mark.parametrize("params,needle", [
     # locations 1, 2, rate 0.5 on 16 patches: 16 and 8 tokens enter the stages
     ({"k_neighbors": 9}, r"k_neighbors=9 is not an integer in \[1, 8\] .*\[16, 8\]"),
-    ({"k_neighbors": 0}, r"k_neighbors=0 is not an integer in \[1, 8\]"),
-    ({"k_neighbors": True}, r"k_neighbors=True is not an integer in \[1, 8\]"),
-    ({"k_neighbors": 2.0}, r"k_neighbors=2\.0 is not an integer in \[1, 8\]"),
-    ({"equal_weight": "yes"}, r"equal_weight='yes' must be true or false"),
-    ({"keep_rate": 0.0}, r"keep_rate=0\.0 is outside the valid range \(0, 1\]"),
     ({"locations": [1, 4]}, r"locations=\[1, 4\]: \[4\] outside the valid block range \[0, 3\]"),
     ({"patch_counts": [8, 9]}, r"patch_counts=\[8, 9\] is not 2 non-increasing integers in \[1, 16\]"),
-    ({"backbone_lr_scale": -1.0}, r"backbone_lr_scale=-1\.0 must be a finite number >= 0"),
 ])
 def test_bad_input_is_refused_with_the_key_and_range(tiny_vit, params, needle):
     with pytest.raises(ValueError, match=r"method\.params\." + needle):

@@ -189,16 +189,14 @@ def test_param_groups_scale_the_backbone_lr(scale):
 @pytest.mark.parametrize(
     "params, message",
     [
-        ({"keep_rate": 0.0}, "method.params.keep_rate=0.0 is outside the valid range (0, 1]"),
-        ({"keep_rate": 1.5}, "method.params.keep_rate=1.5 is outside the valid range (0, 1]"),
-        ({"inference_keep_rate": -0.2}, "method.params.inference_keep_rate=-0.2 is outside the valid range (0, 1]"),
-        ({"locations": [0, 2]}, "method.params.locations=[0, 2]: [0] outside the valid block range [1, 3]"),
-        ({"locations": [2, 4]}, "method.params.locations=[2, 4]: [4] outside the valid block range [1, 3]"),
+        ({"locations": [0, 2]}, "method.params.locations=[0, 2]: [0] outside the valid block range [1, 3] of this "
+                                "4-block model"),
+        ({"locations": [2, 4]}, "method.params.locations=[2, 4]: [4] outside the valid block range [1, 3] of this "
+                                "4-block model"),
         ({"locations": [2, 2]}, "method.params.locations=[2, 2] must be strictly increasing (valid: indices in "
                                 "[1, 3])"),
         ({"locations": [3, 1]}, "method.params.locations=[3, 1] must be strictly increasing (valid: indices in "
                                 "[1, 3])"),
-        ({"kl_weight": -1.0}, "method.params.kl_weight=-1.0 must be a finite number >= 0"),
     ],
 )
 def test_bad_params_name_the_key(params, message):

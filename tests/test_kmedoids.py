@@ -98,12 +98,8 @@ def test_registered_off_the_shelf_with_keep_rate_knob():
 
 @pytest.mark.parametrize("params,needle", [
     ({"keep_rate": 0.2, "locations": [1, 2, 3]}, r"keep_rate=0\.2 leaves fewer than 1 .*\[0\.3969, 1\]"),
-    ({"keep_rate": 0.0}, r"keep_rate=0\.0 is outside the valid range \(0, 1\]"),
     ({"locations": [0, 2]}, r"locations=\[0, 2\]: \[0\] outside the valid block range \[1, 3\]"),
-    ({"iterations": 0}, r"iterations=0 is not an integer in >= 1"),
-    ({"medoid_cost": "all"}, r"medoid_cost='all' is not one of: all_tokens, members"),
     ({"patch_counts": [8, 9, 4]}, r"patch_counts=\[8, 9, 4\] is not 3 non-increasing integers in \[1, 16\]"),
-    ({"patch_counts": [8, 0, 0]}, r"patch_counts=\[8, 0, 0\] is not"),
 ])
 def test_bad_input_is_refused_with_the_key_and_range(tiny_vit, params, needle):
     with pytest.raises(ValueError, match=needle):

