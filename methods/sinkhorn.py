@@ -149,6 +149,8 @@ class Sinkhorn(SoftMixing):
         return macs
 
 
+@register_method("sinkhorn", family="clustering", inference_knob=None, finetune=True,
+                 stronger={"keep_rate": 0.5})
 def build_sinkhorn(vit: nn.Module, keep_rate: KeepRate = 0.7, locations: Locations = (3, 6, 9),
                    patch_counts: PatchCounts = None, iterations: Rounds = 3, epsilon: Epsilon = 1.0,
                    backbone_lr_scale: Weight = 1.0) -> Sinkhorn:
