@@ -6,8 +6,8 @@ registry, timm or files, in the order a run meets them:
 
 - the ranges and cross-key rules of every section (``config.check_ranges``), ``hydra.launcher`` ranges;
 - ``method.name`` against the registry and each parameter against its factory's signature: type, range and
-  choices (``methods.params.check_value``: pydantic, strict);
-  then the method is built on a meta-device backbone (no memory, no weights, milliseconds), so every check of
+  choices (``methods.params.check_value``: pydantic, strict), the trade-off grid, and a knob set or swept while
+  another parameter fixes its compute (``experiments/method_checks.py``); then the method is built on a meta-device backbone (no memory, no weights, milliseconds), so every check of
   timm and of the factory runs too;
 - ``model.pretrained`` against timm's weights, ``model.checkpoint`` (readable, head against the classes, every
   key and shape against the model), a resume checkpoint left by an earlier attempt, writable output folders.
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import typing
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -32,11 +31,13 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 import methods
 from methods import ragged
 from methods.models import CheckpointError, load_state_dict_strict, read_checkpoint
-from methods.params import ModelSettingError, ParamError, check_params, check_value
+from methods.params import ModelSettingError, ParamError
 
 from experiments import identity
 from experiments.build import create_vit, resolve_device
 from experiments.train.checkpoints import load_weights, read_resume_checkpoint, start_over_hint
+from experiments.method_checks import (check_grid, check_knob_not_fixed, check_method_params,  # noqa: F401
+                                       check_type)
 from experiments.config import ConfigError, RunConfig, check_ranges
 from experiments.data.registry import check_data, count_classes, data_spec
 from experiments.cluster.launcher_ranges import check_launcher
@@ -87,6 +88,7 @@ def validate(cfg: DictConfig, num_classes: Optional[int] = None, train: Optional
                           f"{', '.join(methods.list_methods())}")
     params = check_method_params(spec.name, config.method.params)
     check_grid(spec.name, config.method.tradeoff_values)
+    check_knob_not_fixed(spec.name, params, config.method.tradeoff_values)
     check_model_name(config.model.name)
 
     scan = None if num_classes else check_data(config.data)
@@ -150,51 +152,6 @@ def typed_config(cfg: DictConfig) -> RunConfig:
         raise ConfigError(f"{section or 'config'}: unknown key(s) {[key]}; valid: {', '.join(valid)}") from None
     except OmegaConfBaseException as error:
         raise ConfigError(f"{getattr(error, 'full_key', None) or 'config'}: {error.msg}") from error
-
-
-def check_method_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Each parameter against the factory's signature annotation (type, range, choices), strictly (``1`` is not
-    ``true``)."""
-    valid = methods.method_parameters(name)
-    unknown = sorted(set(params) - set(valid))
-    if unknown:
-        raise ConfigError(f"method.params: unknown key(s) {unknown} for {name!r}; valid: {', '.join(valid)}")
-    try:
-        check_params(methods.method_spec(name).factory, params)
-    except ParamError as error:
-        raise ConfigError(str(error)) from None
-    return dict(params)
-
-
-def check_type(key: str, value: Any, method: str, param: str) -> None:
-    """``value`` against the annotation of parameter ``param`` of ``method``'s factory: its type, range or
-    choices (``methods.params.check_value``; one line naming ``key``, the value and what is valid)."""
-    annotation = typing.get_type_hints(methods.method_spec(method).factory, include_extras=True).get(param, Any)
-    try:
-        check_value(key, value, annotation)
-    except ParamError as error:
-        raise ConfigError(str(error)) from None
-
-
-def check_grid(name: str, grid: Optional[list]) -> None:
-    """``method.tradeoff_values``: null, or a non-empty list of distinct values of the method's inference knob,
-    each typed like the knob (their ranges are checked by ``experiments.curve``, which builds each point)."""
-    if grid is None:
-        return
-    knob = methods.inference_knob(name)
-    if knob is None:
-        knobs = ", ".join(f"{m} ({k})" for m, k in methods.methods_with_knob().items())
-        raise ConfigError(f"method.tradeoff_values={grid!r}: method {name!r} has no inference knob; valid: null, "
-                          f"or a list for one of {knobs}")
-    if not grid:
-        raise ConfigError(f"method.tradeoff_values={grid!r} must be a non-empty list of {knob} values")
-    for index, value in enumerate(grid):
-        if value is None:
-            raise ConfigError(f"method.tradeoff_values[{index}]=None: every point needs a value of {knob}")
-        check_type(f"method.tradeoff_values[{index}]", value, name, knob)
-    identities = {repr(float(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) else repr(v) for v in grid}
-    if len(identities) < len(grid):  # 1 and 1.0 are one point
-        raise ConfigError(f"method.tradeoff_values={grid!r} repeats a value; valid: distinct values")
 
 
 def check_model_name(name: str) -> None:

@@ -8,8 +8,9 @@ import importlib
 import pkgutil
 
 from .base import MethodOutput, TokenReducer
-from .registry import (MethodSpec, bench_settings, create_method, inference_knob, list_methods, method_info,
-                       method_parameters, method_spec, methods_with_knob, register_method, resolved_params)
+from .registry import (MethodSpec, bench_settings, create_method, inference_knob, knob_fixed, list_methods,
+                       method_info, method_parameters, method_spec, methods_with_knob, register_method,
+                       resolved_params)
 
 
 def discover() -> list[str]:
@@ -24,5 +25,5 @@ def discover() -> list[str]:
 discover()
 
 __all__ = ["MethodOutput", "MethodSpec", "TokenReducer", "bench_settings", "create_method", "discover",
-           "inference_knob", "list_methods", "method_info", "method_parameters", "method_spec", "methods_with_knob", "register_method",
-           "resolved_params"]
+           "inference_knob", "knob_fixed", "list_methods", "method_info", "method_parameters", "method_spec",
+           "methods_with_knob", "register_method", "resolved_params"]

@@ -166,7 +166,8 @@ class DPCKNN(StagedReduction):
         return macs
 
 
-@register_method("dpcknn", family="clustering", inference_knob="keep_rate", finetune=True,
+@register_method("dpcknn", family="clustering", inference_knob="keep_rate",
+                 knob_fixed_by=("patch_counts",), finetune=True,
                  tradeoff_values=KEEP_RATE_GRID, stronger={"keep_rate": 0.5})
 def build_dpcknn(vit: nn.Module, keep_rate: KeepRate = 0.7, locations: Locations = (3, 6, 9),
                  patch_counts: PatchCounts = None, k_neighbors: TokenCount = 5, equal_weight: bool = False,

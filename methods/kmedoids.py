@@ -92,7 +92,8 @@ class KMedoids(StagedReduction):
         return macs
 
 
-@register_method("kmedoids", family="clustering", inference_knob="keep_rate", tradeoff_values=KEEP_RATE_GRID,
+@register_method("kmedoids", family="clustering", inference_knob="keep_rate",
+                 knob_fixed_by=("patch_counts",), tradeoff_values=KEEP_RATE_GRID,
                  stronger={"keep_rate": 0.5})
 def build_kmedoids(vit: nn.Module, keep_rate: KeepRate = 0.7, locations: Locations = (3, 6, 9),
                    patch_counts: PatchCounts = None, iterations: Rounds = 3,

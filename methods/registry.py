@@ -37,6 +37,9 @@ class MethodSpec:
     # backbone -> (default, stronger) parameters where the defaults do not fit that backbone's benchmark (random
     # weights, few tokens); experiments/bench.py reads it, so no backbone constant is written there
     bench_settings: Optional[dict] = None
+    # parameters that, when set (not None), fix the compute the knob would set (top-k's token_counts): sweeping
+    # the knob then records identical points under different values, so the harness refuses it
+    knob_fixed_by: tuple = ()
 
 
 # pruning: keeps a subset of the tokens as they are; merging: mixes tokens pairwise or softly into fewer;
@@ -48,15 +51,17 @@ FAMILIES = ("none", "pruning", "merging", "clustering", "halting")
 _SPECS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, *, family: Optional[str] = None, inference_knob: Optional[str] = None, finetune: bool = False,
-                    tradeoff_values: Optional[Sequence] = None, summary: Optional[str] = None,
+def register_method(name: str, *, family: Optional[str] = None, inference_knob: Optional[str] = None,
+                    finetune: bool = False, tradeoff_values: Optional[Sequence] = None, summary: Optional[str] = None,
                     stronger: Optional[Mapping[str, Any]] = None,
-                    bench_settings: Optional[Mapping[str, Sequence[Mapping[str, Any]]]] = None) -> Callable:
+                    bench_settings: Optional[Mapping[str, Sequence[Mapping[str, Any]]]] = None,
+                    knob_fixed_by: Sequence[str] = ()) -> Callable:
     """Decorator filing a factory ``fn(vit, **params) -> TokenReducer`` under ``name`` (see :class:`MethodSpec`).
 
     ``summary`` defaults to the first line of the factory's docstring. The knob must be a factory parameter,
     and a grid needs a knob and distinct values. ``stronger`` and each ``bench_settings`` pair name factory
-    parameters only (their values are checked when a run is planned)."""
+    parameters only (their values are checked when a run is planned). ``knob_fixed_by`` names the parameters
+    that make the knob inert when set (see :class:`MethodSpec`)."""
 
     def decorate(factory: Callable[..., TokenReducer]) -> Callable[..., TokenReducer]:
         if name in _SPECS:
@@ -67,11 +72,15 @@ def register_method(name: str, *, family: Optional[str] = None, inference_knob: 
             raise ValueError(f"method {name!r}: finetune={finetune!r} must be true or false")
         if family is not None and family not in FAMILIES:
             raise ValueError(f"method {name!r}: family={family!r} is not one of: {', '.join(FAMILIES)}")
+        unknown = [key for key in knob_fixed_by if key not in inspect.signature(factory).parameters]
+        if unknown or (knob_fixed_by and inference_knob is None):
+            raise ValueError(f"method {name!r}: knob_fixed_by={list(knob_fixed_by)} needs an inference knob and "
+                             f"factory parameters (not {unknown})")
         _SPECS[name] = MethodSpec(name, factory, inference_knob, finetune,
                                   _check_grid(name, inference_knob, tradeoff_values),
                                   summary if summary is not None else _first_line(factory.__doc__), family,
                                   _check_setting(name, factory, "stronger", stronger),
-                                  _check_bench_settings(name, factory, bench_settings))
+                                  _check_bench_settings(name, factory, bench_settings), tuple(knob_fixed_by))
         return factory
 
     return decorate
@@ -203,3 +212,9 @@ def create_method(name: str, vit: nn.Module, **params) -> TokenReducer:
     _check_params(name, params)
     check_params(get_factory(name), params)
     return get_factory(name)(vit, **params)
+
+
+def knob_fixed(name: str, params: Mapping[str, Any]) -> Optional[str]:
+    """The parameter of ``params`` that fixes method ``name``'s compute, so its knob has no effect, or None."""
+    spec = method_spec(name)
+    return next((key for key in spec.knob_fixed_by if params.get(key) is not None), None)

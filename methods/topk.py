@@ -133,7 +133,8 @@ def check_token_counts(value, depth: int, num_tokens: int, key: str = "method.pa
     return counts + counts[-1:] * (depth - len(counts))
 
 
-@register_method("topk", family="pruning", inference_knob="keep_rate", tradeoff_values=KEEP_RATE_GRID,
+@register_method("topk", family="pruning", inference_knob="keep_rate",
+                 knob_fixed_by=("token_counts",), tradeoff_values=KEEP_RATE_GRID,
                  stronger={"keep_rate": 0.5})
 def build_topk(vit: nn.Module, keep_rate: KeepRate = 0.7, locations: Locations = (3, 6, 9),
                schedule: Schedule = "dynamicvit", token_counts: TokenCounts = None) -> TopK:
@@ -141,7 +142,8 @@ def build_topk(vit: nn.Module, keep_rate: KeepRate = 0.7, locations: Locations =
     return TopK(vit, keep_rate=keep_rate, locations=locations, schedule=schedule, token_counts=token_counts)
 
 
-@register_method("random", family="pruning", inference_knob="keep_rate", tradeoff_values=KEEP_RATE_GRID,
+@register_method("random", family="pruning", inference_knob="keep_rate",
+                 knob_fixed_by=("token_counts",), tradeoff_values=KEEP_RATE_GRID,
                  stronger={"keep_rate": 0.5})
 def build_random(vit: nn.Module, keep_rate: KeepRate = 0.7, locations: Locations = (3, 6, 9),
                  schedule: Schedule = "dynamicvit", token_counts: TokenCounts = None,
