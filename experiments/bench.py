@@ -76,7 +76,7 @@ TABLES = {
 def compose(overrides: list[str]):
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    from experiments.config import register_configs
+    from experiments.config_store import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

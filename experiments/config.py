@@ -1,6 +1,7 @@
 """The run configuration as typed dataclasses: one source of truth for every key, its default, type and range.
 
-Each section is a dataclass registered in Hydra's ``ConfigStore`` (Hydra's structured-config schema pattern), so
+Each section is a dataclass filed in Hydra's ``ConfigStore`` by ``experiments/config_store.py`` (the structured-config
+schema pattern), so
 OmegaConf enforces the types while Hydra composes: ``seed=abc`` or ``+train.lrr=0.1`` fail before any of our code
 runs, with OmegaConf's message naming the full key and the value. The YAML files under ``conf/`` only choose
 options and override values; the defaults live here and in the method factories' signatures (each registered
@@ -14,13 +15,10 @@ output folders) is checked by ``experiments.plan``.
 from __future__ import annotations
 
 import math
-import os
-import secrets
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import II, MISSING, OmegaConf
+from omegaconf import II, MISSING
 
 from methods.ragged import BACKENDS as RAGGED_BACKENDS
 
@@ -232,10 +230,7 @@ class DataConfig:
     img_size: int = spec(II("model.img_size"), ge=1)  # the model's native size unless overridden
 
     def check(self, key: str) -> None:
-        from experiments.data.registry import data_spec, list_data  # noqa: PLC0415 - the data modules import this one
-
-        if not isinstance(self, data_spec(self.name, key).config):
-            raise DataError(f"{key}.name={self.name!r} unknown; valid: {', '.join(list_data())}")
+        """Nothing across this base's keys; ``plan.typed_config`` types the section by its registered config."""
 
 
 @dataclass
@@ -334,34 +329,3 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
-
-
-# ------------------------------------------------------------------------------------------- registration
-_RUN_TOKEN = f"{os.getpid()}{secrets.token_hex(2)}"
-
-
-def run_token() -> str:
-    """``${run_token:}`` in ``hydra.run.dir``: this process's id and 4 random hex digits, the same for every
-    resolution in one process. Two identical commands started in the same second (Hydra's ``${now:}`` has
-    one-second resolution) get distinct run folders, also on two hosts of a cluster sharing one ``outputs/``."""
-    return _RUN_TOKEN
-
-
-def register_configs() -> None:
-    """Called by the entry points (``run.py``, ``measure.py``, ``tradeoff.py``, ``profile_ops.py``, ``bench.py``)
-    and the tests before they compose, never at import (importing the harness stays free of Hydra state). File the schemas in Hydra's ``ConfigStore``: ``base_config`` (the primary config's schema, which types
-    ``method`` and ``model`` too), ``data/base_<name>`` (each data option's schema), and one ``method/<name>_defaults`` per registered method, holding its
-    factory's signature defaults (so a method's defaults are written once, in its factory)."""
-    import methods  # noqa: PLC0415 - the registry fills on import (methods are discovered, not listed)
-    from experiments.data import registry as data_registry  # noqa: PLC0415 - datasets too
-
-    if not OmegaConf.has_resolver("run_token"):
-        OmegaConf.register_new_resolver("run_token", run_token)
-    store = ConfigStore.instance()
-    store.store(name="base_config", node=RunConfig)
-    for name in data_registry.list_data():
-        store.store(group="data", name=f"base_{name}", node=data_registry.data_spec(name).config)
-    for name in methods.list_methods():
-        defaults = methods.resolved_params(name, {})
-        store.store(group="method", name=f"{name}_defaults", node=MethodConfig(name=name, params=defaults))
-

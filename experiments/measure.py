@@ -25,7 +25,7 @@ from typing import Optional
 import hydra
 from omegaconf import DictConfig
 
-from experiments.config import register_configs
+from experiments.config_store import register_configs
 from experiments.cost.measure_record import measure_run, summary_line
 from experiments.refusal import command, leave_nothing_on_refusal
 

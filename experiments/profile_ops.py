@@ -20,7 +20,7 @@ from omegaconf import DictConfig, open_dict
 from torch.profiler import ProfilerActivity, profile
 
 from experiments.build import build_method, resolve_device
-from experiments.config import register_configs
+from experiments.config_store import register_configs
 from experiments.cost import costs
 from experiments.data.registry import build_data
 from experiments.plan import validate

@@ -11,7 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from experiments import pipeline
-from experiments.config import register_configs
+from experiments.config_store import register_configs
 from experiments.refusal import command, leave_nothing_on_refusal
 
 register_configs()  # the schemas the task composes against

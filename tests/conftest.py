@@ -11,7 +11,7 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
 import methods  # noqa: F401  (registers methods and the embedded model)
-from experiments.config import register_configs
+from experiments.config_store import register_configs
 
 register_configs()  # as the entry points do: the tests compose configs with Hydra's compose API
 

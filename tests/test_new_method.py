@@ -134,7 +134,7 @@ def test_a_method_is_three_files(tmp_path):
     mine = [line for line in planned if f"method={name} " in line]
     assert len(mine) == 2 and "method.params.keep=16" in mine[1]  # the default, then the registered stronger
     swept = python(tree, "import sys; sys.path.insert(0, 'tests'); import test_launcher; "
-                         "from experiments.config import register_configs; register_configs(); "
+                         "from experiments.config_store import register_configs; register_configs(); "
                          "print(sorted({c for cell in test_launcher.sweep_cells('methods') for c in cell}))")
     assert f"method={name}" in swept
 

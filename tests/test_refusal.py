@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from experiments.config import register_configs
+from experiments.config_store import register_configs
 from experiments.refusal import REFUSAL_STATUS, REFUSALS, one_line, remove_refused_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]

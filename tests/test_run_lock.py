@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.config import run_token
+from experiments.config_store import run_token
 from experiments.train.run_lock import RunLock, RunLockedError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def test_a_held_lock_refuses_a_second_holder_naming_the_lock(tmp_path):
 
 def test_the_run_token_is_fixed_in_a_process_and_differs_between_processes():
     assert run_token() == run_token()
-    code = "from experiments.config import run_token; print(run_token())"
+    code = "from experiments.config_store import run_token; print(run_token())"
     tokens = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
               for _ in range(2)}
     assert len(tokens) == 2 and run_token() not in tokens

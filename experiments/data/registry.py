@@ -2,7 +2,7 @@
 
 A dataset is one module in ``experiments/data/`` (found by ``experiments.data.discover``, no list names it) whose
 builder carries ``@register_data``: its name, its config dataclass (a :class:`~experiments.config.DataConfig`,
-filed by ``config.register_configs`` as ``data/base_<name>``), its class count and, for data on disk, its startup
+filed by ``config_store.register_configs`` as ``data/base_<name>``), its class count and, for data on disk, its startup
 check. The check (e.g. a folder scan) runs in ``plan.validate`` before anything is built or written; its result
 travels on the run plan (``RunPlan.data_scan``) to :func:`build_data`, so the run reads exactly what the check
 counted. This module is the only place where a dataset name is looked up; unknown names are refused naming the
