@@ -1,9 +1,8 @@
 """The run configuration as typed dataclasses: one source of truth for every key, its default, type and range.
 
-Each section is a dataclass filed in Hydra's ``ConfigStore`` by ``experiments/config_store.py`` (the structured-config
-schema pattern), so
-OmegaConf enforces the types while Hydra composes: ``seed=abc`` or ``+train.lrr=0.1`` fail before any of our code
-runs, with OmegaConf's message naming the full key and the value. The YAML files under ``conf/`` only choose
+Each section is a dataclass filed in Hydra's ``ConfigStore`` by ``experiments/config_store.py`` (the
+structured-config schema pattern), so OmegaConf enforces the types while Hydra composes: ``seed=abc`` or
+``+train.lrr=0.1`` fail before any of our code runs, with OmegaConf's message naming the full key and the value. The YAML files under ``conf/`` only choose
 options and override values; the defaults live here and in the method factories' signatures (each registered
 method gets a ``method/<name>_defaults`` node built from its signature, which its YAML extends).
 
