@@ -1,6 +1,7 @@
 """dpcknn: density, distance to the denser and centres of hand-built points, the weighted merge, identities and
-depths, keep rate 1 (every token its own cluster), counts on DeiT-S, batch invariance, extra MACs by hand,
-gradients and parameter groups, the deterministic noise, bad input (directly and through the harness)."""
+depths, keep rate 1 (every token its own cluster), counts on DeiT-S, extra MACs by hand,
+gradients and parameter groups, the deterministic noise, bad input (directly and through the harness).
+Batch invariance, repeatability and train = eval: tests/test_method_contract.py."""
 from __future__ import annotations
 
 import math
@@ -12,7 +13,7 @@ from torch import nn
 from experiments.config import ConfigError
 from methods import backbone, create_method, method_spec
 from methods.dpcknn import dpc_knn_centres, merge_clusters
-from conftest import assert_batch_invariant, assert_own_modules_at_full_lr, make_tiny_vit
+from conftest import assert_own_modules_at_full_lr, make_tiny_vit
 from test_schema import assert_refused_at_startup, no_data  # noqa: F401  (no_data is a fixture)
 
 # Five 1-D points, C = 1 (so D = |x_i - x_j| / sqrt(1)), k_neighbors = 2 (the point itself and its nearest):
@@ -143,18 +144,6 @@ def test_deit_small_counts_and_depths(deit_small):
     assert out.token_counts[0, :, 0].tolist() == expected and out.token_counts[0, :, 1].tolist() == expected
     # 196 - 137 = 59 non-centres leave at 3, 137 - 96 = 41 at 6, 96 - 67 = 29 at 9; 67 centres stay to 12
     assert torch.bincount(out.patch_depth[0], minlength=13)[[3, 6, 9, 12]].tolist() == [59, 41, 29, 67]
-
-
-def test_batch_invariant_repeatable_and_train_equals_eval(tiny_vit, images):
-    method = create_method("dpcknn", tiny_vit, keep_rate=0.6, locations=[1, 3]).eval()
-    assert_batch_invariant(method, images)
-    with torch.no_grad():
-        evaluated = method(images)
-        again = method(images)
-        trained = method.train()(images)
-    assert torch.equal(again.logits, evaluated.logits)  # the noise is fixed: a pass repeats exactly
-    torch.testing.assert_close(trained.logits, evaluated.logits)
-    assert torch.equal(trained.patch_depth, evaluated.patch_depth)
 
 
 def test_the_noise_is_fixed_small_and_not_checkpointed(tiny_vit):

@@ -1,7 +1,8 @@
 """sinkhorn: the transport plan's marginals, the official 3 rounds against a step-by-step reference and a case by
 hand, the stage's wiring (cosine scores, sum of normalised tokens), the in-place re-normalisation of the centres
-(also under inference mode, repeatable), depths, counts on DeiT-S, batch invariance, extra MACs by hand,
-gradients and parameter groups, bad input (directly and through the harness)."""
+(also under inference mode, repeatable), depths, counts on DeiT-S, extra MACs by hand,
+gradients and parameter groups, bad input (directly and through the harness). Batch invariance and train = eval:
+tests/test_method_contract.py."""
 from __future__ import annotations
 
 import math
@@ -12,7 +13,7 @@ import torch
 from experiments.config import ConfigError
 from methods import backbone, create_method, method_spec
 from methods.sinkhorn import sinkhorn_plan
-from conftest import assert_batch_invariant, assert_own_modules_at_full_lr
+from conftest import assert_own_modules_at_full_lr
 from test_schema import assert_refused_at_startup, no_data  # noqa: F401  (no_data is a fixture)
 
 
@@ -133,16 +134,6 @@ def test_deit_small_counts_and_depths(deit_small):
     expected = [197] * 3 + [138] * 3 + [97] * 3 + [68] * 3
     assert out.token_counts[0, :, 0].tolist() == expected and out.token_counts[0, :, 1].tolist() == expected
     assert out.patch_depth.eq(3).all()  # mixtures from the first stage on: every patch leaves at block 3
-
-
-def test_batch_invariant_and_train_equals_eval(tiny_vit, images):
-    method = create_method("sinkhorn", tiny_vit, keep_rate=0.6, locations=[1, 3]).eval()
-    assert_batch_invariant(method, images)
-    with torch.no_grad():
-        evaluated = method(images)
-        trained = method.train()(images)
-    torch.testing.assert_close(trained.logits, evaluated.logits)
-    assert torch.equal(trained.patch_depth, evaluated.patch_depth)
 
 
 def test_extra_macs_by_hand(tiny_vit, images):

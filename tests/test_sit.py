@@ -1,7 +1,7 @@
 """sit: a stage worked out by hand (softmax over the tokens, the raw tokens mixed, the learned scale), uniform
 logits give the mean token, the stage against the formula step by step, the official initialisation, depths,
-counts on DeiT-S, batch invariance, train = eval, extra MACs by hand, gradients and parameter groups, dtypes, bad
-input (directly and through the harness)."""
+counts on DeiT-S, extra MACs by hand, gradients and parameter groups, dtypes, bad input (directly and through
+the harness). Batch invariance and train = eval: tests/test_method_contract.py."""
 from __future__ import annotations
 
 import copy
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from experiments.config import ConfigError
 from methods import backbone, create_method, method_spec
 from methods.sit import TokenSlimming
-from conftest import assert_batch_invariant, assert_own_modules_at_full_lr
+from conftest import assert_own_modules_at_full_lr
 from test_schema import assert_refused_at_startup, no_data  # noqa: F401  (no_data is a fixture)
 
 # Two tokens of width 2. LayerNorm of a 2-vector (u, v), u < v, is (-1, 1) * s with s = 1 / sqrt(1 + 1e-5) (LN's
@@ -107,20 +107,6 @@ def test_official_initialisation_and_deit_small_counts(deit_small):
     assert out.token_counts[0, :, 0].tolist() == expected and out.token_counts[0, :, 1].tolist() == expected
     assert out.patch_depth.eq(3).all()  # mixtures from the first stage on: every patch leaves at block 3
     assert (mix * 196 - 1).abs().max() < 0.5
-
-
-def test_batch_invariant_and_train_equals_eval(tiny_vit, images):
-    method = create_method("sit", tiny_vit, keep_rate=0.6, locations=[1, 3]).eval()
-    with torch.no_grad():
-        for stage in method.reducers:
-            stage.mlp[3].weight.normal_()  # a mix that depends on the image
-    assert_batch_invariant(method, images)
-    with torch.no_grad():
-        evaluated = method(images)
-        trained = method.train()(images)
-    torch.testing.assert_close(trained.logits, evaluated.logits)
-    assert torch.equal(trained.patch_depth, evaluated.patch_depth)
-    assert torch.equal(trained.token_counts, evaluated.token_counts)
 
 
 def test_extra_macs_by_hand(tiny_vit, images):
