@@ -51,6 +51,11 @@ def compose_config(*overrides: str, hydra: bool = False):
         return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
 
 
+def run_config(folder: Path, *overrides: str, hydra: bool = False):
+    """A run that writes only under ``folder``, without progress bars or throughput timing, then ``overrides``."""
+    return compose_config(*run_paths(folder), "progress=false", "measure.throughput=false", *overrides, hydra=hydra)
+
+
 def make_tiny_vit(depth: int = 4, embed_dim: int = 32, num_heads: int = 2, img_size: int = 32,
                   patch_size: int = 8, num_classes: int = 10, seed: int = 0, **kwargs) -> VisionTransformer:
     """A DeiT-shaped ViT small enough for unit tests (16 patches + CLS by default)."""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
 from hydra._internal.callbacks import Callbacks
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
@@ -35,6 +35,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import HydraContext, RunMode
 
 import methods
+from conftest import CONF, compose_config, run_paths
 from experiments import pipeline
 from experiments.train import distributed, engine
 from experiments.cluster import launch
@@ -44,7 +45,6 @@ from experiments.plan import validate
 from methods.models import create_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "experiments" / "conf"
 RUN = ROOT / "experiments" / "run.py"
 TINY = ["+model.depth=2", "baseline.enabled=false", "experiment.train=true", "measure.throughput=false",
         "progress=false"]
@@ -81,10 +81,7 @@ def summary(tmp_path: Path) -> dict:
 
 
 def compose_cfg(tmp_path: Path, *overrides: str):
-    base = [f"paths.results_dir={tmp_path}/ref/results", f"paths.cache_dir={tmp_path}/ref/cache",
-            f"paths.state_dir={tmp_path}/ref/state", f"paths.run_dir={tmp_path}/ref/run"]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=base + list(overrides))
+    return compose_config(*run_paths(tmp_path, "ref/"), *overrides)
 
 
 def same_results(record: dict, reference: dict) -> None:
@@ -99,8 +96,7 @@ def same_results(record: dict, reference: dict) -> None:
 
 # --------------------------------------------------------------------------------------------- sweep configs
 def sweep_cells(name: str) -> list[list[str]]:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"+sweep={name}"], return_hydra_config=True)
+    cfg = compose_config(f"+sweep={name}", hydra=True)
     params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
     parsed = OverridesParser.create().parse_overrides(params)
     return [list(cell) for batch in BasicSweeper.split_arguments(parsed, None) for cell in batch]

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 import methods
+from conftest import CONF, compose_config
 from experiments import measure, plan, records
 from experiments.cost import costs, throughput
 from experiments.train.engine import EvalResult
@@ -24,7 +24,6 @@ from hydra.errors import ConfigCompositionException
 from methods.models import create_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "experiments" / "conf"
 ENTRY_KEYS = {"device", "device_name", "batch_size", "dtype", "img_per_s", "dense_img_per_s", "speedup_vs_dense",
               "flops_ratio", "efficiency", "peak_mem_mb", "threads", "compile", "fused_attn", "torch", "timm",
               "repeats", "warmup"}
@@ -33,9 +32,8 @@ FAST = ["measure.images=6", "measure.batch_sizes=[1,3]", "measure.warmup=1", "me
 
 
 def make_cfg(tmp_path: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=[f"paths.results_dir={tmp_path / 'results'}",
-                                            f"paths.run_dir={tmp_path / 'run'}", "device=cpu", *overrides])
+    return compose_config(f"paths.results_dir={tmp_path / 'results'}", f"paths.run_dir={tmp_path / 'run'}",
+                          "device=cpu", *overrides)
 
 
 def fast_settings(**changes) -> throughput.Settings:
