@@ -19,13 +19,15 @@ demo: $(STAMP)
 
 # The suite in two passes: most tests spread over $(JOBS) xdist workers, then the tests marked `serial` (SLURM, the
 # source-tree writers; tests/conftest.py) alone. Both passes always run; the target fails if either fails. Exit 5
-# ("no tests collected", e.g. every serial test deselected) is not a failure.
+# ("no tests collected", e.g. every serial test deselected) is not a failure. PYTEST_ARGS narrows both passes, e.g.
+# `make test PYTEST_ARGS=tests/test_configs.py`.
 JOBS ?= 2
+PYTEST_ARGS ?=
 PYTEST_PASSES = status=0; \
 	echo "== pytest: parallel pass ($(JOBS) workers)"; \
-	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup -m "not serial and $(1)" $(2) || [ $$? -eq 5 ] || status=1; \
+	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup -m "not serial and $(1)" $(2) $(PYTEST_ARGS) || [ $$? -eq 5 ] || status=1; \
 	echo "== pytest: serial pass"; \
-	$(PY) -m pytest -q -m "serial and $(1)" $(2) || [ $$? -eq 5 ] || status=1; \
+	$(PY) -m pytest -q -m "serial and $(1)" $(2) $(PYTEST_ARGS) || [ $$? -eq 5 ] || status=1; \
 	exit $$status
 
 test: $(STAMP)
