@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from experiments.config import ConfigError
-from methods import backbone, create_method, method_spec
+from methods import backbone, create_method
 from methods.dpcknn import dpc_knn_centres, merge_clusters
 from conftest import assert_own_modules_at_full_lr, make_tiny_vit
 from test_schema import assert_refused_at_startup, no_data  # noqa: F401  (no_data is a fixture)
@@ -179,12 +179,6 @@ def test_gradients_reach_the_score_heads(tiny_vit, images):
 def test_param_groups_put_the_score_heads_at_full_lr(tiny_vit, scale):
     method = create_method("dpcknn", tiny_vit, locations=[1, 2], backbone_lr_scale=scale)
     assert_own_modules_at_full_lr(method, scale, 4)  # two heads, weight and bias each
-
-
-def test_registered_fine_tuned_with_keep_rate_knob():
-    spec = method_spec("dpcknn")
-    assert spec.inference_knob == "keep_rate" and spec.finetune is True
-    assert spec.tradeoff_values == (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 @pytest.mark.parametrize("params,needle", [

@@ -1,7 +1,7 @@
 """heuristic: the official radius schedules worked out by hand (L1 and L-inf on DeiT-S's 14 x 14 grid, the
 not-contiguous closest-count rule and its ties), physical removal equal to the official masked attention, depths,
 the ignored keep rate, the min_radius fallback and start-0 quirks, the backbone's gradients, zero extra MACs,
-parameter groups, registration, bad input (directly and through the harness). Batch invariance and train = eval:
+parameter groups, bad input (directly and through the harness). Batch invariance, train = eval and registration:
 tests/test_method_contract.py."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from experiments.config import ConfigError
-from methods import create_method, method_spec
+from methods import create_method
 from methods.heuristic import centre_distances
 from conftest import make_tiny_vit
 from test_schema import assert_refused_at_startup, no_data  # noqa: F401  (no_data is a fixture)
@@ -180,12 +180,6 @@ def test_no_extra_macs_and_every_parameter_at_full_lr(tiny_vit, images):
     assert grouped == sorted(id(p) for p in method.parameters()) and len(method.reducers) == 0
     assert {g["lr_scale"] for g in groups} == {1.0}
     assert set(method.state_dict()) == {f"vit.{k}" for k in tiny_vit.state_dict()}  # nothing of its own saved
-
-
-def test_registered_off_the_shelf_without_a_knob():
-    spec = method_spec("heuristic")
-    assert spec.inference_knob is None and spec.tradeoff_values is None and spec.finetune is False
-    assert spec.family == "pruning"
 
 
 @pytest.mark.parametrize("params,needle", [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from methods import backbone, create_method, method_spec
+from methods import backbone, create_method
 from methods.kmedoids import kmedoids
 
 # Six 1-D points, two groups; weights w. D_ij = |x_i - x_j|, row sums S_i = sum_j D_ij:
@@ -78,11 +78,6 @@ def test_extra_macs_by_hand(tiny_vit, images):
         with torch.no_grad():
             counts = method(images).token_counts
         assert method.extra_macs(counts).tolist() == [expected] * 4
-
-
-def test_registered_off_the_shelf_with_keep_rate_knob():
-    spec = method_spec("kmedoids")
-    assert spec.inference_knob == "keep_rate" and spec.finetune is False
 
 
 @pytest.mark.parametrize("params,needle", [

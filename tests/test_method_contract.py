@@ -2,14 +2,15 @@
 12-block ViT with the registered defaults: it reduces tokens (except dense), evaluation repeats exactly, each image
 gets the same logits, counts and depths alone as inside a batch, training mode computes what evaluation computes
 (where the method does not train differently by design), and a training pass gives every parameter a finite
-gradient. Method-specific behaviour (by-hand values, official counts, refusals) stays in each method's own file."""
+gradient. Also the staged family's registration, as a table. Method-specific behaviour (by-hand values, official
+counts, refusals) stays in each method's own file."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from conftest import assert_batch_invariant, make_tiny_vit
-from methods import create_method, list_methods, resolved_params
+from methods import create_method, list_methods, method_spec, resolved_params
 
 # Settings a registered default cannot supply on the tiny model: A-ViT's gate constants exist only for the DeiTs;
 # these give halting depths that differ between images (as tests/test_adavit.py's mixed model).
@@ -19,6 +20,19 @@ VARIANTS = [("patchmerger", {"scaled_attention": True})]
 CASES = [pytest.param(name, {}, id=name) for name in list_methods()] + \
     [pytest.param(name, params, id=f"{name}-" + "-".join(f"{k}={v}" for k, v in params.items()))
      for name, params in VARIANTS]
+
+# What the registry says of the token-reduction family (methods/staged.py): fine-tuned by default, the inference
+# knob and its default grid (None: the compute is fixed by the trained stages), the family, and the README summary's
+# first words.
+KEEP_RATES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+REGISTERED = {
+    "kmedoids": (False, "keep_rate", KEEP_RATES, "clustering", "K-Medoids: "),
+    "dpcknn": (True, "keep_rate", KEEP_RATES, "clustering", "DPC-KNN: "),
+    "sinkhorn": (True, None, None, "clustering", "Sinkhorn: "),
+    "sit": (True, None, None, "merging", "SiT: "),
+    "patchmerger": (True, None, None, "merging", "PatchMerger: "),
+    "heuristic": (False, None, None, "pruning", "Heuristic: "),
+}
 
 # Methods whose training pass differs from evaluation by design, and why.
 TRAINS_DIFFERENTLY = {
@@ -47,7 +61,16 @@ def build(name: str, params: dict | None = None):
 
 
 def test_the_tables_name_registered_methods():
-    assert set(SETTINGS) | set(TRAINS_DIFFERENTLY) | {name for name, _ in VARIANTS} <= set(list_methods())
+    assert set(SETTINGS) | set(TRAINS_DIFFERENTLY) | {name for name, _ in VARIANTS} | set(REGISTERED) <= \
+        set(list_methods())
+
+
+@pytest.mark.parametrize("name", sorted(REGISTERED))
+def test_registered_as_the_table_says(name):
+    finetune, knob, grid, family, summary = REGISTERED[name]
+    spec = method_spec(name)
+    assert (spec.finetune, spec.inference_knob, spec.tradeoff_values, spec.family) == (finetune, knob, grid, family)
+    assert spec.summary.startswith(summary)
 
 
 @pytest.mark.parametrize("name", list_methods())

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from experiments.config import ConfigError
-from methods import backbone, create_method, method_spec
+from methods import backbone, create_method
 from methods.sinkhorn import sinkhorn_plan
 from conftest import assert_own_modules_at_full_lr
 from test_schema import assert_refused_at_startup, no_data  # noqa: F401  (no_data is a fixture)
@@ -160,11 +160,6 @@ def test_param_groups_put_the_centres_at_full_lr(tiny_vit, scale):
     groups, own = assert_own_modules_at_full_lr(method, scale, 2)
     # the centres are 2-D, so they decay, as timm's grouping does for every matrix
     assert {g["weight_decay"] for g in groups if id(g["params"][0]) in own} == {0.05}
-
-
-def test_registered_fine_tuned_without_a_knob():
-    spec = method_spec("sinkhorn")
-    assert spec.inference_knob is None and spec.tradeoff_values is None and spec.finetune is True
 
 
 @pytest.mark.parametrize("params,needle", [

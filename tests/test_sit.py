@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from experiments.config import ConfigError
-from methods import backbone, create_method, method_spec
+from methods import backbone, create_method
 from methods.sit import TokenSlimming
 from conftest import assert_own_modules_at_full_lr
 from test_schema import assert_refused_at_startup, no_data  # noqa: F401  (no_data is a fixture)
@@ -151,12 +151,6 @@ def test_tokens_come_back_in_the_input_dtype():
     double, mix = copy.deepcopy(stage).double()(x.double())
     assert double.dtype == mix.dtype == torch.float64  # wider stays wider
     torch.testing.assert_close(double.float(), reference)
-
-
-def test_registered_fine_tuned_without_a_knob():
-    spec = method_spec("sit")
-    assert spec.inference_knob is None and spec.tradeoff_values is None and spec.finetune is True
-    assert spec.family == "merging" and spec.summary.startswith("SiT: ")
 
 
 @pytest.mark.parametrize("params,needle", [
