@@ -19,11 +19,24 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) experiments/run.py method=adavit
 
+# The suite in two passes: most tests spread over $(JOBS) xdist workers, then the tests marked `serial` (SLURM, the
+# source-tree writers; tests/conftest.py) alone. Both passes always run; the target fails if either fails. Exit 5
+# ("no tests collected", e.g. every serial test deselected) is not a failure. PYTEST_ARGS narrows both passes, e.g.
+# `make test PYTEST_ARGS=tests/test_configs.py`.
+JOBS ?= 2
+PYTEST_ARGS ?=
+PYTEST_PASSES = status=0; \
+	echo "== pytest: parallel pass ($(JOBS) workers)"; \
+	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup -m "not serial and $(1)" $(2) $(PYTEST_ARGS) || [ $$? -eq 5 ] || status=1; \
+	echo "== pytest: serial pass"; \
+	$(PY) -m pytest -q -m "serial and $(1)" $(2) $(PYTEST_ARGS) || [ $$? -eq 5 ] || status=1; \
+	exit $$status
+
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not benchmark" --timeout=1200
+	@$(call PYTEST_PASSES,not benchmark,--timeout=1200)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not slurm and not benchmark"
+	@$(call PYTEST_PASSES,not slow and not slurm and not benchmark,)
 
 bench: $(STAMP)
 	mkdir -p results/benchmarks

@@ -1,12 +1,15 @@
-"""Shared fixtures: tiny timm ViTs that run in milliseconds on CPU, and the markers' defaults."""
+"""Shared fixtures: tiny timm ViTs that run in milliseconds on CPU, Hydra configs composed for a test's own
+folder, and which tests run serially when the suite runs on several xdist workers."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
+from hydra import compose, initialize_config_dir
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
@@ -14,6 +17,43 @@ import methods  # noqa: F401  (registers methods and the embedded model)
 from experiments.config_store import register_configs
 
 register_configs()  # as the entry points do: the tests compose configs with Hydra's compose API
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "experiments" / "conf"
+
+# Test files that cannot share the machine with other tests; `make test` runs them after the parallel pass.
+SERIAL_FILES = {
+    "test_slurm.py": "starts a real single-node SLURM whose daemons take the machine's CPUs as the node's",
+    "test_new_method.py": "writes a throwaway method into methods/ and experiments/conf/, seen by every other test",
+}
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: one torch thread each, and the same for the runs they start as subprocesses.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in SERIAL_FILES or item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.serial)
+
+
+def run_paths(folder: Path, prefix: str = "") -> list[str]:
+    """Overrides that put every folder a run writes (results, cache, state, run) under ``folder``."""
+    return [f"paths.{key}_dir={folder}/{prefix}{key}" for key in ("results", "cache", "state", "run")]
+
+
+def compose_config(*overrides: str, hydra: bool = False):
+    """The run config of ``experiments/conf`` with ``overrides``, as the entry points compose it."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def run_config(folder: Path, *overrides: str, hydra: bool = False):
+    """A run that writes only under ``folder``, without progress bars or throughput timing, then ``overrides``."""
+    return compose_config(*run_paths(folder), "progress=false", "measure.throughput=false", *overrides, hydra=hydra)
 
 
 def make_tiny_vit(depth: int = 4, embed_dim: int = 32, num_heads: int = 2, img_size: int = 32,

@@ -1,17 +1,14 @@
 """Hydra config composition: every group option composes, the structured schema (experiments/config.py) types every
 key at composition, and typos give Hydra's error listing the options."""
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 import methods
+from conftest import CONF, compose_config
 from experiments import config
 from experiments.cost import throughput
-
-CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"
 
 
 def options(group):
@@ -19,8 +16,7 @@ def options(group):
 
 
 def compose_cfg(overrides=()):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+    return compose_config(*overrides)
 
 
 def test_defaults_are_the_embedded_model_and_data():

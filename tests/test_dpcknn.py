@@ -1,6 +1,7 @@
 """dpcknn: density, distance to the denser and centres of hand-built points, the weighted merge, identities and
-depths, keep rate 1 (every token its own cluster), counts on DeiT-S, batch invariance, extra MACs by hand,
-gradients and parameter groups, the deterministic noise, bad input (directly and through the harness)."""
+depths, keep rate 1 (every token its own cluster), counts on DeiT-S, extra MACs by hand,
+gradients and parameter groups, the deterministic noise, bad input (directly and through the harness).
+Batch invariance, repeatability and train = eval: tests/test_method_contract.py."""
 from __future__ import annotations
 
 import math
@@ -10,9 +11,9 @@ import torch
 from torch import nn
 
 from experiments.config import ConfigError
-from methods import backbone, create_method, method_spec
+from methods import backbone, create_method
 from methods.dpcknn import dpc_knn_centres, merge_clusters
-from conftest import assert_batch_invariant, assert_own_modules_at_full_lr, make_tiny_vit
+from conftest import assert_own_modules_at_full_lr, make_tiny_vit
 from test_schema import assert_refused_at_startup, no_data  # noqa: F401  (no_data is a fixture)
 
 # Five 1-D points, C = 1 (so D = |x_i - x_j| / sqrt(1)), k_neighbors = 2 (the point itself and its nearest):
@@ -145,18 +146,6 @@ def test_deit_small_counts_and_depths(deit_small):
     assert torch.bincount(out.patch_depth[0], minlength=13)[[3, 6, 9, 12]].tolist() == [59, 41, 29, 67]
 
 
-def test_batch_invariant_repeatable_and_train_equals_eval(tiny_vit, images):
-    method = create_method("dpcknn", tiny_vit, keep_rate=0.6, locations=[1, 3]).eval()
-    assert_batch_invariant(method, images)
-    with torch.no_grad():
-        evaluated = method(images)
-        again = method(images)
-        trained = method.train()(images)
-    assert torch.equal(again.logits, evaluated.logits)  # the noise is fixed: a pass repeats exactly
-    torch.testing.assert_close(trained.logits, evaluated.logits)
-    assert torch.equal(trained.patch_depth, evaluated.patch_depth)
-
-
 def test_the_noise_is_fixed_small_and_not_checkpointed(tiny_vit):
     first = create_method("dpcknn", tiny_vit, locations=[1, 2])
     second = create_method("dpcknn", make_tiny_vit(seed=5), keep_rate=0.4, locations=[1, 2])
@@ -190,12 +179,6 @@ def test_gradients_reach_the_score_heads(tiny_vit, images):
 def test_param_groups_put_the_score_heads_at_full_lr(tiny_vit, scale):
     method = create_method("dpcknn", tiny_vit, locations=[1, 2], backbone_lr_scale=scale)
     assert_own_modules_at_full_lr(method, scale, 4)  # two heads, weight and bias each
-
-
-def test_registered_fine_tuned_with_keep_rate_knob():
-    spec = method_spec("dpcknn")
-    assert spec.inference_knob == "keep_rate" and spec.finetune is True
-    assert spec.tradeoff_values == (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 @pytest.mark.parametrize("params,needle", [

@@ -115,15 +115,6 @@ def test_inference_keep_rate_changes_counts_not_targets(images):
     assert out.token_counts[0, :, 0].tolist() == [17, 9, 5, 3]
 
 
-def test_eval_is_batch_invariant(images):
-    model = tiny_dynamicvit().eval()
-    with torch.no_grad():
-        batched = model(images)
-        single = [model(images[i : i + 1]) for i in range(images.shape[0])]
-    torch.testing.assert_close(batched.logits, torch.cat([o.logits for o in single]), atol=1e-5, rtol=0)
-    assert torch.equal(batched.patch_depth, torch.cat([o.patch_depth for o in single]))
-
-
 def test_loss_terms_by_value():
     model = tiny_dynamicvit(locations=[1, 2])  # ratio targets 0.7, 0.49
     student_tokens = torch.zeros(2, 3, 2)  # CLS + 2 final patch tokens, width 2

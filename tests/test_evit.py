@@ -1,4 +1,5 @@
-"""EViT: fusion, handling of the fused token at later stages, counts on DeiT-S, batch invariance, bad input."""
+"""EViT: fusion, handling of the fused token at later stages, counts on DeiT-S, bad input.
+Batch invariance and gradients: tests/test_method_contract.py."""
 from __future__ import annotations
 
 import math
@@ -8,7 +9,7 @@ import torch
 
 from methods import backbone, create_method, method_spec, resolved_params
 from methods.tokens import fuse_tokens
-from conftest import assert_batch_invariant, make_tiny_vit
+from conftest import make_tiny_vit
 
 
 
@@ -92,18 +93,6 @@ def test_deit_small_counts(deit_small):
     attn, mlp, _ = deit_counts(deit_small, keep_rate=0.5, locations=[2, 4])
     assert attn == [197] * 3 + [100] * 2 + [52] * 7
     assert mlp == [197] * 2 + [100] * 2 + [52] * 8
-
-
-def test_batch_invariance(tiny_vit, images):
-    method = create_method("evit", tiny_vit, keep_rate=0.5, locations=[1, 2]).eval()
-    assert_batch_invariant(method, images)
-
-
-def test_train_mode_is_differentiable(tiny_vit, images):
-    method = create_method("evit", tiny_vit, keep_rate=0.5, locations=[1, 2]).train()
-    method(images).logits.sum().backward()
-    grads = [p.grad for p in method.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
 @pytest.mark.parametrize("params, key, fragment", [

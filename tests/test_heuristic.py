@@ -1,16 +1,17 @@
 """heuristic: the official radius schedules worked out by hand (L1 and L-inf on DeiT-S's 14 x 14 grid, the
 not-contiguous closest-count rule and its ties), physical removal equal to the official masked attention, depths,
-the ignored keep rate, the min_radius fallback and start-0 quirks, batch invariance, train = eval, zero extra
-MACs, parameter groups, registration, bad input (directly and through the harness)."""
+the ignored keep rate, the min_radius fallback and start-0 quirks, the backbone's gradients, zero extra MACs,
+parameter groups, bad input (directly and through the harness). Batch invariance, train = eval and registration:
+tests/test_method_contract.py."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from experiments.config import ConfigError
-from methods import create_method, method_spec
+from methods import create_method
 from methods.heuristic import centre_distances
-from conftest import assert_batch_invariant, make_tiny_vit
+from conftest import make_tiny_vit
 from test_schema import assert_refused_at_startup, no_data  # noqa: F401  (no_data is a fixture)
 
 # DeiT-S, 14 x 14: coordinates linspace(-7, 7, 14), |c_i| = |i - 6.5| * 14/13, so an L1 distance is
@@ -158,16 +159,11 @@ def test_a_start_at_block_zero_has_no_front_padding(tiny_vit):
     assert method.patch_counts == [16, 12, 4]
 
 
-def test_batch_invariant_train_equals_eval_and_the_backbone_learns(images):
+def test_the_backbone_learns_through_the_last_block(images):
+    # batch invariance and train = eval: tests/test_method_contract.py
     vit = make_tiny_vit(depth=12)
-    method = create_method("heuristic", vit, pattern="l2").eval()
-    assert_batch_invariant(method, images)
-    with torch.no_grad():
-        evaluated = method(images)
-    trained = method.train()(images)
-    torch.testing.assert_close(trained.logits, evaluated.logits)
-    assert torch.equal(trained.patch_depth, evaluated.patch_depth)
-    assert torch.equal(trained.token_counts, evaluated.token_counts)
+    method = create_method("heuristic", vit, pattern="l2").train()
+    trained = method(images)
     trained.logits.pow(2).sum().backward()
     assert vit.patch_embed.proj.weight.grad.abs().sum() > 0 and vit.blocks[11].mlp.fc2.weight.grad.abs().sum() > 0
 
@@ -182,12 +178,6 @@ def test_no_extra_macs_and_every_parameter_at_full_lr(tiny_vit, images):
     assert grouped == sorted(id(p) for p in method.parameters()) and len(method.reducers) == 0
     assert {g["lr_scale"] for g in groups} == {1.0}
     assert set(method.state_dict()) == {f"vit.{k}" for k in tiny_vit.state_dict()}  # nothing of its own saved
-
-
-def test_registered_off_the_shelf_without_a_knob():
-    spec = method_spec("heuristic")
-    assert spec.inference_knob is None and spec.tradeoff_values is None and spec.finetune is False
-    assert spec.family == "pruning"
 
 
 @pytest.mark.parametrize("params,needle", [

@@ -1,13 +1,12 @@
 """kmedoids: the medoids of hand-built points under both update rules, the attention weights it reads, counts and
-depths on DeiT-S, batch invariance, extra MACs by hand, bad input."""
+depths on DeiT-S, extra MACs by hand, bad input. Batch invariance and train = eval: tests/test_method_contract.py."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from methods import backbone, create_method, method_spec
+from methods import backbone, create_method
 from methods.kmedoids import kmedoids
-from conftest import assert_batch_invariant
 
 # Six 1-D points, two groups; weights w. D_ij = |x_i - x_j|, row sums S_i = sum_j D_ij:
 #   x = 0, 1, 2, 10, 11, 30  ->  S = 54, 50, 48, 48, 50, 126;  w = 1, 5, 1, 1, 4, 2.
@@ -71,16 +70,6 @@ def test_deit_small_counts_and_depths(deit_small):
     assert torch.bincount(out.patch_depth[0], minlength=13)[[3, 6, 9, 12]].tolist() == [59, 41, 29, 67]
 
 
-def test_batch_invariant_and_train_equals_eval(tiny_vit, images):
-    method = create_method("kmedoids", tiny_vit, keep_rate=0.6, locations=[1, 3]).eval()
-    assert_batch_invariant(method, images)
-    with torch.no_grad():
-        evaluated = method(images)
-        trained = method.train()(images)
-    torch.testing.assert_close(trained.logits, evaluated.logits)
-    assert torch.equal(trained.patch_depth, evaluated.patch_depth)
-
-
 def test_extra_macs_by_hand(tiny_vit, images):
     # Stages at blocks 1 and 2 on 16 patches, rate 0.5: 16 -> 8 -> 4 patches, width 32.
     for cost, expected in (("all_tokens", 16 ** 2 * 32 + 8 ** 2 * 32),  # distances only: 10240
@@ -89,11 +78,6 @@ def test_extra_macs_by_hand(tiny_vit, images):
         with torch.no_grad():
             counts = method(images).token_counts
         assert method.extra_macs(counts).tolist() == [expected] * 4
-
-
-def test_registered_off_the_shelf_with_keep_rate_knob():
-    spec = method_spec("kmedoids")
-    assert spec.inference_knob == "keep_rate" and spec.finetune is False
 
 
 @pytest.mark.parametrize("params,needle", [

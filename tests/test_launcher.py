@@ -35,6 +35,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import HydraContext, RunMode
 
 import methods
+from conftest import CONF, compose_config, run_paths
 from experiments import pipeline
 from experiments.train import distributed, engine
 from experiments.cluster import launch
@@ -44,7 +45,6 @@ from experiments.plan import validate
 from methods.models import create_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "experiments" / "conf"
 RUN = ROOT / "experiments" / "run.py"
 TINY = ["+model.depth=2", "baseline.enabled=false", "experiment.train=true", "measure.throughput=false",
         "progress=false"]
@@ -81,10 +81,7 @@ def summary(tmp_path: Path) -> dict:
 
 
 def compose_cfg(tmp_path: Path, *overrides: str):
-    base = [f"paths.results_dir={tmp_path}/ref/results", f"paths.cache_dir={tmp_path}/ref/cache",
-            f"paths.state_dir={tmp_path}/ref/state", f"paths.run_dir={tmp_path}/ref/run"]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=base + list(overrides))
+    return compose_config(*run_paths(tmp_path, "ref/"), *overrides)
 
 
 def same_results(record: dict, reference: dict) -> None:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 import methods
+from conftest import CONF, compose_config, make_tiny_vit
 from experiments import plan, records
 from experiments.cost import costs, measure_record, throughput
 from experiments.train.engine import EvalResult
@@ -24,7 +24,6 @@ from hydra.errors import ConfigCompositionException
 from methods.models import create_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "experiments" / "conf"
 ENTRY_KEYS = {"device", "device_name", "batch_size", "dtype", "img_per_s", "dense_img_per_s", "speedup_vs_dense",
               "flops_ratio", "efficiency", "peak_mem_mb", "threads", "compile", "fused_attn", "torch", "timm",
               "repeats", "warmup"}
@@ -33,9 +32,8 @@ FAST = ["measure.images=6", "measure.batch_sizes=[1,3]", "measure.warmup=1", "me
 
 
 def make_cfg(tmp_path: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=[f"paths.results_dir={tmp_path / 'results'}",
-                                            f"paths.run_dir={tmp_path / 'run'}", "device=cpu", *overrides])
+    return compose_config(f"paths.results_dir={tmp_path / 'results'}", f"paths.run_dir={tmp_path / 'run'}",
+                          "device=cpu", *overrides)
 
 
 def fast_settings(**changes) -> throughput.Settings:
@@ -231,7 +229,8 @@ def test_compile_works_for_ragged_and_fixed_methods_and_is_not_timed(name):
     traces with dynamo like inductor but generates no C++, so this stays seconds on CPU)."""
     from test_adavit import mixed_images, mixed_model
 
-    method = mixed_model() if name == "adavit" else tiny_method("dense")
+    # two blocks for dense: compile time grows with the blocks traced, and what is checked does not depend on them
+    method = mixed_model() if name == "adavit" else methods.create_method("dense", make_tiny_vit(depth=2))
     images = mixed_images(4) if name == "adavit" else torch.randn(4, 3, 32, 32)
     settings = fast_settings(batch_sizes=[1, 2], compile=True, compile_backend="aot_eager", repeats=2)
     entries = throughput.measure(method, None, torch.device("cpu"), settings, 0.5, images=images)
@@ -347,8 +346,8 @@ def test_cli_prints_one_json_line_and_rejects_bad_input(tmp_path):
     common = [f"paths.results_dir={tmp_path / 'results'}", f"hydra.run.dir={tmp_path / 'run'}", "device=cpu",
               *FAST]
     script = str(ROOT / "experiments" / "measure.py")
-    ok = subprocess.run([sys.executable, script, "method=dense", *common], capture_output=True, text=True,
-                        cwd=tmp_path, timeout=600)
+    ok = subprocess.run([sys.executable, script, "method=dense", "+model.depth=2", *common], capture_output=True,
+                        text=True, cwd=tmp_path, timeout=600)
     assert ok.returncode == 0, ok.stderr[-3000:]
     lines = [line for line in ok.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1

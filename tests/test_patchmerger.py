@@ -1,7 +1,8 @@
 """patchmerger: a stage worked out by hand (softmax over the tokens, layer-normalised or raw tokens mixed, the
 scaled switch), uniform logits give the mean token, the stage against the formula step by step, the official
-initialisation (nearly one-hot unscaled), depths, counts on DeiT-S, batch invariance, train = eval, extra MACs by
-hand, gradients and parameter groups, dtypes, bad input (directly and through the harness)."""
+initialisation (nearly one-hot unscaled), depths, counts on DeiT-S, extra MACs by hand,
+gradients and parameter groups, dtypes, bad input (directly and through the harness). Batch invariance and train
+= eval: tests/test_method_contract.py."""
 from __future__ import annotations
 
 import copy
@@ -12,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from experiments.config import ConfigError
-from methods import backbone, create_method, method_spec
+from methods import backbone, create_method
 from methods.patchmerger import PatchMergerStage
-from conftest import assert_batch_invariant, assert_own_modules_at_full_lr
+from conftest import assert_own_modules_at_full_lr
 from test_schema import assert_refused_at_startup, no_data  # noqa: F401  (no_data is a fixture)
 
 # Two tokens of width 2. LayerNorm of a 2-vector (u, v), u < v, is (-1, 1) * s with s = 1 / sqrt(1 + 1e-5) (LN's
@@ -130,17 +131,6 @@ def test_official_initialisation_and_deit_small_counts(deit_small):
     assert top.mean() > 0.8 and (top > 0.5).float().mean() > 0.9 and soft_top.mean() < 0.2
 
 
-def test_batch_invariant_and_train_equals_eval(tiny_vit, images):
-    method = create_method("patchmerger", tiny_vit, keep_rate=0.6, locations=[1, 3], scaled_attention=True).eval()
-    assert_batch_invariant(method, images)
-    with torch.no_grad():
-        evaluated = method(images)
-        trained = method.train()(images)
-    torch.testing.assert_close(trained.logits, evaluated.logits)
-    assert torch.equal(trained.patch_depth, evaluated.patch_depth)
-    assert torch.equal(trained.token_counts, evaluated.token_counts)
-
-
 def test_extra_macs_by_hand(tiny_vit, images):
     # Stages at blocks 1 and 2 on 16 patches, rate 0.5: 16 -> 8 -> 4, width 32. Logits and mix, K * P * C each:
     # 2 * (8 * 16 * 32 + 4 * 8 * 32) = 2 * (4096 + 1024) = 10240, whatever the switches.
@@ -183,12 +173,6 @@ def test_tokens_come_back_in_the_input_dtype():
     double, mix = copy.deepcopy(stage).double()(x.double())
     assert double.dtype == mix.dtype == torch.float64  # wider stays wider
     torch.testing.assert_close(double.float(), reference)
-
-
-def test_registered_fine_tuned_without_a_knob():
-    spec = method_spec("patchmerger")
-    assert spec.inference_knob is None and spec.tradeoff_values is None and spec.finetune is True
-    assert spec.family == "merging" and spec.summary.startswith("PatchMerger: ")
 
 
 @pytest.mark.parametrize("params,needle", [

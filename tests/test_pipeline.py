@@ -3,27 +3,18 @@
 Every bad input must fail before a results record exists.
 """
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 import methods
-from conftest import build_for, write_png_folder
+from conftest import build_for, run_config, write_png_folder
 from experiments import pipeline
 from experiments.config import DataError
 from experiments.train.checkpoints import file_sha256
 from methods.models import CheckpointError, create_backbone
 
-CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"
-
-
-def make_cfg(tmp_path, *overrides):
-    base = [f"paths.results_dir={tmp_path}/results", f"paths.cache_dir={tmp_path}/cache",
-            f"paths.run_dir={tmp_path}/run", f"paths.state_dir={tmp_path}/state", "progress=false", "measure.throughput=false"]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=base + list(overrides))
+make_cfg = run_config  # test_video and test_video_data import it from here
 
 
 TINY = ["baseline.epochs=1", "train.epochs=1", "+model.depth=2"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_vit
+from conftest import compose_config, make_tiny_vit, run_paths
 from methods import backbone, ragged
 from test_adavit import mixed_images, mixed_model
 
@@ -136,16 +136,10 @@ def test_unavailable_backend_names_the_setting_and_the_choices(name, why):
 
 def test_backend_is_refused_before_any_work(tmp_path):
     """``eval.ragged_backend=varlen`` on CPU: a config error naming the key and the choices; nothing written."""
-    from hydra import compose, initialize_config_dir
-
     from experiments.cost import measure_record
     from experiments.config import ConfigError
 
-    conf = Path(__file__).resolve().parents[1] / "experiments" / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("config", overrides=[f"paths.results_dir={tmp_path / 'results'}", "device=cpu",
-                                           f"paths.run_dir={tmp_path / 'run'}", "method=adavit",
-                                           "eval.ragged_backend=varlen"])
+    cfg = compose_config(*run_paths(tmp_path), "device=cpu", "method=adavit", "eval.ragged_backend=varlen")
     with pytest.raises(ConfigError) as error:
         measure_record.measure_run(cfg)
     assert "eval.ragged_backend='varlen'" in str(error.value) and "available here: auto, padded" in str(error.value)
@@ -153,9 +147,10 @@ def test_backend_is_refused_before_any_work(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ A-ViT on it
-def test_adavit_removal_is_bit_identical_to_the_code_before_the_runtime():
-    """Logits, halting depths, counts and CLS mixes equal, bit for bit, those of the removal path before it
-    moved onto the runtime (``tests/fixtures/adavit_removal_reference.pt``, written at commit a9a275f)."""
+def test_adavit_removal_matches_the_code_before_the_runtime():
+    """Halting depths, counts and reruns equal, and logits and CLS mixes within 1e-5 of, those of the removal path
+    before it moved onto the runtime (``tests/fixtures/adavit_removal_reference.pt``, written at commit a9a275f on
+    an AMD EPYC). Not bit for bit: fused attention's last bits differ between CPUs (an Intel Xeon differs)."""
     reference = torch.load(FIXTURE)
     assert len(reference) == 16
     for key, want in reference.items():
@@ -165,8 +160,11 @@ def test_adavit_removal_is_bit_identical_to_the_code_before_the_runtime():
             out = model(mixed_images(int(count)))
         got = {"logits": out.logits, "halting_depth": out.state.halting_depth, "token_counts": out.token_counts,
                "cls_output": out.state.cls_output, "rerun": out.state.rerun}
-        for name, tensor in want.items():
-            assert torch.equal(got[name], tensor), f"{key}: {name} changed"
+        assert set(got) == set(want), key
+        for name in ("halting_depth", "token_counts", "rerun"):  # integers and flags: exact
+            assert torch.equal(got[name], want[name]), f"{key}: {name} changed"
+        for name in ("logits", "cls_output"):
+            torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5, msg=f"{key}: {name} changed")
 
 
 @pytest.mark.skipif("flex" not in ragged.available_backends("cpu"), reason="needs FlexAttention")

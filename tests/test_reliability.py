@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from conftest import build_for
+from conftest import build_for, compose_config, run_paths
 from experiments import identity, pipeline, plan, records
 from experiments.train import checkpoints, engine
 from experiments.train import fit as training
@@ -27,7 +26,6 @@ from methods.dynamicvit import DynamicViT
 from methods.models import CheckpointError, load_state_dict_strict
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "experiments" / "conf"
 RUN = REPO / "experiments" / "run.py"
 
 # Two blocks, 16 px images (4x4 patches + CLS), 179 training images (3 steps of 64), random init, fine-tuning on.
@@ -45,14 +43,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def path_overrides(folder: Path) -> list[str]:
-    return [f"paths.results_dir={folder}/results", f"paths.cache_dir={folder}/cache",
-            f"paths.run_dir={folder}/run", f"paths.state_dir={folder}/state"]
-
-
 def make_cfg(folder, *overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=path_overrides(folder) + TINY + list(overrides))
+    return compose_config(*run_paths(folder), *TINY, *overrides)
 
 
 def records_in(folder: Path) -> list[Path]:
@@ -145,7 +137,7 @@ def test_crash_mid_training_resumes_to_the_same_result(tmp_path, monkeypatch, ca
 
 
 def cli(folder: Path, *overrides: str) -> list[str]:
-    return [sys.executable, str(RUN), *path_overrides(folder), *TINY, f"hydra.run.dir={folder}/hydra", *overrides]
+    return [sys.executable, str(RUN), *run_paths(folder), *TINY, f"hydra.run.dir={folder}/hydra", *overrides]
 
 
 def cli_env() -> dict[str, str]:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
@@ -19,25 +18,20 @@ from omegaconf import OmegaConf, open_dict
 import methods
 from experiments import build, config
 from methods.models import create_backbone
-from conftest import write_png_folder
+from conftest import CONF, compose_config, run_config, write_png_folder
 from experiments import pipeline, plan
 from experiments.config import DataError
 from experiments.data.digits import DigitsData
 from experiments.config import ConfigError
 from methods.models import CheckpointError
 
-CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cfg(tmp_path, *overrides, hydra=False):
-    base = [f"paths.results_dir={tmp_path}/results", f"paths.cache_dir={tmp_path}/cache",
-            f"paths.run_dir={tmp_path}/run", f"paths.state_dir={tmp_path}/state", "progress=false",
-            "measure.throughput=false", "baseline.epochs=1", "train.epochs=1"]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=base + list(overrides), return_hydra_config=hydra)
+    return run_config(tmp_path, "baseline.epochs=1", "train.epochs=1", *overrides, hydra=hydra)
 
 
 def files_under(folder: Path) -> set[str]:
@@ -424,8 +418,7 @@ def test_rule_text():
 
 def test_config_yaml_only_chooses(tmp_path):
     """The defaults live in the dataclasses: the composed default config equals the schema's own defaults."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config")
+    cfg = compose_config()
     schema = OmegaConf.structured(config.RunConfig)
     for section in ("train", "baseline", "eval", "experiment", "measure"):
         assert OmegaConf.to_container(cfg[section]) == OmegaConf.to_container(schema[section]), section

@@ -1,7 +1,8 @@
 """sinkhorn: the transport plan's marginals, the official 3 rounds against a step-by-step reference and a case by
 hand, the stage's wiring (cosine scores, sum of normalised tokens), the in-place re-normalisation of the centres
-(also under inference mode, repeatable), depths, counts on DeiT-S, batch invariance, extra MACs by hand,
-gradients and parameter groups, bad input (directly and through the harness)."""
+(also under inference mode, repeatable), depths, counts on DeiT-S, extra MACs by hand,
+gradients and parameter groups, bad input (directly and through the harness). Batch invariance and train = eval:
+tests/test_method_contract.py."""
 from __future__ import annotations
 
 import math
@@ -10,9 +11,9 @@ import pytest
 import torch
 
 from experiments.config import ConfigError
-from methods import backbone, create_method, method_spec
+from methods import backbone, create_method
 from methods.sinkhorn import sinkhorn_plan
-from conftest import assert_batch_invariant, assert_own_modules_at_full_lr
+from conftest import assert_own_modules_at_full_lr
 from test_schema import assert_refused_at_startup, no_data  # noqa: F401  (no_data is a fixture)
 
 
@@ -135,16 +136,6 @@ def test_deit_small_counts_and_depths(deit_small):
     assert out.patch_depth.eq(3).all()  # mixtures from the first stage on: every patch leaves at block 3
 
 
-def test_batch_invariant_and_train_equals_eval(tiny_vit, images):
-    method = create_method("sinkhorn", tiny_vit, keep_rate=0.6, locations=[1, 3]).eval()
-    assert_batch_invariant(method, images)
-    with torch.no_grad():
-        evaluated = method(images)
-        trained = method.train()(images)
-    torch.testing.assert_close(trained.logits, evaluated.logits)
-    assert torch.equal(trained.patch_depth, evaluated.patch_depth)
-
-
 def test_extra_macs_by_hand(tiny_vit, images):
     # Stages at blocks 1 and 2 on 16 patches, rate 0.5: 16 -> 8 -> 4, width 32. Scores and output, K * N * C
     # each: 2 * (8 * 16 * 32 + 4 * 8 * 32) = 10240, whatever the rounds (log-sum-exps are not counted).
@@ -171,9 +162,6 @@ def test_param_groups_put_the_centres_at_full_lr(tiny_vit, scale):
     assert {g["weight_decay"] for g in groups if id(g["params"][0]) in own} == {0.05}
 
 
-def test_registered_fine_tuned_without_a_knob():
-    spec = method_spec("sinkhorn")
-    assert spec.inference_knob is None and spec.tradeoff_values is None and spec.finetune is True
 
 
 @pytest.mark.parametrize("override,needle", [

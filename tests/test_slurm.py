@@ -21,16 +21,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 import slurm_cluster
+from conftest import compose_config, run_paths
 from experiments import pipeline
 from experiments.cluster import launch
 
 pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "experiments" / "conf"
 RUN = ROOT / "experiments" / "run.py"
 TINY = ["+model.depth=2", "baseline.enabled=false", "experiment.train=true", "measure.throughput=false",
         "progress=false", "device=cpu"]
@@ -104,10 +103,7 @@ def summary(tmp_path: Path) -> dict:
 
 def reference(tmp_path: Path, *overrides: str) -> dict:
     """The same config run in this process (single process, 1 thread)."""
-    base = [f"paths.results_dir={tmp_path}/ref/results", f"paths.cache_dir={tmp_path}/ref/cache",
-            f"paths.state_dir={tmp_path}/ref/state", f"paths.run_dir={tmp_path}/ref/run"]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return pipeline.run(compose(config_name="config", overrides=base + list(overrides)))
+    return pipeline.run(compose_config(*run_paths(tmp_path, "ref/"), *overrides))
 
 
 def load(path: str) -> dict:

@@ -1,5 +1,6 @@
 """The engine of TokenReduction's family (``methods/staged.py``): the official count rule, the patch-depth
-convention, rectangular batches, and the family through the real harness (off the shelf, bad input)."""
+convention, rectangular batches, and the family through the real harness (off the shelf, bad input). Its
+registration: tests/test_method_contract.py."""
 from __future__ import annotations
 
 import json
@@ -9,13 +10,10 @@ import pytest
 import torch
 from torch import Tensor
 
-import methods
 from experiments import pipeline
 from methods.staged import Reduced, StagedReduction, stage_counts
 from test_schema import assert_refused_at_startup
 from test_tradeoff import make_cfg
-
-FAMILY = ("kmedoids", "dpcknn", "sit", "patchmerger", "sinkhorn", "heuristic")
 
 
 class KeepFirst(StagedReduction):
@@ -63,12 +61,6 @@ def test_a_reduction_making_the_wrong_count_is_a_bug_not_silence(tiny_vit, image
 
     with pytest.raises(RuntimeError, match="made 16 tokens, not 8"):
         TooMany(tiny_vit, keep_rate=0.5, locations=[1])(images)
-
-
-def test_the_family_is_registered_with_fine_tuning_where_it_learns():
-    learned = {name: methods.method_spec(name).finetune for name in FAMILY}
-    assert learned == {"kmedoids": False, "dpcknn": True, "sit": True, "patchmerger": True, "sinkhorn": True,
-                       "heuristic": False}
 
 
 def saved_records(tmp_path):

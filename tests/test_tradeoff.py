@@ -10,26 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from conftest import build_for
+from conftest import build_for, run_config
 from experiments import curve, pipeline, plan, records
 from experiments.train import checkpoints
 from experiments.config import ConfigError
 from methods.models import CheckpointError
 
-CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"
 SMALL = ["+model.depth=4", "baseline.enabled=false", "eval.map_images=0"]
 AT_1_2_3 = "method.params.locations=[1,2,3]"
 
 
 def make_cfg(tmp_path, *overrides):
-    base = [f"paths.results_dir={tmp_path}/results", f"paths.cache_dir={tmp_path}/cache",
-            f"paths.run_dir={tmp_path}/run", f"paths.state_dir={tmp_path}/state", "progress=false",
-            "measure.throughput=false", *SMALL]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=base + list(overrides))
+    return run_config(tmp_path, *SMALL, *overrides)
 
 
 def saved_records(tmp_path):
