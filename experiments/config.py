@@ -226,7 +226,7 @@ class DataConfig:
     below are shared by several of them."""
 
     name: str = MISSING
-    img_size: int = spec(II("model.img_size"), ge=1)  # the model's native size unless overridden
+    img_size: int = spec(II("model.img_size"), ge=1, le=MAX_IMG_SIZE)  # the model's native size unless overridden
 
     def check(self, key: str) -> None:
         """Nothing across this base's keys; ``plan.typed_config`` types the section by its registered config."""

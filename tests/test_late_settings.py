@@ -23,6 +23,8 @@ IMAGEFOLDER = ["data=imagefolder", "data.root=/nonexistent"]
     (["measure.batch_sizes=[1,1000000000]"], r"measure\.batch_sizes=\[1, 1000000000\] must be in \[1, 65536\]"),
     # a timing run that never ends
     (["measure.min_time_s=1e308"], r"measure\.min_time_s=1e\+308 must be in \[0, 600\]"),
+    # an input size that allocates without bound (issue 27: every size that drives an allocation is bounded)
+    (["data.img_size=1000000"], r"data\.img_size=1000000 must be in \[1, 16384\]"),
     # an eval resize of img_size / crop_pct that allocates without bound
     ([*IMAGEFOLDER, "data.crop_pct=1e-9"], r"data\.crop_pct=1e-09 must be in \[0\.25, 1\]"),
     # an empty string (an unset shell variable) silently meaning "unset"
