@@ -143,10 +143,7 @@ class Sinkhorn(SoftMixing):
 
     def extra_macs(self, token_counts: Tensor) -> Tensor:
         """Per image and stage, ``2 * K * N * C``: the scores and the output matmuls."""
-        macs = torch.zeros(token_counts.shape[0], dtype=torch.float64, device=token_counts.device)
-        for entering, made in self.stage_sizes(token_counts):
-            macs += 2 * made * entering * self.embed_dim
-        return macs
+        return self.mixing_macs(token_counts)
 
 
 @register_method("sinkhorn", family="clustering", inference_knob=None, finetune=True,

@@ -159,6 +159,14 @@ class SoftMixing(StagedReduction):
         out, _ = self.reducers[stage](patches)
         return Reduced(out, identity=None)
 
+    def mixing_macs(self, token_counts: Tensor) -> Tensor:
+        """Per image and stage, ``2 * K * N * C``: the ``K x N`` weights from the ``N`` entering tokens, then the
+        ``K`` outputs they mix (PatchMerger's logits and mix, Sinkhorn's scores and output matmuls)."""
+        macs = torch.zeros(token_counts.shape[0], dtype=torch.float64, device=token_counts.device)
+        for entering, made in self.stage_sizes(token_counts):
+            macs += 2 * made * entering * self.embed_dim
+        return macs
+
 
 def _summing_attention(attn: nn.Module, heads: backbone.Heads, out: list) -> Tensor:
     """Plain softmax attention that also appends, to ``out``, each key's attention summed over heads and all

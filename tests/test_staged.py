@@ -3,6 +3,7 @@ convention, rectangular batches, and the family through the real harness (off th
 registration: tests/test_method_contract.py."""
 from __future__ import annotations
 
+import copy
 import json
 from typing import Optional
 
@@ -11,6 +12,8 @@ import torch
 from torch import Tensor
 
 from experiments import pipeline
+from methods.patchmerger import PatchMergerStage
+from methods.sit import TokenSlimming
 from methods.staged import Reduced, StagedReduction, stage_counts
 from test_schema import assert_refused_at_startup
 from test_tradeoff import make_cfg
@@ -84,3 +87,20 @@ def test_parameter_free_methods_evaluate_off_the_shelf(tmp_path, name):
 ])
 def test_bad_input_through_the_harness_writes_nothing(tmp_path, overrides, message):
     assert_refused_at_startup(tmp_path, overrides, Exception, message)
+
+
+@pytest.mark.parametrize("make_stage", [
+    lambda: PatchMergerStage(outputs=3, width=8, scaled_attention=True, mix_normalized=True),
+    lambda: TokenSlimming(width=8, outputs=3),
+], ids=["patchmerger", "sit"])
+def test_soft_mixing_stages_return_tokens_in_the_input_dtype(make_stage):
+    torch.manual_seed(0)
+    stage = make_stage()
+    x = torch.randn(2, 6, 8)
+    reference, _ = stage(x)
+    out, mix = copy.deepcopy(stage).to(torch.bfloat16)(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and mix.dtype == torch.float32  # the softmax in fp32
+    torch.testing.assert_close(out.float(), reference, atol=0.05, rtol=0.02)
+    double, mix = copy.deepcopy(stage).double()(x.double())
+    assert double.dtype == mix.dtype == torch.float64  # wider stays wider
+    torch.testing.assert_close(double.float(), reference)
