@@ -179,7 +179,7 @@ BAD_INPUTS = [
       r"data\.img_size=30 is not a positive multiple of the patch size 4", id="img-size-not-divisible-by-patch"),
     B(["model=deit_small", "data.img_size=100"], ConfigError,
       r"data\.img_size=100 is not a positive multiple of the patch size 16", id="img-size-not-divisible-by-patch-16"),
-    B(["data.img_size=0"], ConfigError, r"data\.img_size=0 must be >= 1", id="img-size-zero"),
+    B(["data.img_size=0"], ConfigError, r"data\.img_size=0 must be in \[1, 16384\]", id="img-size-zero"),
     B(["data.img_size=big"], COMPOSE,
       r"Value 'big' of type 'str' could not be converted to Integer.*full_key: data\.img_size", id="type-img-size-string"),
     B(["data.val_fraction=1.0"], ConfigError, r"data\.val_fraction=1\.0 must be in \(0, 1\)", id="val-fraction-1"),
