@@ -109,6 +109,6 @@ def test_the_registry_refuses_an_unknown_name_naming_the_choices():
     class Nope:
         name = "nope"
 
-    with pytest.raises(DataError, match=r"data\.name='nope' unknown; valid: digits, imagefolder, moving_digits, "
-                                        r"videofolder"):
+    with pytest.raises(DataError, match=r"data\.name='nope' unknown; valid: digit_scenes, digits, imagefolder, "
+                                        r"moving_digits, videofolder"):
         build_data(Nope())

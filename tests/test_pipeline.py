@@ -95,7 +95,7 @@ def test_checkpoint_with_other_class_count_is_refused(tmp_path):
 @pytest.mark.parametrize("overrides, error, message", [
     (["method.name=nope"], pipeline.ConfigError, r"method\.name='nope' unknown; valid choices: .*dense"),
     (["model.name=deit_nope"], ValueError, r"model\.name: unknown timm model 'deit_nope'"),
-    (["data.name=nope"], DataError, r"data\.name='nope' unknown; valid: digits, imagefolder"),
+    (["data.name=nope"], DataError, r"data\.name='nope' unknown; valid: digit_scenes, digits, imagefolder"),
     (["data=imagefolder", "data.root=/does/not/exist"], DataError, r"data\.root=/does/not/exist does not exist"),
     (["data.img_size=30"], ValueError, r"data\.img_size=30 is not a positive multiple of the patch size 4"),
     (["train.epochs=-1"], pipeline.ConfigError, r"train\.epochs=-1 must be in \[0, \d+\]"),

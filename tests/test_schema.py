@@ -174,7 +174,7 @@ BAD_INPUTS = [
       r"model: unknown key\(s\) \['widht'\]; valid: name, short_name, img_size, pretrained, checkpoint",
       id="model-unknown-key"),
     # ---- data ----
-    B(["data.name=nope"], DataError, r"data\.name='nope' unknown; valid: digits, imagefolder", id="data-unknown"),
+    B(["data.name=nope"], DataError, r"data\.name='nope' unknown; valid: digit_scenes, digits, imagefolder", id="data-unknown"),
     B(["data.img_size=30"], ConfigError,
       r"data\.img_size=30 is not a positive multiple of the patch size 4", id="img-size-not-divisible-by-patch"),
     B(["model=deit_small", "data.img_size=100"], ConfigError,

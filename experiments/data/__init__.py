@@ -1,7 +1,7 @@
-"""Datasets, registered by name (``data.name``): the embedded digits (``digits.py``), image folders
-(``imagefolder.py``), moving digits (``moving_digits.py``) and video folders (``videofolder.py``); the folder rules
-both folder options share (``folders.py``), the bundle and loader (``loaders.py``) and the registry
-(``registry.py``).
+"""Datasets, registered by name (``data.name``): the embedded digits (``digits.py``), digit scenes with
+ground-truth masks (``digit_scenes.py``), image folders (``imagefolder.py``), moving digits (``moving_digits.py``)
+and video folders (``videofolder.py``); the folder rules both folder options share (``folders.py``), the bundle and
+loader (``loaders.py``) and the registry (``registry.py``).
 
 Importing this package imports every module in it (:func:`discover`), so each dataset's ``@register_data`` runs.
 A new dataset is one new module here and one ``experiments/conf/data/<name>.yaml``: no import list names it.
