@@ -148,13 +148,15 @@ def evaluate(session: Session, method: methods.TokenReducer,
 def token_summary(method: methods.TokenReducer, result: engine.EvalResult, map_images: int,
                   data: Optional[DataBundle] = None) -> dict[str, Any]:
     """The record's ``tokens`` entry; video data that marks its moving region (``token_regions``) adds the
-    compute share spent on it."""
+    compute share spent on it, data with ground-truth objects (``token_objects``) the scores against them."""
     embed = method.vit.patch_embed
-    regions = getattr(data.val, "token_regions", None) if data is not None else None
-    moving = None
-    if regions is not None and len(result.patch_depth) == len(data.val):  # a sharded eval is merged whole
-        moving = regions(embed.grid_size, (embed.tubelet_size, *embed.patch_size))
-    return engine.token_summary(result, method.depth, tuple(embed.grid_size), map_images, moving)
+    whole = data is not None and len(result.patch_depth) == len(data.val)  # a sharded eval is merged whole
+    regions = getattr(data.val, "token_regions", None) if whole else None
+    moving = regions(embed.grid_size, (embed.tubelet_size, *embed.patch_size)) if regions is not None else None
+    truth = getattr(data.val, "token_objects", None) if whole else None
+    patch = embed.patch_size[0] if isinstance(embed.patch_size, (tuple, list)) else embed.patch_size
+    objects = truth(int(patch)) if truth is not None else None
+    return engine.token_summary(result, method.depth, tuple(embed.grid_size), map_images, moving, objects)
 
 
 def data_read(data: DataBundle) -> dict[str, Any]:

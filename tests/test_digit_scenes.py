@@ -16,6 +16,7 @@ import torch
 
 from conftest import run_config
 from experiments import pipeline
+from experiments.train import engine
 from experiments.config import ConfigError
 from experiments.data.digit_scenes import (MASK_THRESHOLD, DigitScenesData, Scenes, digit_arrays, object_tokens,
                                            split_indices, token_object_fraction)
@@ -187,3 +188,32 @@ def test_a_tiny_run_on_digit_scenes_writes_its_record(tmp_path, one_thread):
     assert record["data"] == "digit_scenes" and record["metrics"]["num_images"] == 64
     assert record["data_read"] == {"classes": 10, "train_images": 1437, "val_images": 64, "val_digits": 360}
     assert record["config"]["data"]["clutter"] == pytest.approx(0.35)
+    # dense keeps every token through both blocks: full recall, and background compute = the background's share
+    objects = record["tokens"]["objects"]
+    assert objects["object_recall"] == 1.0
+    assert objects["background_compute"] == pytest.approx(objects["background_share"])
+    assert objects["object_share"] + objects["background_share"] == pytest.approx(1.0)
+    assert 0.2 <= objects["object_share"] <= 0.45
+
+
+# ---------------------------------------------------------------------------------- scores against the truth
+# two images of four patch tokens, depth 4; object tokens: image 0 tokens 0 and 1, image 1 token 2
+OBJECTS = torch.tensor([[True, True, False, False], [False, False, True, False]])
+
+
+@pytest.mark.parametrize("name, depths, recall, background", [
+    # everything kept: recall 1; background compute = its token share, 5/8
+    ("all kept", [[4, 4, 4, 4], [4, 4, 4, 4]], 1.0, 20 / 32),
+    # a pruner that drops the object after block 1 and keeps the background: recall 0, background 20 of 23 blocks
+    ("object dropped", [[1, 1, 4, 4], [4, 4, 1, 4]], 0.0, 20 / 23),
+    # one that drops the background after block 1: recall 1, background 5 of 17 blocks
+    ("background dropped", [[4, 4, 1, 1], [1, 1, 4, 1]], 1.0, 5 / 17),
+    # a merger: token 1 of image 0 merged into token 0 at block 2 (token 0 is the group's representative and
+    # stays itself); recall 2/3 (tokens 0 of image 0 and 2 of image 1 reach the end), background 20 of 30 blocks
+    ("merged", [[4, 2, 4, 4], [4, 4, 4, 4]], 2 / 3, 20 / 30),
+])
+def test_object_scores_by_hand(name, depths, recall, background):
+    scores = engine.object_scores(torch.tensor(depths), OBJECTS, depth=4)
+    assert scores["object_recall"] == pytest.approx(recall)
+    assert scores["background_compute"] == pytest.approx(background)
+    assert scores["object_share"] == pytest.approx(3 / 8) and scores["background_share"] == pytest.approx(5 / 8)

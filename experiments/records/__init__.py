@@ -31,7 +31,11 @@ Schema (``schema_version`` 1, :class:`~experiments.records.schema.Record`); ``an
 - ``tokens``: ``attn_mean`` and ``mlp_mean`` (per block, mean over images), ``depth_histogram`` (patch tokens
   by the number of blocks that saw them, 0..depth), ``mean_patch_depth`` (per patch, over the eval set, with
   ``grid``), ``maps`` (per-patch depth and a thumbnail for a few eval images, packed as in
-  ``experiments/records/token_maps.py``; trade-off points have none);
+  ``experiments/records/token_maps.py``; trade-off points have none); on video data ``motion`` (the moving
+  region's token and compute shares), on data with ground truth (``data=digit_scenes``) ``objects``:
+  ``object_share``, ``object_recall`` (object tokens that reach the last block), ``background_share`` and
+  ``background_compute`` (the share of the summed patch depth spent on background tokens), the mean depths
+  (``experiments/train/engine.py``, ``object_scores``);
 - ``flops``: ``gflops`` (mean per image; 1 multiply-add = 1 FLOP), ``gflops_std/min/max``, ``dense_gflops``,
   ``flops_ratio``, ``convention``; ``null`` until measured;
 - ``throughput``: list of ``{device, batch_size, dtype, img_per_s, dense_img_per_s, speedup_vs_dense,

@@ -201,12 +201,13 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: Optional
 
 
 def token_summary(result: EvalResult, depth: int, grid: Optional[tuple[int, ...]], map_count: int,
-                  moving: Optional[Tensor] = None) -> dict[str, Any]:
+                  moving: Optional[Tensor] = None, objects: Optional[Tensor] = None) -> dict[str, Any]:
     """Per-block mean counts, the patch-depth histogram, the mean depth per patch and a few depth maps; with
     ``moving`` (``[N, P]`` bool: the data's moving-region tokens, video data whose pixels change between frames)
     also ``motion``: the moving
     tokens' share of all patch tokens and their share of the patch depth summed over tokens (the blocks
-    spent on them: per-token compute, attention's quadratic part aside)."""
+    spent on them: per-token compute, attention's quadratic part aside); with ``objects`` (``[N, P]`` bool: the
+    data's ground-truth object tokens, ``data=digit_scenes``) also ``objects``: :func:`object_scores`."""
     counts = result.token_counts.double()
     summary: dict[str, Any] = {
         "attn_mean": counts[:, :, 0].mean(0).tolist(),
@@ -221,6 +222,8 @@ def token_summary(result: EvalResult, depth: int, grid: Optional[tuple[int, ...]
                              "depth_share": (weights * moving).sum().item() / max(weights.sum().item(), 1e-12),
                              "mean_depth_moving": weights[moving].mean().item() if moving.any() else None,
                              "mean_depth_static": weights[~moving].mean().item() if (~moving).any() else None}
+    if objects is not None:
+        summary["objects"] = object_scores(result.patch_depth, objects, depth)
     if result.map_images is not None and map_count:
         images = filmstrip(result.map_images[:map_count].float(), grid)
         side = _thumb_size(images.shape[-2])
@@ -230,6 +233,25 @@ def token_summary(result: EvalResult, depth: int, grid: Optional[tuple[int, ...]
         summary["maps"] = encode_maps(result.patch_depth[: len(images)].numpy(), thumbs.permute(0, 2, 3, 1).numpy(),
                                       grid)
     return summary
+
+
+def object_scores(patch_depth: Tensor, objects: Tensor, depth: int) -> dict[str, Any]:
+    """How a method's tokens follow the ground truth (``patch_depth`` and ``objects``: ``[N, P]``):
+
+    - ``object_recall``: the share of object tokens that reach the last block (``patch_depth == depth``). A token
+      counts as kept while it is a token of its own: for merging methods that is the representative of its group
+      (the ToMe convention of ``MethodOutput.patch_depth``), a token merged or fused into another is gone;
+    - ``background_compute``: the share of the patch depth summed over tokens (blocks run on each) spent on
+      background tokens, next to ``background_share``, the background's share of the tokens (dense: the two
+      are equal);
+    - ``mean_depth_object`` / ``mean_depth_background``: the mean blocks run per object / background token."""
+    weights, objects = patch_depth.double(), objects.bool()
+    total = max(weights.sum().item(), 1e-12)
+    return {"object_share": objects.double().mean().item(), "background_share": (~objects).double().mean().item(),
+            "object_recall": (patch_depth[objects] >= depth).double().mean().item() if objects.any() else None,
+            "background_compute": (weights * ~objects).sum().item() / total,
+            "mean_depth_object": weights[objects].mean().item() if objects.any() else None,
+            "mean_depth_background": weights[~objects].mean().item() if (~objects).any() else None}
 
 
 def filmstrip(images: Tensor, grid: Optional[Sequence[int]]) -> Tensor:
