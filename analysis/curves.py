@@ -37,7 +37,7 @@ FOOTNOTE = (
     "(experiments/tradeoff.py). Top-1 (%) at a FLOPs budget is linearly interpolated between the two measured "
     "points around it on the seed-averaged curve (FLOPs ratio = GFLOPs ÷ dense GFLOPs, 1 multiply-add = 1 FLOP), "
     "± the 95% CI half-width of the seeds' own interpolated values (Student t over the n seeds whose curve spans "
-    "the budget, n in brackets); — = the budget lies outside the curve's measured range (never extrapolated). "
+    "the budget, shown as n=…); — = the budget lies outside the curve's measured range (never extrapolated). "
     "Tied for best: every curve whose interval overlaps that of the highest top-1 at the budget (a curve with "
     "one seed has no interval and cannot be told apart, so it counts as tied)."
 )
@@ -162,7 +162,7 @@ def matched_flops_frame(points: pd.DataFrame, targets: Iterable[float] = TARGETS
 
 def _cell(value: float, half: float, n: int) -> str:
     text = plus_minus(value, half, ".2f")
-    return text if text == DASH or not n else f"{text} ({n})"
+    return text if text == DASH or not n else f"{text} (n={n})"
 
 
 def matched_flops_table(points: pd.DataFrame, model: str, data: str,

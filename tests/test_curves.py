@@ -115,8 +115,8 @@ def test_matched_flops_marks_every_curve_whose_interval_overlaps_the_best_as_tie
                             top1_mean=points["top1_mean"] - points["label"].eq("B") * 3.0)
     assert curves.matched_flops_frame(shifted, targets=(0.5,))["tied"].tolist() == ["A"]
     table = curves.matched_flops_table(points, "m", "d", targets=(0.5,))
-    assert table.display.iloc[0].to_dict() == {"FLOPs budget": "50% of dense", "A": "86.00 ± 2.48 (3)",
-                                               "B": "83.00 ± 2.48 (3)", "C": "73.00 ± 0.00 (3)",
+    assert table.display.iloc[0].to_dict() == {"FLOPs budget": "50% of dense", "A": "86.00 ± 2.48 (n=3)",
+                                               "B": "83.00 ± 2.48 (n=3)", "C": "73.00 ± 0.00 (n=3)",
                                                "Tied for best": "A, B"}
 
 
