@@ -56,8 +56,9 @@ def control_fields(record: dict[str, Any], identity: dict[str, Any]) -> dict[str
             "control_context": content_digest(context), "start_sha256": identity.get("start_weights_sha256")}
 
 
-def _override(key: str, value: Any) -> str:
-    return f"train.{key}={value if isinstance(value, str) else json.dumps(value)}"
+def _text(value: Any) -> str:
+    """A value as the command line takes it: strings bare, the rest as JSON (true, null, 0.0005)."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _seeds(seeds: Any) -> str:
@@ -72,8 +73,9 @@ def missing_note(first: pd.Series, fine_tuned: bool, seeds: list, reference: str
     if not fine_tuned:
         return f"no {reference} baseline record (not fine-tuned) of {where}: `{command}`"
     recipe = json.loads(first["recipe"]) if isinstance(first["recipe"], str) else None
-    overrides = " ".join(_override(k, v) for k, v in sorted(recipe.items())) if isinstance(recipe, dict) else ""
-    shown = ", ".join(f"{k}={v}" for k, v in sorted(recipe.items())) if isinstance(recipe, dict) else "none"
+    items = sorted(recipe.items()) if isinstance(recipe, dict) else []
+    overrides = " ".join(f"train.{k}={_text(v)}" for k, v in items)
+    shown = ", ".join(f"{k}={_text(v)}" for k, v in items) or "none"
     return (f"no {reference} control fine-tuned with this recipe ({shown}) for {where}: "
             f"`{command} experiment.train=true {overrides}`".rstrip())
 
