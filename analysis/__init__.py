@@ -12,6 +12,9 @@
 - :mod:`analysis.families`: the family comparison at matched FLOPs; :mod:`analysis.video`: the video section;
 - :mod:`analysis.curves`: trade-off curves and the matched-FLOPs table from ``tradeoff`` records;
 - :mod:`analysis.published`: published numbers next to ours;
+- :mod:`analysis.stats` (95% confidence intervals over seeds, the paired difference, "tied for best") and
+  :mod:`analysis.controls` (the control each Δ top-1 is paired with: dense fine-tuned with the same recipe, or
+  the baseline);
 - :mod:`analysis.formatting` (numbers and settings as text, each method's family and order from the records'
   ``method_info.family``) and :mod:`analysis.style` (the figures' look and saving), shared by all of the above;
 - :mod:`analysis.run_report`: executes the notebook headless (``make report``).

@@ -33,6 +33,7 @@ from typing import Any, Optional
 
 import pandas as pd
 
+from analysis.controls import control_fields
 from analysis.throughput import conditions, dtype_short, throughput_frame  # noqa: F401 (re-exported)
 from analysis.token_stats import (depth_histogram, depth_maps, grid_shape, image_array,  # noqa: F401
                                   mean_patch_depth, number)
@@ -47,7 +48,8 @@ REPORT_DIRNAME = "report"
 BEFORE_METRICS = ("path", "record_id", "kind", "model", "architecture", "data", "method", "method_params",
                   "params_key", "seed", "run_key", "setting_key")
 AFTER_METRICS = ("params", "gflops", "gflops_std", "dense_gflops", "flops_ratio", "tokens", "throughput",
-                 "end_time", "torch", "timm", "knob", "knob_value", "curve", "curve_key", "img_size", "method_info")
+                 "end_time", "torch", "timm", "knob", "knob_value", "curve", "curve_key", "img_size", "method_info",
+                 "fine_tuned", "recipe", "control_context", "start_sha256")
 
 FIXED_COLUMNS = frozenset(BEFORE_METRICS + AFTER_METRICS)  # a metric of one of these names has no column
 
@@ -149,6 +151,7 @@ def _flatten(record: dict[str, Any], rel: str) -> dict[str, Any]:
         "curve_key": params_key({k: v for k, v in method_params.items() if k != knob}) if knob else None,
         "img_size": number(data_config.get("img_size")),
         "method_info": record["method_info"] if isinstance(record.get("method_info"), dict) else None,
+        **control_fields(record, identity),  # what the paired Δ top-1 matches its control on (analysis.controls)
     }
 
 

@@ -9,6 +9,7 @@ Every figure takes ``(agg, records, out_dir)``: ``records`` are the run and meas
 Per backbone (``model`` on ``data``):
 
 - ``top1_vs_gflops``: top-1 vs GFLOPs, one marker per method, settings of a method joined, Pareto front dashed;
+  vertical bars are the 95% CI of top-1 over seeds (horizontal: GFLOPs std);
 - ``top1_vs_throughput``: the same against img/s, one panel per device / batch size / dtype;
 - ``tokens_per_block``: tokens each block's attention (solid) and MLP (dotted) ran on, one panel per method;
 - ``<method>_depth``: for every method whose records carry a prior target (``method_info.prior_target``: the
@@ -51,7 +52,8 @@ def _accuracy_scatter(ax, part: pd.DataFrame, xcol: str, xerr: Optional[str], st
         group = group.dropna(subset=[xcol, "top1_mean"]).sort_values(xcol, kind="stable")
         if group.empty:
             continue
-        ax.errorbar(group[xcol], group["top1_mean"], yerr=group["top1_std"].fillna(0.0),
+        # vertical bars: the 95% CI of the seed mean (analysis.stats), none for one seed
+        ax.errorbar(group[xcol], group["top1_mean"], yerr=group["top1_ci"].fillna(0.0),
                     xerr=group[xerr].fillna(0.0) if xerr else None, color=color, marker=marker,
                     ms=11 if marker == "*" else 7, lw=1.0, capsize=2, elinewidth=0.8, label=method, zorder=3)
 

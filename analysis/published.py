@@ -25,7 +25,8 @@ from typing import Any, Optional
 import pandas as pd
 
 from . import tables
-from .formatting import DASH, fmt
+from .formatting import DASH, fmt, plus_minus
+from .stats import mean_ci
 
 PUBLISHED = Path(__file__).with_name("published_numbers.csv")
 COLUMNS = ("method", "backbone", "setting", "training", "top1", "gflops", "throughput", "throughput_unit",
@@ -153,7 +154,7 @@ def compare(published: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
             found = found[[_matches(p, pub["params"]) for p in found["method_params"]]]
         gflops = float(found["gflops"].mean()) if len(found) and found["gflops"].notna().any() else math.nan
         imagenet = found[found["data"] == "imagefolder"] if len(found) else found
-        top1 = float(imagenet["top1"].mean()) if len(imagenet) and imagenet["top1"].notna().any() else math.nan
+        top1, top1_ci, top1_n = mean_ci(imagenet["top1"]) if len(imagenet) else (math.nan, math.nan, 0)
         diff = gflops - pub["gflops"]
         flag = ""
         if not math.isnan(diff):
@@ -163,7 +164,8 @@ def compare(published: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
                                             "throughput", "throughput_unit", "source", "locator")},
                      "gflops_decimals": pub["gflops_decimals"], "measured_records": len(found),
                      "measured_gflops": gflops, "gflops_diff": diff, "flops_flag": flag,
-                     "measured_top1": top1, "measured_top1_records": len(imagenet)})
+                     "measured_top1": top1, "measured_top1_ci": top1_ci, "measured_top1_n": top1_n,
+                     "measured_top1_records": len(imagenet)})
     return pd.DataFrame(rows)
 
 
@@ -177,7 +179,8 @@ def comparison_table(frame: pd.DataFrame) -> tables.Table:
         "GFLOPs measured": fmt(row["measured_gflops"], ".3f"),
         "Δ GFLOPs": fmt(row["gflops_diff"], "+.3f"),
         "Flag": {"differs": "FLOPs differ", "matches": "ok"}.get(row["flops_flag"], DASH),
-        "Top-1 measured": fmt(row["measured_top1"], ".2f"),
+        "Top-1 measured (± 95% CI)": plus_minus(row["measured_top1"], row["measured_top1_ci"], ".2f")
+        + (f" (n={row['measured_top1_n']})" if row["measured_top1_n"] else ""),
     } for _, row in frame.iterrows()])
     return tables.Table("Reported vs measured here", display, frame.reset_index(drop=True), "llll" + "r" * 7)
 

@@ -17,20 +17,30 @@ FOOTNOTE = (
     "10 warm-up iterations, the device synchronised around the timed region, the median of at least 5 "
     "repeats; dense is measured interleaved in the same process and speedup = img/s ÷ dense img/s. "
     "Efficiency = speedup ÷ (dense GFLOPs ÷ GFLOPs): 1 means the wall-clock speedup matches the FLOP saving. "
-    "Top-1 in %, mean ± sample std over seeds; Δ against dense of the same backbone (GFLOPs in %, top-1 in "
-    "points). Throughput columns are labelled device, batch size, dtype; — = not measured."
+    "Top-1 in %: mean ± 95% CI half-width over the seeds (Student t, n − 1 degrees of freedom; the mean alone for "
+    "one seed), Seeds = n; the CSV keeps the sample std too. Δ GFLOPs in % against dense of the same backbone. "
+    "Δ top-1 in points, paired by seed: a fine-tuned method against the reference (family none) fine-tuned with "
+    "the same recipe (train.*), model and data; an off-the-shelf method, and the fine-tuned reference, against "
+    "the reference baseline; the mean of the per-seed differences ± its 95% CI (t over the pairs), with (n=…) "
+    "where fewer seeds pair than were run. Throughput columns are labelled device, batch size, dtype; — = not "
+    "measured."
 )
 
 
 
 class Table:
     """A formatted table: ``display`` (strings, for Markdown and LaTeX), ``numeric`` (for CSV), ``title``,
-    ``align`` (one ``l``/``r`` per display column) and ``midrules`` (display row indices to rule above)."""
+    ``align`` (one ``l``/``r`` per display column), ``midrules`` (display row indices to rule above) and
+    ``notes`` (numbered remarks on some cells, printed after the footnote)."""
 
     def __init__(self, title: str, display: pd.DataFrame, numeric: pd.DataFrame, align: str,
-                 midrules: Iterable[int] = ()) -> None:
+                 midrules: Iterable[int] = (), notes: Iterable[str] = ()) -> None:
         self.title, self.display, self.numeric, self.align = title, display, numeric, align
         self.midrules = sorted(set(midrules))
+        self.notes = list(notes)
+
+    def _footnote(self, footnote: str) -> str:
+        return " ".join(filter(None, [footnote, *self.notes]))
 
     def to_markdown(self, footnote: str = FOOTNOTE) -> str:
         header = list(self.display.columns)
@@ -44,6 +54,7 @@ class Table:
                                  for w, a in zip(widths, self.align)) + " |"
         body = [line(list(row)) for row in self.display.itertuples(index=False)]
         text = [f"### {self.title}", "", line(header), rule, *body, ""]
+        footnote = self._footnote(footnote)
         if footnote:
             text += [f"*Notes.* {footnote}", ""]
         return "\n".join(text)
@@ -62,6 +73,7 @@ class Table:
             rf"\begin{{tabular}}{{{self.align}}}", r"\toprule", header, r"\midrule", *body, r"\bottomrule",
             r"\end{tabular}}",
         ]
+        footnote = self._footnote(footnote)
         if footnote:
             lines += [r"\par\smallskip\footnotesize\raggedright " + latex_escape(footnote)]
         lines += [r"\end{table}", ""]

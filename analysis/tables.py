@@ -2,8 +2,9 @@
 
 - :func:`aggregate` turns the per-record frame of :func:`analysis.load.load_records` into one row per backbone
   (``model`` and ``data``) and setting (``method`` and ``method_params``): mean and sample std over seeds of
-  top-1, GFLOPs, FLOPs ratio and, per throughput condition, img/s, speedup and efficiency; plus the changes
-  against the dense row of the same backbone.
+  top-1, GFLOPs, FLOPs ratio and, per throughput condition, img/s, speedup and efficiency, the 95% CI of the
+  accuracies (:mod:`analysis.stats`); the GFLOPs change against dense and the Δ top-1 paired by seed against
+  the setting's control (:mod:`analysis.controls`).
 - :func:`main_table` and :func:`ablation_table` (any method with several settings on a backbone) select and
   format columns; :func:`write_tables` writes every table as Markdown, LaTeX (booktabs) and CSV through
   :class:`analysis.table_files.Table`, with its footnote under the Markdown and LaTeX versions.
@@ -33,9 +34,10 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import pandas as pd
 
-from . import load
+from . import controls, load
 from .formatting import (DASH, REFERENCE, fmt, fmt_rate, format_value, mean_std, method_families, method_rank,
                          plus_minus)
+from .stats import mean_ci
 from .table_files import FOOTNOTE, Table, latex_escape, write_index  # noqa: F401  (re-exported: tables.Table...)
 
 # --- ordering and labels --------------------------------------------------------------------------------------
@@ -131,8 +133,10 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
     ``method_params``, ``params_key``, ``kind``, ``setting``,
     ``n_seeds``, ``seeds``, ``params``, then ``<metric>_mean``/``<metric>_std`` for ``top1``, ``top5``,
     ``gflops``, ``flops_ratio``, ``depth`` and, per condition ``c``, ``img_per_s[c]``, ``speedup[c]``,
-    ``efficiency[c]``; and ``top1_delta`` (points) and ``gflops_change_pct`` against dense (NaN without a
-    dense row). ``conditions`` is stored in ``frame.attrs``.
+    ``efficiency[c]``; ``top1_ci``/``top1_n`` and ``top5_ci``/``top5_n`` (95% CI half-width, seeds with a
+    value); ``top1_by_seed`` and ``flops_ratio_by_seed`` (seed -> value); ``top1_delta``, ``top1_delta_ci``,
+    ``top1_delta_n``, ``delta_against`` and ``control_missing`` (:func:`analysis.controls.paired_delta`); and
+    ``gflops_change_pct`` against dense. ``conditions`` is stored in ``frame.attrs``.
     """
     if records.empty:
         return pd.DataFrame()
@@ -169,6 +173,11 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
         }
         for metric in ("top1", "top5", "gflops", "flops_ratio", "depth"):
             row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std(group[metric])
+        for metric in ("top1", "top5"):  # accuracies carry their 95% CI and n (analysis.stats)
+            _, row[f"{metric}_ci"], row[f"{metric}_n"] = mean_ci(group[metric])
+        row["top1_by_seed"] = dict(zip(group["seed"], group["top1"]))  # per-seed curves (analysis.families)
+        row["flops_ratio_by_seed"] = dict(zip(group["seed"], group["flops_ratio"]))
+        row.update(controls.paired_delta(group, records))
         sub = through[through["record_id"].isin(group["record_id"])] if not through.empty else through
         for cond in conds:
             part = sub[sub["condition"] == cond] if not sub.empty else sub
@@ -190,15 +199,15 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
     twins = frame.duplicated(["model", "data", "method", "setting"], keep=False)
     frame.loc[twins, "setting"] = [f"{label} [setting {key[:6]}]" for label, key in
                                    zip(frame.loc[twins, "setting"], frame.loc[twins, "setting_key"])]
-    dense = frame[frame["family"] == REFERENCE].groupby(["model", "data"]).first()  # the run, if there is one
-    dense_top1 = [dense["top1_mean"].get((m, d), math.nan) for m, d in zip(frame["model"], frame["data"])]
-    frame["top1_delta"] = frame["top1_mean"] - np.asarray(dense_top1, dtype=float)
     frame["gflops_change_pct"] = (frame["flops_ratio_mean"] - 1.0) * 100.0
     frame.attrs["conditions"] = conds
     return frame
 
 
 # --- tables ----------------------------------------------------------------------------------------------------
+
+TOP1_COLUMN = "Top-1 (%, mean ± 95% CI)"  # every accuracy of the report: mean ± CI half-width, n = Seeds
+DELTA_COLUMN = "Δ Top-1 (paired, ± 95% CI)"
 
 def _condition_columns(row: pd.Series, conds: list[str], with_images: bool) -> dict:
     out = {}
@@ -215,7 +224,8 @@ def _numeric(agg: pd.DataFrame, conds: Optional[list[str]] = None) -> pd.DataFra
     """The numeric columns of ``agg`` for CSV, throughput for ``conds`` (default: every condition)."""
     conds = agg.attrs.get("conditions", []) if conds is None else conds
     columns = ["model", "data", "method", "setting", "kind", "params_key", "n_seeds", "seeds", "params",
-               "top1_mean", "top1_std", "top1_delta", "top5_mean", "top5_std", "gflops_mean", "gflops_std",
+               "top1_mean", "top1_std", "top1_ci", "top1_n", "top1_delta", "top1_delta_ci", "top1_delta_n",
+               "delta_against", "top5_mean", "top5_std", "top5_ci", "gflops_mean", "gflops_std",
                "flops_ratio_mean", "flops_ratio_std", "gflops_change_pct", "depth_mean", "depth_std"]
     for cond in conds:
         for metric in ("img_per_s", "speedup", "efficiency"):
@@ -233,20 +243,21 @@ def main_table(agg: pd.DataFrame, model: str, data: str) -> Table:
     part = agg[(agg["model"] == model) & (agg["data"] == data)].reset_index(drop=True)
     conds = _present_conditions(agg, part)
     rows = []
-    for _, row in part.iterrows():
+    deltas, notes = controls.delta_cells(part)
+    for (_, row), delta in zip(part.iterrows(), deltas):
         dense = row["family"] == REFERENCE
         rows.append({
             "Method": row["method"], "Setting": row["setting"], "Seeds": str(row["n_seeds"]),
             "Params (M)": fmt(row["params"] / 1e6, ".2f"), "GFLOPs": fmt(row["gflops_mean"], ".3f"),
             "Δ GFLOPs": DASH if dense else fmt(row["gflops_change_pct"], "+.1f", "%"),
             **_condition_columns(row, conds, with_images=True),
-            "Top-1 (%)": plus_minus(row["top1_mean"], row["top1_std"], ".2f"),
-            "Δ Top-1": DASH if dense else fmt(row["top1_delta"], "+.2f"),
+            TOP1_COLUMN: plus_minus(row["top1_mean"], row["top1_ci"], ".2f"),
+            DELTA_COLUMN: delta, "Δ against": row["delta_against"] or DASH,
         })
     display = pd.DataFrame(rows)
-    align = "ll" + "r" * (len(display.columns) - 2)
+    align = "ll" + "r" * (len(display.columns) - 3) + "l"
     rules = [i for i in range(1, len(part)) if part["method"][i] != part["method"][i - 1]]
-    return Table(f"Main results: {model} on {data}", display, _numeric(part, conds), align, rules)
+    return Table(f"Main results: {model} on {data}", display, _numeric(part, conds), align, rules, notes)
 
 
 def ablation_table(agg: pd.DataFrame, model: str, data: str, method: str) -> Optional[Table]:
@@ -260,11 +271,12 @@ def ablation_table(agg: pd.DataFrame, model: str, data: str, method: str) -> Opt
     params = list(part["method_params"])
     keys = varying_keys(params) or sorted(set().union(*[p.keys() for p in params]))
     rows = []
-    for _, row in part.iterrows():
+    deltas, notes = controls.delta_cells(part)
+    for (_, row), delta in zip(part.iterrows(), deltas):
         rows.append({
             **{k: format_value(row["method_params"][k]) if k in row["method_params"] else DASH for k in keys},
-            "Seeds": str(row["n_seeds"]), "Top-1 (%)": plus_minus(row["top1_mean"], row["top1_std"], ".2f"),
-            "Δ Top-1": fmt(row["top1_delta"], "+.2f"), "GFLOPs": fmt(row["gflops_mean"], ".3f"),
+            "Seeds": str(row["n_seeds"]), TOP1_COLUMN: plus_minus(row["top1_mean"], row["top1_ci"], ".2f"),
+            DELTA_COLUMN: delta, "GFLOPs": fmt(row["gflops_mean"], ".3f"),
             "Δ GFLOPs": fmt(row["gflops_change_pct"], "+.1f", "%"),
             "Mean depth": plus_minus(row["depth_mean"], row["depth_std"], ".2f"),
             **_condition_columns(row, conds, with_images=False),
@@ -274,7 +286,7 @@ def ablation_table(agg: pd.DataFrame, model: str, data: str, method: str) -> Opt
     for k in reversed(keys):
         numeric.insert(5, k, [p.get(k) for p in params])
     title = f"{method} ablation: {model} on {data}"
-    return Table(title, display, numeric, "l" * len(keys) + "r" * (len(display.columns) - len(keys)))
+    return Table(title, display, numeric, "l" * len(keys) + "r" * (len(display.columns) - len(keys)), notes=notes)
 
 
 def write_tables(agg: pd.DataFrame, out_dir: str | Path) -> list[Path]:

@@ -160,20 +160,31 @@ def test_table_values_match_hand_computed_aggregates():
     agg = tables.aggregate(fixture_records())
     main = tables.main_table(agg, "deit_digits", "digits")
 
-    # top-1 mean ± sample std over seeds, chosen by hand in tests/fixtures/make_records.py
-    assert table_row(main, Method="dense")["Top-1 (%)"] == "97.50 ± 0.50"
+    # top-1 mean ± 95% CI half-width over seeds (t_{0.975,n-1} s / sqrt(n)), values chosen by hand in
+    # tests/fixtures/make_records.py; dense 97, 97.5, 98: s = 0.5, 4.302653 x 0.5 / sqrt(3) = 1.2421
+    top1, delta = tables.TOP1_COLUMN, tables.DELTA_COLUMN
+    dense = table_row(main, Method="dense")
+    assert dense[top1] == "97.50 ± 1.24" and dense[delta] == formatting.DASH  # fine-tuned, no baseline here
     evit = table_row(main, Method="evit", Setting="keep_rate=0.7")
-    assert evit["Top-1 (%)"] == "96.50 ± 0.50" and evit["Δ Top-1"] == "-1.00"
-    # 95.0, 95.5, 96.6: mean 95.7, std sqrt((0.49 + 0.04 + 0.81) / 2) = 0.8185
+    # every fixture record is fine-tuned (train.epochs 3, no recipe): the control is dense fine-tuned, paired by
+    # seed; evit 96, 96.5, 97 against 97, 97.5, 98: every difference -1, so the interval has zero width
+    assert evit[top1] == "96.50 ± 1.24" and evit[delta] == "-1.00 ± 0.00"
+    assert evit["Δ against"] == "dense, fine-tuned"
+    # 95.0, 95.5, 96.6: mean 95.7, s = sqrt((0.49 + 0.04 + 0.81) / 2) = 0.8185, x 4.302653 / sqrt(3) = 2.0333;
+    # differences -2, -2, -1.4: mean -1.8, s = sqrt((0.04 + 0.04 + 0.16) / 2) = 0.3464, half 0.8605
     adavit = table_row(main, Method="adavit", Setting="ponder_weight=0.001, prior=correct, target_depth=8")
-    assert adavit["Top-1 (%)"] == "95.70 ± 0.82" and adavit["Δ Top-1"] == "-1.80"
-    assert table_row(main, Method="ats")["Top-1 (%)"] == "95.25 ± 0.35"  # two seeds: 95.0, 95.5
+    assert adavit[top1] == "95.70 ± 2.03" and adavit[delta] == "-1.80 ± 0.86"
+    # two seeds, 95.0 and 95.5: s = 0.3536, t_{0.975,1} = 12.7062, half 3.1766; paired with dense seeds 0 and 1
+    # (97, 97.5): both differences -2
+    ats = table_row(main, Method="ats")
+    assert ats[top1] == "95.25 ± 3.18" and ats[delta] == "-2.00 ± 0.00"
     assert table_row(main, Method="ats")["GFLOPs"] == formatting.DASH  # not measured
     assert table_row(main, Method="dense")["Seeds"] == "3"
     assert not (main.display["Setting"] == "keep_rate=0.6").any()  # the corrupt record stays out
     measured = table_row(main, Method="tome", Setting="r=4 [measure]")  # untrained: costs only, own row
-    assert measured["Top-1 (%)"] == formatting.DASH and measured["Seeds"] == "1"
-    assert table_row(main, Method="tome", Setting="r=4")["Top-1 (%)"] == "96.00 ± 0.50"
+    assert measured[top1] == formatting.DASH and measured["Seeds"] == "1" and measured[delta] == formatting.DASH
+    assert table_row(main, Method="tome", Setting="r=4")[top1] == "96.00 ± 1.24"
+    assert main.notes == []  # every control is there
 
     # GFLOPs change vs dense and efficiency, from the raw JSON
     raw = raw_records("evit", keep_rate=0.7)
@@ -189,7 +200,10 @@ def test_table_values_match_hand_computed_aggregates():
     assert row["gflops_change_pct"] == pytest.approx(change, rel=1e-12)
     assert row[f"efficiency_mean[{B32}]"] == pytest.approx(efficiency, rel=1e-12)
     assert row[f"efficiency_std[{B32}]"] == pytest.approx(statistics.stdev(s * q for s, q in zip(speedups, ratios)))
-    assert row["top1_std"] == pytest.approx(0.5)
+    assert row["top1_std"] == pytest.approx(0.5)  # the CSV keeps the std next to the interval
+    assert row["top1_ci"] == pytest.approx(4.302653 * 0.5 / 3 ** 0.5, rel=1e-6) and row["top1_n"] == 3
+    csv = main.numeric.set_index(["method", "setting"]).loc[("evit", "keep_rate=0.7")]
+    assert csv["top1_std"] == pytest.approx(0.5) and csv["top1_delta_ci"] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_ablation_has_one_column_per_differing_param():
@@ -198,7 +212,9 @@ def test_ablation_has_one_column_per_differing_param():
     assert list(ablation.display.columns[:3]) == ["ponder_weight", "prior", "target_depth"]
     assert len(ablation.display) == 3
     row = table_row(ablation, prior="official")
-    assert row["target_depth"] == "6" and row["Top-1 (%)"] == "94.00 ± 0.00" and row["Δ Top-1"] == "-3.50"
+    # 94, 94, 94 against dense 97, 97.5, 98: differences -3, -3.5, -4, s = 0.5, half 4.302653 x 0.5 / sqrt(3)
+    assert row["target_depth"] == "6" and row[tables.TOP1_COLUMN] == "94.00 ± 0.00"
+    assert row[tables.DELTA_COLUMN] == "-3.50 ± 1.24"
     assert "gate_scale" not in ablation.display.columns  # the same in every setting
     assert tables.ablation_table(agg, "deit_digits", "digits", "no_such_method") is None
     assert tables.ablation_table(agg, "deit_digits", "digits", "dense") is None  # one setting: nothing to ablate
@@ -252,7 +268,7 @@ def test_missing_flops_and_throughput_give_nan_columns_and_skipped_figures(tmp_p
     assert agg["gflops_mean"].isna().all() and agg.attrs["conditions"] == []
     main = tables.main_table(agg, "deit_digits", "digits")
     assert (main.display["GFLOPs"] == formatting.DASH).all()
-    assert table_row(main, Method="evit", Setting="keep_rate=0.7")["Top-1 (%)"] == "96.50 ± 0.50"
+    assert table_row(main, Method="evit", Setting="keep_rate=0.7")[tables.TOP1_COLUMN] == "96.50 ± 1.24"
     assert tables.write_tables(agg, tmp_path / "report")
     capsys.readouterr()
     assert plots.plot_accuracy_vs_gflops(agg, records, tmp_path / "report") == []

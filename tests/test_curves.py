@@ -85,6 +85,39 @@ def test_matched_flops_table_picks_the_best_curve_per_budget():
     assert frame["top1[B]"][1:].tolist() == pytest.approx([78 + 10 * 0.1 / 0.15, 88 + 2 * 0.1 / 0.3])
     assert frame["best"].tolist() == ["A", "B", "B"]
     assert frame["best_top1"].tolist() == pytest.approx([75.0, 78 + 10 * 0.1 / 0.15, 88 + 2 * 0.1 / 0.3])
+    # no per-seed values, so no intervals: nothing separates the curves that span a budget
+    assert frame["tied"].tolist() == ["A", "A, B", "A, B"]
+
+
+def test_matched_flops_marks_every_curve_whose_interval_overlaps_the_best_as_tied():
+    """Three seeds per curve, each seed's points at 40% and 60% of dense: at 50% each seed's own value is the
+    midpoint. A: 85, 86, 87 (mean 86, s = 1, half-width 4.302653 / sqrt(3) = 2.484138, interval [83.52, 88.48]);
+    B: 82, 83, 84 (83 ± 2.484138, up to 85.48: overlaps A's, tied); C: 73, 73, 73 (73 ± 0: not tied)."""
+    seeds = {"A": ({0: 80.0, 1: 81.0, 2: 82.0}, {0: 90.0, 1: 91.0, 2: 92.0}),
+             "B": ({0: 78.0, 1: 78.0, 2: 78.0}, {0: 86.0, 1: 88.0, 2: 90.0}),
+             "C": ({0: 70.0, 1: 70.0, 2: 70.0}, {0: 76.0, 1: 76.0, 2: 76.0})}
+    rows = []
+    for label, by_x in seeds.items():
+        for x, values in zip((0.4, 0.6), by_x):
+            rows.append({"model": "m", "data": "d", "slug": "m", "label": label, "flops_ratio_mean": x,
+                         "top1_mean": sum(values.values()) / 3, "top1_by_seed": values,
+                         "flops_ratio_by_seed": {s: x for s in values}})
+    points = pd.DataFrame(rows)
+    frame = curves.matched_flops_frame(points, targets=(0.5,))
+    row = frame.iloc[0]
+    assert row["top1[A]"] == pytest.approx(86.0) and row["top1[B]"] == pytest.approx(83.0)
+    assert row["ci[A]"] == pytest.approx(4.302653 / 3 ** 0.5, rel=1e-6) and row["n[A]"] == 3
+    assert row["ci[C]"] == pytest.approx(0.0, abs=1e-9)
+    assert row["best"] == "A" and row["tied"] == "A, B"
+    # B three points lower (80 ± 2.48, up to 82.48 < 83.52) is no longer tied
+    shifted = points.assign(top1_by_seed=[{s: v - (3.0 if lab == "B" else 0.0) for s, v in d.items()}
+                                          for lab, d in zip(points["label"], points["top1_by_seed"])],
+                            top1_mean=points["top1_mean"] - points["label"].eq("B") * 3.0)
+    assert curves.matched_flops_frame(shifted, targets=(0.5,))["tied"].tolist() == ["A"]
+    table = curves.matched_flops_table(points, "m", "d", targets=(0.5,))
+    assert table.display.iloc[0].to_dict() == {"FLOPs budget": "50% of dense", "A": "86.00 ± 2.48 (n=3)",
+                                               "B": "83.00 ± 2.48 (n=3)", "C": "73.00 ± 0.00 (n=3)",
+                                               "Tied for best": "A, B"}
 
 
 # --- from records -------------------------------------------------------------------------------------------------
@@ -119,6 +152,12 @@ def test_curve_points_average_seeds_per_knob_value(tmp_path):
     assert row.loc[0.5, "top1[tome]"] == pytest.approx(88.0)
     assert row.loc[0.5, "top1[adavit (gate_center=10)]"] == pytest.approx(96.5)
     assert row.loc[0.5, "best"] == "adavit (gate_center=10)"
+    # two seeds two points apart everywhere: s = sqrt(2), half-width t_{0.975,1} x sqrt(2) / sqrt(2) = 12.706205,
+    # wide enough that every curve spanning 50% is tied with the best
+    assert row.loc[0.5, "ci[evit]"] == pytest.approx(12.706205, rel=1e-6) and row.loc[0.5, "n[evit]"] == 2
+    assert set(row.loc[0.5, "tied"].split(", ")) == {"evit", "tome", "adavit (gate_center=8)",
+                                                     "adavit (gate_center=10)"}
+    assert evit.loc[0.7, "top1_ci"] == pytest.approx(12.706205, rel=1e-6)  # the curve figure's band
     assert math.isnan(row.loc[0.8, "top1[adavit (gate_center=8)]"])  # beyond its last point (0.75)
     assert "| 50% of dense |" in table.to_markdown(curves.FOOTNOTE)
 
@@ -162,6 +201,6 @@ def test_a_budget_no_curve_reaches_shows_a_dash(tmp_path):
     points = pd.DataFrame([{"model": "m", "data": "d", "slug": "m", "label": "A", "flops_ratio_mean": x,
                             "top1_mean": y} for x, y in ((0.57, 76.0), (0.8, 88.0), (1.0, 90.0))])
     table = curves.matched_flops_table(points, "m", "d")
-    assert table.display["Best"].tolist() == ["—", "A", "A"]
+    assert table.display["Tied for best"].tolist() == ["—", "A", "A"]
     assert table.display["A"].tolist()[0] == "—"
     assert "| 50% of dense" in table.to_markdown()

@@ -68,9 +68,36 @@ def test_best_of_each_family_at_matched_flops(tmp_path):
     paths = families.write_family_tables(agg, frame, tmp_path / "report")
     text = (tmp_path / "report" / "families_deit_digits.md").read_text()
     # columns: the compared families by name (merging, then pruning)
-    assert re.search(r"\| 65% of dense \| 77\.50 \(tome, curve\) +\| 88\.25 \(topk, runs\) +\|", text), text
+    # one seed per curve at 65% (topk's 0.5 setting ran seed 0 only): no interval, so both families are tied
+    assert re.search(r"\| 65% of dense \| 77\.50 \(tome, curve, n=1\) +\| 88\.25 \(topk, runs, n=1\) +\| "
+                     r"merging, pruning +\|", text), text
     assert "clustering" not in text.split("*Notes.*")[0]  # a family that spans no budget gets no column
     assert "need not carry over to ImageNet" in text and len(paths) == 3
+
+
+def test_a_family_is_tied_for_best_only_when_its_interval_overlaps_the_best(tmp_path):
+    """Three seeds. topk runs at 50% (80, 81, 82) and 70% (90, 91, 92): at 65% each seed's own value is
+    v50 + 0.75 x 10 = 87.5, 88.5, 89.5 (mean 88.5, s = 1, half-width 4.302653 / sqrt(3) = 2.484138). ToMe runs
+    at 50% (70, 70, 70) and 70% (74 three times): 73 ± 0, far below 88.5 - 2.48: not tied. Random, 87 ± 0 at
+    65% (84 and 88 per seed), lies inside topk's interval but is of the same family: only topk is named."""
+    records = []
+    for seed in range(3):
+        records += [run_record("topk", seed, 80.0 + seed, 0.5, keep_rate=0.5),
+                    run_record("topk", seed, 90.0 + seed, 0.7, keep_rate=0.7),
+                    run_record("tome", seed, 70.0, 0.5, r=8), run_record("tome", seed, 74.0, 0.7, r=4),
+                    run_record("random", seed, 84.0, 0.5, keep_rate=0.5),
+                    run_record("random", seed, 88.0, 0.7, keep_rate=0.7)]
+    frame = load.load_records(write(tmp_path, records))
+    agg = tables.aggregate(frame)
+    best = families.family_frame(families.family_curves(agg, curves.curve_points(frame)), targets=(0.65,))
+    got = best.set_index("family")
+    assert got.loc["pruning", "top1"] == pytest.approx(88.5) and got.loc["pruning", "method"] == "topk"
+    assert got.loc["pruning", "ci"] == pytest.approx(4.302653 / 3 ** 0.5, rel=1e-6) and got.loc["pruning", "n"] == 3
+    assert got.loc["merging", "top1"] == pytest.approx(73.0) and got.loc["merging", "ci"] == pytest.approx(0.0)
+    assert got["tied"].to_dict() == {"merging": False, "pruning": True}
+    table = families.family_table(best, "deit_digits", "digits")
+    assert table.display.iloc[0]["Tied for best"] == "pruning"
+    assert table.display.iloc[0]["pruning"] == "88.50 ± 2.48 (topk, runs, n=3)"
 
 
 def test_no_records_no_table(tmp_path):

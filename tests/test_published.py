@@ -106,3 +106,6 @@ def test_compare_matches_settings_and_flags_flops_beyond_rounding(tmp_path):
     table = published.comparison_table(frame.reset_index())
     assert list(table.display["Flag"]) == ["FLOPs differ", "ok", "—", "ok", "—"]
     assert list(table.display["GFLOPs reported"]) == ["2.9", "3.0", "3.0", "11.4", "—"]
+    # 81.0 and 81.5: s = 0.3536, t_{0.975,1} = 12.706205, half-width 12.706205 x 0.3536 / sqrt(2) = 3.18
+    assert frame.loc[4, "measured_top1_ci"] == pytest.approx(12.706205 * 0.5 / 2, rel=1e-6)
+    assert list(table.display["Top-1 measured (± 95% CI)"]) == ["—", "—", "—", "81.25 ± 3.18 (n=2)", "—"]
