@@ -213,6 +213,18 @@ def text_sort_key(column: pd.Series) -> pd.Series:
     return column.map(text)
 
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def shown_path(folder: Path) -> str:
+    """``folder`` as a committed report names it: relative to the repository when inside it (never this
+    machine's absolute path), else as given."""
+    try:
+        return Path(folder).resolve().relative_to(REPOSITORY).as_posix()
+    except ValueError:
+        return str(folder)
+
+
 def summary(records: pd.DataFrame, folder: str | Path) -> str:
     """One paragraph on what was loaded; a clear message when nothing was."""
     root = Path(folder)
@@ -227,7 +239,7 @@ def summary(records: pd.DataFrame, folder: str | Path) -> str:
     groups = records.groupby(["model", "data"], sort=True)
     parts = [f"{model} on {data}: {len(g)} records, {g['method'].nunique()} methods, "
              f"{g['setting_key'].nunique()} settings" for (model, data), g in groups]
-    text = f"Loaded {len(records)} records from {root}: " + "; ".join(parts) + "."
+    text = f"Loaded {len(records)} records from {shown_path(root)}: " + "; ".join(parts) + "."
     superseded = records.attrs.get("superseded", [])
     if superseded:
         shown = "; ".join(f"{item['path']} (by {item['by']})" for item in superseded[:10])
