@@ -192,3 +192,16 @@ def test_an_older_record_is_upgraded_on_load_by_both_readers_and_its_file_is_nev
     frame = load.load_records(tmp_path)
     assert list(frame["method"]) == ["dense"] and list(frame["top1"]) == [1.0]
     assert path.read_bytes() == before
+
+
+def test_paths_inside_the_repository_are_recorded_relative_to_it(tmp_path):
+    """Committed records read the same on every clone: no absolute machine path for a file of the repository."""
+    from experiments.records.build import REPOSITORY, repository_relative
+
+    run_dir = REPOSITORY / "outputs" / "2026-12-07" / "run"
+    value = {"paths": {"run_dir": str(run_dir), "results_dir": "results", "root": str(tmp_path)},
+             "init": f"checkpoint:{REPOSITORY}/outputs/x/final.pth", "list": [str(REPOSITORY / ".cache" / "b.pth")],
+             "seed": 3, "note": "a:b"}
+    assert repository_relative(value) == {
+        "paths": {"run_dir": "outputs/2026-12-07/run", "results_dir": "results", "root": str(tmp_path)},
+        "init": "checkpoint:outputs/x/final.pth", "list": [".cache/b.pth"], "seed": 3, "note": "a:b"}

@@ -1,8 +1,14 @@
-"""Building a record: owns the record id and the one builder of ``run``, ``measure`` and ``tradeoff`` records."""
+"""Building a record: owns the record id and the one builder of ``run``, ``measure`` and ``tradeoff`` records.
+
+A record names files inside the repository by their path relative to it (``outputs/...``, ``.cache/...``), never
+by this machine's absolute path, so committed records read the same on every clone (:func:`repository_relative`).
+Paths outside the repository (a cluster's ImageNet folder) stay as the user gave them."""
 from __future__ import annotations
 
+import os
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from experiments.records.provenance import provenance
@@ -13,6 +19,28 @@ def new_record_id(method: str, model: str, seed: int) -> str:
     """Unique across concurrent array jobs: time, names, seed and a random suffix."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     return f"{stamp}_{method}_{model}_s{seed}_{uuid.uuid4().hex[:8]}"
+
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+def repository_relative(value: Any, root: Path = REPOSITORY) -> Any:
+    """``value`` with every string that is an absolute path inside ``root`` (or a ``label:path`` such as
+    ``checkpoint:/.../final.pth``) made relative to it; lists and mappings are walked, other values returned."""
+    if isinstance(value, dict):
+        return {key: repository_relative(item, root) for key, item in value.items()}
+    if isinstance(value, list):
+        return [repository_relative(item, root) for item in value]
+    if not isinstance(value, str):
+        return value
+    label, sep, path = value.rpartition(":") if ":/" in value else ("", "", value)
+    if not os.path.isabs(path):
+        return value
+    try:
+        relative = Path(path).resolve().relative_to(root).as_posix()
+    except (ValueError, OSError):
+        return value
+    return f"{label}{sep}{relative}"
 
 
 def build_record(kind: str, config: dict[str, Any], method: str, method_params: dict[str, Any],
@@ -42,8 +70,8 @@ def build_record(kind: str, config: dict[str, Any], method: str, method_params: 
         "tokens": tokens,
         "flops": costs.get("flops"),
         "throughput": costs.get("throughput"),
-        "train": train,
-        "config": config,
-        "provenance": provenance(start_time, run_dir),
-        **extra,
+        "train": repository_relative(train),
+        "config": repository_relative(config),
+        "provenance": repository_relative(provenance(start_time, run_dir)),
+        **repository_relative(extra),
     }
