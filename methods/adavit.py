@@ -291,12 +291,14 @@ class AdaViT(TokenReducer):
             # Rows that stay never halted, so for them halting_step's where() reduces to this update.
             state.addcmul_(h[:, None], step)
             leave = state[:, 0] > threshold
-            if bool(stop.any()):
-                leave |= stop.index_select(0, layout.segment)  # an image stops with its CLS
+            leave |= stop.index_select(0, layout.segment)  # an image stops with its CLS
             packed = packed.with_rows(x)
-            if bool(leave.any()):  # the layout (and its cached indices) changes only when rows leave
+            # The compaction's one host sync tells whether any row leaves; only then the layout (and its
+            # cached indices) changes.
+            kept, kept_state = packed.keep(~leave, state)
+            if kept is not packed:
                 depth_of.index_fill_(0, layout.source, index + 1)  # the last block a leaving row ran
-                packed, state = packed.keep(~leave, state)
+                packed, state = kept, kept_state
                 if packed.x.shape[0] == 0:
                     break
         logits = backbone.head(self.vit, cls_out[:, None].to(x.dtype))

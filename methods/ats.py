@@ -167,7 +167,9 @@ class ATS(TokenReducer):
             seen = layout.image_lengths
             if index in self.samples:
                 keep = self._sample_packed(attn, qkv, layout, self.samples[index])
-                depth_of.index_fill_(0, layout.source[~keep], index + 1)
+                # the dropped rows' depth, written without a boolean index (a host sync on a GPU)
+                depth_of.index_copy_(0, layout.source, depth_of.index_select(0, layout.source)
+                                     .masked_fill_(~keep, index + 1))
                 (packed,) = packed.keep(keep)
             counts.append(torch.stack([seen, packed.layout.image_lengths], dim=-1))
             packed = packed.with_rows(backbone.mlp_residual(block, packed.x))

@@ -26,8 +26,11 @@ Attention backends (``eval.ragged_backend`` in the run config, chosen by device 
   with ``tokens`` as the ``max_seqlen`` bound, so no host sync. It is a flash kernel: fp16/bf16 only, so
   fp32 inputs take ``padded`` with ``group=0`` (also sync-free).
 
-Compaction needs the number of surviving rows on the host (``nonzero``): one sync per compaction on CUDA,
-none on CPU. Everything else here avoids host syncs where the backend allows.
+Host syncs (on CUDA; none costs anything on CPU), counted on CPU by ``tests/test_host_syncs.py``: a compaction
+(:meth:`Packed.keep`) reads how many rows and images survive in one ``tolist``, and finds them with
+``nonzero_static`` sized by it: one sync per call, also when no row leaves (the caller learns that from it). The
+CUDA paths (``varlen``, and ``padded`` with ``group=0`` padded to ``tokens``) make no other. Only ``padded`` with
+``group > 0`` (the CPU default) reads the lengths on the host, once per layout (:attr:`Layout.sizes`).
 """
 from __future__ import annotations
 
@@ -108,6 +111,9 @@ def group_for(group: Optional[int], device: torch.device) -> int:
 # Images per padded attention call by device type, measured on CPU (8 per call beat one call per image and
 # one padded call for the batch at DeiT-S and on the embedded model); elsewhere one sync-free call.
 AUTO_GROUP = {"cpu": 8}
+# Device types where the padded backend reads the lengths on the host to plan its calls (free on CPU); elsewhere
+# ``group=0`` takes the sync-free call padded to ``tokens``. The sync-counting tests empty it to run that path.
+SIZES_ON_HOST = ("cpu",)
 
 
 # --------------------------------------------------------------------------------------- packed tokens
@@ -184,14 +190,18 @@ class Packed:
     def keep(self, keep: Tensor, *carried: Tensor) -> tuple["Packed", ...]:
         """Drop the rows where ``keep`` (``[T]`` bool) is False, from the packed rows and from every ``carried``
         per-row tensor (gathered together, order kept); images left without rows leave the layout.
-        Returns ``(packed, *carried)``."""
-        rows = keep.nonzero().squeeze(1)  # the one host sync of a compaction on CUDA
-        if rows.numel() == keep.numel():
-            return (self, *carried)
+        Returns ``(packed, *carried)``: this very ``Packed`` and the same ``carried`` when every row stays."""
         old = self.layout
+        counts = torch.zeros_like(old.lengths).index_add_(0, old.segment, keep.long())  # rows each image keeps
+        present = counts > 0
+        # The one host sync of a compaction (on CUDA): how many rows and images stay, read together. With them
+        # known, nonzero_static finds the rows and images without a sync of its own.
+        rows_left, images_left = torch.stack([counts.sum(), present.sum()]).tolist()
+        if rows_left == keep.numel():
+            return (self, *carried)
+        rows = torch.nonzero_static(keep, size=rows_left).squeeze(1)
+        present = torch.nonzero_static(present, size=images_left).squeeze(1)
         source = old.source.index_select(0, rows)  # index_select: several times faster than indexing on CPU
-        counts = torch.bincount(old.segment.index_select(0, rows), minlength=old.lengths.shape[0])
-        present = (counts > 0).nonzero().squeeze(1)
         layout = Layout(source, counts.index_select(0, present), old.images.index_select(0, present),
                         old.tokens, old.batch)
         return (Packed(self.x.index_select(0, rows), layout), *(t.index_select(0, rows) for t in carried))
@@ -278,7 +288,7 @@ def _padded_attention(attn, qkv: Tensor, packed: Packed, group: int) -> Tensor:
         return out.transpose(1, 2).reshape(batch * tokens, heads * head_dim)
 
     layout = packed.layout
-    if group <= 0 and qkv.device.type != "cpu":
+    if group <= 0 and qkv.device.type not in SIZES_ON_HOST:
         return _padded_one_call(attend, qkv, layout)
     plan = layout.cached(("padded", group), lambda: _padded_plan(layout, group))
     if plan.gather is None:
