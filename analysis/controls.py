@@ -17,12 +17,11 @@ from __future__ import annotations
 import copy
 import json
 import math
-import numbers
 from typing import Any
 
 import pandas as pd
 
-from experiments.records.identity import NOT_RESULT_KEYS, content_digest
+from experiments.records.identity import NOT_RESULT_KEYS, content_digest, fine_tuned
 
 from .formatting import REFERENCE
 from .stats import paired_difference
@@ -30,13 +29,6 @@ from .stats import paired_difference
 CONTEXT_SECTIONS = ("model", "data", "baseline", "eval")  # what a control shares with the setting besides seeds
 NO_DELTA = {"top1_delta": math.nan, "top1_delta_ci": math.nan, "top1_delta_n": 0, "delta_against": "",
             "control_missing": ""}
-
-
-def is_fine_tuned(record: dict[str, Any]) -> bool:
-    """Whether the record's model was fine-tuned (``train.epochs`` > 0), the rule of its identity."""
-    train = record.get("train") if isinstance(record.get("train"), dict) else {}
-    epochs = train.get("epochs")
-    return isinstance(epochs, numbers.Real) and not isinstance(epochs, bool) and epochs > 0
 
 
 def control_fields(record: dict[str, Any], identity: dict[str, Any]) -> dict[str, Any]:
@@ -50,9 +42,9 @@ def control_fields(record: dict[str, Any], identity: dict[str, Any]) -> dict[str
         if rest and isinstance(context.get(head), dict):
             context[head].pop(rest, None)
     context["data_files"] = identity.get("data_files")
-    fine_tuned = is_fine_tuned(record)
-    return {"fine_tuned": fine_tuned,
-            "recipe": json.dumps(config.get("train"), sort_keys=True, default=str) if fine_tuned else None,
+    trained = fine_tuned(record)
+    return {"fine_tuned": trained,
+            "recipe": json.dumps(config.get("train"), sort_keys=True, default=str) if trained else None,
             "control_context": content_digest(context), "start_sha256": identity.get("start_weights_sha256")}
 
 

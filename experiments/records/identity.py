@@ -72,14 +72,19 @@ def result_identity(config: dict[str, Any], method: str, params: dict[str, Any],
             "data_files": data_files}
 
 
+def fine_tuned(record: dict[str, Any]) -> bool:
+    """Whether the record's model was fine-tuned in its run (``train.epochs`` > 0)."""
+    train = record.get("train") if isinstance(record.get("train"), dict) else {}
+    epochs = train.get("epochs")
+    return isinstance(epochs, (int, float)) and not isinstance(epochs, bool) and epochs > 0
+
+
 def legacy_identity(record: dict[str, Any]) -> dict[str, Any]:
     """The identity of a record written without one, from what it carries (module docstring)."""
     config = record.get("config") if isinstance(record.get("config"), dict) else {}
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
-    train = record.get("train") if isinstance(record.get("train"), dict) else {}
     point = record.get("tradeoff") if isinstance(record.get("tradeoff"), dict) else {}
-    epochs = train.get("epochs")
-    trains = isinstance(epochs, (int, float)) and not isinstance(epochs, bool) and epochs > 0
+    trains = fine_tuned(record)
     folder = f"root:{data['root']}" if data.get("root") else None
     params = record.get("method_params") if isinstance(record.get("method_params"), dict) else {}
     # the record's own top-level names too, in case its config is partial (hand-made or very old records)
