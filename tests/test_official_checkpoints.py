@@ -1,11 +1,11 @@
-"""Official checkpoint layouts (``methods/official.py``): DynamicViT's and A-ViT's files, built here in the key
-layout their official code saves (names and shapes written out from the official constructors, values random),
-load through ``model.checkpoint`` and compute what the same values loaded through our own keys compute.
+"""Official checkpoint layouts (``methods/official.py``): DynamicViT's, A-ViT's and EViT's files, built here in
+the key layout their official code saves (names and shapes written out from the official constructors, values
+random), load through ``model.checkpoint`` and compute what the same values loaded through our own keys compute.
 
 The official keys are written by hand below (not produced by the mapping under test): DynamicViT's
-``VisionTransformerDiffPruning`` (``models/dyvit.py``) and A-ViT's ``act_vision_transformer.VisionTransformer``
-both save timm's DeiT names at the top level; DynamicViT adds ``score_predictor.{s}.in_conv.{0,1}`` and
-``.out_conv.{0,2,4}``."""
+``VisionTransformerDiffPruning`` (``models/dyvit.py``), A-ViT's ``act_vision_transformer.VisionTransformer``
+and EViT's ``evit.EViT`` all save timm's DeiT names at the top level; DynamicViT adds
+``score_predictor.{s}.in_conv.{0,1}`` and ``.out_conv.{0,2,4}``."""
 from __future__ import annotations
 
 import argparse
@@ -31,8 +31,8 @@ PREDICTOR_PARTS = {"in_conv.0": "embed.0", "in_conv.1": "embed.1", "out_conv.0":
 def official_deit_shapes(dim=64, depth=12, classes=10, patch=4, tokens=65) -> dict[str, tuple]:
     """The keys and shapes the official DeiT-style models save (qkv_bias=True, no pre_logits, no dist token)."""
     shapes = {"cls_token": (1, 1, dim), "pos_embed": (1, tokens, dim),
-              "patch_embed.proj.weight": (dim, 3, patch, patch), "patch_embed.proj.bias": (dim,), "norm.weight": (dim,), "norm.bias": (dim,),
-              "head.weight": (classes, dim), "head.bias": (classes,)}
+              "patch_embed.proj.weight": (dim, 3, patch, patch), "patch_embed.proj.bias": (dim,),
+              "norm.weight": (dim,), "norm.bias": (dim,), "head.weight": (classes, dim), "head.bias": (classes,)}
     for i in range(depth):
         for name, shape in {"norm1": (dim,), "norm2": (dim,), "attn.qkv": (3 * dim, dim), "attn.proj": (dim, dim),
                             "mlp.fc1": (4 * dim, dim), "mlp.fc2": (dim, 4 * dim)}.items():
@@ -79,8 +79,11 @@ def as_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def main_py_checkpoint(method: str, state, ema=None, **args) -> dict:
-    """What the official training scripts save (DynamicViT ``utils.save_model``, A-ViT ``main_act.py``)."""
-    options = dict(base_rate=0.7, model="deit-s") if method == "dynamicvit" else dict(act_mode=4, **DIGITS_GATES)
+    """What the official training scripts save (DynamicViT ``utils.save_model``, A-ViT ``main_act.py``, EViT
+    ``main.py``): the options as an argparse ``Namespace`` under ``args``."""
+    options = {"dynamicvit": dict(base_rate=0.7, model="deit-s"), "adavit": dict(act_mode=4, **DIGITS_GATES),
+               "evit": dict(base_keep_rate=0.7, fuse_token=True, drop_loc="(3, 6, 9)",
+                            model="deit_small_patch16_shrink_base")}[method]
     return {"model": state, "model_ema": state if ema is None else ema, "optimizer": {"state": {}, "param_groups": []},
             "epoch": 29, "args": argparse.Namespace(**{**options, **args})}
 
@@ -104,7 +107,7 @@ def logits(method, seed=3):
 
 
 # ------------------------------------------------------------------------------------------- equivalence
-@pytest.mark.parametrize("name", ["dynamicvit", "adavit"])
+@pytest.mark.parametrize("name", ["dynamicvit", "adavit", "evit"])
 def test_official_layout_gives_the_logits_of_the_same_values_in_our_layout(tmp_path, name):
     state = official_state(name)
     path = save(tmp_path, main_py_checkpoint(name, state))
@@ -127,6 +130,14 @@ def test_mapping_round_trips_and_names_every_official_key(name):
     assert official.to_ours(layout, as_official).keys() == ours.keys()
     back = official.to_official(layout, official.to_ours(layout, official_state(name)))
     assert back.keys() == official_state(name).keys()
+
+
+def test_evit_at_another_keep_rate_loads_its_file(tmp_path):
+    """EViT's keep rate is its inference knob: one checkpoint, a sweep of rates."""
+    state = official_state("evit")
+    method = build("evit", keep_rate=0.5)
+    load_checkpoint_file(method, "evit", str(save(tmp_path, main_py_checkpoint("evit", state))))
+    assert torch.equal(method.vit.cls_token, state["cls_token"])
 
 
 def test_a_plain_deit_checkpoint_matches_no_official_layout():
@@ -216,6 +227,14 @@ def of_method(name, **args):
     pytest.param("adavit", of_method("adavit", gate_center=30.0),
                  r"trained with args\.gate_center=30 .*but method\.params\.gate_center=10; "
                  r"valid: method\.params\.gate_center=30", id="adavit-other-gates"),
+    pytest.param("adavit", of_method("evit"),
+                 r"an official evit checkpoint .*not one of method=adavit; valid: method=evit", id="evit-as-adavit"),
+    pytest.param("evit", of_method("evit", fuse_token=False),
+                 r"trained with args\.fuse_token=False, but method\.params\.fuse=true; "
+                 r"valid: method\.params\.fuse=false",
+                 id="evit-without-fusion"),
+    pytest.param("evit", of_method("evit", drop_loc="(2, 5, 8)"),
+                 r"args\.drop_loc='\(2, 5, 8\)'.*valid: method\.params\.locations=\[2, 5, 8\]", id="evit-other-blocks"),
     pytest.param("dynamicvit", of_method("dynamicvit", base_rate=0.5),
                  r"trained at keep rate 0\.5 .*method\.params\.keep_rate=0\.7", id="dynamicvit-other-rate"),
 ])
