@@ -59,8 +59,8 @@ def random_state(shapes: dict[str, tuple], seed=0) -> dict[str, torch.Tensor]:
     return {key: 0.2 * torch.randn(shape, generator=generator) for key, shape in shapes.items()}
 
 
-def official_state(method: str, dim=64, seed=0) -> dict[str, torch.Tensor]:
-    shapes = official_deit_shapes(dim)
+def official_state(method: str, dim=64, seed=0, classes=10) -> dict[str, torch.Tensor]:
+    shapes = official_deit_shapes(dim, classes=classes)
     if method == "dynamicvit":
         shapes.update(official_predictor_shapes(dim))
     return random_state(shapes, seed)
@@ -206,6 +206,11 @@ def wider(tmp_path):
     return save(tmp_path, main_py_checkpoint("dynamicvit", official_state("dynamicvit", dim=96)))
 
 
+def imagenet_head_under_module_prefix(tmp_path):
+    state = module_prefixed(official_state("dynamicvit", classes=1000))
+    return save(tmp_path, main_py_checkpoint("dynamicvit", state))
+
+
 def of_method(name, **args):
     return lambda tmp_path: save(tmp_path, main_py_checkpoint(name, official_state(name), **args))
 
@@ -215,6 +220,8 @@ def of_method(name, **args):
     pytest.param("dynamicvit", without("score_predictor.2.out_conv.4.bias"),
                  r"missing keys: predictors\.2\.score\.4\.bias \[official: score_predictor\.2\.out_conv\.4\.bias\]",
                  id="missing-predictor-key"),
+    pytest.param("dynamicvit", imagenet_head_under_module_prefix,
+                 r"has a 1000-class head but data\.name=digits has 10 classes", id="other-head-module-prefix"),
     pytest.param("adavit", of_method("dynamicvit"),
                  r"an official dynamicvit checkpoint .*not one of method=adavit; valid: method=dynamicvit",
                  id="dynamicvit-as-adavit"),
