@@ -219,8 +219,9 @@ def check_pretrained(name: str) -> None:
 
 
 def head_rows(state: dict[str, Any]) -> Optional[int]:
-    """Classes of a checkpoint's classifier (``head.weight`` of timm, ``vit.head.weight`` of a suite method)."""
-    head = state.get("head.weight", state.get("vit.head.weight"))
+    """Classes of a checkpoint's classifier (``head.weight`` of timm, also under a DDP ``module.`` prefix, or
+    ``vit.head.weight`` of a suite method)."""
+    head = state.get("head.weight", state.get("vit.head.weight", state.get("module.head.weight")))
     return int(head.shape[0]) if isinstance(head, torch.Tensor) and head.dim() == 2 else None
 
 

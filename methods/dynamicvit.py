@@ -24,9 +24,36 @@ Where we deviate from the official code:
   full, masked sequence the training pass computes.
 - ``inference_keep_rate`` (our addition) evaluates a checkpoint at another rate; ``null`` restores the
   original behaviour (inference at the training rate).
+
+Official checkpoints (``model.checkpoint``, layout registered with ``methods.official``). The official
+``VisionTransformerDiffPruning`` (``models/dyvit.py``) saves timm's DeiT keys at the top level plus
+``score_predictor.{s}.in_conv.{0,1}`` (LayerNorm, Linear C->C) and ``score_predictor.{s}.out_conv.{0,2,4}``
+(Linear C->C/2, C/2->C/4, C/4->2); ``main.py`` (``utils.save_model``) wraps them as ``{'model', 'model_ema',
+'optimizer', 'epoch', 'scaler', 'args', 'best', 'best_ema'}`` and ``infer.py`` evaluates ``checkpoint['model']``.
+The mapping: ``score_predictor.{s}.in_conv`` -> ``predictors.{s}.embed``, ``score_predictor.{s}.out_conv`` ->
+``predictors.{s}.score`` (same indices), every other key -> ``vit.`` + key. A file whose saved ``args.base_rate``
+differs from ``keep_rate`` is refused (set ``inference_keep_rate`` to evaluate at another rate). The predictor
+locations are not saved (the official DeiT models prune before blocks 3, 6, 9, our default); a file with
+another number of predictors is refused naming the keys. Released (README "Model Zoo", ImageNet-1k top-1 and
+FLOPs as the README states; the README names no file for the DeiT models, so the Google Drive id is given):
+
+- DynamicViT-DeiT-S/0.7 (``deit-s``, Drive ``1H5kHHagdqo4emk9CgjfA7DA62XJr8Yc1``): 79.32 %, 2.9 GFLOPs.
+  Here: ``model=deit_small method.params.keep_rate=0.7``.
+- DynamicViT-DeiT-B/0.7 (``deit-b``, Drive ``1J9PCPiOSHmzRiWw370GDYJPEZ8r4uU3M``): 81.43 %, 11.4 GFLOPs.
+  Here: ``model=deit_base method.params.keep_rate=0.7``.
+- DynamicViT-DeiT-256/0.7 (``deit-256``, Drive ``1fpdTNRZtGOW25UwOadj1iUdjqmu88WkO``): 76.53 %, 1.3 GFLOPs.
+  The mapping fits, but no timm model of width 256 / 4 heads is configured here.
+- DynamicViT-LVViT-S/0.5, -S/0.7, -M/0.7 (the notebooks' ``dynamic-vit_lv-m_r0.7.pth``): 81.97 / 83.08 /
+  83.82 %, 3.7 / 4.6 / 8.5 GFLOPs. LV-ViT backbones: not mapped.
+
+Evaluate one: ``python experiments/run.py method=dynamicvit model=deit_small model.checkpoint=PATH.pth
+data=imagefolder data.root=/datasets/imagenet experiment.train=false``.
+The mapping was checked against the official code (key names, shapes, wrappers), not against a released file:
+none can be downloaded here.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional, Sequence
@@ -35,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import backbone, params
+from . import backbone, official, params
 from .base import MethodOutput, TokenReducer
 from .params import KeepRate, Locations, Weight
 from .registry import register_method
@@ -249,3 +276,41 @@ def build_dynamicvit(
     return DynamicViT(vit, keep_rate=keep_rate, locations=locations, ratio_weight=ratio_weight,
                       kl_weight=kl_weight, token_mse_weight=token_mse_weight,
                       backbone_lr_scale=backbone_lr_scale, inference_keep_rate=inference_keep_rate)
+
+
+# ------------------------------------------------------------------------------- the official checkpoint layout
+_OFFICIAL_PREDICTOR = re.compile(r"score_predictor\.(\d+)\.(in_conv|out_conv)\.(.+)")
+_OUR_PREDICTOR = re.compile(r"predictors\.(\d+)\.(embed|score)\.(.+)")
+_PART_NAMES = {"in_conv": "embed", "out_conv": "score"}
+
+
+def official_key_to_ours(key: str) -> str:
+    found = _OFFICIAL_PREDICTOR.fullmatch(key)
+    if found:
+        stage, part, rest = found.groups()
+        return f"predictors.{stage}.{_PART_NAMES[part]}.{rest}"
+    return f"vit.{key}"
+
+
+def our_key_to_official(key: str) -> str:
+    found = _OUR_PREDICTOR.fullmatch(key)
+    if found:
+        stage, part, rest = found.groups()
+        official_part = {ours: theirs for theirs, ours in _PART_NAMES.items()}[part]
+        return f"score_predictor.{stage}.{official_part}.{rest}"
+    return key[len("vit."):] if key.startswith("vit.") else f"(none: {key} is ours only)"
+
+
+def _check_official_keep_rate(method: DynamicViT, content) -> Optional[str]:
+    trained = getattr(content.get("args"), "base_rate", None)
+    if trained is None or abs(float(trained) - method.keep_rate) < 1e-9:
+        return None
+    return (f"it was trained at keep rate {float(trained)} (its saved args.base_rate), but "
+            f"method.params.keep_rate={method.keep_rate}; valid: method.params.keep_rate={float(trained)} "
+            "(method.params.inference_keep_rate evaluates it at another rate)")
+
+
+official.register_layout(official.OfficialLayout(
+    method="dynamicvit", code="raoyongming/DynamicViT models/dyvit.py",
+    detect=lambda content: any(key.startswith("score_predictor.") for key in content["model"]),
+    to_ours=official_key_to_ours, to_official=our_key_to_official, check=_check_official_keep_rate))

@@ -29,15 +29,40 @@ Where we deviate from the official code:
 
 :class:`AttentionPruning` is the engine shared with ``topk`` and ``random`` (``methods/topk.py``), so
 ``topk`` with ``schedule=evit`` equals ``evit`` with ``fuse=false`` by construction.
+
+Official checkpoints (``model.checkpoint``, layout registered with ``methods.official``). The official ``EViT``
+model (``evit.py``) adds no parameter to timm's DeiT: its state dict has timm's DeiT keys, which map to
+``vit.`` + key. ``main.py`` saves ``{'model', 'optimizer', 'lr_scheduler', 'epoch', 'model_ema', 'scaler',
+'args'}`` and evaluates ``checkpoint['model']`` (``--resume``). A file with EViT's saved ``args``
+(``base_keep_rate`` and ``fuse_token``) is recognised, refused for another method, and refused when its
+``args.fuse_token`` differs from ``fuse`` or its ``args.drop_loc`` from ``locations``; ``keep_rate`` is the
+inference knob and may differ from ``args.base_keep_rate`` (a trade-off sweep of one checkpoint). A file holding
+the ``model`` entry alone cannot be told from a DeiT checkpoint and loads into ``vit`` like one. Released
+(README, EViT-DeiT-S, ImageNet-1k top-1 and MACs as the README states; Google Drive links, no file names):
+
+- with fusion (``fuse=true``), keep rate 0.9 / 0.8 / 0.7 / 0.6 / 0.5: 79.8 / 79.8 / 79.5 / 78.9 / 78.5 %,
+  4.0 / 3.5 / 3.0 / 2.6 / 2.3 GMACs (Drive ids ``1CmROmlLV-7nyYY-Bhph8_5ut3wFwqvny``,
+  ``1BTJyIe0zVK3zYXz3BzIlSC4YZCnZu7cJ``, ``1FfvdEBss9f8gexjqEY8vOSUQe_8qwYuL``,
+  ``1D1m067jDbyG0g2UjyBMaJ4NTT2Ad8vrv``, ``1-nyxAlRWjD2icbgj3Y3YWcCmYj9sTgfD``);
+- without fusion (``fuse=false``), keep rate 0.9 / 0.8 / 0.7 / 0.6 / 0.5: 79.9 / 79.7 / 79.4 / 79.1 / 78.4 %,
+  the same MACs (Drive ids ``1tSaPLged8ED2RTiN5ttSmeTNIw1aNNwV``, ``1zdFbHk-gOw_Wiid5_Z8NFcBa1HMI-JF-``,
+  ``1VCZGphW34rFWZDXOoF7XO4EJfRLZ-YB8``, ``1okYcKryyD6FFPG9v5r40R28SRNfVZ5X0``,
+  ``1qsPeLN5ytLO8pM7lUuj5bi6pyMhjiSJO``).
+
+Evaluate one: ``python experiments/run.py method=evit model=deit_small method.params.keep_rate=0.7
+model.checkpoint=PATH.pth data=imagefolder data.root=/datasets/imagenet experiment.train=false``. The mapping
+was checked against the official code (key names, shapes, wrappers), not against a released file: none can be
+downloaded here.
 """
 from __future__ import annotations
 
+import ast
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from . import backbone, params, tokens
+from . import backbone, official, params, tokens
 from .base import MethodOutput, TokenReducer
 from .params import KeepRate, Locations
 from .registry import register_method
@@ -136,3 +161,33 @@ def build_evit(vit: nn.Module, keep_rate: KeepRate = 0.7, locations: Locations =
                fuse: bool = True) -> EViT:
     """EViT: keep the tokens with the highest CLS attention inside blocks 3/6/9, fuse the rest into one."""
     return EViT(vit, keep_rate=keep_rate, locations=locations, fuse=fuse)
+
+
+# ------------------------------------------------------------------------------- the official checkpoint layout
+def _is_official_evit(content) -> bool:
+    """EViT's ``main.py`` saves its argparse options, which carry ``base_keep_rate`` and ``fuse_token``."""
+    args = content.get("args")
+    return hasattr(args, "base_keep_rate") and hasattr(args, "fuse_token")
+
+
+def _check_official_structure(method: EViT, content) -> Optional[str]:
+    """Fusion and the pruning blocks are the trained structure; the keep rate is the inference knob."""
+    args = content["args"]
+    if bool(args.fuse_token) != method.fuse:
+        return (f"it was trained with args.fuse_token={bool(args.fuse_token)}, but method.params.fuse="
+                f"{str(method.fuse).lower()}; valid: method.params.fuse={str(bool(args.fuse_token)).lower()}")
+    saved = getattr(args, "drop_loc", None)  # a string such as "(3, 6, 9)" in the official options
+    try:
+        trained = None if saved is None else tuple(ast.literal_eval(str(saved)))
+    except (ValueError, SyntaxError, TypeError):
+        trained = None
+    if trained is not None and trained != tuple(method.locations):
+        return (f"it was trained with args.drop_loc={saved!r}, but method.params.locations="
+                f"{list(method.locations)}; valid: method.params.locations={list(trained)}")
+    return None
+
+
+official.register_layout(official.OfficialLayout(
+    method="evit", code="youweiliang/evit evit.py", detect=_is_official_evit, to_ours=lambda key: f"vit.{key}",
+    to_official=lambda key: key[len("vit."):] if key.startswith("vit.") else f"(none: {key} is ours only)",
+    check=_check_official_structure))

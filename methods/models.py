@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -120,14 +120,16 @@ def check_state_dict(state: dict, source: str, finite: bool = False) -> None:
                                   "training diverged)")
 
 
-def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Load all-or-nothing: any missing, unexpected or misshapen key raises, naming them, before any copy."""
+def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
+                           show_key: Callable[[str], str] = str) -> None:
+    """Load all-or-nothing: any missing, unexpected or misshapen key raises, naming them, before any copy.
+    ``show_key`` writes a key in the message (e.g. with its name in an official checkpoint layout)."""
     check_state_dict(state_dict, source)
     own = module.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
+    missing = [show_key(k) for k in sorted(set(own) - set(state_dict))]
+    unexpected = [show_key(k) for k in sorted(set(state_dict) - set(own))]
     misshapen = sorted(
-        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        f"{show_key(k)} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
         for k in set(own) & set(state_dict)
         if tuple(own[k].shape) != tuple(state_dict[k].shape)
     )

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import methods
-from methods import video
+from methods import official, video
 from methods.models import CheckpointError, load_state_dict_strict, read_checkpoint
 
 CHECKPOINT_VERSION = 1
@@ -124,11 +124,19 @@ def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
 
 
 def load_weights(method: methods.TokenReducer, method_name: str, content: dict[str, Any], source: str) -> None:
-    """Load a read checkpoint all-or-nothing: plain timm/DeiT weights (or VideoMAE's, mapped by
+    """Load a read checkpoint all-or-nothing: a method's official layout loads whole through
+    ``methods.official`` (refused for another method), plain timm/DeiT weights (or VideoMAE's, mapped by
     ``methods.video.videomae_to_timm``) go into ``method.vit``, a suite checkpoint
     of the same method (or of ``dense``) loads whole. Another method's checkpoint is refused: its extra modules
     would be silently dropped. On a meta-device method this is the check alone."""
     state, saved_method = content["model"], content.get("method")
+    if saved_method is None:
+        state = official.strip_module_prefix(state)
+        content = {**content, "model": state}
+        layout = official.match(content)
+        if layout is not None:  # a method's official layout (methods/official.py): mapped onto our keys
+            official.load_official(method, method_name, layout, content, source)
+            return
     if saved_method is None and video.looks_like_videomae(state):
         try:  # VideoMAE's layout (methods/video.py): mapped onto timm's keys, CLS and a new head kept
             state, _ = video.videomae_to_timm(state, method.vit, source)
