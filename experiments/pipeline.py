@@ -181,9 +181,8 @@ def write_record(session: Session, method: methods.TokenReducer, result: engine.
     measured = costs.measure_costs(method, result, plan.config.measure, session.device, images)
     config = OmegaConf.to_container(cfg, resolve=True)
     recorded = plan.recorded_params if params is None else methods.resolved_params(plan.method_name, params)
-    scan_digest = getattr(plan.data_scan, "content_digest", None)
     ident = identity.result_identity(config, plan.method_name, recorded, kind, plan.trains, session.start_sha256,
-                                     scan_digest() if scan_digest else None)
+                                     plan.data_files)
     record = records.build_record(
         kind, config, plan.method_name, recorded, result.metrics, tokens, measured, session.train_summary,
         start_time, plan.config.paths.run_dir, sum(p.numel() for p in method.parameters()), methods.method_info(plan.method_name, method),

@@ -17,6 +17,7 @@ Every error names the key, the bad value and the valid range or choices: ``Confi
 """
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import warnings
@@ -73,6 +74,13 @@ class RunPlan:
     meta_method: methods.TokenReducer  # built on the meta device
     tradeoff_values: Optional[list]  # method.tradeoff_values, else the method's registered grid
     data_scan: Any = None  # the data's startup check result (a folder scan), which build_data reads; None: none ran
+
+    @functools.cached_property
+    def data_files(self) -> Optional[str]:
+        """The digest of the scanned data files for the record identity (``FolderScan.content_digest``: a stat of
+        every file), computed once per plan however many records it writes; ``None`` for generated data."""
+        digest = getattr(self.data_scan, "content_digest", None)
+        return digest() if digest is not None else None
 
 
 def validate(cfg: DictConfig, num_classes: Optional[int] = None, train: Optional[bool] = None) -> RunPlan:

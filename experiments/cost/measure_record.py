@@ -59,9 +59,8 @@ def measure_run(cfg: DictConfig) -> dict[str, Any]:
     measured = costs.measure_costs(method, result, measure, device, images)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     start = file_sha256(plan.weights.path) if plan.weights.kind == "checkpoint" else None
-    scan = getattr(plan.data_scan, "content_digest", None)
     ident = identity.result_identity(resolved, plan.method_name, plan.recorded_params, "measure", False, start,
-                                     scan() if scan else None)
+                                     plan.data_files)
     record = records.build_record(
         "measure", resolved, plan.method_name, plan.recorded_params,
         {**dict.fromkeys(metrics.METRICS), "num_images": count}, tokens, measured,
