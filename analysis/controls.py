@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from experiments.records.identity import NOT_RESULT_KEYS, content_digest, fine_tuned
+from experiments.records.identity import NOT_RESULT_KEYS, content_digest, drop_key, fine_tuned
 
 from .formatting import REFERENCE
 from .stats import paired_difference
@@ -38,9 +38,8 @@ def control_fields(record: dict[str, Any], identity: dict[str, Any]) -> dict[str
     config = record.get("config") if isinstance(record.get("config"), dict) else {}
     context = {section: copy.deepcopy(config.get(section)) for section in CONTEXT_SECTIONS}
     for dotted in NOT_RESULT_KEYS:
-        head, _, rest = dotted.partition(".")
-        if rest and isinstance(context.get(head), dict):
-            context[head].pop(rest, None)
+        if "." in dotted:  # keys inside the shared sections; whole sections are not in the context
+            drop_key(context, dotted)
     context["data_files"] = identity.get("data_files")
     trained = fine_tuned(record)
     return {"fine_tuned": trained,

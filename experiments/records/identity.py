@@ -38,10 +38,11 @@ def content_digest(content: Any, length: int = 16) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
-def _drop(content: dict[str, Any], dotted: str) -> None:
+def drop_key(content: dict[str, Any], dotted: str) -> None:
+    """Remove the dotted key (``eval.batch_size``) or section (``paths``) from ``content``, if present."""
     head, _, rest = dotted.partition(".")
     if rest and isinstance(content.get(head), dict):
-        _drop(content[head], rest)
+        drop_key(content[head], rest)
     elif not rest:
         content.pop(head, None)
 
@@ -53,7 +54,7 @@ def result_identity(config: dict[str, Any], method: str, params: dict[str, Any],
     ``data_files`` the data folder's digest (``None`` for generated data, whose config is the whole identity)."""
     content = copy.deepcopy(config) if isinstance(config, dict) else {}
     for dotted in NOT_RESULT_KEYS:
-        _drop(content, dotted)
+        drop_key(content, dotted)
     method_section = content.get("method") if isinstance(content.get("method"), dict) else {}
     content["method"] = {**method_section, "name": method, "params": params}
     content.pop("experiment", None)  # replaced by what it decided:
