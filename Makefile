@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench bench-cpu bench-gpu report install clean
+.PHONY: demo test test-fast bench bench-cpu bench-gpu report baselines install clean
 
 # constraints.txt: the versions known to work (torch and torchvision by range: the registry serves other builds
 # per machine); pyproject.toml keeps the ranges a user's own environment may use.
@@ -49,6 +49,10 @@ bench-cpu: $(STAMP)  ## the CPU table (DeiT-S at 224 px, batch 1/32/64, 1 and 2 
 	$(PY) experiments/bench.py cpu --threads 1,2
 
 RESULTS ?= results
+
+SEEDS ?= 0,1,2,3,4
+baselines: $(STAMP)  ## train (where .cache/baselines lacks them) and ship the embedded dense baselines into results/baselines
+	$(PY) -m experiments.ship_baselines -m seed=$(SEEDS)
 
 report: $(STAMP)  ## tables + figures from the records under $(RESULTS) into $(RESULTS)/report/
 	$(PY) -m analysis.run_report $(RESULTS)

@@ -182,6 +182,9 @@ class EvalConfig:
 class PathsConfig:
     results_dir: str = "results"
     cache_dir: str = ".cache/baselines"
+    # the shipped dense baselines (experiments/shipped.py): used, hash-checked, when the manifest lists the run's
+    # baseline key; null: never (always the cache, training where it lacks one)
+    baselines_dir: Optional[str] = spec("results/baselines", path=True)
     state_dir: str = "outputs/resume"  # per-config resume checkpoints, kept until the run's record is written
     run_dir: Optional[str] = II("hydra:runtime.output_dir")  # null outside a Hydra app
 

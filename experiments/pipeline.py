@@ -49,7 +49,7 @@ class Session:
     device: torch.device
     data: Any
     method: methods.TokenReducer
-    weights: str  # checkpoint:PATH, pretrained:timm, baseline:FILE (cached|trained now), random
+    weights: str  # checkpoint:PATH, pretrained:timm, baseline:FILE (shipped|cached|trained now), random
     weights_file: Optional[Path]  # the file behind them, if any
     train_summary: dict[str, Any]
     lock: RunLock  # held on the resume folder until the record is written (train/run_lock.py)
@@ -100,9 +100,9 @@ def _prepare(plan: RunPlan, dist: distributed.DistEnv, device: torch.device, loc
 
     init_state, weights, weights_file = None, plan.weights.label, plan.weights.path
     if plan.weights.kind == "baseline":
-        weights_file, reused = ensure_baseline(plan, data, device, dist)
+        weights_file, how = ensure_baseline(plan, data, device, dist)
         init_state = strip_prefix(read_checkpoint(weights_file)["model"], "vit.")
-        weights = f"baseline:{weights_file.name}" + (" (cached)" if reused else " (trained now)")
+        weights = f"baseline:{weights_file.name} ({how})"
     start_sha256 = file_sha256(weights_file) if dist.is_main else None
     seed_everything(config.seed)
     method = build_method(plan, init_state).to(device)

@@ -34,7 +34,7 @@ from methods import ragged
 from methods.models import CheckpointError, load_state_dict_strict, read_checkpoint
 from methods.params import ModelSettingError, ParamError
 
-from experiments import identity
+from experiments import identity, shipped
 from experiments.build import create_vit, resolve_device
 from experiments.train.checkpoints import load_weights, read_resume_checkpoint, start_over_hint
 from experiments.method_checks import (check_grid, check_knob_not_fixed, check_method_params,  # noqa: F401
@@ -116,6 +116,8 @@ def validate(cfg: DictConfig, num_classes: Optional[int] = None, train: Optional
     key = identity.run_key(cfg)
     resume_dir = Path(config.paths.state_dir) / key if trains else None
     check_paths(config, weights, resume_dir, meta)
+    if weights.kind == "baseline":
+        check_shipped_baseline(cfg, config, classes)
     grid = config.method.tradeoff_values
     return RunPlan(cfg, config, spec.name, params, methods.resolved_params(spec.name, params), weights, trains,
                    classes, key, resume_dir, meta, list(grid) if grid is not None else
@@ -275,6 +277,14 @@ def check_paths(config: RunConfig, weights: WeightSource, resume_dir: Optional[P
         check_resume_state(resume_dir / "last.pth", meta)
     if weights.kind == "baseline":
         check_writable(Path(paths.cache_dir), "paths.cache_dir")
+
+
+def check_shipped_baseline(cfg: DictConfig, config: RunConfig, classes: int) -> None:
+    """A shipped baseline listed for this run's baseline key must be intact (``experiments/shipped.py``): a changed
+    or missing file is refused now, naming both hashes, not after the data is loaded."""
+    dense = build_on_meta(config, "dense", {}, classes)
+    shapes = {name: tuple(value.shape) for name, value in dense.state_dict().items()}
+    shipped.verified(config.paths.baselines_dir, identity.baseline_key(cfg, shapes))
 
 
 def check_writable(folder: Path, key: str) -> None:

@@ -52,8 +52,12 @@ def compose_config(*overrides: str, hydra: bool = False):
 
 
 def run_config(folder: Path, *overrides: str, hydra: bool = False):
-    """A run that writes only under ``folder``, without progress bars or throughput timing, then ``overrides``."""
-    return compose_config(*run_paths(folder), "progress=false", "measure.throughput=false", *overrides, hydra=hydra)
+    """A run that writes only under ``folder``, without progress bars or throughput timing, then ``overrides``.
+    The model is the embedded DeiT on the upsampled digits (``model=deit_digits``: nothing to render, and the
+    small sizes the mechanics tests use fit it) unless ``overrides`` choose one."""
+    model = [] if any(o.startswith(("model=", "+model=")) for o in overrides) else ["model=deit_digits"]
+    return compose_config(*run_paths(folder), "progress=false", "measure.throughput=false", *model, *overrides,
+                          hydra=hydra)
 
 
 def make_tiny_vit(depth: int = 4, embed_dim: int = 32, num_heads: int = 2, img_size: int = 32,

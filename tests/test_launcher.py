@@ -46,8 +46,8 @@ from methods.models import create_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "experiments" / "run.py"
-TINY = ["+model.depth=2", "baseline.enabled=false", "experiment.train=true", "measure.throughput=false",
-        "progress=false"]
+TINY = ["model=deit_digits", "+model.depth=2", "baseline.enabled=false", "experiment.train=true",
+        "measure.throughput=false", "progress=false"]
 DEBUG = "hydra.launcher._target_=hydra_plugins.adaptive_vit_bench_launcher.DebugLauncher"
 
 

@@ -29,8 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "experiments" / "run.py"
 
 # Two blocks, 16 px images (4x4 patches + CLS), 179 training images (3 steps of 64), random init, fine-tuning on.
-TINY = ["+model.depth=2", "data.img_size=16", "data.val_fraction=0.9", "baseline.enabled=false",
-        "experiment.train=true", "train.epochs=2", "eval.map_images=0", "measure.throughput=false", "progress=false"]
+TINY = ["model=deit_digits", "+model.depth=2", "data.img_size=16", "data.val_fraction=0.9",
+        "baseline.enabled=false", "experiment.train=true", "train.epochs=2", "eval.map_images=0",
+        "measure.throughput=false", "progress=false"]
 STEPS_PER_EPOCH = 3
 DYNAMICVIT = ["method=dynamicvit", "method.params.locations=[1]"]  # the unstable one; needs a teacher
 

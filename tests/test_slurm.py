@@ -31,8 +31,8 @@ pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "experiments" / "run.py"
-TINY = ["+model.depth=2", "baseline.enabled=false", "experiment.train=true", "measure.throughput=false",
-        "progress=false", "device=cpu"]
+TINY = ["model=deit_digits", "+model.depth=2", "baseline.enabled=false", "experiment.train=true",
+        "measure.throughput=false", "progress=false", "device=cpu"]
 SLURM = ["launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=null",
          "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=null", "hydra.launcher.timeout_min=30"]
 RAN: list[str] = []
