@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench bench-cpu bench-gpu report baselines install clean
+.PHONY: demo test test-fast bench bench-cpu bench-gpu report baselines results install clean
 
 # constraints.txt: the versions known to work (torch and torchvision by range: the registry serves other builds
 # per machine); pyproject.toml keeps the ranges a user's own environment may use.
@@ -49,6 +49,9 @@ bench-cpu: $(STAMP)  ## the CPU table (DeiT-S at 224 px, batch 1/32/64, 1 and 2 
 	$(PY) experiments/bench.py cpu --threads 1,2
 
 RESULTS ?= results
+
+results: $(STAMP)  ## rebuild the committed records (experiments/regeneration.yaml); resumable: skips what exists
+	$(PY) -m experiments.regenerate $(if $(STAGE),--stage $(STAGE),)
 
 SEEDS ?= 0,1,2,3,4
 baselines: $(STAMP)  ## train (where .cache/baselines lacks them) and ship the embedded dense baselines into results/baselines

@@ -22,7 +22,7 @@ def compose_cfg(overrides=()):
 def test_defaults_are_the_embedded_model_and_data():
     cfg = compose_cfg()
     assert cfg.model.name == "deit_digits_patch4_32" and cfg.data.name == "digit_scenes" and cfg.method.name == "dense"
-    assert cfg.model.short_name == "deit_scenes" and cfg.baseline.epochs == 60
+    assert cfg.model.short_name == "deit_scenes" and cfg.baseline.epochs == 60 and cfg.baseline.warmup_epochs == 5
     digits = compose_cfg(["model=deit_digits"])  # the upsampled digits stay one option away
     assert digits.data.name == "digits" and digits.baseline.epochs == 15
 
