@@ -17,6 +17,7 @@ where the cache lacks them and ships them here, replacing earlier entries of the
 """
 from __future__ import annotations
 
+import fcntl
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -106,8 +107,10 @@ def ship(folder: Path, key: str, state: dict, entry: dict[str, Any]) -> Path:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
-    manifest = read_manifest(folder)
-    manifest.baselines[key] = ShippedBaseline(file=path.name, sha256=file_sha256(path), **entry)
-    manifest.baselines = dict(sorted(manifest.baselines.items()))
-    atomic_write_json(folder / MANIFEST, manifest.model_dump())
+    with open(folder / f".{MANIFEST}.lock", "a") as lock:  # several seeds may ship at once (make -j, a sweep)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest = read_manifest(folder)
+        manifest.baselines[key] = ShippedBaseline(file=path.name, sha256=file_sha256(path), **entry)
+        manifest.baselines = dict(sorted(manifest.baselines.items()))
+        atomic_write_json(folder / MANIFEST, manifest.model_dump())
     return path
