@@ -64,10 +64,13 @@ def load_spec(path: Path = SPEC) -> dict[str, Any]:
     return spec
 
 
-def _methods(selector: Any, exclude: Iterable[str]) -> list[str]:
+def _methods(spec: dict[str, Any], selector: Any, exclude: Any) -> list[str]:
     import methods
 
     names = methods.list_methods()
+    exclude = spec["headline_methods"] if exclude == "headline" else exclude
+    if selector == "headline":
+        selector = spec["headline_methods"]
     if selector == "all":
         chosen = names
     elif selector == "with_knob":
@@ -147,7 +150,7 @@ def expand(spec: dict[str, Any], stages: Optional[Iterable[str]] = None) -> list
                             overrides = [f"{k}={v}" for k, v in zip(keys, values)] + base + row_overrides
                             jobs.append(Job(stage_name, stage["entry"], overrides + [f"seed={seed}"]))
                 continue
-            for method in _methods(stage["methods"], stage.get("exclude", [])):
+            for method in _methods(spec, stage["methods"], stage.get("exclude", [])):
                 params = _setting(method, stage.get("setting", "default"), bench_model)
                 if params is None:
                     continue

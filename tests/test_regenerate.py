@@ -14,7 +14,7 @@ from experiments import regenerate
 
 def test_the_committed_stages_expand_from_the_registry():
     spec = regenerate.load_spec()
-    jobs = regenerate.expand(spec, ["scenes_default"])
+    jobs = regenerate.expand(spec, ["scenes_headline", "scenes_default"])
     per_method = {}
     for job in jobs:
         name = next(o.split("=", 1)[1] for o in job.overrides if o.startswith("method="))
@@ -44,7 +44,7 @@ def test_a_job_that_would_be_refused_stops_the_command_before_anything_runs(tmp_
 
 def test_bad_stage_and_shard_are_refused_in_one_line(capsys):
     assert regenerate.main(["--stage", "nope", "--dry-run"]) == 2
-    assert "--stage 'nope' unknown; valid: scenes_default" in capsys.readouterr().err
+    assert "--stage 'nope' unknown; valid: scenes_headline" in capsys.readouterr().err
     assert regenerate.main(["--shard", "2/2", "--dry-run"]) == 2
     assert "valid: I/N with 0 <= I < N" in capsys.readouterr().err
 
