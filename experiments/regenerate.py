@@ -50,8 +50,8 @@ class Job:
     name: str = ""
     planned: Optional[set[str]] = field(default=None, repr=False)  # identity keys; None: unknown until it runs
 
-    def command(self, results: Path, log_dir: Path) -> list[str]:
-        return [sys.executable, "-m", f"experiments.{self.entry}", *self.overrides, "progress=false",
+    def command(self, results: Path, log_dir: Path, extra: Iterable[str] = ()) -> list[str]:
+        return [sys.executable, "-m", f"experiments.{self.entry}", *self.overrides, *extra, "progress=false",
                 f"paths.results_dir={results}", f"hydra.run.dir={log_dir / self.name}"]
 
 
@@ -244,6 +244,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
     parser.add_argument("--shard", default="0/1", help="I/N: run every N-th job from the I-th (0-based), so N "
                                                        "processes or machines share the work; default 0/1")
+    parser.add_argument("--extra", action="append", default=[],
+                        help="a Hydra override for every job that cannot change a result (threads=1, "
+                             "num_workers=0, launcher=...: experiments.records.identity.NOT_RESULT_KEYS); repeatable")
     args = parser.parse_args(argv)
     try:
         shard, shards = (int(part) for part in args.shard.split("/"))
@@ -252,6 +255,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError:
         print(f"error: --shard={args.shard!r}; valid: I/N with 0 <= I < N, e.g. 0/2", file=sys.stderr)
         return 2
+    from experiments.records.identity import NOT_RESULT_KEYS
+
+    for override in args.extra:  # the skip test compares identities: an extra that entered one would lie
+        key = override.split("=", 1)[0].lstrip("+~")
+        if "=" not in override or not any(key == k or key.startswith(f"{k}.") for k in NOT_RESULT_KEYS):
+            print(f"error: --extra {override!r}: only keys that cannot change a result; valid: "
+                  f"{', '.join(NOT_RESULT_KEYS)}", file=sys.stderr)
+            return 2
     try:
         spec = load_spec(args.spec)
         jobs = expand(spec, args.stage)[shard::shards]
@@ -283,7 +294,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         with open(log_file, "w") as handle:
-            status = subprocess.run(job.command(args.results, LOGS), stdout=handle,
+            status = subprocess.run(job.command(args.results, LOGS, args.extra), stdout=handle,
                                     stderr=subprocess.STDOUT, cwd=Path.cwd()).returncode
         times[job.stage] = times.get(job.stage, 0.0) + time.perf_counter() - start
         print(f"{job.name} {'ok' if status == 0 else f'FAILED ({status}), see {log_file}'}: "

@@ -47,6 +47,8 @@ def test_bad_stage_and_shard_are_refused_in_one_line(capsys):
     assert "--stage 'nope' unknown; valid: scenes_headline" in capsys.readouterr().err
     assert regenerate.main(["--shard", "2/2", "--dry-run"]) == 2
     assert "valid: I/N with 0 <= I < N" in capsys.readouterr().err
+    assert regenerate.main(["--extra", "train.epochs=1", "--dry-run"]) == 2
+    assert "--extra 'train.epochs=1': only keys that cannot change a result" in capsys.readouterr().err
 
 
 @pytest.mark.slow
