@@ -11,7 +11,6 @@ with dashes; the method is the one its layout was detected as (``methods.officia
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -33,8 +32,7 @@ def reproduced(folder: str | Path, img_size: int = published.IMG_SIZE) -> pd.Dat
     for path in load.find_record_files(folder):
         try:
             record = load.read_record(path)
-        except load.RecordError as error:
-            warnings.warn(str(error), load.RecordWarning)
+        except load.RecordError:  # load.load_records names every skipped file once already
             continue
         weights = record.get("weights") if isinstance(record.get("weights"), dict) else {}
         data = (record.get("config") or {}).get("data") or {}
