@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench bench-cpu bench-gpu report baselines results install clean
+.PHONY: demo test test-fast bench bench-cpu bench-gpu report baselines results reproduce install clean
 
 # constraints.txt: the versions known to work (torch and torchvision by range: the registry serves other builds
 # per machine); pyproject.toml keeps the ranges a user's own environment may use.
@@ -59,6 +59,12 @@ baselines: $(STAMP)  ## train (where .cache/baselines lacks them) and ship the e
 
 report: $(STAMP)  ## tables + figures from the records under $(RESULTS) into $(RESULTS)/report/
 	$(PY) -m analysis.run_report $(RESULTS)
+
+CHECKPOINTS ?= checkpoints/released
+IMAGENET ?= /datasets/imagenet
+
+reproduce: $(STAMP)  ## evaluate every released checkpoint in $(CHECKPOINTS) on $(IMAGENET)/val; records + report table
+	$(PY) -m experiments.reproduce --checkpoints $(CHECKPOINTS) --imagenet $(IMAGENET)
 
 clean:
 	rm -rf $(VENV) outputs .cache .pytest_cache

@@ -167,6 +167,16 @@ def data_read(data: DataBundle) -> dict[str, Any]:
     return {"classes": data.num_classes, **scalars}
 
 
+def weights_entry(session: Session) -> dict[str, Any]:
+    """The record's ``weights``: the sha256 of the file the run started from and of the one it evaluates, and,
+    for a run from ``model.checkpoint``, that file's name (``checkpoint``: the tag the reproduction report
+    shows next to the published number; the folder stays out, as it is this machine's)."""
+    entry = {"start_sha256": session.start_sha256, "evaluated_sha256": session.evaluated_sha256}
+    if session.plan.weights.kind == "checkpoint" and session.plan.weights.path is not None:
+        entry["checkpoint"] = Path(session.plan.weights.path).name
+    return entry
+
+
 def write_record(session: Session, method: methods.TokenReducer, result: engine.EvalResult,
                  tokens: dict[str, Any], start_time: str, cfg: Optional[DictConfig] = None,
                  params: Optional[dict[str, Any]] = None, kind: str = "run", **extra: Any) -> dict[str, Any]:
@@ -187,7 +197,7 @@ def write_record(session: Session, method: methods.TokenReducer, result: engine.
         kind, config, plan.method_name, recorded, result.metrics, tokens, measured, session.train_summary,
         start_time, plan.config.paths.run_dir, sum(p.numel() for p in method.parameters()), methods.method_info(plan.method_name, method),
         data_read=data_read(session.data), identity=ident,
-        weights={"start_sha256": session.start_sha256, "evaluated_sha256": session.evaluated_sha256}, **extra)
+        weights=weights_entry(session), **extra)
     path = records.write_record(Path(plan.config.paths.results_dir), record)
     log.info("results record: %s", path)
     record["path"] = str(path)

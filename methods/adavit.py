@@ -499,4 +499,6 @@ official.register_layout(official.OfficialLayout(
     method="adavit", code="NVlabs/A-ViT timm/models/act_vision_transformer.py",
     detect=_is_official_adavit, to_ours=lambda key: f"vit.{key}",
     to_official=lambda key: key[len("vit."):] if key.startswith("vit.") else f"(none: {key} is ours only)",
-    check=_check_official_gates))
+    check=_check_official_gates,
+    settings=lambda content: {name: float(getattr(content["args"], name)) for name in ("gate_scale", "gate_center")
+                              if getattr(content["args"], name, None) is not None}))

@@ -47,17 +47,33 @@ Where we deviate from the official code (no switch: each makes the result depend
   indices drops that quirk.
 - Tokens keep their original order (the official code reorders them by ascending significance, CLS first);
   attention and the MLP do not depend on the order.
+
+Official checkpoints (``model.checkpoint``, layout registered with ``methods.official``). The official ``ViT``
+(``libs/models/transformers/vit.py``) saves timm's DeiT keys (``patch_embed.proj``, ``cls_token``,
+``pos_embed``, ``blocks.{i}.norm1 / attn.qkv / attn.proj / norm2 / mlp.fc1 / mlp.fc2``, ``norm``, ``head``;
+``ALinear`` is an ``nn.Linear``), which map to ``vit.`` + key, plus one ``blocks.{i}.attn.out_zero_mask``
+(``[1, C]``, zeros, ``requires_grad=False``) per ATS block: a constant, not a weight, checked to be zero and not
+loaded; its blocks are the file's ATS blocks, refused when they differ from ``locations``. Its trainer
+(``libs/utils/checkpoint.py`` ``save_checkpoint``, SlowFast's) writes ``{'epoch', 'model_state',
+'optimizer_state', 'cfg'}`` (``cfg`` a YAML dump), the state unwrapped from DDP. ``budget`` stays the inference
+knob. Released: no ATS checkpoint. The README evaluates the stock DeiT-S file
+``deit_small_patch16_224-cd65a155.pth`` (facebookresearch/deit) with ``configs/ImageNet/DeiT_S.yaml`` (ATS
+blocks 3..11, ``NUM_TOKENS`` 197): that is a plain DeiT checkpoint here, ``method=ats model=deit_small
+model.pretrained=true`` or ``model.checkpoint=deit_small_patch16_224-cd65a155.pth``. No accuracy is stated in
+the repository (the issue tracker quotes 2.9 GFLOPs from the paper and a user's 79.13 % at 3.4 GFLOPs off the
+shelf). The mapping was checked against the official code only, not against a released file (none exists).
 """
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Optional, Sequence, Union
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from . import backbone, params, ragged
+from . import backbone, official, params, ragged
 from .base import MethodOutput, TokenReducer
 from .params import MAX_BLOCKS, MAX_TOKENS, AttnGroup, Locations, ParamError
 from .registry import register_method
@@ -250,3 +266,28 @@ def build_ats(vit: nn.Module, budget: Budget = None, locations: Optional[Locatio
     num_tokens = vit.patch_embed.num_patches + vit.num_prefix_tokens
     samples = parse_budget(budget, num_tokens, len(locations))
     return ATS(vit, locations, samples, attn_group)
+
+
+# ------------------------------------------------------------------------------- the official checkpoint layout
+_ZERO_MASK = re.compile(r"blocks\.(\d+)\.attn\.out_zero_mask")
+
+
+def _official_ats_blocks(content) -> list[int]:
+    """The ATS blocks of an official file: those whose attention carries ``out_zero_mask``."""
+    return sorted(int(found.group(1)) for key in content["model"] if (found := _ZERO_MASK.fullmatch(key)))
+
+
+def _check_official_blocks(method: ATS, content) -> Optional[str]:
+    trained = _official_ats_blocks(content)
+    if trained == sorted(method.locations):
+        return None
+    return (f"its ATS blocks are {trained} (the blocks with attn.out_zero_mask), but method.params.locations="
+            f"{sorted(method.locations)}; valid: method.params.locations={trained}")
+
+
+official.register_layout(official.OfficialLayout(
+    method="ats", code="adaptivetokensampling/ATS libs/models/transformers/vit.py",
+    detect=lambda content: bool(_official_ats_blocks(content)), to_ours=lambda key: f"vit.{key}",
+    to_official=lambda key: key[len("vit."):] if key.startswith("vit.") else f"(none: {key} is ours only)",
+    check=_check_official_blocks, fixed=lambda key: 0.0 if _ZERO_MASK.fullmatch(key) else None,
+    settings=lambda content: {"locations": _official_ats_blocks(content)}))

@@ -57,6 +57,15 @@ Deviations from the official code:
 - In the official code a ``k_neighbors`` above a stage's token count fails inside ``topk`` at the first
   forward; we refuse it in the constructor: ``k_neighbors`` must be in ``[1, fewest patch tokens entering a
   stage]`` (DeiT-S: 196, 137, 96 enter at 0.7; 196, 49, 12 at 0.25).
+
+Official checkpoints (``model.checkpoint``, layout registered with ``methods.official``, shared rules in
+``methods/tokenreduction_layout.py``): ``dpcknn_{tiny,small,base}_patch16_224`` saves timm's DeiT keys (-> ``vit.``
++ key) and ``cluster_layers.{s}.score`` (``CTM.score``, Linear C->1; absent with ``--equal_weight``) ->
+``reducers.{s}`` (``weight``, ``bias``); ``args.k_neighbors`` / ``args.equal_weight`` must equal ours;
+``keep_rate`` stays the inference knob (no weight depends on it). Released: the repository's README names no
+checkpoint; the reference spec sheet cites a Hugging Face model card ``joakimbh/TokenReduction`` (keep rates 0.9 /
+0.7 / 0.5 / 0.25 on DeiT-T/S/B) whose file names and accuracies could not be read here (unverified), so none is
+listed. The mapping was checked against the official code only, not against a released file.
 """
 from __future__ import annotations
 
@@ -69,6 +78,7 @@ from torch import Tensor, nn
 from .evit import KEEP_RATE_GRID
 from .params import KeepRate, Locations, ParamError, PatchCounts, TokenCount, Weight
 from .registry import register_method
+from . import tokenreduction_layout
 from .staged import Reduced, StagedReduction
 
 NOISE_SCALE = 1e-6  # official: density + torch.rand(...) * 1e-6
@@ -175,3 +185,9 @@ def build_dpcknn(vit: nn.Module, keep_rate: KeepRate = 0.7, locations: Locations
     """DPC-KNN: density-peak clusters of the patches before blocks 3/6/9, merged by a learned weighted mean."""
     return DPCKNN(vit, keep_rate=keep_rate, locations=locations, patch_counts=patch_counts,
                   k_neighbors=k_neighbors, equal_weight=equal_weight, backbone_lr_scale=backbone_lr_scale)
+
+
+# ------------------------------------------------------------------------------- the official checkpoint layout
+tokenreduction_layout.register("dpcknn", "dpcknn", [("score.", "")],
+                               options={"k_neighbors": "k_neighbors", "equal_weight": "equal_weight"},
+                               counts_fixed=False)

@@ -313,4 +313,6 @@ def _check_official_keep_rate(method: DynamicViT, content) -> Optional[str]:
 official.register_layout(official.OfficialLayout(
     method="dynamicvit", code="raoyongming/DynamicViT models/dyvit.py",
     detect=lambda content: any(key.startswith("score_predictor.") for key in content["model"]),
-    to_ours=official_key_to_ours, to_official=our_key_to_official, check=_check_official_keep_rate))
+    to_ours=official_key_to_ours, to_official=our_key_to_official, check=_check_official_keep_rate,
+    settings=lambda content: ({"keep_rate": float(content["args"].base_rate)}
+                              if hasattr(content.get("args"), "base_rate") else {})))

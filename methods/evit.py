@@ -187,7 +187,18 @@ def _check_official_structure(method: EViT, content) -> Optional[str]:
     return None
 
 
+def _official_settings(content) -> dict:
+    """Keep rate, fusion and (when saved) the pruning blocks of EViT's saved args."""
+    args = content["args"]
+    found = {"keep_rate": float(args.base_keep_rate), "fuse": bool(args.fuse_token)}
+    try:
+        found["locations"] = list(ast.literal_eval(str(args.drop_loc)))
+    except (AttributeError, ValueError, SyntaxError, TypeError):
+        pass
+    return found
+
+
 official.register_layout(official.OfficialLayout(
     method="evit", code="youweiliang/evit evit.py", detect=_is_official_evit, to_ours=lambda key: f"vit.{key}",
     to_official=lambda key: key[len("vit."):] if key.startswith("vit.") else f"(none: {key} is ours only)",
-    check=_check_official_structure))
+    check=_check_official_structure, settings=_official_settings))

@@ -26,6 +26,17 @@ convention ToMe uses here). ``extra_macs``: the distances, ``P^2 * C`` per stage
 counts through our handle), plus ``P^2 * K`` per iteration for ``medoid_cost=members`` (the member sums, a
 matmul). The attention weights come from the block's own softmax (computed unfused there), so they cost
 nothing extra. Inference knob: ``keep_rate`` (no parameter depends on it).
+
+Official checkpoints (``model.checkpoint``, layout registered with ``methods.official``, shared rules in
+``methods/tokenreduction_layout.py``): ``kmedoids_{tiny,small,base}_patch16_224`` saves timm's DeiT keys (->
+``vit.`` + key) and no ``cluster_layers`` key (``KMedoids`` holds no parameter): the layout is the backbone's,
+timm's DeiT keys -> ``vit.`` + key (its own ``Block`` keeps timm's names); recognised by its ``args`` alone (a bare
+state dict is a DeiT checkpoint); ``args.cluster_iters`` must equal ``iterations``, ``args.equal_weight=True``
+(farthest-point initial medoids) is refused, as it is not offered here; ``keep_rate`` stays the inference knob.
+Released: the repository's README names no checkpoint; the reference spec sheet cites a Hugging Face model card
+``joakimbh/TokenReduction`` (keep rates 0.9 / 0.7 / 0.5 / 0.25 on DeiT-T/S/B) whose file names and accuracies could
+not be read here (unverified), so none is listed. The mapping was checked against the official code only, not
+against a released file.
 """
 from __future__ import annotations
 
@@ -37,6 +48,7 @@ from torch import Tensor, nn
 from . import tokens
 from .evit import KEEP_RATE_GRID
 from .registry import register_method
+from . import tokenreduction_layout
 from .params import KeepRate, Locations, PatchCounts, Rounds
 from .staged import Reduced, StagedReduction
 
@@ -101,3 +113,16 @@ def build_kmedoids(vit: nn.Module, keep_rate: KeepRate = 0.7, locations: Locatio
     """K-Medoids: cluster the patches before blocks 3/6/9, keep the medoids (attention-weighted, 3 rounds)."""
     return KMedoids(vit, keep_rate=keep_rate, locations=locations, patch_counts=patch_counts,
                     iterations=iterations, medoid_cost=medoid_cost)
+
+
+# ------------------------------------------------------------------------------- the official checkpoint layout
+def _refuse_equal_weight(args) -> Optional[str]:
+    if not getattr(args, "equal_weight", False):
+        return None
+    return ("it was trained with args.equal_weight=True (farthest-point initial medoids), which is not "
+            "implemented here; valid: a file trained with equal_weight=False (the official default)")
+
+
+tokenreduction_layout.register("kmedoids", "kmedoids", [],
+                               options={"cluster_iters": "iterations"},
+                               counts_fixed=False, refuse=_refuse_equal_weight)

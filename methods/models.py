@@ -87,7 +87,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                               f"{VALID_FORMATS}") from error
     if not isinstance(content, dict):
         raise CheckpointError(f"model.checkpoint: {path} holds a {type(content).__name__}, not a state dict")
-    for key in ("model", "state_dict", "model_ema", "module"):
+    # the weights entry: DeiT's / timm's names, SlowFast's ``model_state`` (ATS's trainer); a file whose
+    # ``ema_best`` is true (TokenReduction's best_checkpoint.pth) says its EMA copy is the one to evaluate
+    order = ("model_ema",) if content.get("ema_best") is True else ()
+    for key in (*order, "model", "state_dict", "model_ema", "module", "model_state"):
         if key in content and isinstance(content[key], dict):
             content = content if key == "model" else {**content, "model": content[key]}
             break

@@ -53,6 +53,15 @@ Deviations from the official code: the softmax and the mix are computed in fp32 
 and the tokens returned in the input dtype (the official code runs in the input dtype); identical in fp32.
 Under autocast the two matmuls run in autocast's dtype, as the official code's do under ``--use_amp``. The
 ``mix_normalized`` switch is ours (default: official).
+
+Official checkpoints (``model.checkpoint``, layout registered with ``methods.official``, shared rules in
+``methods/tokenreduction_layout.py``): ``patchmerger_{tiny,small,base}_patch16_224`` saves timm's DeiT keys (->
+``vit.`` + key) and ``cluster_layers.{s}.queries`` ``[K, C]`` and ``cluster_layers.{s}.norm`` ->
+``reducers.{s}.queries`` / ``reducers.{s}.norm`` (``scaled_attention`` is not saved: the official builders leave it
+off, our default). Released: the repository's README names no checkpoint; the reference spec sheet cites a Hugging
+Face model card ``joakimbh/TokenReduction`` (keep rates 0.9 / 0.7 / 0.5 / 0.25 on DeiT-T/S/B) whose file names and
+accuracies could not be read here (unverified), so none is listed. The mapping was checked against the official
+code only, not against a released file.
 """
 from __future__ import annotations
 
@@ -63,6 +72,7 @@ from torch import Tensor, nn
 
 from .params import KeepRate, Locations, PatchCounts, Weight
 from .registry import register_method
+from . import tokenreduction_layout
 from .staged import SoftMixing
 
 
@@ -117,3 +127,8 @@ def build_patchmerger(vit: nn.Module, keep_rate: KeepRate = 0.7, locations: Loca
     return PatchMerger(vit, keep_rate=keep_rate, locations=locations, patch_counts=patch_counts,
                        scaled_attention=scaled_attention, mix_normalized=mix_normalized,
                        backbone_lr_scale=backbone_lr_scale)
+
+
+# ------------------------------------------------------------------------------- the official checkpoint layout
+tokenreduction_layout.register("patchmerger", "patchmerger", [("queries", "queries"), ("norm.", "norm.")],
+                               options={}, counts_fixed=True)

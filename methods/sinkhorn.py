@@ -60,6 +60,14 @@ multiply-adds) and the normalisations elementwise, so they are not counted (the 
 Precision: the tokens and centres are normalised in fp32 and the plan is computed in fp32 from the scores cast
 to fp32; the tokens are returned in the input dtype (the official code runs in the input dtype). Under autocast
 the two matmuls run in autocast's dtype, as the official code's do under ``--use_amp``.
+
+Official checkpoints (``model.checkpoint``, layout registered with ``methods.official``, shared rules in
+``methods/tokenreduction_layout.py``): ``sinkhorn_{tiny,small,base}_patch16_224`` saves timm's DeiT keys (->
+``vit.`` + key) and ``cluster_layers.{s}.v`` ``[K, C]`` -> ``reducers.{s}.centres``; ``args.cluster_iters`` /
+``args.sinkhorn_eps`` must equal ``iterations`` / ``epsilon``. Released: the repository's README names no
+checkpoint; the reference spec sheet cites a Hugging Face model card ``joakimbh/TokenReduction`` (keep rates 0.9 /
+0.7 / 0.5 / 0.25 on DeiT-T/S/B) whose file names and accuracies could not be read here (unverified), so none is
+listed. The mapping was checked against the official code only, not against a released file.
 """
 from __future__ import annotations
 
@@ -72,6 +80,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from .registry import register_method
+from . import tokenreduction_layout
 from .params import KeepRate, Locations, PatchCounts, Rounds, Weight
 from .staged import SoftMixing
 
@@ -154,3 +163,8 @@ def build_sinkhorn(vit: nn.Module, keep_rate: KeepRate = 0.7, locations: Locatio
     """Sinkhorn: learned centres before blocks 3/6/9 gather the patches by optimal transport (3 rounds, trained)."""
     return Sinkhorn(vit, keep_rate=keep_rate, locations=locations, patch_counts=patch_counts,
                     iterations=iterations, epsilon=epsilon, backbone_lr_scale=backbone_lr_scale)
+
+
+# ------------------------------------------------------------------------------- the official checkpoint layout
+tokenreduction_layout.register("sinkhorn", "sinkhorn", [("v", "centres")],
+                               options={"cluster_iters": "iterations", "sinkhorn_eps": "epsilon"}, counts_fixed=True)

@@ -51,6 +51,15 @@ Deviations from the official code: the softmax and the mix are computed in fp32 
 ``float64``) and the tokens returned in the input dtype (the official code runs in the input dtype); identical
 in fp32. Under autocast the linears and the mix run in autocast's dtype, as the official code's do under
 ``--use_amp``.
+
+Official checkpoints (``model.checkpoint``, layout registered with ``methods.official``, shared rules in
+``methods/tokenreduction_layout.py``): ``sit_{tiny,small,base}_patch16_224`` saves timm's DeiT keys (-> ``vit.`` +
+key) and ``cluster_layers.{s}.weight.{0,1,3}`` (``TokenSlimmingModule.weight``: LayerNorm, Linear C->C/2, Linear
+C/2->K) -> ``reducers.{s}.mlp.{0,1,3}``, ``cluster_layers.{s}.scale`` -> ``reducers.{s}.scale``. Released: the
+repository's README names no checkpoint; the reference spec sheet cites a Hugging Face model card
+``joakimbh/TokenReduction`` (keep rates 0.9 / 0.7 / 0.5 / 0.25 on DeiT-T/S/B) whose file names and accuracies could
+not be read here (unverified), so none is listed. The mapping was checked against the official code only, not
+against a released file.
 """
 from __future__ import annotations
 
@@ -61,6 +70,7 @@ from torch import Tensor, nn
 
 from .params import KeepRate, Locations, PatchCounts, Weight
 from .registry import register_method
+from . import tokenreduction_layout
 from .staged import SoftMixing
 
 HIDDEN_RATIO = 0.5  # official TokenSlimmingModule(ratio=0.5): hidden = int(C * 0.5)
@@ -124,3 +134,8 @@ def build_sit(vit: nn.Module, keep_rate: KeepRate = 0.7, locations: Locations = 
     """SiT: a learned MLP mixes the patches into fewer tokens before blocks 3/6/9 (softmax over tokens, trained)."""
     return SiT(vit, keep_rate=keep_rate, locations=locations, patch_counts=patch_counts,
                backbone_lr_scale=backbone_lr_scale)
+
+
+# ------------------------------------------------------------------------------- the official checkpoint layout
+tokenreduction_layout.register("sit", "sit", [("weight.", "mlp."), ("scale", "scale")],
+                               options={}, counts_fixed=True)

@@ -121,7 +121,7 @@ def test_official_layout_gives_the_logits_of_the_same_values_in_our_layout(tmp_p
     assert not torch.allclose(logits(through_official), logits(build(name)), atol=1e-3)  # the load did something
 
 
-@pytest.mark.parametrize("name", sorted(official.layouts()))
+@pytest.mark.parametrize("name", ["dynamicvit", "adavit", "evit"])  # the others: test_official_layouts.py
 def test_mapping_round_trips_and_names_every_official_key(name):
     layout = official.layouts()[name]
     ours = build(name).state_dict()

@@ -45,6 +45,8 @@ Schema (``schema_version`` 1, :class:`~experiments.records.schema.Record`); ``an
   ``dense_wrapper_vs_timm``; entries re-timed by ``experiments/remeasure.py`` say so in ``remeasured``, and a
   record whose protocol-1 timing could not be redone has ``throughput: null`` and ``throughput_withdrawn``;
 - ``train``: ``epochs``, ``wall_time_s``, ``history`` (per-epoch metrics), ``init`` (where weights came from);
+- ``weights`` (absent in older records): ``start_sha256`` / ``evaluated_sha256`` of the weights file the run
+  started from and evaluated and, for a run from ``model.checkpoint``, ``checkpoint``: that file's name;
 - ``data_read`` (``run`` and ``tradeoff``; absent in older records): what the run read, as the startup check
   counted it: ``classes``, ``train_images``, ``val_images`` and, for image folders, classes per split and folders;
 - ``provenance``: ``git_commit``, ``git_dirty``, ``packages``, ``device``, ``hostname``, ``start_time``,

@@ -123,6 +123,17 @@ class Tokens(BaseModel):
         return values
 
 
+class Weights(BaseModel):
+    """``weights``: the sha256 of the weights file a run started from and of the one it evaluated (its
+    ``final.pth`` when it trained), and ``checkpoint``, the file name of ``model.checkpoint`` when the run
+    started from one (a released checkpoint's name: ``experiments/reproduce.py``)."""
+
+    model_config = ConfigDict(extra="allow")
+    start_sha256: Optional[StrictStr] = None
+    evaluated_sha256: Optional[StrictStr] = None
+    checkpoint: Optional[Annotated[StrictStr, Field(min_length=1)]] = None
+
+
 class Record(BaseModel):
     """One results record (package docstring); fields without a default are the required keys."""
 
@@ -143,6 +154,7 @@ class Record(BaseModel):
     flops: Optional[Flops] = None
     tokens: Optional[Tokens] = None
     tradeoff: Optional[dict[str, Any]] = None
+    weights: Optional[Weights] = None
 
     @field_validator("seed", mode="before")
     @classmethod

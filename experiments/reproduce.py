@@ -1,0 +1,222 @@
+"""Reproduce the published accuracy of released checkpoints on ImageNet.
+
+``python experiments/reproduce.py --checkpoints DIR --imagenet ROOT [--dry-run] [OVERRIDE ...]`` (also
+``python -m experiments.reproduce``, ``avb-reproduce`` and ``make reproduce CHECKPOINTS=DIR IMAGENET=ROOT``)
+
+Every ``*.pth`` / ``*.pt`` / ``*.safetensors`` file in ``DIR`` is identified from its content, never its name:
+
+- the method: the official layout it is in (``methods.official.match``: the layouts the method modules
+  register), ``dense`` for a plain timm/DeiT state dict, or the method a suite checkpoint names;
+- the method parameters it was trained with: what the layout reads from the file (``OfficialLayout.settings``:
+  saved options, module shapes), the method's defaults for the rest;
+- the backbone: the image model config (``experiments/conf/model``) whose timm model has the file's backbone
+  shapes (width, depth, patch, position table, MLP width).
+
+Then each file is evaluated in turn, as ``python experiments/run.py method=M model=B model.checkpoint=FILE
+data=imagefolder data.root=ROOT experiment.train=false`` plus the settings and the ``OVERRIDE`` arguments
+(Hydra overrides for every run, e.g. ``eval.batch_size=256 measure.throughput=false``); each run writes its
+record, which carries the file's sha256 (``weights.start_sha256``) and name (``weights.checkpoint``). The report
+(``analysis/reproduction.py``) puts each record's top-1 next to the published one. ``ROOT`` is an ImageNet folder
+in the imagefolder layout (``ROOT/train/<wnid>/*.JPEG``, ``ROOT/val/<wnid>/*.JPEG``): only ``val`` is evaluated,
+but ``data=imagefolder``'s startup check reads both splits' class folders. For a SLURM cluster, run the printed
+commands (``--dry-run``) through ``launcher=slurm`` one by one.
+
+Refused in one ``error:`` line, before any work and with nothing written (status 2): a missing checkpoint
+folder or one without checkpoint files, a missing ImageNet folder or one that is not an imagefolder (no
+``val`` or ``train`` folder with class folders), an unreadable checkpoint, one whose backbone matches no model
+config. A run's own refusal (``experiments/refusal.py``) stops the command at that file.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import methods
+from experiments.train.checkpoints import file_sha256
+from methods import official
+from methods.models import CheckpointError, create_backbone, read_checkpoint
+
+REFUSAL_STATUS = 2
+CONF = Path(__file__).resolve().parent / "conf"
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
+BACKBONE_KEYS = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
+
+
+class ReproduceError(ValueError):
+    """An input this command cannot use; the message names it and what is valid."""
+
+
+@dataclass
+class Identified:
+    """One checkpoint file, identified from its content."""
+
+    path: Path
+    method: str
+    model: str  # the model config's name (model=...)
+    params: dict[str, Any] = field(default_factory=dict)
+    layout: Optional[str] = None  # the official code whose layout the file is in; None for plain/suite files
+
+    def overrides(self, imagenet: Path) -> list[str]:
+        return [f"method={self.method}", f"model={self.model}", f"model.checkpoint={self.path.resolve()}",
+                "data=imagefolder", f"data.root={imagenet.resolve()}", "experiment.train=false",
+                *(f"method.params.{key}={_hydra_value(value)}" for key, value in self.params.items())]
+
+
+def _hydra_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    return str(value)
+
+
+# ------------------------------------------------------------------------------------------ input checks
+def checkpoint_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise ReproduceError(f"--checkpoints={folder} does not exist or is not a folder; valid: a folder holding "
+                             "the released checkpoint files")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
+    if not files:
+        raise ReproduceError(f"--checkpoints={folder} holds no checkpoint file; valid: a folder with "
+                             f"{' / '.join('*' + s for s in CHECKPOINT_SUFFIXES)} files")
+    return files
+
+
+def check_imagenet(root: Path) -> None:
+    """``root`` looks like an imagefolder (``train`` and ``val`` with class folders); the full check (every
+    image header, the same classes in both splits) is the run's startup check."""
+    if not root.is_dir():
+        raise ReproduceError(f"--imagenet={root} does not exist or is not a folder; valid: the ImageNet folder in "
+                             "the imagefolder layout (ROOT/train/<wnid>/*.JPEG and ROOT/val/<wnid>/*.JPEG)")
+    for split in ("val", "train"):
+        folder = root / split
+        if not folder.is_dir():
+            raise ReproduceError(f"--imagenet={root} is not an imagefolder: no {split}/ folder (expected "
+                                 f"{folder}/<wnid>/*.JPEG); valid: ROOT/train/<wnid>/ and ROOT/val/<wnid>/")
+        if not any(p.is_dir() for p in folder.iterdir()):
+            raise ReproduceError(f"--imagenet={root} is not an imagefolder: {folder} has no class folders "
+                                 f"(expected {folder}/<wnid>/*.JPEG)")
+
+
+# ---------------------------------------------------------------------------------------- identification
+def image_models() -> dict[str, dict[str, Any]]:
+    """The image model configs a checkpoint can be evaluated on (those that bring their own data are left out)."""
+    found = {}
+    for path in sorted((CONF / "model").glob("*.yaml")):
+        text = path.read_text()
+        config = OmegaConf.create(text)
+        if "_global_" in text.splitlines()[0] or config.get("num_frames") or "name" not in config:
+            continue
+        found[path.stem] = {"name": config.name, "img_size": int(config.img_size)}
+    return found
+
+
+def backbone_shapes(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    shapes: dict[str, Any] = {key: tuple(state[key].shape) for key in BACKBONE_KEYS if key in state}
+    shapes["depth"] = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
+    return shapes
+
+
+def model_for(state: dict[str, torch.Tensor], source: str) -> str:
+    """The model config whose timm backbone has ``state``'s shapes (timm names, no ``vit.``)."""
+    wanted = backbone_shapes(state)
+    matches = []
+    for config, spec in image_models().items():
+        with torch.device("meta"):
+            vit = create_backbone(spec["name"], num_classes=1, img_size=spec["img_size"])
+        if backbone_shapes(vit.state_dict()) == wanted:
+            matches.append(config)
+    if len(matches) != 1:
+        shown = ", ".join(f"{k}={v}" for k, v in wanted.items())
+        raise ReproduceError(f"{source}: its backbone ({shown}) matches {len(matches)} model configs "
+                             f"({', '.join(matches) or 'none'}); valid: a checkpoint of one of "
+                             f"{', '.join(image_models())}")
+    return matches[0]
+
+
+def identify(path: Path) -> Identified:
+    """What ``path`` holds (module docstring); raises ReproduceError / CheckpointError naming the file."""
+    content = read_checkpoint(path)
+    state = official.strip_module_prefix(content["model"])
+    content = {**content, "model": state}
+    source = f"--checkpoints file {path.name}"
+    if content.get("method") is not None:  # a suite checkpoint says what it is
+        method, params, layout = str(content["method"]), dict(content.get("method_params") or {}), None
+        backbone = {k[len("vit."):]: v for k, v in state.items() if k.startswith("vit.")}
+    else:
+        found = official.match(content)
+        if found is None:
+            method, params, layout, backbone = "dense", {}, None, state
+        else:
+            method, params, layout = found.method, found.settings(content), found.code
+            ours = official.to_ours(found, state)
+            backbone = {k[len("vit."):]: v for k, v in ours.items() if k.startswith("vit.")}
+    if method not in methods.list_methods():
+        raise ReproduceError(f"{source} names method {method!r}, which is not registered; valid: "
+                             f"{', '.join(methods.list_methods())}")
+    return Identified(path, method, model_for(backbone, source), params, layout)
+
+
+# ---------------------------------------------------------------------------------------------- running
+def compose_run(overrides: list[str]):
+    from experiments.config_store import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def reproduce(checkpoints: Path, imagenet: Path, extra: list[str], dry_run: bool = False) -> list[dict[str, Any]]:
+    """Check the inputs, identify every file, then evaluate them in turn; returns the records written."""
+    files = checkpoint_files(checkpoints)
+    check_imagenet(imagenet)
+    plan = [identify(path) for path in files]  # every file identified before the first run
+    for item in plan:
+        print(f"{item.path.name}: method={item.method} model={item.model} "
+              f"params={item.params or 'defaults'} layout={item.layout or 'plain'}")
+    if dry_run:
+        for item in plan:
+            print("python experiments/run.py " + " ".join(item.overrides(imagenet) + extra))
+        return []
+    from experiments import pipeline
+
+    written = []
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for item in plan:  # outside a Hydra app the run folder has no default: one per file, unless given
+        run_dir = [] if any(o.startswith("paths.run_dir=") for o in extra) else [
+            f"paths.run_dir=outputs/reproduce/{stamp}_{item.path.stem}"]
+        record = pipeline.run(compose_run(item.overrides(imagenet) + run_dir + extra))
+        print(f"{item.path.name}: top-1 {record['metrics']['top1']:.2f}% sha256 {file_sha256(item.path)[:16]} "
+              f"record {record['path']}")
+        written.append(record)
+    return written
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from experiments.refusal import REFUSALS
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoints", type=Path, required=True, help="folder of released checkpoint files")
+    parser.add_argument("--imagenet", type=Path, required=True,
+                        help="ImageNet in the imagefolder layout (ROOT/train/<wnid>, ROOT/val/<wnid>)")
+    parser.add_argument("--dry-run", action="store_true", help="identify the files and print the runs only")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. eval.batch_size=256")
+    args = parser.parse_args(argv)
+    try:
+        reproduce(args.checkpoints, args.imagenet, list(args.overrides), args.dry_run)
+    except (ReproduceError, CheckpointError, *REFUSALS) as error:
+        print(f"error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
+        return REFUSAL_STATUS
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
