@@ -36,10 +36,10 @@ Compiled runs (``measure.compile``, ``experiments/cost/compiled.py``): the whole
 defaults. Every host sync above breaks the graph, and each piece between two syncs is compiled for its first
 packed length, then once more as dynamic in that length when it changes (automatic dynamic shapes), which the
 first forward already does as the length shrinks from block to block. Later batches, whose images keep other
-counts, reuse those graphs: on the tiny test model A-ViT compiled 45 frames in its first forward and none in the
-next ten batches (``tests/test_compile.py`` bounds it). Marking the length dynamic from the start
-(``dynamic=True``), bucketing lengths (padding rows the attention would have to mask) and compiling only the
-fixed-shape parts were measured against it (``experiments/cost/compiled.py`` names the numbers).
+counts, reuse those graphs: on the tiny test model A-ViT compiled 45 frames in its first forward and one in the
+next eleven batches (``tests/test_compile.py`` bounds it), and nothing falls back to eager silently
+(``experiments/cost/compiled.py``). What this costs against the alternatives (``dynamic=True`` from the start,
+bucketed lengths, compiling only the fixed-shape parts) is not measured yet.
 """
 from __future__ import annotations
 
