@@ -33,7 +33,7 @@ def throughput_frame(records: pd.DataFrame) -> pd.DataFrame:
     ``timed_flops_ratio`` (the FLOPs ratio of the images that were timed, which efficiency divides by; NaN for
     entries older than timing protocol 2) and ``condition_order`` (sorts conditions by device, dtype, batch
     size). CPU conditions name their thread count (``cpu b32 fp32 t1``): timings at different thread counts
-    are different conditions, never averaged together.
+    are different conditions, never averaged together; so are compiled timings (``cpu b1 fp32 t1 compiled``).
     """
     rows = []
     for _, rec in records.iterrows():
@@ -47,7 +47,8 @@ def throughput_frame(records: pd.DataFrame) -> pd.DataFrame:
             batch = entry.get("batch_size")
             device, dtype = str(entry.get("device", "?")), dtype_short(entry.get("dtype", "?"))
             threads = entry.get("threads") if device == "cpu" else None
-            label = f"{device} b{batch} {dtype}" + (f" t{threads}" if isinstance(threads, int) else "")
+            label = f"{device} b{batch} {dtype}" + (f" t{threads}" if isinstance(threads, int) else "") + \
+                (" compiled" if entry.get("compile") is True else "")  # never averaged with eager timings
             rows.append({"model": rec["model"], "data": rec["data"], "method": rec["method"],
                          "params_key": rec["params_key"], "seed": rec["seed"], "record_id": rec["record_id"],
                          "device": device, "batch_size": batch, "dtype": dtype,
@@ -57,7 +58,8 @@ def throughput_frame(records: pd.DataFrame) -> pd.DataFrame:
                          if entry.get("timing_protocol", 1) >= 2 else math.nan,
                          "condition_order": (device, _DTYPE_ORDER.get(dtype, 9), dtype,
                                              threads if isinstance(threads, int) else 0,
-                                             batch if isinstance(batch, int) else 0)})
+                                             batch if isinstance(batch, int) else 0,
+                                             entry.get("compile") is True)})
     columns = ["model", "data", "method", "params_key", "seed", "record_id", "device", "batch_size", "dtype",
                "condition", "img_per_s", "dense_img_per_s", "speedup", "peak_mem_mb", "timed_flops_ratio",
                "condition_order"]

@@ -66,10 +66,16 @@ def settings(model: str, trained: Iterable[str] = ()) -> list[tuple[str, list[st
     return rows
 
 
+# ``compiled``: where the table times torch.compile too, as (models, dtypes, batch sizes, mode): ``both`` times the
+# eager and the compiled models alternating in one measurement; ``true`` adds compiled-only rows, whose eager
+# pairs are the table's own rows (on a GPU, where the machine is not shared, and the eager rows exist anyway).
 TABLES = {
-    "gpu": dict(models=("deit_small", "deit_base"), device="cuda", batch_sizes=(1, 64, 256), dtypes="[fp32,bf16]"),
-    "cpu": dict(models=("deit_small",), device="cpu", batch_sizes=(1, 32, 64), dtypes="[fp32]"),
-    "embedded": dict(models=("deit_digits",), device="cpu", batch_sizes=(1, 32, 64), dtypes="[fp32]"),
+    "gpu": dict(models=("deit_small", "deit_base"), device="cuda", batch_sizes=(1, 64, 256), dtypes="[fp32,bf16]",
+                compiled=(("deit_small",), "[bf16]", (64, 256), "true")),
+    "cpu": dict(models=("deit_small",), device="cpu", batch_sizes=(1, 32, 64), dtypes="[fp32]",
+                compiled=(("deit_small",), "[fp32]", None, "both")),
+    "embedded": dict(models=("deit_digits",), device="cpu", batch_sizes=(1, 32, 64), dtypes="[fp32]",
+                     compiled=None),
 }
 
 
@@ -100,15 +106,32 @@ def checkpoint_method(path: Path) -> str:
 
 def plan_rows(table: str, threads: Sequence[Optional[int]], checkpoint: Optional[tuple[str, Path]],
               extra: list[str], run_dir: Path, defaults_only: bool = False,
-              batch_sizes: Optional[Sequence[int]] = None) -> list[list[str]]:
-    """Every measurement of ``table`` as its Hydra overrides; ``checkpoint`` is (its method, its path)."""
+              batch_sizes: Optional[Sequence[int]] = None, compile: bool = True) -> list[list[str]]:
+    """Every measurement of ``table`` as its Hydra overrides; ``checkpoint`` is (its method, its path).
+    ``compile``: also the table's compiled measurements (``TABLES[table]["compiled"]``)."""
+    spec = TABLES[table]
+    sizes = batch_sizes or spec["batch_sizes"]
+    rows = _rows(spec, spec["models"], spec["dtypes"], sizes, threads, checkpoint, run_dir, defaults_only)
+    if compile and spec["compiled"]:
+        models, dtypes, compiled_sizes, mode = spec["compiled"]
+        if mode == "both":  # the table's rows themselves time eager and compiled side by side
+            rows = [row + ["measure.compile=both"] if f"model={models[0]}" in row else row for row in rows]
+        else:
+            rows += [row + [f"measure.compile={mode}"] for row in
+                     _rows(spec, models, dtypes, batch_sizes or compiled_sizes, threads, checkpoint, run_dir,
+                           defaults_only=True)]
+    return [row + extra for row in rows]
+
+
+def _rows(spec: dict, models: Sequence[str], dtypes: str, batch_sizes: Sequence[int],
+          threads: Sequence[Optional[int]], checkpoint: Optional[tuple[str, Path]], run_dir: Path,
+          defaults_only: bool) -> list[list[str]]:
     import methods
 
-    spec = TABLES[table]
-    sizes = "[" + ",".join(str(b) for b in (batch_sizes or spec["batch_sizes"])) + "]"
+    sizes = "[" + ",".join(str(b) for b in batch_sizes) + "]"
     trained = [checkpoint[0]] if checkpoint else []
     rows = []
-    for model in spec["models"]:
+    for model in models:
         for thread in threads:
             seen = set()
             for method, params in settings(model, trained):
@@ -116,7 +139,7 @@ def plan_rows(table: str, threads: Sequence[Optional[int]], checkpoint: Optional
                     continue
                 seen.add(method)
                 overrides = [f"method={method}", f"model={model}", f"device={spec['device']}",
-                             f"measure.batch_sizes={sizes}", f"measure.dtypes={spec['dtypes']}",
+                             f"measure.batch_sizes={sizes}", f"measure.dtypes={dtypes}",
                              "progress=false", f"paths.run_dir={run_dir}", *params]
                 if methods.method_spec(method).family != "none":  # the dense row: the wrapper-vs-timm check
                     overrides.append("measure.wrapper_check=false")
@@ -126,7 +149,7 @@ def plan_rows(table: str, threads: Sequence[Optional[int]], checkpoint: Optional
                     overrides.append(f"measure.threads={thread}")
                 if method in trained:
                     overrides.append(f"model.checkpoint={checkpoint[1]}")
-                rows.append(overrides + extra)
+                rows.append(overrides)
     return rows
 
 
@@ -153,6 +176,10 @@ def parser() -> argparse.ArgumentParser:
     parse.add_argument("--batch-sizes", type=positive_ints, default=None,
                        help="replace the table's batch sizes, e.g. 1,32")
     parse.add_argument("--defaults-only", action="store_true", help="each method at its default setting only")
+    parse.add_argument("--no-compile", action="store_true",
+                       help="leave out the table's torch.compile measurements (CPU: eager and compiled side by side "
+                            "in every DeiT-S row; GPU: DeiT-S bf16 at batch 64 and 256 compiled, every method at "
+                            "its default)")
     parse.add_argument("--dry-run", action="store_true", help="print the measurements, run nothing")
     parse.add_argument("overrides", nargs="*", help="extra Hydra overrides (key=value) for every measurement")
     return parse
@@ -183,7 +210,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 2
     run_dir = ROOT / "outputs" / "bench" / time.strftime("%Y%m%dT%H%M%S")
     rows = plan_rows(args.table, args.threads or [None], checkpoint, args.overrides, run_dir,
-                     args.defaults_only, args.batch_sizes)
+                     args.defaults_only, args.batch_sizes, compile=not args.no_compile)
     if args.dry_run:
         for overrides in rows:
             print(" ".join(overrides))

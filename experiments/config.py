@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import II, MISSING
 
+from experiments.cost.compiled import BACKENDS as COMPILE_BACKENDS
 from methods.ragged import BACKENDS as RAGGED_BACKENDS
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "lamb")
@@ -292,8 +293,10 @@ class MeasureConfig:
     warmup: int = spec(10, ge=0, le=MAX_COUNT)  # untimed forwards per model and condition (protocol: >= 10)
     repeats: int = spec(5, ge=1, le=MAX_COUNT)  # timed runs per model, dense and method alternating; the median is kept
     min_time_s: float = spec(0.05, ge=0, le=MAX_TIME_S)  # each timed run repeats the forward until it lasts this long
-    compile: bool = False  # torch.compile every timed model; compilation is excluded and reported (compile_s)
-    compile_backend: str = spec("inductor", choices=("inductor", "aot_eager", "eager"))
+    # true: torch.compile every timed model (dense the same way); compilation is excluded and reported (compile_s,
+    # recompiles); both: eager and compiled models alternate in the same repeats, two entries per batch size
+    compile: Any = spec(False, choices=(False, True, "both"))
+    compile_backend: str = spec("inductor", choices=COMPILE_BACKENDS)
     # the timing pool: every batch size cycles through these first validation images, whose FLOPs it divides by
     timing_images: int = spec(64, ge=1, le=MAX_IMAGES)
     # also time the dense wrapper against timm (harness check, within 2%); a table needs it once, in its dense row

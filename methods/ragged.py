@@ -31,6 +31,15 @@ Host syncs (on CUDA; none costs anything on CPU), counted on CPU by ``tests/test
 ``nonzero_static`` sized by it: one sync per call, also when no row leaves (the caller learns that from it). The
 CUDA paths (``varlen``, and ``padded`` with ``group=0`` padded to ``tokens``) make no other. Only ``padded`` with
 ``group > 0`` (the CPU default) reads the lengths on the host, once per layout (:attr:`Layout.sizes`).
+
+Compiled runs (``measure.compile``, ``experiments/cost/compiled.py``): the whole method is compiled with dynamo's
+defaults. Every host sync above breaks the graph, and each piece between two syncs is compiled for its first
+packed length, then once more as dynamic in that length when it changes (automatic dynamic shapes), which the
+first forward already does as the length shrinks from block to block. Later batches, whose images keep other
+counts, reuse those graphs: on the tiny test model A-ViT compiled 45 frames in its first forward and one in the
+next eleven batches (``tests/test_compile.py`` bounds it), and nothing falls back to eager silently
+(``experiments/cost/compiled.py``). What this costs against the alternatives (``dynamic=True`` from the start,
+bucketed lengths, compiling only the fixed-shape parts) is not measured yet.
 """
 from __future__ import annotations
 

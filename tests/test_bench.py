@@ -32,7 +32,8 @@ def test_every_method_but_the_dense_reference_declares_a_stronger_setting():
 
 
 def test_gpu_table_covers_every_method_at_its_registered_settings_on_deit_s_and_b(capsys):
-    rows = planned(capsys, "gpu")
+    rows = [row for row in planned(capsys, "gpu") if "measure.compile=true" not in row]
+    assert rows == planned(capsys, "gpu", "--no-compile")
     for model in ("deit_small", "deit_base"):
         mine = [row for row in rows if f"model={model}" in row]
         got = {name: [params_of(row) for row in mine if method_of(row) == name] for name in methods.list_methods()}
@@ -62,6 +63,20 @@ def test_embedded_table_declared_constants_and_the_checkpoint_method(capsys, tmp
     assert [params_of(row) for row in mine] == [{}, {"r": "16"}]
     assert all(f"model.checkpoint={checkpoint}" in row for row in mine)
     assert not any("model.checkpoint" in part for row in rows if method_of(row) != "tome" for part in row)
+
+
+def test_compiled_measurements_of_the_gpu_and_cpu_tables(capsys):
+    """GPU: every method at its default compiled on DeiT-S, bf16, batch 64 and 256 (the eager pairs are the
+    table's own rows); CPU: every row times eager and compiled side by side."""
+    compiled = [row for row in planned(capsys, "gpu") if "measure.compile=true" in row]
+    assert sorted(method_of(row) for row in compiled) == sorted(methods.list_methods())
+    assert all(params_of(row) == {key: str(value) for key, value in methods.bench_settings(
+        method_of(row), "deit_small")[0].items()} for row in compiled)
+    assert all("model=deit_small" in row and "measure.dtypes=[bf16]" in row and
+               "measure.batch_sizes=[64,256]" in row for row in compiled)
+    cpu = planned(capsys, "cpu", "--defaults-only")
+    assert all("measure.compile=both" in row for row in cpu)
+    assert not any("measure.compile" in part for row in planned(capsys, "cpu", "--no-compile") for part in row)
 
 
 def test_cpu_table_threads_and_defaults_only(capsys):
