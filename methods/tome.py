@@ -16,6 +16,13 @@ attention, needed for supervised DeiT). ``r`` is clamped in each block to half o
 has depth ``l + 1``. ``extra_macs`` counts the matching, ``|A| * |B| * C`` per merging block (about
 ``(N/2)^2 * C``, the suite's convention; the official similarity uses the head-mean keys, ``C / heads`` wide).
 
+Threshold merging (DToMe, from DyMU): ``threshold`` replaces ``r`` by a per-block cosine-similarity threshold
+in [0, 1] (one for every block, a per-block list, or ``calibrated``: calibrated for a target ``r`` by
+``experiments/calibrate.py`` and read from the weights), so counts vary per image; see
+``methods/tome_threshold.py``. ``r`` and ``threshold`` are exclusive (``r`` left at its default). The inference
+knob stays ``r``: a threshold curve is one calibrated checkpoint per target ``r`` (or a sweep of fixed
+thresholds, ``+sweep=tome_threshold``), since the thresholds are weights, not a knob.
+
 Where we deviate from the official code:
 
 - ``r`` is an int or a per-block list; a list shorter than the depth is padded with zeros (as ToMe's

@@ -34,6 +34,9 @@ Where we deviate from the official code:
 - Calibration runs in eval mode (no dropout, no drop-path: DyMU's CLIP encoders have none, DeiT has drop-path),
   in the run's dtype (DyMU: bf16) on one process (DyMU: DDP, an all-reduce of the batch thresholds).
 - The official non-fused attention adds the log-size bias after the softmax (a bug); we add it to the logits.
+- An image whose block merges nothing keeps its token order, as DyMU does at batch size 1 (ToMe returns early
+  at ``r = 0``); DyMU's batched path reorders it to [A, B] anyway, which changes later pairings, so its result
+  depended on the batch. Here an image's result is its batch-size-1 result.
 - ``max_r_per_instance_ratio`` (an optional per-image cap, default None) is not supported.
 """
 from __future__ import annotations
@@ -108,7 +111,7 @@ def merge_rows(x: Tensor, size: Tensor, match: RowMatch, merge: Tensor, segment:
                present: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Apply ``merge`` (``[R, |A|]`` bool) to rows ``x`` ``[T, C]`` with sizes ``size`` ``[T]`` fp32: merged A
     rows are added, size-weighted, into their partners. Returns ``(x, size, merged [T] bool, order [T])``, the
-    new order key putting the unmerged A rows first, then B, as ToMe. No host sync."""
+    new order key putting the unmerged A rows first, then B, as ToMe (in images that merged). No host sync."""
     tokens = match.grid.shape[1] - 1
     rank = match.rank
     is_a = present & (rank.remainder(2) == 0)
@@ -121,7 +124,8 @@ def merge_rows(x: Tensor, size: Tensor, match: RowMatch, merge: Tensor, segment:
     total = x.float() * size[:, None]
     new_total = total.index_add(0, target, total * merged[:, None])
     new_size = size.index_add(0, target, weight)
-    order = torch.where(rank.remainder(2) == 0, rank, rank + tokens)
+    reordered = merge.any(dim=1)[segment]  # an image that merges nothing keeps its order (ToMe at r = 0)
+    order = torch.where(reordered & (rank.remainder(2) == 1), rank + tokens, rank)
     return (new_total / new_size[:, None]).to(x.dtype), new_size, merged, order
 
 
@@ -169,7 +173,7 @@ class ThresholdToMe(TokenReducer):
         if self.calibrated:  # what the calibration targeted, for the record (-1 / 0: not calibrated)
             self.register_buffer("calibration_r", torch.full((self.depth,), -1, dtype=torch.long))
             self.register_buffer("calibration_images", torch.zeros((), dtype=torch.long))
-        self._values: Optional[list[float]] = None if thresholds is None else [float(v) for v in values]
+        self._values: Optional[list[float]] = None if thresholds is None else [float(v) for v in thresholds]
         self.register_load_state_dict_post_hook(lambda module, keys: module._refresh())
 
     def _refresh(self) -> None:
@@ -187,6 +191,10 @@ class ThresholdToMe(TokenReducer):
         if self.calibrated and (keys is None or "thresholds" not in set(keys)):
             return uncalibrated_message("the checkpoint" if keys is not None else "no checkpoint")
         return None
+
+    def calibration_error(self) -> Optional[str]:
+        return ("method.params.threshold is set, but calibration computes the thresholds for a target "
+                "method.params.r; valid: threshold=null and r >= 1")
 
     def record_info(self) -> dict:
         info = {"thresholds": None if self.thresholds.is_meta else [round(v, 6) for v in self.thresholds.tolist()],
