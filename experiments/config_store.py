@@ -38,6 +38,8 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("run_token", run_token)
     store = ConfigStore.instance()
     store.store(name="base_config", node=RunConfig)
+    from experiments.calibration import CalibrateConfig  # noqa: PLC0415 - imports the harness (torch)
+    store.store(name="base_calibrate_config", node=CalibrateConfig)  # conf/calibrate.yaml's schema
     for name in data_registry.list_data():
         store.store(group="data", name=f"base_{name}", node=data_registry.data_spec(name).config)
     for name in methods.list_methods():

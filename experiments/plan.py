@@ -109,6 +109,9 @@ def validate(cfg: DictConfig, num_classes: Optional[int] = None, train: Optional
         classes, meta = check_checkpoint(config, spec.name, params, classes, meta, explicit_classes=num_classes)
 
     weights = weight_source(config)
+    missing = meta.missing_state(None) if weights.kind != "checkpoint" else None
+    if missing:  # a checkpoint was checked by load_weights; other weights hold the backbone alone
+        raise ConfigError(f"{missing} (weights: {weights.label})")
     chosen = train if train is not None else config.experiment.train
     trains = bool(chosen if chosen is not None else
                   (config.method.finetune if config.method.finetune is not None else spec.finetune))

@@ -16,6 +16,9 @@ this class alone and never asks for a method's name:
   an output never holds its input batch.
 - ``runtime`` (:class:`methods.ragged.Runtime`) says how methods with per-image token counts execute at
   inference (the ragged attention backend); the harness sets it from ``eval.ragged_backend``.
+- ``missing_state(keys)`` says why the method cannot run on weights with these state keys (threshold ToMe
+  without calibrated thresholds), so the plan refuses before work; ``calibrate(batches)`` calibrates a method
+  from data (``experiments/calibrate.py``), ``calibration_error()`` says beforehand why it cannot.
 - ``record_info()`` gives JSON-able facts about the built method that a results record keeps (A-ViT's prior
   target), so analysis reads them instead of re-deriving them.
 
@@ -27,13 +30,14 @@ travels in ``state``, a small dataclass each method defines next to its code (``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
 from timm.optim import param_groups_weight_decay
 
 from . import backbone, ragged
+from .params import ParamError
 
 
 @dataclass
@@ -114,6 +118,21 @@ class TokenReducer(nn.Module):
         ``out`` was computed from (a method may re-run part of it). Empty for methods with one convention.
         Measurement calls it explicitly, outside any timed region."""
         return {}
+
+    def missing_state(self, keys: Optional[Iterable[str]]) -> Optional[str]:
+        """Why the method cannot run on weights whose state-dict keys are ``keys`` (``None``: backbone weights
+        only, or none), as one line naming how to make them; ``None`` when it can. For state a method cannot
+        initialise itself (calibrated thresholds); checked before work by the plan and the checkpoint loader."""
+        return None
+
+    def calibration_error(self) -> Optional[str]:
+        """``None`` when :meth:`calibrate` can run on this method as built, else why not (one line)."""
+        return f"{type(self).__name__} has no calibration step; valid: tome with method.params.r"
+
+    def calibrate(self, batches: Iterable[Tensor]) -> tuple["TokenReducer", dict[str, Any]]:
+        """Calibrate from image batches (no gradients): returns the calibrated method (sharing this backbone) and
+        the factory parameters that build it, for its checkpoint. Methods without calibration raise."""
+        raise ParamError(self.calibration_error())
 
     def record_info(self) -> dict[str, Any]:
         """JSON-able facts about the built method that analysis needs (stored as a record's ``method_info``)."""

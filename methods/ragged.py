@@ -1,7 +1,7 @@
 """The ragged-token runtime: a batch whose images keep different numbers of tokens, run without padding.
 
 It owns the packed representation and everything that runs on it, for every method whose token counts vary
-per image (A-ViT today; ATS, LTMP and threshold ToMe next):
+per image (A-ViT, ATS, threshold ToMe; LTMP next):
 
 - :class:`Packed`: the rows ``x`` ``[T, C]`` of all images one after another (image-major, each image's rows
   in their original order) and their :class:`Layout`: ``source`` ``[T]`` (``image * tokens + position``:
@@ -234,16 +234,20 @@ def attn_residual(block: Block, packed: Packed, backend: str = "padded", group: 
     return backbone.attn_out_residual(block, packed.x, attention(block.attn, qkv, packed, backend, group))
 
 
-def attention(attn, qkv: Tensor, packed: Packed, backend: str = "padded", group: int = 0) -> Tensor:
+def attention(attn, qkv: Tensor, packed: Packed, backend: str = "padded", group: int = 0,
+              key_bias: Optional[Tensor] = None) -> Tensor:
     """Softmax attention of a timm ``Attention`` within each image's rows, from QKV rows ``qkv``
     ``[T, 3 * heads * head_dim]`` of ``packed``; merged heads ``[T, heads * head_dim]``. For methods that read
-    the QKV rows themselves (ATS's significance) before the output projection."""
-    if backend == "varlen" and qkv.dtype in HALF_DTYPES:
+    the QKV rows themselves (ATS's significance) before the output projection.
+
+    ``key_bias`` ``[T]``: added to the logits of every query for each row as a key (ToMe's proportional attention,
+    ``log(size)``). The varlen kernel takes no bias, so with one ``varlen`` runs the sync-free padded call."""
+    if backend == "varlen" and qkv.dtype in HALF_DTYPES and key_bias is None:
         return _varlen_attention(attn, qkv, packed)
     if backend == "flex":
-        return _flex_attention(attn, qkv, packed)
-    # varlen on fp32 rows: the flash kernel has no fp32, and group 0 needs no host sync either
-    return _padded_attention(attn, qkv, packed, 0 if backend == "varlen" else group)
+        return _flex_attention(attn, qkv, packed, key_bias)
+    # varlen on fp32 rows (or with a bias): the flash kernel has no fp32, and group 0 needs no host sync either
+    return _padded_attention(attn, qkv, packed, 0 if backend == "varlen" else group, key_bias)
 
 
 def _heads(attn, rows: Tensor, batch: int, tokens: int, dtype: torch.dtype) -> backbone.Heads:
@@ -288,28 +292,39 @@ def _padded_plan(layout: Layout, group: int) -> PaddedPlan:
     return PaddedPlan(gather, slot, calls)
 
 
-def _padded_attention(attn, qkv: Tensor, packed: Packed, group: int) -> Tensor:
-    """Per-image attention through padded SDPA calls; ``[T, heads * head_dim]``."""
+def _padded_attention(attn, qkv: Tensor, packed: Packed, group: int, key_bias: Optional[Tensor] = None) -> Tensor:
+    """Per-image attention through padded SDPA calls; ``[T, heads * head_dim]``. A ``key_bias`` ``[T]`` travels
+    with the rows; padding keys then get ``-inf`` in the bias instead of a boolean mask."""
     heads, head_dim, dtype = attn.num_heads, attn.head_dim, packed.x.dtype
 
-    def attend(rows: Tensor, batch: int, tokens: int, key_mask: Optional[Tensor]) -> Tensor:
-        out = backbone.softmax_attention(attn, _heads(attn, rows, batch, tokens, dtype), key_mask=key_mask)
+    def attend(rows: Tensor, batch: int, tokens: int, key_mask: Optional[Tensor],
+               bias: Optional[Tensor] = None) -> Tensor:
+        split = _heads(attn, rows, batch, tokens, dtype)
+        if bias is None:
+            out = backbone.softmax_attention(attn, split, key_mask=key_mask)
+        else:
+            bias = bias.view(batch, 1, 1, tokens)
+            if key_mask is not None:
+                bias = bias.masked_fill(~key_mask, float("-inf"))
+            out = backbone.softmax_attention(attn, split, key_bias=bias)
         return out.transpose(1, 2).reshape(batch * tokens, heads * head_dim)
 
     layout = packed.layout
     if group <= 0 and qkv.device.type not in SIZES_ON_HOST:
-        return _padded_one_call(attend, qkv, layout)
+        return _padded_one_call(attend, qkv, layout, key_bias)
     plan = layout.cached(("padded", group), lambda: _padded_plan(layout, group))
     if plan.gather is None:
         (_, count, longest, _), = plan.calls
-        return attend(qkv, count, longest, None)
+        return attend(qkv, count, longest, None, key_bias)
     padded = qkv.index_select(0, plan.gather)
-    outs = [attend(padded[start: start + count * longest], count, longest, mask)
+    bias = key_bias.index_select(0, plan.gather) if key_bias is not None else None
+    outs = [attend(padded[start: start + count * longest], count, longest, mask,
+                   None if bias is None else bias[start: start + count * longest])
             for start, count, longest, mask in plan.calls]
     return torch.cat(outs).index_select(0, plan.slot)
 
 
-def _padded_one_call(attend, qkv: Tensor, layout: Layout) -> Tensor:
+def _padded_one_call(attend, qkv: Tensor, layout: Layout, key_bias: Optional[Tensor] = None) -> Tensor:
     """All present images in one call padded to ``tokens``, computed on the device without a host sync."""
     count, tokens = layout.lengths.shape[0], layout.tokens
     slot = layout.cached("one_call_slot", lambda: layout.segment * tokens + layout.source.remainder(tokens))
@@ -317,10 +332,13 @@ def _padded_one_call(attend, qkv: Tensor, layout: Layout) -> Tensor:
                                                               device=qkv.device).index_fill_(0, slot, True)
                          .view(count, 1, 1, tokens))
     buffer = qkv.new_zeros(count * tokens, qkv.shape[1]).index_copy_(0, slot, qkv)
-    return attend(buffer, count, tokens, mask).index_select(0, slot)
+    if key_bias is None:
+        return attend(buffer, count, tokens, mask).index_select(0, slot)
+    bias = key_bias.new_zeros(count * tokens).index_copy_(0, slot, key_bias)
+    return attend(buffer, count, tokens, mask, bias).index_select(0, slot)
 
 
-def _flex_attention(attn, qkv: Tensor, packed: Packed) -> Tensor:
+def _flex_attention(attn, qkv: Tensor, packed: Packed, key_bias: Optional[Tensor] = None) -> Tensor:
     """Document-masked FlexAttention over all rows at once (one sequence of length T)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -336,7 +354,9 @@ def _flex_attention(attn, qkv: Tensor, packed: Packed) -> Tensor:
                                                                       device=str(qkv.device)))
     with warnings.catch_warnings():  # eager FlexAttention warns that it is unfused; documented above
         warnings.simplefilter("ignore", UserWarning)
-        out = flex_attention(heads.q, heads.k, heads.v, block_mask=block_mask, scale=attn.scale)
+        score_mod = None if key_bias is None else (lambda score, b, h, q_index, kv_index: score + key_bias[kv_index])
+        out = flex_attention(heads.q, heads.k, heads.v, block_mask=block_mask, scale=attn.scale,
+                             score_mod=score_mod)
     return out.transpose(1, 2).reshape(total, attn.num_heads * attn.head_dim)
 
 

@@ -16,6 +16,13 @@ attention, needed for supervised DeiT). ``r`` is clamped in each block to half o
 has depth ``l + 1``. ``extra_macs`` counts the matching, ``|A| * |B| * C`` per merging block (about
 ``(N/2)^2 * C``, the suite's convention; the official similarity uses the head-mean keys, ``C / heads`` wide).
 
+Threshold merging (DToMe, from DyMU): ``threshold`` replaces ``r`` by a per-block cosine-similarity threshold
+in [0, 1] (one for every block, a per-block list, or ``calibrated``: calibrated for a target ``r`` by
+``experiments/calibrate.py`` and read from the weights), so counts vary per image; see
+``methods/tome_threshold.py``. ``r`` and ``threshold`` are exclusive (``r`` left at its default). The inference
+knob stays ``r``: a threshold curve is one calibrated checkpoint per target ``r`` (or a sweep of fixed
+thresholds, ``+sweep=tome_threshold``), since the thresholds are weights, not a knob.
+
 Where we deviate from the official code:
 
 - ``r`` is an int or a per-block list; a list shorter than the depth is padded with zeros (as ToMe's
@@ -29,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Annotated, Sequence, Union
+from typing import Annotated, Any, Iterable, Literal, Optional, Sequence, Union
 
 import torch
 from pydantic import Field
@@ -39,9 +46,15 @@ from . import backbone, tokens
 from .base import MethodOutput, TokenReducer
 from .params import MAX_BLOCKS, MAX_TOKENS, ParamError
 from .registry import register_method
+from .tome_threshold import NEVER, ThresholdToMe, calibrate
 
 Merged = Annotated[int, Field(ge=0, le=MAX_TOKENS)]  # tokens merged in a block (ToMe clamps to half of them)
 R = Union[Merged, Annotated[Sequence[Merged], Field(max_length=MAX_BLOCKS)]]  # one for all blocks, or per block
+DEFAULT_R = 13  # the ToMe paper's DeiT-S setting
+Threshold = Annotated[float, Field(ge=0, le=1)]  # cosine similarity; DyMU's calibration gives [0, 1]
+# threshold ToMe (methods/tome_threshold.py): one threshold for every block, a per-block list, or "calibrated"
+Thresholds = Optional[Union[Literal["calibrated"], Threshold,
+                            Annotated[Sequence[Threshold], Field(min_length=1, max_length=MAX_BLOCKS)]]]
 
 
 @dataclass
@@ -101,6 +114,28 @@ class ToMe(TokenReducer):
         return MethodOutput(backbone.head(self.vit, x), token_counts, depth[:, :patches],
                             final_tokens=self.vit.norm(x), state=ToMeState(size=size[..., 0]))
 
+    def calibration_error(self) -> Optional[str]:
+        if not any(self.schedule):
+            return (f"method.params.r={self.schedule} merges nothing, so there is no threshold to calibrate; "
+                    "valid: r >= 1 in some block (the calibration's target merges per block)")
+        return None
+
+    def calibrate(self, batches: Iterable[Tensor]) -> tuple[TokenReducer, dict[str, Any]]:
+        """DToMe's thresholds for this ToMe's ``r`` per block (``methods/tome_threshold.py``): the threshold
+        ToMe sharing this backbone, its thresholds and calibration facts in its buffers (its state dict)."""
+        error = self.calibration_error()
+        if error:
+            raise ParamError(error)
+        method = ThresholdToMe(self.vit, None, self.prop_attn)
+        method.runtime = self.runtime
+        thresholds, images = calibrate(method, self.schedule, batches)
+        with torch.no_grad():
+            method.thresholds.copy_(torch.tensor(thresholds))
+            method.calibration_r.copy_(torch.tensor(self.schedule))
+            method.calibration_images.fill_(images)
+        method._refresh()
+        return method, {"threshold": "calibrated", "prop_attn": self.prop_attn}
+
     def extra_macs(self, token_counts: Tensor) -> Tensor:
         """Per image, ``ceil(N/2) * floor(N/2) * C`` for each block that merged (N = its attention tokens)."""
         attn, mlp = token_counts[..., 0].double(), token_counts[..., 1].double()
@@ -120,8 +155,34 @@ def parse_r(r: Union[int, Sequence[int]], depth: int, key: str = "method.params.
     return schedule + [0] * (depth - len(schedule))
 
 
+def parse_threshold(threshold: Union[str, float, Sequence[float]], depth: int,
+                    key: str = "method.params.threshold") -> Optional[list[float]]:
+    """``calibrated`` -> None (the thresholds come with the weights); a float -> one per block; a list of at most
+    ``depth`` -> padded with 1 (never merge), as ``r`` lists are padded with 0. Ranges are the signature's."""
+    if isinstance(threshold, str):
+        return None
+    if isinstance(threshold, (int, float)):
+        return [float(threshold)] * depth
+    values = [float(v) for v in threshold]
+    if len(values) > depth:
+        raise ParamError(f"{key} has {len(values)} entries but the model has {depth} blocks; valid: a number in "
+                         f"[0, 1], a list of at most {depth} numbers in [0, 1] (one per block) or 'calibrated'")
+    return values + [NEVER] * (depth - len(values))
+
+
 @register_method("tome", family="merging", inference_knob="r", tradeoff_values=(0, 1, 2, 3, 4, 6, 8, 13, 16),
-                 stronger={"r": 16}, bench_settings={"deit_digits": ({"r": 4}, {"r": 5})})  # 65 tokens: r=13 empties them
-def build_tome(vit: nn.Module, r: R = 13, prop_attn: bool = True) -> ToMe:
-    """ToMe: merge the r most similar token pairs in every block (bipartite matching), proportional attention."""
-    return ToMe(vit, r=r, prop_attn=prop_attn)
+                 stronger={"r": 16}, bench_settings={"deit_digits": ({"r": 4}, {"r": 5})},  # 65 tokens: r=13 empties them
+                 knob_fixed_by=("threshold",))
+def build_tome(vit: nn.Module, r: R = DEFAULT_R, prop_attn: bool = True, threshold: Thresholds = None) -> TokenReducer:
+    """ToMe: merge the r most similar token pairs in every block (bipartite matching), proportional attention.
+
+    ``threshold`` (DToMe, ``methods/tome_threshold.py``): instead of ``r``, merge every pair whose similarity is
+    above the block's threshold, so counts vary per image; ``calibrated`` reads the thresholds from the weights
+    (``experiments/calibrate.py`` writes them). Exclusive with ``r``: leave ``r`` at its default."""
+    if threshold is None:
+        return ToMe(vit, r=r, prop_attn=prop_attn)
+    if r != DEFAULT_R:
+        raise ParamError(f"method.params.r={r!r} and method.params.threshold={threshold!r} are exclusive: r merges a "
+                         f"fixed count, threshold every pair above it; valid: threshold=null to use r, or leave r at "
+                         f"its default ({DEFAULT_R})")
+    return ThresholdToMe(vit, parse_threshold(threshold, len(vit.blocks)), prop_attn)

@@ -134,6 +134,8 @@ def load_weights(method: methods.TokenReducer, method_name: str, content: dict[s
         state = official.strip_module_prefix(state)
         content = {**content, "model": state}
         layout = official.match(content)
+        if layout is not None and method.missing_state(None):
+            raise CheckpointError(f"{source}: {method.missing_state(None)}")
         if layout is not None:  # a method's official layout (methods/official.py): mapped onto our keys
             official.load_official(method, method_name, layout, content, source)
             return
@@ -142,6 +144,9 @@ def load_weights(method: methods.TokenReducer, method_name: str, content: dict[s
             state, _ = video.videomae_to_timm(state, method.vit, source)
         except ValueError as error:
             raise CheckpointError(str(error)) from None
+    missing = method.missing_state(state.keys() if saved_method == method_name else None)
+    if missing:  # e.g. threshold ToMe's calibrated thresholds, which backbone weights do not hold
+        raise CheckpointError(f"{source}: {missing}")
     if saved_method is None:
         load_state_dict_strict(method.vit, state, source)
     elif saved_method == method_name:
