@@ -146,3 +146,16 @@ def test_scene_clutter_is_the_fragments_visible_ink():
     image, mask = val.scene(7)  # the same draws: scene() renders what layers() measured
     layered = val.scenes.layers(7 % len(val.labels), val.generator(7))
     assert (layered[0] == image).all() and (layered[1] == mask).all() and layered[2] == default[7].item()
+
+
+def test_the_upgrade_fills_the_declared_counterpart_into_older_records():
+    import methods
+    from experiments.records import upgrade
+
+    old = {**minimal_record(), "method": "ats", "method_params": {}, "method_info": {"family": "pruning"}}
+    new = upgrade.upgraded(old, methods.resolved_params, methods.registered_info)
+    assert new["method_info"] == {"counterpart": "evit", "family": "pruning"}
+    plain = upgrade.upgraded({**old, "method": "evit"}, methods.resolved_params, methods.registered_info)
+    assert plain["method_info"] == {"family": "pruning"}  # a fixed-count method declares none
+    legacy = upgrade.upgraded(old, methods.resolved_params, lambda m: methods.method_spec(m).family)
+    assert legacy["method_info"] == {"family": "pruning"}  # a family callable still works
