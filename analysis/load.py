@@ -13,6 +13,8 @@ valid ranges are checked there, never repeated here. The records package imports
   ``record_id`` another file already carries (the file sorted first is kept).
   Every numeric ``metrics.*`` becomes a column of its name (NaN where a record lacks it): a new metric needs no
   code here. Nested parts stay as objects in the ``tokens`` and ``throughput`` columns.
+- ``compute_per_image`` is the record's per-image compute entry (``experiments/cost/per_image.py``), ``None``
+  where it has none; :mod:`analysis.adaptivity` reads it.
 - ``method_info`` is the record's ``method_info`` object (what the method reports about itself, e.g. A-ViT's
   ``prior_target``), ``None`` when the record has none.
 - Records of kind ``tradeoff`` (``experiments/tradeoff.py``, one point of an accuracy-vs-compute curve) also
@@ -49,7 +51,7 @@ BEFORE_METRICS = ("path", "record_id", "kind", "model", "architecture", "data", 
                   "params_key", "seed", "run_key", "setting_key")
 AFTER_METRICS = ("params", "gflops", "gflops_std", "dense_gflops", "flops_ratio", "tokens", "throughput",
                  "end_time", "torch", "timm", "knob", "knob_value", "curve", "curve_key", "img_size", "method_info",
-                 "fine_tuned", "recipe", "control_context", "start_sha256")
+                 "fine_tuned", "recipe", "control_context", "start_sha256", "compute_per_image")
 
 FIXED_COLUMNS = frozenset(BEFORE_METRICS + AFTER_METRICS)  # a metric of one of these names has no column
 
@@ -152,6 +154,9 @@ def _flatten(record: dict[str, Any], rel: str) -> dict[str, Any]:
         "img_size": number(data_config.get("img_size")),
         "method_info": record["method_info"] if isinstance(record.get("method_info"), dict) else None,
         **control_fields(record, identity),  # what the paired Δ top-1 matches its control on (analysis.controls)
+        # per-image compute (analysis.adaptivity); None in records written before it or without FLOPs
+        "compute_per_image": record["compute_per_image"] if isinstance(record.get("compute_per_image"), dict)
+        else None,
     }
 
 

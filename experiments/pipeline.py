@@ -24,7 +24,7 @@ import methods
 from methods.models import read_checkpoint
 
 from experiments import identity, records
-from experiments.cost import costs
+from experiments.cost import costs, per_image
 from experiments.train import distributed, engine
 from experiments.baseline import ensure_baseline
 from experiments.build import build_method, resolve_device
@@ -153,10 +153,21 @@ def token_summary(method: methods.TokenReducer, result: engine.EvalResult, map_i
     whole = data is not None and len(result.patch_depth) == len(data.val)  # a sharded eval is merged whole
     regions = getattr(data.val, "token_regions", None) if whole else None
     moving = regions(embed.grid_size, (embed.tubelet_size, *embed.patch_size)) if regions is not None else None
-    truth = getattr(data.val, "token_objects", None) if whole else None
-    patch = embed.patch_size[0] if isinstance(embed.patch_size, (tuple, list)) else embed.patch_size
-    objects = truth(int(patch)) if truth is not None else None
+    objects = ground_truth(method, result, data)[0]
     return engine.token_summary(result, method.depth, tuple(embed.grid_size), map_images, moving, objects)
+
+
+def ground_truth(method: methods.TokenReducer, result: engine.EvalResult,
+                 data: Optional[DataBundle]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The data's per-image ground truth for the evaluated images, where it has some (``data=digit_scenes``):
+    the object tokens ``[N, P]`` bool (``token_objects``) and the scenes' clutter ``[N]`` (``scene_clutter``);
+    ``(None, None)`` otherwise."""
+    if data is None or len(result.patch_depth) != len(data.val):
+        return None, None
+    truth, clutter = getattr(data.val, "token_objects", None), getattr(data.val, "scene_clutter", None)
+    patch = method.vit.patch_embed.patch_size
+    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    return (truth(int(patch)) if truth is not None else None), (clutter() if clutter is not None else None)
 
 
 def data_read(data: DataBundle) -> dict[str, Any]:
@@ -189,6 +200,9 @@ def write_record(session: Session, method: methods.TokenReducer, result: engine.
     if need:
         images, _ = costs.load_images(session.data.val, need, plan.config.num_workers, plan.config.seed)
     measured = costs.measure_costs(method, result, plan.config.measure, session.device, images)
+    compute = None
+    if plan.config.measure.flops:
+        compute = per_image.compute_per_image(method, result, *ground_truth(method, result, session.data), tokens)
     config = OmegaConf.to_container(cfg, resolve=True)
     recorded = plan.recorded_params if params is None else methods.resolved_params(plan.method_name, params)
     ident = identity.result_identity(config, plan.method_name, recorded, kind, plan.trains, session.start_sha256,
@@ -196,7 +210,7 @@ def write_record(session: Session, method: methods.TokenReducer, result: engine.
     record = records.build_record(
         kind, config, plan.method_name, recorded, result.metrics, tokens, measured, session.train_summary,
         start_time, plan.config.paths.run_dir, sum(p.numel() for p in method.parameters()), methods.method_info(plan.method_name, method),
-        data_read=data_read(session.data), identity=ident,
+        data_read=data_read(session.data), identity=ident, compute_per_image=compute,
         weights=weights_entry(session), **extra)
     path = records.write_record(Path(plan.config.paths.results_dir), record)
     log.info("results record: %s", path)

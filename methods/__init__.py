@@ -8,9 +8,9 @@ import importlib
 import pkgutil
 
 from .base import MethodOutput, TokenReducer
-from .registry import (MethodSpec, bench_settings, create_method, inference_knob, knob_fixed, list_methods,
-                       method_info, method_parameters, method_spec, methods_with_knob, register_method,
-                       resolved_params)
+from .registry import (MethodSpec, bench_settings, check_counterparts, create_method, inference_knob, knob_fixed,
+                       list_methods, method_info, method_parameters, method_spec, methods_with_knob, register_method,
+                       registered_info, resolved_params)
 
 
 def discover() -> list[str]:
@@ -23,7 +23,9 @@ def discover() -> list[str]:
 
 
 discover()
+check_counterparts()  # every declared counterpart is registered, once all are
 
-__all__ = ["MethodOutput", "MethodSpec", "TokenReducer", "bench_settings", "create_method", "discover",
+__all__ = ["MethodOutput", "MethodSpec", "TokenReducer", "bench_settings", "check_counterparts", "create_method",
+           "discover",
            "inference_knob", "knob_fixed", "list_methods", "method_info", "method_parameters", "method_spec",
-           "methods_with_knob", "register_method", "resolved_params"]
+           "methods_with_knob", "register_method", "registered_info", "resolved_params"]

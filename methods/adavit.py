@@ -413,6 +413,7 @@ def check_prior_target(depth: int, mean: float, std: float, mode: str) -> None:
 
 
 @register_method("adavit", family="halting", inference_knob="inference_gate_shift", finetune=True,
+                 counterpart="topk",
                  tradeoff_values=(-8, -6, -4, -2, -1, 0, 1, 2, 4, 8), stronger={"inference_gate_shift": -2},
                  # random weights halt nothing at the default gates: constants giving 0.6-0.7x dense FLOPs
                  # (DeiT-S 0.68x/0.60x, DeiT-B 0.61x/0.53x on the benchmark images)

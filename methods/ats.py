@@ -246,7 +246,7 @@ def parse_budget(budget: Budget, num_tokens: int, stages: int, key: str = "metho
     return points * stages if len(points) == 1 else points
 
 
-@register_method("ats", family="pruning", inference_knob="budget",
+@register_method("ats", family="pruning", inference_knob="budget", counterpart="evit",
                  tradeoff_values=(0.2, 0.3, 0.4, 0.5, 0.65, 0.8, 1.0), stronger={"budget": 0.5})
 def build_ats(vit: nn.Module, budget: Budget = None, locations: Optional[Locations] = None,
               attn_group: AttnGroup = None) -> ATS:

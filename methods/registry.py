@@ -40,6 +40,9 @@ class MethodSpec:
     # parameters that, when set (not None), fix the compute the knob would set (top-k's token_counts): sweeping
     # the knob then records identical points under different values, so the harness refuses it
     knob_fixed_by: tuple = ()
+    # the fixed-count method whose trade-off curve this adaptive one's is compared with at matched mean FLOPs
+    # ("what adaptivity buys", analysis/adaptivity.py): A-ViT -> top-k, ATS -> EViT, LTMP and threshold ToMe -> ToMe
+    counterpart: Optional[str] = None
 
 
 # pruning: keeps a subset of the tokens as they are; merging: mixes tokens pairwise or softly into fewer;
@@ -55,13 +58,16 @@ def register_method(name: str, *, family: Optional[str] = None, inference_knob: 
                     finetune: bool = False, tradeoff_values: Optional[Sequence] = None, summary: Optional[str] = None,
                     stronger: Optional[Mapping[str, Any]] = None,
                     bench_settings: Optional[Mapping[str, Sequence[Mapping[str, Any]]]] = None,
-                    knob_fixed_by: Sequence[str] = ()) -> Callable:
+                    knob_fixed_by: Sequence[str] = (), counterpart: Optional[str] = None) -> Callable:
     """Decorator filing a factory ``fn(vit, **params) -> TokenReducer`` under ``name`` (see :class:`MethodSpec`).
 
     ``summary`` defaults to the first line of the factory's docstring. The knob must be a factory parameter,
     and a grid needs a knob and distinct values. ``stronger`` and each ``bench_settings`` pair name factory
     parameters only (their values are checked when a run is planned). ``knob_fixed_by`` names the parameters
-    that make the knob inert when set (see :class:`MethodSpec`)."""
+    that make the knob inert when set (see :class:`MethodSpec`). ``counterpart`` names the fixed-count method
+    an adaptive (per-image) one is compared with at matched mean FLOPs; it needs an inference knob (the
+    comparison is between trade-off curves) and cannot be the method itself; that it names a registered method
+    with a knob is checked once all are registered (:func:`check_counterparts`)."""
 
     def decorate(factory: Callable[..., TokenReducer]) -> Callable[..., TokenReducer]:
         if name in _SPECS:
@@ -72,6 +78,10 @@ def register_method(name: str, *, family: Optional[str] = None, inference_knob: 
             raise ValueError(f"method {name!r}: finetune={finetune!r} must be true or false")
         if family is not None and family not in FAMILIES:
             raise ValueError(f"method {name!r}: family={family!r} is not one of: {', '.join(FAMILIES)}")
+        if counterpart is not None and (not isinstance(counterpart, str) or counterpart == name
+                                        or inference_knob is None):
+            raise ValueError(f"method {name!r}: counterpart={counterpart!r} must name another method, and "
+                             f"{name!r} needs an inference knob (the comparison is of trade-off curves)")
         unknown = [key for key in knob_fixed_by if key not in inspect.signature(factory).parameters]
         if unknown or (knob_fixed_by and inference_knob is None):
             raise ValueError(f"method {name!r}: knob_fixed_by={list(knob_fixed_by)} needs an inference knob and "
@@ -80,7 +90,8 @@ def register_method(name: str, *, family: Optional[str] = None, inference_knob: 
                                   _check_grid(name, inference_knob, tradeoff_values),
                                   summary if summary is not None else _first_line(factory.__doc__), family,
                                   _check_setting(name, factory, "stronger", stronger),
-                                  _check_bench_settings(name, factory, bench_settings), tuple(knob_fixed_by))
+                                  _check_bench_settings(name, factory, bench_settings), tuple(knob_fixed_by),
+                                  counterpart)
         return factory
 
     return decorate
@@ -133,8 +144,29 @@ def bench_settings(name: str, model: Optional[str] = None) -> list[dict]:
 
 
 def method_info(name: str, method: TokenReducer) -> dict[str, Any]:
-    """What a record keeps about the built method: its registered family, then ``method.record_info()``."""
-    return {"family": method_spec(name).family, **method.record_info()}
+    """What a record keeps about the built method: its registered family and, where declared, its fixed-count
+    ``counterpart``, then ``method.record_info()``."""
+    return {**registered_info(name), **method.record_info()}
+
+
+def registered_info(name: str) -> dict[str, Any]:
+    """The registration facts a record's ``method_info`` carries: ``family`` and, where declared,
+    ``counterpart`` (``experiments.records.upgrade`` fills them into older records)."""
+    spec = method_spec(name)
+    return {"family": spec.family, **({"counterpart": spec.counterpart} if spec.counterpart else {})}
+
+
+def check_counterparts() -> None:
+    """Every declared counterpart is a registered method with an inference knob (it has a trade-off curve) and
+    no counterpart of its own (a fixed-count reference); raises ``ValueError`` naming the first that is not."""
+    for name, spec in sorted(_SPECS.items()):
+        if spec.counterpart is None:
+            continue
+        other = _SPECS.get(spec.counterpart)
+        if other is None or other.inference_knob is None or other.counterpart is not None:
+            valid = ", ".join(n for n, s in sorted(_SPECS.items()) if s.inference_knob and not s.counterpart)
+            raise ValueError(f"method {name!r}: counterpart={spec.counterpart!r} is not a registered fixed-count "
+                             f"method with an inference knob; valid: {valid}")
 
 
 def _first_line(doc: Optional[str]) -> str:

@@ -171,6 +171,29 @@ def test_an_unknown_family_is_refused(scratch_registry):
         register_method("throwaway", family="pooling")(lambda vit: None)
 
 
+def test_adaptive_methods_declare_their_fixed_count_counterpart():
+    """What adaptivity buys (analysis/adaptivity.py) compares an adaptive method's curve with its counterpart's;
+    the pairing is declared at registration and reaches the record's method_info, never a name list."""
+    assert methods.method_spec("adavit").counterpart == "topk" and methods.method_spec("ats").counterpart == "evit"
+    assert methods.method_spec("topk").counterpart is None
+    assert methods.registered_info("ats") == {"family": "pruning", "counterpart": "evit"}
+    assert methods.registered_info("evit") == {"family": "pruning"}  # a fixed-count method carries none
+    methods.check_counterparts()  # every declared one is a registered fixed-count method with a knob
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"counterpart": "knobby", "inference_knob": "keep"}, "counterpart='knobby' must name another method"),
+    ({"counterpart": "topk"}, "needs an inference knob"),
+])
+def test_a_bad_counterpart_is_refused(scratch_registry, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        register_method("knobby", **kwargs)(lambda vit, keep=0.5: None)
+    register_method("knobby", inference_knob="keep", counterpart="dense")(lambda vit, keep=0.5: None)
+    with pytest.raises(ValueError, match=r"method 'knobby': counterpart='dense' is not a registered fixed-count "
+                                         r"method with an inference knob; valid: .*topk"):
+        methods.check_counterparts()
+
+
 @pytest.mark.parametrize("name", methods.list_methods())
 def test_every_method_keeps_timm_keys_and_reports_counts(name, images):
     vit = timm.create_model("deit_digits_patch4_32").eval()  # 64 patches, 12 blocks: every default fits

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import methods
 from experiments import identity, pipeline, records
 from experiments.build import build_method, resolve_device
-from experiments.cost import costs
+from experiments.cost import costs, per_image
 from experiments.data.registry import build_data
 from experiments.plan import validate
 from experiments.train import engine, metrics
@@ -67,6 +67,7 @@ def measure_run(cfg: DictConfig) -> dict[str, Any]:
         {"epochs": 0, "history": [], "wall_time_s": 0.0, "init": weights}, start_time, config.paths.run_dir,
         sum(p.numel() for p in method.parameters()), methods.method_info(plan.method_name, method),
         subset_metrics={**result.metrics, "weights": weights}, identity=ident,
+        compute_per_image=per_image.compute_per_image(method, result) if measure.flops else None,
         weights={"start_sha256": start, "evaluated_sha256": start})
     if measure.record:
         record["path"] = str(records.write_record(Path(config.paths.results_dir), record))

@@ -32,7 +32,10 @@ The interface evaluation reads (for any split): ``dataset[i] -> (image, label)``
 ``dataset.scene(i) -> (image, mask)`` as numpy ``[H, W]`` arrays; ``dataset.mask(i)`` the ``[H, W]`` bool mask;
 and on the validation split ``dataset.token_objects(patch) -> [N, rows * cols]`` bool (row-major, the ViT's token
 order, CLS excluded), kept once computed, so any method's kept tokens and per-token depths can be scored against
-the object. Rendering one image takes about 0.07 ms (numpy, one core), 0.09 ms with the tensor.
+the object, and ``dataset.scene_clutter() -> [N]`` each scene's clutter (the validation split): the fragments'
+visible ink, i.e. the mean over the canvas of what they add above background and digit (:meth:`Scenes.layers`),
+the per-image clutter that per-image compute is correlated with (``compute_per_image`` in a record). Rendering
+one image takes about 0.07 ms (numpy, one core), 0.09 ms with the tensor.
 """
 from __future__ import annotations
 
@@ -135,9 +138,18 @@ class Scenes:
 
     def render(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Image ``[H, W]`` float32 in [0, 1] and object mask ``[H, W]`` bool of a scene showing digit ``index``."""
+        image, mask, _ = self.layers(index, rng)
+        return image, mask
+
+    def layers(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
+        """:meth:`render`'s image and mask (the same draws, so the same pixels) and the scene's clutter: the
+        fragments' visible ink, the mean over the canvas of what they add to the image above background and
+        digit (``image - max(background, digit)``, in [0, 1]; 0 without fragments or where the digit covers
+        them)."""
         canvas = self.canvas
         cells = rng.random((TEXTURE_CELLS, TEXTURE_CELLS))
         image = (self.texture @ cells @ self.texture.T) * self.background
+        plain = image.copy()  # the scene without fragments
         for _ in range(self.fragments):
             source, side = int(rng.integers(len(self.digits))), int(rng.integers(self.smallest, self.largest + 1))
             piece = max(1, round(side * FRAGMENT_SIDE))
@@ -149,11 +161,12 @@ class Scenes:
         side = int(rng.integers(self.smallest, self.largest + 1))
         top, left = np.clip((canvas - side) // 2 + rng.integers(-self.jitter, self.jitter + 1, 2), 0, canvas - side)
         ink = self.digit(index, side)
-        window = image[top:top + side, left:left + side]
-        np.maximum(window, ink, out=window)
+        for layer in (image, plain):
+            window = layer[top:top + side, left:left + side]
+            np.maximum(window, ink, out=window)
         mask = np.zeros((canvas, canvas), dtype=bool)
         mask[top:top + side, left:left + side] = ink > MASK_THRESHOLD
-        return image.astype(np.float32), mask
+        return image.astype(np.float32), mask, float((image - plain).mean())
 
 
 def to_image(pixels: np.ndarray) -> Tensor:
@@ -169,6 +182,7 @@ class DigitScenesDataset(Dataset):
     def __init__(self, scenes: Scenes, labels: Tensor, length: int, fixed_seed: Optional[int]) -> None:
         self.scenes, self.labels, self.length, self.fixed_seed = scenes, labels, int(length), fixed_seed
         self._objects: dict[int, Tensor] = {}  # token_objects per patch
+        self._clutter: Optional[Tensor] = None  # scene_clutter
 
     def __len__(self) -> int:
         return self.length
@@ -203,6 +217,17 @@ class DigitScenesDataset(Dataset):
             self._objects[patch] = torch.stack([object_tokens(self.mask(i), patch).flatten()
                                                 for i in range(self.length)])
         return self._objects[patch]
+
+
+    def scene_clutter(self) -> Tensor:
+        """``[N]`` float64: every scene's clutter (:meth:`Scenes.layers`: the fragments' visible ink, mean over
+        the canvas) of a fixed split, computed scene by scene, kept."""
+        if self.fixed_seed is None:
+            raise ValueError("scene clutter is fixed for fixed scenes (the validation split) only")
+        if self._clutter is None:
+            self._clutter = torch.tensor([self.scenes.layers(i % len(self.labels), self.generator(i))[2]
+                                          for i in range(self.length)], dtype=torch.float64)
+        return self._clutter
 
 
 def digit_arrays() -> tuple[np.ndarray, Tensor]:

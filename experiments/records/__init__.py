@@ -21,8 +21,9 @@ Schema (``schema_version`` 1, :class:`~experiments.records.schema.Record`); ``an
 
 - ``record_id``, ``kind`` (``run``, ``measure`` or ``tradeoff``; a run or trade-off point needs a numeric
   ``metrics.top1``, a trade-off point its ``tradeoff.knob``), ``status`` (``complete``);
-- ``method``, ``method_params`` (the factory's defaults applied), ``method_info`` (facts the built method reports,
-  e.g. A-ViT's ``prior_target``), ``model`` (config name), ``architecture`` (timm name), ``data``, ``seed``;
+- ``method``, ``method_params`` (the factory's defaults applied), ``method_info`` (the registered ``family`` and,
+  for an adaptive method, its fixed-count ``counterpart``, then facts the built method reports, e.g. A-ViT's
+  ``prior_target``), ``model`` (config name), ``architecture`` (timm name), ``data``, ``seed``;
 - ``config``: the full resolved Hydra config;
 - ``metrics``: one finite number (or ``null``) per metric the evaluation computed: the registered metrics of
   ``experiments/train/metrics.py`` (``top1``, ``top5`` in percent, ``val_loss``, ``num_images``), each within
@@ -38,6 +39,11 @@ Schema (``schema_version`` 1, :class:`~experiments.records.schema.Record`); ``an
   (``experiments/train/engine.py``, ``object_scores``);
 - ``flops``: ``gflops`` (mean per image; 1 multiply-add = 1 FLOP), ``gflops_std/min/max``, ``dense_gflops``,
   ``flops_ratio``, ``convention``; ``null`` until measured;
+- ``compute_per_image`` (absent or ``null`` in records written before it, or when FLOPs are not measured): the
+  per-image GFLOPs' mean/std/min/max and ``dense_gflops``, a histogram of at most 50 bins (``edges``, ``images``
+  and top-1 ``correct`` per bin), Spearman correlations (``rho``, Fisher-z 95% ``ci``, ``n``) of per-image
+  compute with ``correct`` and, on ``data=digit_scenes``, with the object's token count and the scene's clutter,
+  and the ``object_compute_share`` (``experiments/cost/per_image.py``);
 - ``throughput``: list of ``{device, batch_size, dtype, img_per_s, dense_img_per_s, speedup_vs_dense,
   efficiency, peak_mem_mb, ...}``; ``null`` until measured. Since ``timing_protocol`` 2 (``experiments/
   cost/throughput.py``) each entry names its ``timed_images`` (e.g. ``val[0:64]``) and carries their ``flops_ratio``

@@ -6,7 +6,14 @@ more keys than the model names (it allows extras), and the file holds the dict a
 model, so validating changes no byte of a record.
 
 Every metric must be a finite number or null; a registered metric (``experiments/train/metrics.py``) must also
-lie in its range, as must the FLOP counts (``FLOPS_RANGES``) and the token statistics (``TOKEN_LISTS``).
+lie in its range, as must the FLOP counts (``FLOPS_RANGES``), the token statistics (``TOKEN_LISTS``) and the
+per-image compute (:class:`ComputePerImage`: ``COMPUTE_RANGES``, at most ``MAX_COMPUTE_BINS`` bins, counts that add
+up, correlations in [-1, 1] inside their interval).
+
+``compute_per_image`` was added without a version bump: it is an optional section (null or absent: not
+measured, as in every record written before it existed), so a version-1 record without it is still a current
+one and nothing needs migrating. A version bump (``migrate.py``) is for changes that alter what an existing key
+means or remove one.
 A bad value raises :class:`RecordValueError` naming the field, the value and the valid range; a record that is
 not finished (missing keys, ``status`` other than ``complete``, a run without its headline metric) raises
 :class:`IncompleteRecordError`.
@@ -30,6 +37,10 @@ HEADLINE_METRIC = "top1"  # a run or trade-off point without it is not a result
 FLOPS_RANGES = {"gflops": Interval(gt=0.0), "dense_gflops": Interval(gt=0.0), "gflops_min": Interval(gt=0.0),
                 "gflops_max": Interval(gt=0.0), "gflops_std": Interval(ge=0.0), "flops_ratio": Interval(gt=0.0)}
 TOKEN_LISTS = {"attn_mean": Interval(ge=0.0), "mlp_mean": Interval(ge=0.0), "depth_histogram": Interval(ge=0.0)}
+MAX_COMPUTE_BINS = 50  # compute_per_image.histogram: at most this many bins (records stay compact)
+COMPUTE_RANGES = {"gflops_mean": Interval(gt=0.0), "gflops_std": Interval(ge=0.0), "gflops_min": Interval(gt=0.0),
+                  "gflops_max": Interval(gt=0.0), "dense_gflops": Interval(gt=0.0),
+                  "object_compute_share": Interval(ge=0.0, le=1.0)}
 
 
 class RecordValueError(ValueError):
@@ -134,6 +145,76 @@ class Weights(BaseModel):
     checkpoint: Optional[Annotated[StrictStr, Field(min_length=1)]] = None
 
 
+class Correlation(BaseModel):
+    """One rank correlation of ``compute_per_image.correlations``: ``rho`` in [-1, 1] and its 95% interval
+    ``ci`` (``[low, high]`` around it), both null where undefined, over ``n`` images."""
+
+    model_config = ConfigDict(extra="allow")
+    rho: Optional[Annotated[float, Field(ge=-1.0, le=1.0)]] = None
+    ci: Optional[tuple[Annotated[float, Field(ge=-1.0, le=1.0)], Annotated[float, Field(ge=-1.0, le=1.0)]]] = None
+    n: Annotated[StrictInt, Field(ge=0)]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Correlation":
+        if (self.rho is None) != (self.ci is None):
+            raise RecordValueError(f"a correlation with rho={self.rho!r} and ci={self.ci!r}: both or neither")
+        if self.ci is not None and not self.ci[0] <= self.rho <= self.ci[1]:
+            raise RecordValueError(f"correlation ci={list(self.ci)} does not hold rho={self.rho!r}")
+        return self
+
+
+class ComputeHistogram(BaseModel):
+    """``compute_per_image.histogram``: ``edges`` (GFLOPs, non-decreasing, one more than the bins), images and
+    top-1 correct images per bin."""
+
+    model_config = ConfigDict(extra="allow")
+    edges: list[float]
+    images: list[Annotated[StrictInt, Field(ge=0)]]
+    correct: list[Annotated[StrictInt, Field(ge=0)]]
+
+    @model_validator(mode="after")
+    def _shape(self) -> "ComputeHistogram":
+        bins = len(self.images)
+        if not 1 <= bins <= MAX_COMPUTE_BINS or len(self.edges) != bins + 1 or len(self.correct) != bins:
+            raise RecordValueError(f"compute_per_image.histogram has {bins} bins, {len(self.edges)} edges and "
+                                   f"{len(self.correct)} correct counts; valid: 1..{MAX_COMPUTE_BINS} bins, one "
+                                   f"more edge, one correct count per bin")
+        for index, edge in enumerate(self.edges):
+            check_range(f"compute_per_image.histogram.edges[{index}]", edge, Interval(ge=0.0))
+        if any(b < a for a, b in zip(self.edges, self.edges[1:])):
+            raise RecordValueError(f"compute_per_image.histogram.edges={self.edges} decrease; valid: non-decreasing")
+        if any(c > i for c, i in zip(self.correct, self.images)):
+            raise RecordValueError(f"compute_per_image.histogram.correct={self.correct} exceeds images="
+                                   f"{self.images} in some bin")
+        return self
+
+
+class ComputePerImage(BaseModel):
+    """``compute_per_image`` (``experiments/cost/per_image.py``): the per-image GFLOPs' summary, histogram with
+    accuracy per bin, rank correlations and, on data with ground truth, the object compute share."""
+
+    model_config = ConfigDict(extra="allow")
+    images: Annotated[StrictInt, Field(ge=1)]
+    histogram: ComputeHistogram
+    correlations: dict[str, Correlation] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ranges(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            raise RecordValueError(f"compute_per_image={values!r} is not an object (or null: not measured)")
+        for field, valid in COMPUTE_RANGES.items():
+            check_range(f"compute_per_image.{field}", values.get(field), valid)
+        return values
+
+    @model_validator(mode="after")
+    def _counted(self) -> "ComputePerImage":
+        if sum(self.histogram.images) != self.images:
+            raise RecordValueError(f"compute_per_image.histogram holds {sum(self.histogram.images)} images, not "
+                                   f"images={self.images}")
+        return self
+
+
 class Record(BaseModel):
     """One results record (package docstring); fields without a default are the required keys."""
 
@@ -155,6 +236,7 @@ class Record(BaseModel):
     tokens: Optional[Tokens] = None
     tradeoff: Optional[dict[str, Any]] = None
     weights: Optional[Weights] = None
+    compute_per_image: Optional[ComputePerImage] = None
 
     @field_validator("seed", mode="before")
     @classmethod

@@ -3,7 +3,8 @@
 Records written before a method parameter existed lack it (an EViT record without ``fuse``), so their
 ``method_params`` and identity differ from a newer record at the same setting and the report would split them.
 This command fills each record's missing parameters with the factory's defaults (``methods.resolved_params``:
-the registry is the one source of defaults), its ``method_info.family`` from the registration, and an identity
+the registry is the one source of defaults), its ``method_info.family`` (and ``counterpart``, where the method
+declares one) from the registration, and an identity
 (:func:`~experiments.records.identity.legacy_identity`, from the filled parameters) where it has none.
 
 Every file is read and upgraded in memory first; a record that cannot be read or whose method is not
@@ -23,21 +24,27 @@ from experiments.records.identity import legacy_identity
 from experiments.records.store import atomic_write_json, load_record
 
 Defaults = Callable[[str, dict[str, Any]], dict[str, Any]]  # (method, params) -> params with defaults filled
+# method -> its registered family, or the registered facts ``methods.registered_info`` gives (family, counterpart)
+Registered = Callable[[str], Any]
 
 
-def upgraded(record: dict[str, Any], defaults: Defaults, family: Callable[[str], Any]) -> dict[str, Any]:
-    """``record`` with its defaults, family and identity filled (a copy; the caller's dict is unchanged)."""
+def upgraded(record: dict[str, Any], defaults: Defaults, family: Registered) -> dict[str, Any]:
+    """``record`` with its defaults, registered facts and identity filled (a copy; the caller's dict is
+    unchanged). ``family(method)`` is the family, or a mapping of the registered ``method_info`` keys; a key the
+    record already carries is kept."""
     out = copy.deepcopy(record)
     method = str(out["method"])
     out["method_params"] = defaults(method, dict(out.get("method_params") or {}))
     info = out.get("method_info") if isinstance(out.get("method_info"), dict) else {}
-    out["method_info"] = {"family": family(method), **info} if "family" not in info else info
+    facts = family(method)
+    facts = dict(facts) if isinstance(facts, dict) else {"family": facts}
+    out["method_info"] = {**{k: v for k, v in facts.items() if k not in info}, **info}
     if not isinstance(out.get("identity"), dict):
         out["identity"] = legacy_identity(out)
     return out
 
 
-def plan_upgrades(folder: Path, defaults: Defaults, family: Callable[[str], Any]) -> list[tuple[Path, dict]]:
+def plan_upgrades(folder: Path, defaults: Defaults, family: Registered) -> list[tuple[Path, dict]]:
     """The (file, new record) pairs to write under ``folder``; raises ``ValueError`` naming the first file that
     cannot be upgraded, before anything is written."""
     if not folder.is_dir():
@@ -64,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     import methods  # noqa: PLC0415 - the registry, only for this command
 
     try:
-        changes = plan_upgrades(args.folder, methods.resolved_params, lambda m: methods.method_spec(m).family)
+        changes = plan_upgrades(args.folder, methods.resolved_params, methods.registered_info)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

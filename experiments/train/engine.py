@@ -146,6 +146,7 @@ class EvalResult:
     patch_depth: Tensor  # [images, num_patches] long, CPU
     alt_token_counts: dict[str, Tensor] = field(default_factory=dict)
     map_images: Optional[Tensor] = None  # the first few eval images, for depth-map figures
+    correct1: Optional[Tensor] = None  # [images] bool, CPU: top-1 right per image (accuracy per compute bin)
 
 
 @torch.inference_mode()
@@ -194,10 +195,12 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: Optional
         if have >= keep_images or "images" not in part:
             break
         kept.append(part["images"][: keep_images - have])
-    metrics = compute_metrics({key: torch.cat([p[key] for p in parts]) for key in EVAL_OUTPUTS})
+    outputs = {key: torch.cat([p[key] for p in parts]) for key in EVAL_OUTPUTS}
+    metrics = compute_metrics(outputs)
     alt = {name: torch.cat([p["alt"][name] for p in parts]) for name in parts[0]["alt"]}
     return EvalResult(metrics, torch.cat([p["token_counts"] for p in parts]),
-                      torch.cat([p["patch_depth"] for p in parts]), alt, torch.cat(kept) if kept else None)
+                      torch.cat([p["patch_depth"] for p in parts]), alt, torch.cat(kept) if kept else None,
+                      outputs["correct1"])
 
 
 def token_summary(result: EvalResult, depth: int, grid: Optional[tuple[int, ...]], map_count: int,
