@@ -417,10 +417,16 @@ def test_rule_text():
 
 
 def test_config_yaml_only_chooses(tmp_path):
-    """The defaults live in the dataclasses: the composed default config equals the schema's own defaults."""
-    cfg = compose_config()
+    """The defaults live in the dataclasses: a composed config equals the schema's own defaults, except where a
+    model config brings its recipe (the default deit_scenes: only the baseline's epochs, lr and warm-up)."""
+    cfg = compose_config("model=deit_digits")
     schema = OmegaConf.structured(config.RunConfig)
     for section in ("train", "baseline", "eval", "experiment", "measure"):
         assert OmegaConf.to_container(cfg[section]) == OmegaConf.to_container(schema[section]), section
+    scenes = compose_config()
+    changed = {key for key, value in OmegaConf.to_container(scenes.baseline).items() if value != schema.baseline[key]}
+    assert changed == {"epochs", "lr", "warmup_epochs"}
+    for section in ("train", "eval", "experiment", "measure"):
+        assert OmegaConf.to_container(scenes[section]) == OmegaConf.to_container(schema[section]), section
     assert OmegaConf.to_container(cfg.data, resolve=True) == {**OmegaConf.to_container(
         OmegaConf.structured(DigitsData), resolve=False), "img_size": 32}
