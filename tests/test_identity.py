@@ -172,6 +172,25 @@ def test_an_older_record_without_a_new_parameter_joins_the_newer_row_once_upgrad
     assert upgrade.plan_upgrades(results, methods.resolved_params, lambda m: methods.method_spec(m).family) == []
 
 
+def test_a_record_whose_identity_predates_a_parameter_gets_todays_identity_once_upgraded():
+    """ToMe before ``threshold`` existed: the upgrade fills it and recomputes the stored identity from the record's
+    config, so the regeneration command finds the record instead of running it again."""
+    import methods
+    from experiments.records.identity import result_identity
+
+    config = {"model": {"name": "m"}, "data": {"name": "d"}, "seed": 3, "train": {"epochs": 4}}
+    old_params = {"r": 4, "prop_attn": True}
+    today = methods.resolved_params("tome", {"r": 4})
+    assert today != old_params  # the registry has a parameter the record lacks
+    own = result_identity(config, "tome", old_params, "run", True, "a" * 64, None)
+    record = {"method": "tome", "method_params": old_params, "kind": "run", "config": config, "train": {"epochs": 4},
+              "identity": own}
+    new = upgrade.upgraded(record, methods.resolved_params, lambda m: methods.method_spec(m).family)
+    expected = result_identity(config, "tome", today, "run", True, "a" * 64, None)
+    assert new["identity"]["key"] == expected["key"] != own["key"]
+    assert new["identity"]["setting"] == expected["setting"] and record["identity"] == own  # caller's copy kept
+
+
 def test_the_upgrade_refuses_before_writing_anything(tmp_path):
     import methods
 

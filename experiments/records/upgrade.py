@@ -5,7 +5,9 @@ Records written before a method parameter existed lack it (an EViT record withou
 This command fills each record's missing parameters with the factory's defaults (``methods.resolved_params``:
 the registry is the one source of defaults), its ``method_info.family`` (and ``counterpart``, where the method
 declares one) from the registration, and an identity
-(:func:`~experiments.records.identity.legacy_identity`, from the filled parameters) where it has none.
+(:func:`~experiments.records.identity.legacy_identity`, from the filled parameters) where it has none; a
+record whose identity was computed before a parameter existed gets the identity it would get today
+(``result_identity`` over its config and the filled parameters, the same starting weights and data files).
 
 Every file is read and upgraded in memory first; a record that cannot be read or whose method is not
 registered stops the command naming it, before the first file is written. Files are then rewritten atomically
@@ -20,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from experiments.records.identity import legacy_identity
+from experiments.records.identity import fine_tuned, legacy_identity, result_identity
 from experiments.records.store import atomic_write_json, load_record
 
 Defaults = Callable[[str, dict[str, Any]], dict[str, Any]]  # (method, params) -> params with defaults filled
@@ -34,13 +36,20 @@ def upgraded(record: dict[str, Any], defaults: Defaults, family: Registered) -> 
     record already carries is kept."""
     out = copy.deepcopy(record)
     method = str(out["method"])
-    out["method_params"] = defaults(method, dict(out.get("method_params") or {}))
+    given = dict(out.get("method_params") or {})
+    out["method_params"] = defaults(method, given)
     info = out.get("method_info") if isinstance(out.get("method_info"), dict) else {}
     facts = family(method)
     facts = dict(facts) if isinstance(facts, dict) else {"family": facts}
     out["method_info"] = {**{k: v for k, v in facts.items() if k not in info}, **info}
-    if not isinstance(out.get("identity"), dict):
+    own = out.get("identity")
+    if not isinstance(own, dict):
         out["identity"] = legacy_identity(out)
+    elif out["method_params"] != given and not own.get("legacy") and isinstance(out.get("config"), dict):
+        # a parameter added since: the identity the record would get today, from what it was built from
+        out["identity"] = {**own, **result_identity(
+            out["config"], method, out["method_params"], str(out.get("kind")), fine_tuned(out),
+            own.get("start_weights_sha256"), own.get("data_files"))}
     return out
 
 
@@ -51,8 +60,8 @@ def plan_upgrades(folder: Path, defaults: Defaults, family: Registered) -> list[
         raise ValueError(f"{folder}: no such results folder; valid: a folder holding runs/*.json")
     changes = []
     for path in sorted(folder.rglob("*.json")):
-        if "report" in path.relative_to(folder).parts:
-            continue  # the generated report's own files
+        if {"report", "baselines"} & set(path.relative_to(folder).parts):
+            continue  # the generated report's own files, the shipped baselines' manifest
         try:
             record = load_record(path)
             new = upgraded(record, defaults, family)
