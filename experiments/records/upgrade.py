@@ -3,7 +3,7 @@
 Records written before a method parameter existed lack it (an EViT record without ``fuse``), so their
 ``method_params`` and identity differ from a newer record at the same setting and the report would split them.
 This command fills each record's missing parameters with the factory's defaults (``methods.resolved_params``:
-the registry is the one source of defaults), its ``method_info.family`` from the registration, and an identity
+the registry is the one source of defaults), its ``method_defaults`` (the parameters of the default setting), its ``method_info.family`` from the registration, and an identity
 (:func:`~experiments.records.identity.legacy_identity`, from the filled parameters) where it has none.
 
 Every file is read and upgraded in memory first; a record that cannot be read or whose method is not
@@ -30,6 +30,8 @@ def upgraded(record: dict[str, Any], defaults: Defaults, family: Callable[[str],
     out = copy.deepcopy(record)
     method = str(out["method"])
     out["method_params"] = defaults(method, dict(out.get("method_params") or {}))
+    if not isinstance(out.get("method_defaults"), dict):
+        out["method_defaults"] = defaults(method, {})
     info = out.get("method_info") if isinstance(out.get("method_info"), dict) else {}
     out["method_info"] = {"family": family(method), **info} if "family" not in info else info
     if not isinstance(out.get("identity"), dict):
