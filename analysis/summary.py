@@ -149,9 +149,12 @@ def _names(names: list[str]) -> str:
 
 def sentences(agg: pd.DataFrame, records: pd.DataFrame, model: str, data: str) -> list[str]:
     """The two sentences on what the records of one backbone say (module docstring)."""
-    part = default_rows(agg, model, data)
-    part = part[part["family"] != REFERENCE].reset_index(drop=True)
+    every = default_rows(agg, model, data)
+    part = every[every["family"] != REFERENCE].reset_index(drop=True)
     if part.empty:
+        if len(every):
+            return [f"No reduction method of {model} on {data} has a run at its default setting yet (only the "
+                    "reference), so no method is compared at its default."]
         return [f"No record of {model} on {data} states its method's default setting (method_defaults), so no "
                 "method is compared at its default."]
     use_delta = part["top1_delta"].notna().any()

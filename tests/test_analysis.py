@@ -490,4 +490,5 @@ def test_notebook_executes_headless_on_the_fixture_records(tmp_path, capsys):
     assert "- Records read: " in readme and "corrupt_evit_s0.json" in readme  # the header names skipped files
     html = (report / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 5  # the figures travel inside the file: it opens offline
+    assert 'src="http' not in html  # and asks the network for nothing
     assert "<h2" in html and "Pareto fronts" in html  # the summary section, rendered
