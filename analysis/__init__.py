@@ -17,7 +17,11 @@
   the baseline);
 - :mod:`analysis.formatting` (numbers and settings as text, each method's family and order from the records'
   ``method_info.family``) and :mod:`analysis.style` (the figures' look and saving), shared by all of the above;
-- :mod:`analysis.run_report`: executes the notebook headless (``make report``).
+- :mod:`analysis.summary`: the one-page summary (``README.md``: two generated sentences, every method at its
+  default, the Pareto fronts); :mod:`analysis.provenance`: the report's header (commit, records per kind, what
+  was skipped and why) and the records a clone cannot follow (absolute paths, missing checkpoints);
+  :mod:`analysis.object_figures`: each method's token depth over the ground-truth object outline;
+- :mod:`analysis.run_report`: executes the notebook headless (``make report``) and renders it as HTML.
 
 It reads record files only, with the records package (``experiments/records``: the schema, its ranges and the
 token-map decoding) and the metric registry (``experiments/train/metrics.py``), both torch-free; it imports

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import Any, Optional
 
 import pandas as pd
 
@@ -88,7 +88,38 @@ def plus_minus(mean: float, std: float, spec: str) -> str:
 
 
 def condition_title(condition: str) -> str:
-    """A throughput condition label as a title: ``cpu b32 fp32 t1`` -> ``cpu, batch 32, fp32, 1 thread(s)``."""
+    """A throughput condition label as a title: ``cpu b32 fp32 t1`` -> ``cpu, batch 32, fp32, 1 thread(s)``
+    (``..., compiled`` for a compiled model)."""
     device, batch, dtype, *rest = condition.split(" ")
     threads = [f"{part[1:]} thread(s)" for part in rest if part.startswith("t")]
-    return ", ".join([device, f"batch {batch[1:]}", dtype, *threads])
+    return ", ".join([device, f"batch {batch[1:]}", dtype, *threads, *[p for p in rest if p == "compiled"]])
+
+
+def method_defaults(records: pd.DataFrame) -> dict[str, Optional[dict[str, Any]]]:
+    """Each method of ``records`` -> the parameters of its default setting, as its records state them
+    (``method_defaults``, written by the harness from the registry; the first record that states them), ``None``
+    where no record does (records written before the field existed: ``python -m experiments.records.upgrade``
+    fills it)."""
+    defaults: dict[str, Optional[dict[str, Any]]] = {}
+    if records.empty:
+        return defaults
+    stated = records["method_defaults"] if "method_defaults" in records else [None] * len(records)
+    for method, value in zip(records["method"], stated):
+        if defaults.get(method) is None:
+            defaults[method] = dict(value) if isinstance(value, dict) else None
+    return defaults
+
+
+def differing_params(params: dict[str, Any], defaults: dict[str, Any]) -> str:
+    """The parameters of ``params`` that differ from ``defaults`` as ``key=value, ...``; ``default`` when none
+    does (a key the defaults lack counts as differing)."""
+    shown = [f"{k}={format_value(params[k])}" for k in sorted(params)
+             if k not in defaults or _same(params[k], defaults[k]) is False]
+    return ", ".join(shown) or "default"
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, numbers.Real) and isinstance(b, numbers.Real) and not isinstance(a, bool) \
+            and not isinstance(b, bool):
+        return float(a) == float(b)
+    return a == b

@@ -7,7 +7,11 @@ valid ranges are checked there, never repeated here. The records package imports
 
 - :func:`load_records` finds every ``*.json`` under a folder (recursively; records normally sit in
   ``<folder>/runs/``), skips corrupt or incomplete files with a :class:`RecordWarning` naming the file, drops
-  older duplicates of the same run, and returns one tidy DataFrame, one row per record (see :func:`columns`).
+  older duplicates of the same run, and returns one tidy DataFrame, one row per record (see :func:`columns`);
+  ``frame.attrs["skipped"]`` (path, reason) and ``frame.attrs["superseded"]`` name what it did not read.
+  ``provenance_issues`` lists what a clone could not follow in a record (:mod:`analysis.provenance`: absolute
+  paths, missing or uncommitted checkpoints, a dirty tree); ``method_defaults`` is the method's default
+  setting as the record states it (``None`` in older records).
   Corrupt includes whatever the schema refuses (``metrics.top1`` outside [0, 100] or non-finite, ``flops.gflops``
   zero, negative or non-finite, a seed that is not a number, non-numeric token statistics...) and a
   ``record_id`` another file already carries (the file sorted first is kept).
@@ -36,6 +40,7 @@ from typing import Any, Optional
 import pandas as pd
 
 from analysis.controls import control_fields
+from analysis.provenance import record_issues
 from analysis.throughput import conditions, dtype_short, throughput_frame  # noqa: F401 (re-exported)
 from analysis.token_stats import (depth_histogram, depth_maps, grid_shape, image_array,  # noqa: F401
                                   mean_patch_depth, number)
@@ -51,7 +56,8 @@ BEFORE_METRICS = ("path", "record_id", "kind", "model", "architecture", "data", 
                   "params_key", "seed", "run_key", "setting_key")
 AFTER_METRICS = ("params", "gflops", "gflops_std", "dense_gflops", "flops_ratio", "tokens", "throughput",
                  "end_time", "torch", "timm", "knob", "knob_value", "curve", "curve_key", "img_size", "method_info",
-                 "fine_tuned", "recipe", "control_context", "start_sha256", "compute_per_image")
+                 "fine_tuned", "recipe", "control_context", "start_sha256", "compute_per_image", "method_defaults",
+                 "git_commit", "provenance_issues")
 
 FIXED_COLUMNS = frozenset(BEFORE_METRICS + AFTER_METRICS)  # a metric of one of these names has no column
 
@@ -157,6 +163,9 @@ def _flatten(record: dict[str, Any], rel: str) -> dict[str, Any]:
         # per-image compute (analysis.adaptivity); None in records written before it or without FLOPs
         "compute_per_image": record["compute_per_image"] if isinstance(record.get("compute_per_image"), dict)
         else None,
+        "method_defaults": record["method_defaults"] if isinstance(record.get("method_defaults"), dict) else None,
+        "git_commit": provenance.get("git_commit"),
+        "provenance_issues": record_issues(record),  # absolute paths, missing checkpoints (analysis.provenance)
     }
 
 
@@ -175,20 +184,25 @@ def load_records(folder: str | Path) -> pd.DataFrame:
     root = Path(folder)
     rows = []
     seen: dict[str, Path] = {}  # record_id -> the file that first carried it
+    skipped: list[dict[str, str]] = []  # files not read, and why: the report's header lists them
     for path in find_record_files(root):
         rel = path.relative_to(root).as_posix()
         try:
             row = _flatten(read_record(path), rel)
         except RecordError as error:
             warnings.warn(f"skipping {error}", RecordWarning, stacklevel=2)
+            skipped.append({"path": rel, "reason": str(error).removeprefix(f"{path}: ")})
             continue
         if row["record_id"] in seen:  # a copy, or a clash: one id must name one record
             warnings.warn(f"skipping {path}: duplicate record_id {row['record_id']!r}, already read from "
                           f"{seen[row['record_id']]}", RecordWarning, stacklevel=2)
+            skipped.append({"path": rel, "reason": f"duplicate record_id {row['record_id']!r}, already read from "
+                                                   f"{seen[row['record_id']].relative_to(root).as_posix()}"})
             continue
         seen[row["record_id"]] = path
         rows.append(row)
     frame = pd.DataFrame(rows, columns=columns({name for row in rows for name in row}))
+    frame.attrs["skipped"] = skipped
     if frame.empty:
         return frame
     order = ["model", "data", "method", "params_key", "kind", "seed", "run_key"]
@@ -203,6 +217,7 @@ def load_records(folder: str | Path) -> pd.DataFrame:
                       f"{row['seed']}, identity {row['run_key']})", RecordWarning, stacklevel=2)
     kept = frame[~dupes].reset_index(drop=True)
     kept.attrs["superseded"] = superseded  # the report's header lists them
+    kept.attrs["skipped"] = skipped
     return kept
 
 

@@ -16,7 +16,9 @@ Per backbone (``model`` on ``data``):
   target probability of halting depth 1..L, as the method computed it, e.g. A-ViT for its ``prior`` mode), its
   halting-depth histogram against that target; a setting whose records lack it gets no target line and a
   ``note:``;
-- the token-map figures (``depth_maps``, ``mean_depth``, ``kept_iou``): :mod:`analysis.depth_figures`.
+- the token-map figures (``depth_maps``, ``mean_depth``, ``kept_iou``): :mod:`analysis.depth_figures`;
+  ``object_depth`` (each method's token depth over the object outline, data with ground truth):
+  :mod:`analysis.object_figures`.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from matplotlib.figure import Figure
 
 from . import load, tables
 from .depth_figures import plot_depth_maps, plot_kept_iou, plot_mean_depth
+from .object_figures import plot_object_depth
 from .figure_data import backbones, records_of
 from .formatting import REFERENCE, condition_title, method_rank
 from .style import GFLOPS_LABEL, TOP1_LABEL, figure_style, legend_outside, method_styles, save_figure, wrap
@@ -261,7 +264,7 @@ def _depth_prior_figure(settings: pd.DataFrame, records: pd.DataFrame, model: st
 
 
 FIGURES = (plot_accuracy_vs_gflops, plot_accuracy_vs_throughput, plot_tokens_per_block, plot_depth_prior,
-           plot_depth_maps, plot_mean_depth, plot_kept_iou)
+           plot_depth_maps, plot_object_depth, plot_mean_depth, plot_kept_iou)
 
 
 def write_figures(agg: pd.DataFrame, records: pd.DataFrame, out_dir: str | Path) -> list[Path]:

@@ -2,8 +2,9 @@
 
 ``python -m analysis.run_report [RESULTS] [--out DIR]`` executes the notebook with nbclient, papermill-style:
 the values are injected as a cell after the notebook's ``parameters`` cell. Tables and figures go to
-``<RESULTS>/report/`` (or ``--out``), together with the executed notebook ``report.ipynb``. The notebook's
-printed output (loaded records, skipped files, notes) is echoed here.
+``<RESULTS>/report/`` (or ``--out``), together with the executed notebook ``report.ipynb`` and its HTML
+rendering ``report.html`` (:func:`write_html`: nbconvert, figures embedded, no code cells, viewable offline).
+The notebook's printed output (loaded records, skipped files, notes) is echoed here.
 
 Exit status: 0 on success, including an empty results folder (a clear message, nothing written); 2 when the
 folder does not exist; 1 when a notebook cell fails (the error line is printed, not the traceback).
@@ -11,6 +12,7 @@ folder does not exist; 1 when a notebook cell fails (the error line is printed, 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -73,7 +75,31 @@ def run(results: Path, out: Optional[Path] = None, timeout: int = 600) -> int:
     if out.is_dir():
         nbformat.write(nb, out / "report.ipynb")
         print(f"report: executed notebook saved to {out / 'report.ipynb'}")
+        html = write_html(nb, out / "report.html")
+        if html is not None:
+            print(f"report: HTML rendering saved to {html}")
     return status
+
+
+def write_html(nb, path: Path) -> Optional[Path]:
+    """The executed notebook ``nb`` as one self-contained HTML file at ``path`` (nbconvert's ``lab`` template:
+    styles inlined, figures embedded as data, code cells and prompts left out; no script is needed to read it,
+    so it opens offline). Returns ``path``, or ``None`` with a note when nbconvert is not installed (a dev
+    dependency: ``make install``)."""
+    try:
+        from nbconvert import HTMLExporter
+    except ImportError:
+        print("report: nbconvert is not installed, so no report.html (make install, or pip install nbconvert)",
+              file=sys.stderr)
+        return None
+    exporter = HTMLExporter(template_name="lab", embed_images=True, exclude_input=True, exclude_input_prompt=True,
+                            exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": "Token-reduction benchmark report"}})
+    # the template's remote scripts (require.js, MathJax) are not needed to read the report: left out, so the file
+    # asks the network for nothing
+    body = re.sub(r'<script[^>]*\ssrc="https?://[^"]*"[^>]*>\s*</script>\s*', "", body)
+    path.write_text(body, encoding="utf-8")
+    return path
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -23,7 +23,10 @@ FOOTNOTE = (
     "the same recipe (train.*), model and data; an off-the-shelf method, and the fine-tuned reference, against "
     "the reference baseline; the mean of the per-seed differences ± its 95% CI (t over the pairs), with (n=…) "
     "where fewer seeds pair than were run. Throughput columns are labelled device, batch size, dtype; — = not "
-    "measured."
+    "measured. A main table shows one throughput condition (in its title); the throughput table has every "
+    "condition as rows, img/s as mean ± sample std over the seeds timed, and one timing protocol per condition "
+    "(entries of an older protocol are left out, named in the report's header). Records: the last part of the id "
+    "of each record a row averages (the CSV files: the full ids)."
 )
 
 

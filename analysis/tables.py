@@ -35,8 +35,9 @@ import numpy as np
 import pandas as pd
 
 from . import controls, load
-from .formatting import (DASH, REFERENCE, fmt, fmt_rate, format_value, mean_std, method_families, method_rank,
-                         plus_minus)
+from .formatting import (DASH, REFERENCE, condition_title, differing_params, fmt, fmt_rate, format_value,
+                         mean_std, method_defaults, method_families, method_rank, plus_minus)
+from .throughput import headline_condition, single_protocol
 from .stats import mean_ci
 from .table_files import FOOTNOTE, Table, latex_escape, write_index  # noqa: F401  (re-exported: tables.Table...)
 
@@ -63,9 +64,14 @@ def varying_keys(params_list: Iterable[dict[str, Any]]) -> list[str]:
             if len({json.dumps(p.get(k, "<missing>"), sort_keys=True, default=str) for p in params_list}) > 1]
 
 
-def setting_labels(params_list: list[dict[str, Any]], max_keys: int = 3) -> list[str]:
-    """Short labels telling the settings of one method apart: the differing parameters, or all of them for a
-    single setting with at most ``max_keys`` parameters, else ``default``."""
+def setting_labels(params_list: list[dict[str, Any]], max_keys: int = 3,
+                   defaults: Optional[dict[str, Any]] = None) -> list[str]:
+    """Short labels telling the settings of one method apart: with the method's ``defaults`` (as its records
+    state them), the parameters that differ from them (``default`` when none does); without, the parameters
+    that differ between the settings, or all of them for a single setting with at most ``max_keys``
+    parameters, else ``default``."""
+    if defaults is not None:
+        return [differing_params(params, defaults) if params else DASH for params in params_list]
     keys = varying_keys(params_list)
     labels = []
     for params in params_list:
@@ -135,21 +141,26 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
     ``gflops``, ``flops_ratio``, ``depth`` and, per condition ``c``, ``img_per_s[c]``, ``speedup[c]``,
     ``efficiency[c]``; ``top1_ci``/``top1_n`` and ``top5_ci``/``top5_n`` (95% CI half-width, seeds with a
     value); ``top1_by_seed`` and ``flops_ratio_by_seed`` (seed -> value); ``top1_delta``, ``top1_delta_ci``,
-    ``top1_delta_n``, ``delta_against`` and ``control_missing`` (:func:`analysis.controls.paired_delta`); and
-    ``gflops_change_pct`` against dense. ``conditions`` is stored in ``frame.attrs``.
+    ``top1_delta_n``, ``delta_against`` and ``control_missing`` (:func:`analysis.controls.paired_delta`);
+    ``gflops_change_pct`` against dense; ``record_ids`` (the records the row averages, comma-separated) and, per
+    condition, ``record_ids[c]`` (those with a timing there); ``fine_tuned``; ``is_default`` (the method's
+    default setting, as its records state it; ``None`` when they do not). ``setting`` shows the parameters that
+    differ from the default. ``conditions`` and ``protocol_left_out`` (throughput entries of an older timing
+    protocol than their column's: :func:`analysis.throughput.single_protocol`) are stored in ``frame.attrs``.
     """
     if records.empty:
         return pd.DataFrame()
     records = records.copy()
     records["depth"] = records["tokens"].map(mean_depth)
     families = method_families(records)
+    defaults = method_defaults(records)
     records["family"] = records["method"].map(families)
     # a record without its own dense reference falls back to the dense records of its backbone
     dense_g = records[records["family"] == REFERENCE].groupby(["model", "data"])["gflops"].mean()
     fallback = [g / dense_g.get((m, d), math.nan) for m, d, g in zip(records["model"], records["data"],
                                                                         records["gflops"])]
     records["flops_ratio"] = records["flops_ratio"].fillna(pd.Series(fallback, index=records.index))
-    through = load.throughput_frame(records)
+    through, protocol_left_out = single_protocol(load.throughput_frame(records))  # one protocol per column
     conds = load.conditions(through)
     if not through.empty:
         # the FLOPs of the timed images where the entry has them (timing protocol 2), else the record's
@@ -169,6 +180,10 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
             "method": method, "family": families[method], "method_params": group["method_params"].iloc[0],
             "params_key": pkey, "kind": kind, "setting_key": setting_key,
             "n_seeds": len(group), "seeds": ",".join(str(s) for s in group["seed"]),
+            "record_ids": ",".join(group["record_id"]),  # what the row averages, in seed order
+            "fine_tuned": bool(group["fine_tuned"].iloc[0]),
+            "is_default": (None if defaults.get(method) is None
+                           else differing_params(group["method_params"].iloc[0], defaults[method]) == "default"),
             "params": group["params"].mean() if group["params"].notna().any() else math.nan,
         }
         for metric in ("top1", "top5", "gflops", "flops_ratio", "depth"):
@@ -184,6 +199,8 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
             for metric in ("img_per_s", "speedup", "efficiency"):
                 values = part[metric] if not part.empty else pd.Series(dtype=float)
                 row[f"{metric}_mean[{cond}]"], row[f"{metric}_std[{cond}]"] = mean_std(values)
+            timed = set(part["record_id"]) if not part.empty else set()
+            row[f"record_ids[{cond}]"] = ",".join(r for r in group["record_id"] if r in timed)  # in seed order
         rows.append(row)
     frame = pd.DataFrame(rows)
     frame["_order"] = [(m, d, method_rank(me, f), params_sort_key(p), k != "run", k) for m, d, me, f, p, k in
@@ -192,15 +209,21 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
     frame = frame.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
     frame["setting"] = ""
     for _, idx in frame.groupby(["model", "data", "method"], sort=False).groups.items():
-        labels = setting_labels(list(frame.loc[idx, "method_params"]))
+        labels = setting_labels(list(frame.loc[idx, "method_params"]),
+                                defaults=defaults.get(frame.loc[idx[0], "method"]))
         frame.loc[idx, "setting"] = [label if kind == "run" else f"{label} [{kind}]"
                                      for label, kind in zip(labels, frame.loc[idx, "kind"])]
-    # rows whose parameters agree but whose identities differ (recipe, data files, measurement) say which is which
+    # rows whose parameters agree but whose identities differ (recipe, data files, measurement) say which is which:
+    # fine-tuned or not first, then by the identity's digest
+    twins = frame.duplicated(["model", "data", "method", "setting"], keep=False)
+    tuned = twins & frame["fine_tuned"] & (frame["kind"] == "run")
+    frame.loc[tuned, "setting"] = [f"{label}, fine-tuned" for label in frame.loc[tuned, "setting"]]
     twins = frame.duplicated(["model", "data", "method", "setting"], keep=False)
     frame.loc[twins, "setting"] = [f"{label} [setting {key[:6]}]" for label, key in
                                    zip(frame.loc[twins, "setting"], frame.loc[twins, "setting_key"])]
     frame["gflops_change_pct"] = (frame["flops_ratio_mean"] - 1.0) * 100.0
     frame.attrs["conditions"] = conds
+    frame.attrs["protocol_left_out"] = protocol_left_out  # throughput entries of an older timing protocol
     return frame
 
 
@@ -223,7 +246,7 @@ def _condition_columns(row: pd.Series, conds: list[str], with_images: bool) -> d
 def _numeric(agg: pd.DataFrame, conds: Optional[list[str]] = None) -> pd.DataFrame:
     """The numeric columns of ``agg`` for CSV, throughput for ``conds`` (default: every condition)."""
     conds = agg.attrs.get("conditions", []) if conds is None else conds
-    columns = ["model", "data", "method", "setting", "kind", "params_key", "n_seeds", "seeds", "params",
+    columns = ["model", "data", "method", "setting", "kind", "params_key", "n_seeds", "seeds", "record_ids", "params",
                "top1_mean", "top1_std", "top1_ci", "top1_n", "top1_delta", "top1_delta_ci", "top1_delta_n",
                "delta_against", "top5_mean", "top5_std", "top5_ci", "gflops_mean", "gflops_std",
                "flops_ratio_mean", "flops_ratio_std", "gflops_change_pct", "depth_mean", "depth_std"]
@@ -238,10 +261,30 @@ def _present_conditions(agg: pd.DataFrame, part: pd.DataFrame) -> list[str]:
     return [c for c in agg.attrs.get("conditions", []) if part[f"img_per_s_mean[{c}]"].notna().any()]
 
 
+def short_id(record_id: str) -> str:
+    """The distinctive tail of a record id (``20261203T171944_sinkhorn_..._s0_2eba98b6`` -> ``2eba98b6``): what
+    a table cell shows; the CSV keeps the full ids."""
+    return str(record_id).rsplit("_", 1)[-1]
+
+
+def records_cell(ids: str) -> str:
+    """The short ids of a comma-separated list of record ids, space-separated (:data:`DASH` for none)."""
+    return " ".join(short_id(i) for i in ids.split(",") if i) or DASH
+
+
+def main_condition(agg: pd.DataFrame, part: pd.DataFrame) -> Optional[str]:
+    """The one throughput condition the main table of ``part`` (one backbone's rows) shows:
+    :func:`analysis.throughput.headline_condition` over the conditions measured there."""
+    return headline_condition({c: int(part[f"img_per_s_mean[{c}]"].notna().sum())
+                               for c in _present_conditions(agg, part)})
+
+
 def main_table(agg: pd.DataFrame, model: str, data: str) -> Table:
-    """The main comparison for one backbone: one row per method and setting."""
+    """The main comparison for one backbone: one row per method and setting, throughput at one condition
+    (:func:`main_condition`; the others are in :func:`throughput_table`), the records each row averages."""
     part = agg[(agg["model"] == model) & (agg["data"] == data)].reset_index(drop=True)
-    conds = _present_conditions(agg, part)
+    headline = main_condition(agg, part)
+    conds = [headline] if headline else []
     rows = []
     deltas, notes = controls.delta_cells(part)
     for (_, row), delta in zip(part.iterrows(), deltas):
@@ -253,11 +296,48 @@ def main_table(agg: pd.DataFrame, model: str, data: str) -> Table:
             **_condition_columns(row, conds, with_images=True),
             TOP1_COLUMN: plus_minus(row["top1_mean"], row["top1_ci"], ".2f"),
             DELTA_COLUMN: delta, "Δ against": row["delta_against"] or DASH,
+            "Records": records_cell(row["record_ids"]),
         })
     display = pd.DataFrame(rows)
-    align = "ll" + "r" * (len(display.columns) - 3) + "l"
+    align = "ll" + "r" * (len(display.columns) - 4) + "ll"
     rules = [i for i in range(1, len(part)) if part["method"][i] != part["method"][i - 1]]
-    return Table(f"Main results: {model} on {data}", display, _numeric(part, conds), align, rules, notes)
+    title = f"Main results: {model} on {data}"
+    if headline:  # the other conditions: the throughput table (the footnote says so)
+        title += f" (throughput: {condition_title(headline)})"
+    return Table(title, display, _numeric(part, conds), align, rules, notes)
+
+
+def _rate_spread(mean: float, std: float) -> str:
+    """img/s as ``mean ± std``, both with :func:`analysis.formatting.fmt_rate`'s digits (the mean alone for one
+    seed)."""
+    return fmt_rate(mean) if math.isnan(std) else f"{fmt_rate(mean)} ± {fmt_rate(std)}"
+
+
+def throughput_table(agg: pd.DataFrame, model: str, data: str) -> Optional[Table]:
+    """Every measured throughput of one backbone, one row per condition and setting (conditions as rows, in
+    their fixed order); ``None`` when nothing was timed. One timing protocol per condition
+    (:func:`analysis.throughput.single_protocol`)."""
+    part = agg[(agg["model"] == model) & (agg["data"] == data)].reset_index(drop=True)
+    conds = _present_conditions(agg, part)
+    rows, numeric = [], []
+    for cond in conds:
+        measured = part[part[f"img_per_s_mean[{cond}]"].notna()]
+        for _, row in measured.iterrows():
+            ids = row[f"record_ids[{cond}]"]
+            rows.append({"Condition": condition_title(cond), "Method": row["method"], "Setting": row["setting"],
+                         "Seeds": str(len(ids.split(","))),
+                         "img/s": _rate_spread(row[f"img_per_s_mean[{cond}]"], row[f"img_per_s_std[{cond}]"]),
+                         "Speedup": fmt(row[f"speedup_mean[{cond}]"], ".2f", "×"),
+                         "Eff.": fmt(row[f"efficiency_mean[{cond}]"], ".2f"), "Records": records_cell(ids)})
+            numeric.append({"model": model, "data": data, "condition": cond, "method": row["method"],
+                            "setting": row["setting"], "params_key": row["params_key"], "record_ids": ids,
+                            **{f"{m}_{k}": row[f"{m}_{k}[{cond}]"] for m in ("img_per_s", "speedup", "efficiency")
+                               for k in ("mean", "std")}})
+    if not rows:
+        return None
+    display = pd.DataFrame(rows)
+    rules = [i for i in range(1, len(display)) if display["Condition"][i] != display["Condition"][i - 1]]
+    return Table(f"Throughput: {model} on {data}", display, pd.DataFrame(numeric), "lll" + "r" * 4 + "l", rules)
 
 
 def ablation_table(agg: pd.DataFrame, model: str, data: str, method: str) -> Optional[Table]:
@@ -294,7 +374,8 @@ def write_tables(agg: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     records: ``analysis.curves`` tabulates the tradeoff points) and the ablation of every method with several
     settings there into ``out_dir``; returns the paths.
 
-    Files: ``main_<backbone>.{md,tex,csv}``, ``<method>_ablation_<backbone>.{md,tex,csv}`` (backbone = model
+    Files: ``main_<backbone>.{md,tex,csv}``, ``throughput_<backbone>.{md,tex,csv}`` (every timed condition),
+    ``<method>_ablation_<backbone>.{md,tex,csv}`` (backbone = model
     name, plus the data set name when a model was run on several) and ``all_settings.csv`` (every aggregate).
     """
     out = Path(out_dir)
@@ -305,6 +386,9 @@ def write_tables(agg: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     paths = []
     for (model, data, slug), part in agg.groupby(["model", "data", "slug"], sort=True):
         paths += main_table(agg, model, data).write(out / f"main_{slug}", f"tab:main-{slug}")
+        timing = throughput_table(agg, model, data)
+        if timing is not None:
+            paths += timing.write(out / f"throughput_{slug}", f"tab:throughput-{slug}")
         for method in dict.fromkeys(part["method"]):  # agg order: the reference, then by family and name
             ablation = ablation_table(agg, model, data, method)
             if ablation is not None:

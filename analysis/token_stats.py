@@ -124,9 +124,18 @@ def image_array(value: Any) -> Optional[np.ndarray]:
     return np.clip(image, 0.0, 1.0)
 
 
+def mask_array(value: Any) -> Optional[np.ndarray]:
+    """A packed 0/1 mask (``object_mask``, ``object_tokens``) as a bool array; ``None`` when absent or corrupt."""
+    if not is_packed(value):
+        return None
+    array = _packed_or_none(value)
+    return None if array is None else array.astype(bool)
+
+
 def depth_maps(tokens: Optional[dict]) -> list[dict[str, Any]]:
     """``tokens.maps`` as ``[{"index", "label", "image" (array or None), "depth" (rows x cols, or time x rows x
-    cols for a video model)}]``; entries
+    cols for a video model), "object_mask" (bool, the image's resolution) and "object_tokens" (bool, rows x
+    cols), each None where the data has no ground truth}]``; entries
     without a usable depth map are dropped. ``index`` falls back to the entry's position."""
     maps = (tokens or {}).get("maps")
     if not isinstance(maps, list):
@@ -141,5 +150,7 @@ def depth_maps(tokens: Optional[dict]) -> list[dict[str, Any]]:
             continue
         index = entry.get("index", entry.get("image_index", position))
         out.append({"index": index, "label": entry.get("label"), "depth": depth,
-                    "image": image_array(entry.get("thumbnail", entry.get("image")))})
+                    "image": image_array(entry.get("thumbnail", entry.get("image"))),
+                    "object_mask": mask_array(entry.get("object_mask")),
+                    "object_tokens": mask_array(entry.get("object_tokens"))})
     return out

@@ -148,13 +148,18 @@ def evaluate(session: Session, method: methods.TokenReducer,
 def token_summary(method: methods.TokenReducer, result: engine.EvalResult, map_images: int,
                   data: Optional[DataBundle] = None) -> dict[str, Any]:
     """The record's ``tokens`` entry; video data that marks its moving region (``token_regions``) adds the
-    compute share spent on it, data with ground-truth objects (``token_objects``) the scores against them."""
+    compute share spent on it, data with ground-truth objects (``token_objects``) the scores against them, and
+    data with object masks (``mask(index)``, ``[H, W]`` bool) the mask of each mapped image."""
     embed = method.vit.patch_embed
     whole = data is not None and len(result.patch_depth) == len(data.val)  # a sharded eval is merged whole
     regions = getattr(data.val, "token_regions", None) if whole else None
     moving = regions(embed.grid_size, (embed.tubelet_size, *embed.patch_size)) if regions is not None else None
     objects = ground_truth(method, result, data)[0]
-    return engine.token_summary(result, method.depth, tuple(embed.grid_size), map_images, moving, objects)
+    mask = getattr(data.val, "mask", None) if whole else None
+    count = min(map_images, len(result.map_images)) if result.map_images is not None else 0
+    masks = torch.stack([torch.as_tensor(mask(i), dtype=torch.bool) for i in range(count)]) \
+        if mask is not None and count else None
+    return engine.token_summary(result, method.depth, tuple(embed.grid_size), map_images, moving, objects, masks)
 
 
 def ground_truth(method: methods.TokenReducer, result: engine.EvalResult,
@@ -210,8 +215,8 @@ def write_record(session: Session, method: methods.TokenReducer, result: engine.
     record = records.build_record(
         kind, config, plan.method_name, recorded, result.metrics, tokens, measured, session.train_summary,
         start_time, plan.config.paths.run_dir, sum(p.numel() for p in method.parameters()), methods.method_info(plan.method_name, method),
-        data_read=data_read(session.data), identity=ident, compute_per_image=compute,
-        weights=weights_entry(session), **extra)
+        methods.resolved_params(plan.method_name, {}), data_read=data_read(session.data), identity=ident,
+        compute_per_image=compute, weights=weights_entry(session), **extra)
     path = records.write_record(Path(plan.config.paths.results_dir), record)
     log.info("results record: %s", path)
     record["path"] = str(path)

@@ -448,7 +448,8 @@ HARNESS_READ_BY_ANALYSIS = ("experiments", "experiments.records", "experiments.t
 
 def test_analysis_imports_neither_torch_nor_the_suite():
     script = ("import sys, analysis.load, analysis.tables, analysis.plots, analysis.run_report, analysis.curves, "
-              "analysis.published, analysis.formatting, analysis.style, analysis.throughput, analysis.token_stats; "
+              "analysis.published, analysis.formatting, analysis.style, analysis.throughput, analysis.token_stats, "
+              "analysis.summary, analysis.provenance, analysis.object_figures; "
               f"allowed = {HARNESS_READ_BY_ANALYSIS!r}; "
               "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'methods', 'timm', 'hydra', 'omegaconf')"
               " or (m.startswith('experiments') and m not in allowed and not m.startswith('experiments.records.'))]; "
@@ -468,9 +469,10 @@ def test_notebook_executes_headless_on_the_fixture_records(tmp_path, capsys):
     for name in BAD_FILES:
         assert name in out.err, f"the skipped file {name} is not named in the notebook's output"
     report = results / "report"
-    expected = ["report.md", "report.ipynb", "all_settings.csv", "kept_iou_deit_digits.csv"]
-    expected += [f"{stem}_deit_digits.{ext}" for stem in ("main", "adavit_ablation", "matched_flops")
-                 for ext in ("md", "tex", "csv")]
+    expected = ["README.md", "report.md", "report.ipynb", "report.html", "all_settings.csv",
+                "kept_iou_deit_digits.csv", "summary_deit_digits.png"]
+    expected += [f"{stem}_deit_digits.{ext}" for stem in ("main", "throughput", "adavit_ablation", "matched_flops",
+                                                          "summary_fronts") for ext in ("md", "tex", "csv")]
     expected += ["tradeoff_points.csv", "tradeoff_curves_deit_digits.png", "tradeoff_curves_deit_digits.pdf"]
     expected += [f"published_vs_measured.{ext}" for ext in ("md", "tex", "csv")]
     expected += [f"{stem}_deit_digits.{ext}" for stem in ("top1_vs_gflops", "top1_vs_throughput", "tokens_per_block",
@@ -484,3 +486,9 @@ def test_notebook_executes_headless_on_the_fixture_records(tmp_path, capsys):
     runs = records[records["kind"] != "tradeoff"]
     assert (report / "main_deit_digits.md").read_text() == \
         tables.main_table(tables.aggregate(runs), "deit_digits", "digits").to_markdown()
+    readme = (report / "README.md").read_text()
+    assert "- Records read: " in readme and "corrupt_evit_s0.json" in readme  # the header names skipped files
+    html = (report / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 5  # the figures travel inside the file: it opens offline
+    assert 'src="http' not in html  # and asks the network for nothing
+    assert "<h2" in html and "Pareto fronts" in html  # the summary section, rendered

@@ -194,6 +194,15 @@ def test_a_tiny_run_on_digit_scenes_writes_its_record(tmp_path, one_thread):
     assert objects["background_compute"] == pytest.approx(objects["background_share"])
     assert objects["object_share"] + objects["background_share"] == pytest.approx(1.0)
     assert 0.2 <= objects["object_share"] <= 0.45
+    # the mapped images carry their ground truth: the mask (32 px thumbnails: full resolution) and object tokens
+    from analysis import load
+    val = build_data(DigitScenesData(img_size=32, val_images=64)).val
+    maps = load.depth_maps(record["tokens"])
+    assert [m["index"] for m in maps] == [0, 1]
+    for entry in maps:
+        assert np.array_equal(entry["object_mask"], val.mask(entry["index"]).numpy())
+        assert np.array_equal(entry["object_tokens"], val.token_objects(4)[entry["index"]].reshape(8, 8).numpy())
+    assert record["method_defaults"] == {}  # dense has no parameters; its default setting is the only one
 
 
 # ---------------------------------------------------------------------------------- scores against the truth

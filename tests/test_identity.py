@@ -165,6 +165,7 @@ def test_an_older_record_without_a_new_parameter_joins_the_newer_row_once_upgrad
     upgraded = json.loads((results / "runs" / "old.json").read_text())
     assert upgraded["method_params"] == {"keep_rate": 0.7, "locations": [3, 6, 9], "fuse": True}
     assert upgraded["method_info"]["family"] == "pruning" and upgraded["identity"]["legacy"] is True
+    assert upgraded["method_defaults"] == {"keep_rate": 0.7, "locations": [3, 6, 9], "fuse": True}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         after = tables.aggregate(load.load_records(results))

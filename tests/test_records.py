@@ -104,6 +104,45 @@ def test_token_maps_in_a_record_are_compact_and_lossless():
     assert all(m["image"].min() == 0.0 and m["image"].max() == 1.0 for m in maps)  # min-max scaled per image
 
 
+def test_object_masks_and_tokens_in_the_maps_round_trip():
+    """Data with ground truth: each map carries its image's object mask at the thumbnail's resolution (a pixel
+    is object when at least half of what it covers is) and its object tokens, decoded exactly by the report."""
+    import numpy as np
+    import torch
+
+    from analysis import load
+    from experiments.train import engine
+
+    masks = torch.zeros(3, 8, 8, dtype=torch.bool)
+    masks[0, 2:6, 2:6] = True  # a centred square
+    masks[1, 0:2, 0:8] = True  # a band along the top
+    masks[2, 0, 0] = True  # one pixel: a quarter of its 2x2 thumbnail pixel, not object there
+    objects = torch.tensor([[False, False, False, False] * 4, [True] * 4 + [False] * 12, [False] * 16])
+    objects[0, [5, 6, 9, 10]] = True
+    images = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    result = engine.EvalResult(metrics={}, token_counts=torch.full((3, 2, 2), 17),
+                               patch_depth=torch.full((3, 16), 2), map_images=images)
+    tokens = json.loads(json.dumps(engine.token_summary(result, 2, (4, 4), 3, objects=objects, masks=masks)))
+    maps = load.depth_maps(tokens)
+    assert [m["object_mask"].shape for m in maps] == [(8, 8)] * 3  # thumbnails keep sides up to 64 px
+    for i, entry in enumerate(maps):
+        assert np.array_equal(entry["object_mask"], masks[i].numpy())
+        assert np.array_equal(entry["object_tokens"], objects[i].reshape(4, 4).numpy())
+    # at a smaller thumbnail the mask is area-averaged and thresholded at one half
+    from experiments.records import token_maps
+    packed = token_maps.encode_maps(np.full((1, 16), 2), None, (4, 4), object_masks=np.array([[[1, 0], [0, 0]]]))
+    assert np.array_equal(load.depth_maps({"maps": packed})[0]["object_mask"], [[True, False], [False, False]])
+    big = torch.zeros(1, 128, 128, dtype=torch.bool)
+    big[0, :3, :1] = True  # thumbnail pixel (0, 0) covers 2 of its 4 pixels in the mask, (1, 0) only 1
+    result = engine.EvalResult(metrics={}, token_counts=torch.full((1, 2, 2), 17),
+                               patch_depth=torch.full((1, 16), 2), map_images=torch.rand(1, 3, 128, 128))
+    [entry] = load.depth_maps(engine.token_summary(result, 2, (4, 4), 1, masks=big))
+    assert entry["object_mask"].shape == (64, 64) and entry["object_tokens"] is None
+    assert np.flatnonzero(entry["object_mask"]).tolist() == [0]  # half is object, a quarter is not
+    with pytest.raises(ValueError, match="0/1"):
+        token_maps.pack_mask(np.array([0, 2]))
+
+
 # ------------------------------------------------------------------------------ the package, schema, migration
 def test_importing_records_needs_neither_torch_nor_hydra_nor_the_methods():
     import subprocess

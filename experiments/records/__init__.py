@@ -21,9 +21,11 @@ Schema (``schema_version`` 1, :class:`~experiments.records.schema.Record`); ``an
 
 - ``record_id``, ``kind`` (``run``, ``measure`` or ``tradeoff``; a run or trade-off point needs a numeric
   ``metrics.top1``, a trade-off point its ``tradeoff.knob``), ``status`` (``complete``);
-- ``method``, ``method_params`` (the factory's defaults applied), ``method_info`` (the registered ``family`` and,
-  for an adaptive method, its fixed-count ``counterpart``, then facts the built method reports, e.g. A-ViT's
-  ``prior_target``), ``model`` (config name), ``architecture`` (timm name), ``data``, ``seed``;
+- ``method``, ``method_params`` (the factory's defaults applied), ``method_defaults`` (the parameters of the
+  method's default setting, i.e. the factory's defaults; absent in older records), ``method_info`` (the
+  registered ``family`` and, for an adaptive method, its fixed-count ``counterpart``, then facts the built method
+  reports, e.g. A-ViT's ``prior_target``), ``model`` (config name), ``architecture`` (timm name), ``data``,
+  ``seed``;
 - ``config``: the full resolved Hydra config;
 - ``metrics``: one finite number (or ``null``) per metric the evaluation computed: the registered metrics of
   ``experiments/train/metrics.py`` (``top1``, ``top5`` in percent, ``val_loss``, ``num_images``), each within

@@ -46,10 +46,12 @@ def repository_relative(value: Any, root: Path = REPOSITORY) -> Any:
 def build_record(kind: str, config: dict[str, Any], method: str, method_params: dict[str, Any],
                  metrics: dict[str, Any], tokens: dict[str, Any], costs: dict[str, Any], train: dict[str, Any],
                  start_time: str, run_dir: str | None, params: int, method_info: dict[str, Any] | None = None,
-                 **extra: Any) -> dict[str, Any]:
+                 method_defaults: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     """The one record builder of ``run``, ``measure`` and ``tradeoff`` records. ``config`` is the resolved config;
     ``method_params`` have the factory's defaults applied (a record written before a parameter existed stays
-    comparable); ``extra`` adds top-level entries (``tradeoff``, ``subset_metrics``)."""
+    comparable); ``method_defaults`` are the method's parameters at its default setting (the factory's
+    defaults: what the report's setting column compares ``method_params`` with); ``extra`` adds top-level
+    entries (``tradeoff``, ``subset_metrics``)."""
     check_values({"metrics": metrics, "flops": costs.get("flops")})  # before anything else: never written
     model = config["model"]
     short = str(model.get("short_name") or model["name"])
@@ -60,6 +62,7 @@ def build_record(kind: str, config: dict[str, Any], method: str, method_params: 
         "status": "complete",
         "method": method,
         "method_params": method_params,
+        "method_defaults": method_defaults,
         "method_info": method_info or {},
         "model": short,
         "architecture": model["name"],

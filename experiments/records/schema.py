@@ -231,6 +231,7 @@ class Record(BaseModel):
     config: Any
     provenance: Any
     method_params: Optional[dict[str, Any]] = None
+    method_defaults: Optional[dict[str, Any]] = None  # the method's parameters at its default setting
     method_info: Any = None
     flops: Optional[Flops] = None
     tokens: Optional[Tokens] = None

@@ -6,7 +6,12 @@ thumbnails into small JSON values and decoding them (:func:`unpack_array`, which
 
     {"index": 0,                                   # eval-set index: matches images across records
      "patch_depth": PACKED uint8 [rows, cols],     # blocks that processed each patch (flat [P] without a grid)
-     "thumbnail": PACKED uint8 [H, W, C]}          # 0..255, min-max scaled per image; C = 1 when grey
+     "thumbnail": PACKED uint8 [H, W, C],          # 0..255, min-max scaled per image; C = 1 when grey
+     "object_mask": PACKED uint8 [H, W],           # data with ground truth only: 1 = object pixel, at the
+                                                   # thumbnail's resolution (a pixel is object when at least half
+                                                   # of the pixels it covers are)
+     "object_tokens": PACKED uint8 [rows, cols]}   # data with ground truth only: 1 = object token (the tokens
+                                                   # the record's ``tokens.objects`` scores count)
 
 For a video model (``tokens.grid`` ``[time, rows, cols]``) ``patch_depth`` is ``[time, rows, cols]`` and the
 thumbnail is a filmstrip ``[H, time * W, C]``: the first frame of each time slot (tubelet), left to right.
@@ -66,15 +71,33 @@ def pack_thumbnail(thumbnail: np.ndarray) -> dict[str, Any]:
     return pack(thumb, filter="diff2d")
 
 
-def encode_maps(patch_depth: np.ndarray, thumbnails: Optional[np.ndarray],
-                grid: Optional[Sequence[int]]) -> list[dict[str, Any]]:
+def pack_mask(mask: np.ndarray) -> dict[str, Any]:
+    """A boolean (or 0/1) mask of any shape as PACKED uint8 0/1, unfiltered (runs of equal values compress well)."""
+    array = np.asarray(mask)
+    if array.size and not np.isin(array, (0, 1)).all():
+        raise ValueError(f"a mask holds 0/1 (or bool) values, got {np.unique(array)[:5].tolist()}")
+    return pack(array.astype(np.uint8))
+
+
+def encode_maps(patch_depth: np.ndarray, thumbnails: Optional[np.ndarray], grid: Optional[Sequence[int]],
+                object_masks: Optional[np.ndarray] = None,
+                object_tokens: Optional[np.ndarray] = None) -> list[dict[str, Any]]:
     """``tokens.maps`` for images ``0..n-1``: ``patch_depth`` ``[n, P]`` integer depths, ``thumbnails``
-    ``[n, H, W, C]`` uint8 (or ``None``), ``grid`` ``(rows, cols)`` of the patches (or ``None``)."""
+    ``[n, H, W, C]`` uint8 (or ``None``), ``grid`` ``(rows, cols)`` of the patches (or ``None``); on data with
+    ground truth ``object_masks`` ``[n, H, W]`` bool at the thumbnails' resolution and ``object_tokens``
+    ``[n, P]`` bool (each ``None`` otherwise)."""
     maps = []
     for i, depth in enumerate(np.asarray(patch_depth)):
         entry: dict[str, Any] = {"index": i, "patch_depth": pack_depth(depth, grid)}
         if thumbnails is not None:
             entry["thumbnail"] = pack_thumbnail(thumbnails[i])
+        if object_masks is not None:
+            entry["object_mask"] = pack_mask(object_masks[i])
+        if object_tokens is not None:
+            tokens = np.asarray(object_tokens[i])
+            if grid is not None and tokens.ndim == 1 and int(np.prod([int(g) for g in grid])) == tokens.size:
+                tokens = tokens.reshape([int(g) for g in grid])
+            entry["object_tokens"] = pack_mask(tokens)
         maps.append(entry)
     return maps
 

@@ -3,10 +3,10 @@
 Records written before a method parameter existed lack it (an EViT record without ``fuse``), so their
 ``method_params`` and identity differ from a newer record at the same setting and the report would split them.
 This command fills each record's missing parameters with the factory's defaults (``methods.resolved_params``:
-the registry is the one source of defaults), its ``method_info.family`` (and ``counterpart``, where the method
-declares one) from the registration, and an identity
-(:func:`~experiments.records.identity.legacy_identity`, from the filled parameters) where it has none; a
-record whose identity was computed before a parameter existed gets the identity it would get today
+the registry is the one source of defaults), its ``method_defaults`` (the parameters of the default setting),
+its ``method_info.family`` (and ``counterpart``, where the method declares one) from the registration, and an
+identity (:func:`~experiments.records.identity.legacy_identity`, from the filled parameters) where it has none;
+a record whose identity was computed before a parameter existed gets the identity it would get today
 (``result_identity`` over its config and the filled parameters, the same starting weights and data files).
 
 Every file is read and upgraded in memory first; a record that cannot be read or whose method is not
@@ -38,6 +38,8 @@ def upgraded(record: dict[str, Any], defaults: Defaults, family: Registered) -> 
     method = str(out["method"])
     given = dict(out.get("method_params") or {})
     out["method_params"] = defaults(method, given)
+    if not isinstance(out.get("method_defaults"), dict):
+        out["method_defaults"] = defaults(method, {})
     info = out.get("method_info") if isinstance(out.get("method_info"), dict) else {}
     facts = family(method)
     facts = dict(facts) if isinstance(facts, dict) else {"family": facts}

@@ -204,13 +204,17 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: Optional
 
 
 def token_summary(result: EvalResult, depth: int, grid: Optional[tuple[int, ...]], map_count: int,
-                  moving: Optional[Tensor] = None, objects: Optional[Tensor] = None) -> dict[str, Any]:
+                  moving: Optional[Tensor] = None, objects: Optional[Tensor] = None,
+                  masks: Optional[Tensor] = None) -> dict[str, Any]:
     """Per-block mean counts, the patch-depth histogram, the mean depth per patch and a few depth maps; with
     ``moving`` (``[N, P]`` bool: the data's moving-region tokens, video data whose pixels change between frames)
     also ``motion``: the moving
     tokens' share of all patch tokens and their share of the patch depth summed over tokens (the blocks
     spent on them: per-token compute, attention's quadratic part aside); with ``objects`` (``[N, P]`` bool: the
-    data's ground-truth object tokens, ``data=digit_scenes``) also ``objects``: :func:`object_scores`."""
+    data's ground-truth object tokens, ``data=digit_scenes``) also ``objects``: :func:`object_scores`, and each
+    depth map its image's ``object_tokens``; with ``masks`` (``[n, H, W]`` bool: the object masks of the first
+    ``n`` eval images) each depth map of those images also its ``object_mask`` at the thumbnail's resolution
+    (a thumbnail pixel is object when at least half of the pixels it covers are)."""
     counts = result.token_counts.double()
     summary: dict[str, Any] = {
         "attn_mean": counts[:, :, 0].mean(0).tolist(),
@@ -233,8 +237,13 @@ def token_summary(result: EvalResult, depth: int, grid: Optional[tuple[int, ...]
         thumbs = F.interpolate(images, size=(side, side * images.shape[-1] // images.shape[-2]), mode="area")
         low, high = thumbs.amin(dim=(1, 2, 3), keepdim=True), thumbs.amax(dim=(1, 2, 3), keepdim=True)
         thumbs = ((thumbs - low) / (high - low).clamp_min(1e-6) * 255).round().to(torch.uint8)
-        summary["maps"] = encode_maps(result.patch_depth[: len(images)].numpy(), thumbs.permute(0, 2, 3, 1).numpy(),
-                                      grid)
+        count = len(images)
+        object_masks = None
+        if masks is not None and len(masks) >= count:
+            shrunk = F.interpolate(masks[:count, None].float(), size=thumbs.shape[-2:], mode="area")
+            object_masks = (shrunk[:, 0] >= 0.5).numpy()
+        summary["maps"] = encode_maps(result.patch_depth[:count].numpy(), thumbs.permute(0, 2, 3, 1).numpy(), grid,
+                                      object_masks, objects[:count].numpy() if objects is not None else None)
     return summary
 
 
