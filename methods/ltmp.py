@@ -255,8 +255,7 @@ class LTMP(TokenReducer):
             seen = layout.image_lengths
             rank = plan.rank
             is_a = rank % 2 == 0
-            pairs = (plan.even & ~plan.first)[:, :, None] & plan.odd[:, None, :]
-            node_max, partner = _best_partners(keys, pairs)
+            node_max, partner = _bipartite_partners(keys, plan)
             node_max, partner = node_max.flatten().index_select(0, plan.slot), partner.flatten().index_select(
                 0, plan.slot) + layout.starts.index_select(0, layout.segment)  # padded column -> packed row
             merged = node_max > merge_at
@@ -288,6 +287,23 @@ def _best_partners(keys: Tensor, pairs: Tensor) -> tuple[Tensor, Tensor]:
     metric = F.normalize(keys.float(), dim=-1)
     scores = (metric @ metric.transpose(1, 2)).masked_fill(~pairs, -math.inf)
     return scores.max(dim=-1)
+
+
+def _bipartite_partners(keys: Tensor, plan: "_PadPlan") -> tuple[Tensor, Tensor]:
+    """:func:`_best_partners` on the padded layout, where the column is the rank: A = even columns, B = odd, so
+    only the ``|A| x |B|`` similarities are computed. Returns ``[R, L]`` (odd columns: ``-inf``)."""
+    rows, width = plan.valid.shape
+    pairs = (plan.even & ~plan.first)[:, ::2, None] & plan.odd[:, None, 1::2]
+    metric = F.normalize(keys.float(), dim=-1)
+    scores = (metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)).masked_fill(~pairs, -math.inf)
+    best, partner = scores.max(dim=-1) if scores.shape[-1] else (
+        scores.new_full(scores.shape[:2], -math.inf), torch.zeros(scores.shape[:2], dtype=torch.long,
+                                                                  device=scores.device))
+    node_max = best.new_full((rows, width), -math.inf)
+    node_max[:, ::2] = best
+    column = torch.arange(width, device=best.device).expand(rows, -1).clone()  # no edge: the row itself
+    column[:, ::2] = torch.where(torch.isinf(best), column[:, ::2], 2 * partner + 1)
+    return node_max, column
 
 
 def _merge(x: Tensor, size: Tensor, merged: Tensor, partner: Tensor) -> tuple[Tensor, Tensor]:
