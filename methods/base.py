@@ -10,6 +10,8 @@ this class alone and never asks for a method's name:
   A method that sets ``needs_teacher = True`` gets the frozen dense teacher's output.
 - ``param_groups(weight_decay)`` gives optimizer parameter groups (``lr_scale`` is honoured by timm's
   schedulers), so a method can train its own modules at a different learning rate.
+- ``after_optimizer_step()`` runs after every optimizer step of the fine-tune (LTMP clamps its thresholds to
+  [0, 1] there, as its official loop does); a no-op by default.
 - ``extra_macs(token_counts)`` gives the per-image MACs of the method's own modules (predictors, matching).
 - ``alt_token_counts(images, out)`` gives token counts under other FLOP conventions (A-ViT's ``official``). It
   is a hook that measurement calls explicitly, because it may cost another pass: ``forward`` never runs it and
@@ -108,6 +110,10 @@ class TokenReducer(nn.Module):
         """Optimizer groups: no weight decay on biases, norms, position embedding and CLS token."""
         skip = {f"vit.{name}" for name in self.vit.no_weight_decay()}
         return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=skip)
+
+    def after_optimizer_step(self) -> None:
+        """Called by the training engine after every optimizer step (e.g. to project parameters back into their
+        valid range); nothing by default."""
 
     def extra_macs(self, token_counts: Tensor) -> Tensor:
         """Per-image MACs of the method's own modules, ``[B]``; zero for methods without any."""

@@ -63,6 +63,8 @@ def official_state(method: str, dim=64, seed=0, classes=10) -> dict[str, torch.T
     shapes = official_deit_shapes(dim, classes=classes)
     if method == "dynamicvit":
         shapes.update(official_predictor_shapes(dim))
+    if method == "ltmp":  # LTMP's ThresholdMasker: one [1] threshold per block for merging and one for pruning
+        shapes.update({f"blocks.{i}.{kind}_masker.threshold": (1,) for i in range(12) for kind in ("merge", "prune")})
     return random_state(shapes, seed)
 
 

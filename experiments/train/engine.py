@@ -1,8 +1,8 @@
 """Training and evaluation loops (DeiT's ``engine.py`` role): built objects in, metric dicts out.
 
 The engine knows the method interface only: ``model(images) -> MethodOutput``, ``model.loss_terms(...)``,
-``model.needs_teacher`` and, in evaluation, the ``alt_token_counts(images, out)`` hook. It never asks for a
-method's name and writes no files.
+``model.after_optimizer_step()``, ``model.needs_teacher`` and, in evaluation, the ``alt_token_counts(images, out)``
+hook. It never asks for a method's name and writes no files.
 """
 from __future__ import annotations
 
@@ -120,6 +120,7 @@ def train_one_epoch(
             scaler.update()
         else:
             optimizer.step()
+        method.after_optimizer_step()
         if scheduler is not None:
             scheduler.step_update(num_updates=epoch * steps_per_epoch + step + 1)
         batch = images.shape[0]
