@@ -362,7 +362,7 @@ def _check_loaded_thresholds(module, state_dict, prefix, *args) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- factory
-@register_method("ltmp", family="merging", inference_knob="threshold_scale", finetune=True,
+@register_method("ltmp", family="merging", inference_knob="threshold_scale", finetune=True, counterpart="tome",
                  tradeoff_values=(0.0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0), stronger={"threshold_scale": 2.0})
 def build_ltmp(vit: nn.Module, reduction_target: Ratio = 0.75, flops_weight: Weight = 10.0, tau: Temperature = 0.5,
                merge_threshold: Threshold = 0.9, prune_threshold: Threshold = 0.0, merge_lr: LearningRate = 5e-3,
