@@ -103,7 +103,8 @@ def budget_ratio(keep: Tensor, tokens: int, dim: int) -> Tensor:
     (6 n d^2 + n^2 d)`` with ``n`` tokens and width ``d``."""
     before = torch.cat([keep.new_ones(1), keep[:-1]])
     n, d = float(tokens), float(dim)
-    per_block = (2 * before * n * d ** 2 + (before * n) ** 2 * d + 4 * keep * n * d ** 2) / (6 * n * d ** 2 + n ** 2 * d)
+    per_block = (2 * before * n * d ** 2 + (before * n) ** 2 * d + 4 * keep * n * d ** 2) / \
+        (6 * n * d ** 2 + n ** 2 * d)
     return per_block.mean()
 
 
@@ -374,7 +375,9 @@ def build_ltmp(vit: nn.Module, reduction_target: Ratio = 0.75, flops_weight: Wei
     knob (module docstring)."""
     depth = len(vit.blocks)
     tokens = vit.patch_embed.num_patches + vit.num_prefix_tokens
-    floor = budget_ratio(torch.full((depth,), 1.0 / tokens, dtype=torch.float64), tokens, vit.embed_dim).item()
+    # on the CPU explicitly: the plan builds methods on the meta device, where .item() has no value
+    floor = budget_ratio(torch.full((depth,), 1.0 / tokens, dtype=torch.float64, device="cpu"), tokens,
+                         vit.embed_dim).item()
     if reduction_target <= floor:
         raise ParamError(f"method.params.reduction_target={reduction_target!r} asks for at most the FLOPs left when "
                          f"every token but CLS is removed in the first block ({floor:.4f} of dense on this "

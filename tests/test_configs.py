@@ -47,6 +47,17 @@ def test_method_configs_match_the_registry():
         assert cfg.method.finetune is None and cfg.method.tradeoff_values is None  # null: the registered default
 
 
+@pytest.mark.parametrize("name", methods.list_methods())
+def test_every_method_passes_the_plan_on_the_default_model(name, tmp_path):
+    """The whole pre-run check (the method built on the meta device included) accepts every method's defaults on
+    the embedded benchmark: a factory that needs real values (``.item()``) fails here, not in a user's run."""
+    from conftest import run_paths
+    from experiments.plan import validate
+
+    plan = validate(compose_config(*run_paths(tmp_path), f"method={name}"))
+    assert plan.method_name == name
+
+
 @pytest.mark.parametrize("model, size", [("deit_digits", 32), ("deit_tiny", 224), ("deit_small", 224),
                                          ("deit_base", 224)])
 def test_data_follows_the_models_native_resolution(model, size):
