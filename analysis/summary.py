@@ -251,7 +251,10 @@ def backbone_order(agg: pd.DataFrame) -> list[tuple[str, str, str]]:
 
 def write_summary(agg: pd.DataFrame, records: pd.DataFrame, out_dir: str | Path, header: str) -> list[Path]:
     """``README.md`` (the one-page summary, module docstring) with its tables (``summary_defaults_<backbone>``,
-    ``summary_fronts_<backbone>`` as Markdown, LaTeX and CSV) and figures; returns the paths, README first."""
+    ``summary_fronts_<backbone>`` as Markdown, LaTeX and CSV) and figures; returns the paths, README first.
+    Without records nothing is written (an empty results folder gets no report folder)."""
+    if records.empty and agg.empty:
+        return []
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# Token-reduction benchmark: summary", "",

@@ -48,7 +48,8 @@ def test_compiled_eval_forward_equals_eager(name):
 
 # The ragged methods on models where their per-image counts differ between images and batches.
 VARYING = {"adavit": lambda: build("adavit"),
-           "ats": lambda: create_method("ats", peaked_vit(), locations=[1, 2, 3]).eval()}
+           "ats": lambda: create_method("ats", peaked_vit(), locations=[1, 2, 3]).eval(),
+           "ltmp": lambda: create_method("ltmp", peaked_vit(), merge_threshold=0.5, prune_threshold=0.05).eval()}
 
 
 def test_every_ragged_method_is_checked():

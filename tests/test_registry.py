@@ -126,7 +126,7 @@ def test_resolved_params_take_config_containers():
     from omegaconf import OmegaConf
 
     given = OmegaConf.create({"r": [4, 4, 2], "prop_attn": False})
-    assert methods.resolved_params("tome", given) == {"r": [4, 4, 2], "prop_attn": False}
+    assert methods.resolved_params("tome", given) == {"r": [4, 4, 2], "prop_attn": False, "threshold": None}
     assert type(methods.resolved_params("tome", given)["r"]) is list
 
 
