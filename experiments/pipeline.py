@@ -215,7 +215,7 @@ def write_record(session: Session, method: methods.TokenReducer, result: engine.
     record = records.build_record(
         kind, config, plan.method_name, recorded, result.metrics, tokens, measured, session.train_summary,
         start_time, plan.config.paths.run_dir, sum(p.numel() for p in method.parameters()), methods.method_info(plan.method_name, method),
-        methods.resolved_params(plan.method_name, {}), data_read=data_read(session.data), identity=ident,
+        methods.default_params(plan.method_name, plan.config.model.short_name), data_read=data_read(session.data), identity=ident,
         compute_per_image=compute, weights=weights_entry(session), **extra)
     path = records.write_record(Path(plan.config.paths.results_dir), record)
     log.info("results record: %s", path)

@@ -8,7 +8,8 @@ import importlib
 import pkgutil
 
 from .base import MethodOutput, TokenReducer
-from .registry import (MethodSpec, bench_settings, check_counterparts, create_method, inference_knob, knob_fixed,
+from .registry import (MethodSpec, bench_settings, check_counterparts, create_method, default_params, inference_knob,
+                       knob_fixed,
                        list_methods, method_info, method_parameters, method_spec, methods_with_knob, register_method,
                        registered_info, resolved_params)
 

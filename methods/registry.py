@@ -143,6 +143,13 @@ def bench_settings(name: str, model: Optional[str] = None) -> list[dict]:
     return [{}] if spec.stronger is None else [{}, dict(spec.stronger)]
 
 
+def default_params(name: str, model: Optional[str] = None) -> dict[str, Any]:
+    """The parameters of method ``name``'s default setting on backbone ``model`` (a model config's short name):
+    the backbone's registered default where ``bench_settings`` gives one (ToMe's r on the 65-token embedded
+    model), else the factory's defaults; every parameter filled. Records keep it as ``method_defaults``."""
+    return resolved_params(name, bench_settings(name, model)[0])
+
+
 def method_info(name: str, method: TokenReducer) -> dict[str, Any]:
     """What a record keeps about the built method: its registered family and, where declared, its fixed-count
     ``counterpart``, then ``method.record_info()``."""

@@ -171,7 +171,8 @@ def parse_threshold(threshold: Union[str, float, Sequence[float]], depth: int,
 
 
 @register_method("tome", family="merging", inference_knob="r", tradeoff_values=(0, 1, 2, 3, 4, 6, 8, 13, 16),
-                 stronger={"r": 16}, bench_settings={"deit_digits": ({"r": 4}, {"r": 5})},  # 65 tokens: r=13 empties them
+                 stronger={"r": 16},  # the embedded 65 tokens: r=13 would empty them
+                 bench_settings={"deit_digits": ({"r": 4}, {"r": 5}), "deit_scenes": ({"r": 4}, {"r": 5})},
                  knob_fixed_by=("threshold",))
 def build_tome(vit: nn.Module, r: R = DEFAULT_R, prop_attn: bool = True, threshold: Thresholds = None) -> TokenReducer:
     """ToMe: merge the r most similar token pairs in every block (bipartite matching), proportional attention.

@@ -267,3 +267,10 @@ def test_every_committed_method_is_in_the_readme_tables():
     assert "zz_not_there" not in catalog.tradeoff_table(committed)
     one = catalog.methods_table(["topk"])
     assert one.count("\n") == 3 and "`random`" not in one  # header, rule and one row
+
+
+def test_the_default_setting_is_the_backbones_where_one_is_registered():
+    """Records keep ``method_defaults``: ToMe's registered r for the 65-token embedded model, else the factory's."""
+    assert methods.default_params("tome", "deit_scenes") == {"r": 4, "prop_attn": True, "threshold": None}
+    assert methods.default_params("tome", "deit_small") == methods.resolved_params("tome", {})
+    assert methods.default_params("evit", "deit_scenes") == methods.resolved_params("evit", {})

@@ -66,7 +66,7 @@ def measure_run(cfg: DictConfig) -> dict[str, Any]:
         {**dict.fromkeys(metrics.METRICS), "num_images": count}, tokens, measured,
         {"epochs": 0, "history": [], "wall_time_s": 0.0, "init": weights}, start_time, config.paths.run_dir,
         sum(p.numel() for p in method.parameters()), methods.method_info(plan.method_name, method),
-        methods.resolved_params(plan.method_name, {}), subset_metrics={**result.metrics, "weights": weights},
+        methods.default_params(plan.method_name, plan.config.model.short_name), subset_metrics={**result.metrics, "weights": weights},
         identity=ident, compute_per_image=per_image.compute_per_image(method, result) if measure.flops else None,
         weights={"start_sha256": start, "evaluated_sha256": start})
     if measure.record:

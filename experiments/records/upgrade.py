@@ -20,7 +20,7 @@ import argparse
 import copy
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from experiments.records.identity import fine_tuned, legacy_identity, result_identity
 from experiments.records.store import atomic_write_json, load_record
@@ -30,7 +30,8 @@ Defaults = Callable[[str, dict[str, Any]], dict[str, Any]]  # (method, params) -
 Registered = Callable[[str], Any]
 
 
-def upgraded(record: dict[str, Any], defaults: Defaults, family: Registered) -> dict[str, Any]:
+def upgraded(record: dict[str, Any], defaults: Defaults, family: Registered,
+             backbone_defaults: Optional[Callable[[str, Any], dict[str, Any]]] = None) -> dict[str, Any]:
     """``record`` with its defaults, registered facts and identity filled (a copy; the caller's dict is
     unchanged). ``family(method)`` is the family, or a mapping of the registered ``method_info`` keys; a key the
     record already carries is kept."""
@@ -38,7 +39,9 @@ def upgraded(record: dict[str, Any], defaults: Defaults, family: Registered) -> 
     method = str(out["method"])
     given = dict(out.get("method_params") or {})
     out["method_params"] = defaults(method, given)
-    if not isinstance(out.get("method_defaults"), dict):
+    if backbone_defaults is not None:  # the default on the record's backbone (ToMe's r on 65 tokens)
+        out["method_defaults"] = backbone_defaults(method, out.get("model"))
+    elif not isinstance(out.get("method_defaults"), dict):
         out["method_defaults"] = defaults(method, {})
     info = out.get("method_info") if isinstance(out.get("method_info"), dict) else {}
     facts = family(method)
@@ -55,7 +58,8 @@ def upgraded(record: dict[str, Any], defaults: Defaults, family: Registered) -> 
     return out
 
 
-def plan_upgrades(folder: Path, defaults: Defaults, family: Registered) -> list[tuple[Path, dict]]:
+def plan_upgrades(folder: Path, defaults: Defaults, family: Registered,
+                  backbone_defaults: Optional[Callable[[str, Any], dict[str, Any]]] = None) -> list[tuple[Path, dict]]:
     """The (file, new record) pairs to write under ``folder``; raises ``ValueError`` naming the first file that
     cannot be upgraded, before anything is written."""
     if not folder.is_dir():
@@ -66,7 +70,7 @@ def plan_upgrades(folder: Path, defaults: Defaults, family: Registered) -> list[
             continue  # the generated report's own files, the shipped baselines' manifest
         try:
             record = load_record(path)
-            new = upgraded(record, defaults, family)
+            new = upgraded(record, defaults, family, backbone_defaults)
         except (ValueError, KeyError) as error:
             raise ValueError(f"{path}: cannot upgrade ({error}); nothing was written") from None
         if new != record:
@@ -82,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     import methods  # noqa: PLC0415 - the registry, only for this command
 
     try:
-        changes = plan_upgrades(args.folder, methods.resolved_params, methods.registered_info)
+        changes = plan_upgrades(args.folder, methods.resolved_params, methods.registered_info,
+                                methods.default_params)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
