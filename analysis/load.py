@@ -52,6 +52,7 @@ from experiments.train.metrics import METRICS
 
 _image = image_array  # the name analysis.video reads thumbnails with
 REPORT_DIRNAME = "report"
+NOT_RECORDS = (REPORT_DIRNAME, "baselines")  # the generated report; the shipped baselines and their manifest
 BEFORE_METRICS = ("path", "record_id", "kind", "model", "architecture", "data", "method", "method_params",
                   "params_key", "seed", "run_key", "setting_key")
 AFTER_METRICS = ("params", "gflops", "gflops_std", "dense_gflops", "flops_ratio", "tokens", "throughput",
@@ -84,14 +85,15 @@ class RecordError(ValueError):
 
 
 def find_record_files(folder: str | Path) -> list[Path]:
-    """Every ``*.json`` under ``folder``, recursively and sorted; skips hidden paths and ``folder/report``."""
+    """Every ``*.json`` under ``folder``, recursively and sorted; skips hidden paths, ``folder/report`` and
+    ``folder/baselines`` (the shipped baselines' manifest)."""
     root = Path(folder)
     if not root.is_dir():
         return []
     found = []
     for path in root.rglob("*.json"):
         rel = path.relative_to(root).parts
-        if any(part.startswith(".") for part in rel) or rel[0] == REPORT_DIRNAME or not path.is_file():
+        if any(part.startswith(".") for part in rel) or rel[0] in NOT_RECORDS or not path.is_file():
             continue
         found.append(path)
     return sorted(found)

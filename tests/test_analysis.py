@@ -492,3 +492,11 @@ def test_notebook_executes_headless_on_the_fixture_records(tmp_path, capsys):
     assert html.count("data:image/png;base64,") >= 5  # the figures travel inside the file: it opens offline
     assert 'src="http' not in html  # and asks the network for nothing
     assert "<h2" in html and "Pareto fronts" in html  # the summary section, rendered
+
+
+def test_the_shipped_baselines_manifest_is_not_read_as_a_record(tmp_path):
+    (tmp_path / "baselines").mkdir()
+    (tmp_path / "baselines" / "manifest.json").write_text('{"format": 1, "baselines": {}}')
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "a.json").write_text("{}")
+    assert [p.relative_to(tmp_path).as_posix() for p in load.find_record_files(tmp_path)] == ["runs/a.json"]
