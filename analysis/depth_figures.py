@@ -27,6 +27,14 @@ from .formatting import DASH, REFERENCE
 from .style import figure_style, save_figure, wrap
 
 
+def label_row(ax, row: pd.Series) -> None:
+    """A figure row's label on its first axes: method, setting (wrapped) and mean GFLOPs."""
+    text = f"{row['method']}\n{wrap(str(row['setting']), 22)}"
+    if not math.isnan(row["gflops_mean"]):
+        text += f"\n{row['gflops_mean']:.3f} GFLOPs"
+    ax.set_ylabel(text, rotation=0, ha="right", va="center", fontsize=8)
+
+
 def _maps_by_seed(records: pd.DataFrame, row: pd.Series) -> dict:
     group = records_of(records, row)
     group = group.sort_values("seed", key=load.text_sort_key, kind="stable")
@@ -86,10 +94,7 @@ def plot_depth_maps(agg: pd.DataFrame, records: pd.DataFrame, out_dir: str | Pat
                 ax.grid(False)
             axes[0, 0].set_ylabel("input", rotation=0, ha="right", va="center", fontsize=8.5)
             for r, (row, _) in enumerate(rows, start=1):
-                text = f"{row['method']}\n{wrap(row['setting'], 22)}"
-                if not math.isnan(row["gflops_mean"]):
-                    text += f"\n{row['gflops_mean']:.3f} GFLOPs"
-                axes[r, 0].set_ylabel(text, rotation=0, ha="right", va="center", fontsize=8)
+                label_row(axes[r, 0], row)
             cbar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, aspect=30)
             cbar.set_label("Token depth (blocks that processed the patch)")
             fig.suptitle(f"{model} on {data}: per-image token depth")

@@ -21,10 +21,10 @@ import pandas as pd
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from .depth_figures import _maps_by_seed
+from .depth_figures import _maps_by_seed, label_row
 from .figure_data import backbones, depth_of, representative_settings
 from .formatting import REFERENCE
-from .style import figure_style, save_figure, wrap
+from .style import figure_style, save_figure
 
 OUTLINE = "#ff3b30"  # red: visible over viridis and over grey
 
@@ -120,10 +120,7 @@ def _draw(rows: list, common: list, depth: int, model: str, data: str, slug: str
                 ax.set_xticks([])
                 ax.set_yticks([])
                 ax.grid(False)
-            text = f"{row['method']}\n{wrap(str(row['setting']), 22)}"
-            if not math.isnan(row["gflops_mean"]):
-                text += f"\n{row['gflops_mean']:.3f} GFLOPs"
-            axes[r, 0].set_ylabel(text, rotation=0, ha="right", va="center", fontsize=8)
+            label_row(axes[r, 0], row)
         cbar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, aspect=30)
         cbar.set_label("Token depth (blocks that processed the patch)")
         fig.suptitle(f"{model} on {data}: per-token depth over the object outline (red)")
