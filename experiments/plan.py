@@ -35,6 +35,7 @@ from methods.models import CheckpointError, load_state_dict_strict, read_checkpo
 from methods.params import ModelSettingError, ParamError
 
 from experiments import identity, shipped
+from experiments.baseline import baseline_key
 from experiments.build import create_vit, resolve_device
 from experiments.train.checkpoints import load_weights, read_resume_checkpoint, start_over_hint
 from experiments.method_checks import (check_grid, check_knob_not_fixed, check_method_params,  # noqa: F401
@@ -119,12 +120,15 @@ def validate(cfg: DictConfig, num_classes: Optional[int] = None, train: Optional
     key = identity.run_key(cfg)
     resume_dir = Path(config.paths.state_dir) / key if trains else None
     check_paths(config, weights, resume_dir, meta)
-    if weights.kind == "baseline":
-        check_shipped_baseline(cfg, config, classes)
     grid = config.method.tradeoff_values
-    return RunPlan(cfg, config, spec.name, params, methods.resolved_params(spec.name, params), weights, trains,
+    plan = RunPlan(cfg, config, spec.name, params, methods.resolved_params(spec.name, params), weights, trains,
                    classes, key, resume_dir, meta, list(grid) if grid is not None else
                    (list(spec.tradeoff_values) if spec.tradeoff_values is not None else None), scan)
+    if weights.kind == "baseline":
+        # a shipped baseline listed for this run's key must be intact (experiments/shipped.py): a changed or
+        # missing file is refused now, naming both hashes, not after the data is loaded
+        shipped.verified(config.paths.baselines_dir, baseline_key(plan))
+    return plan
 
 
 # ------------------------------------------------------------------------------------------------ sections
@@ -280,14 +284,6 @@ def check_paths(config: RunConfig, weights: WeightSource, resume_dir: Optional[P
         check_resume_state(resume_dir / "last.pth", meta)
     if weights.kind == "baseline":
         check_writable(Path(paths.cache_dir), "paths.cache_dir")
-
-
-def check_shipped_baseline(cfg: DictConfig, config: RunConfig, classes: int) -> None:
-    """A shipped baseline listed for this run's baseline key must be intact (``experiments/shipped.py``): a changed
-    or missing file is refused now, naming both hashes, not after the data is loaded."""
-    dense = build_on_meta(config, "dense", {}, classes)
-    shapes = {name: tuple(value.shape) for name, value in dense.state_dict().items()}
-    shipped.verified(config.paths.baselines_dir, identity.baseline_key(cfg, shapes))
 
 
 def check_writable(folder: Path, key: str) -> None:
