@@ -47,12 +47,11 @@ from analysis.token_stats import (depth_histogram, depth_maps, grid_shape, image
 from experiments.records import migrate
 from experiments.records.identity import identity_of
 from experiments.records.schema import IncompleteRecordError, RecordValueError
+from experiments.records.store import find_record_files  # noqa: F401 (re-exported)
 from experiments.records.token_maps import is_packed, unpack_array  # noqa: F401 (re-exported)
 from experiments.train.metrics import METRICS
 
 _image = image_array  # the name analysis.video reads thumbnails with
-REPORT_DIRNAME = "report"
-NOT_RECORDS = (REPORT_DIRNAME, "baselines")  # the generated report; the shipped baselines and their manifest
 BEFORE_METRICS = ("path", "record_id", "kind", "model", "architecture", "data", "method", "method_params",
                   "params_key", "seed", "run_key", "setting_key")
 AFTER_METRICS = ("params", "gflops", "gflops_std", "dense_gflops", "flops_ratio", "tokens", "throughput",
@@ -82,21 +81,6 @@ warnings.filterwarnings("always", category=RecordWarning)  # every skipped file 
 
 class RecordError(ValueError):
     """A file that is not a usable record; the message starts with its path."""
-
-
-def find_record_files(folder: str | Path) -> list[Path]:
-    """Every ``*.json`` under ``folder``, recursively and sorted; skips hidden paths, ``folder/report`` and
-    ``folder/baselines`` (the shipped baselines' manifest)."""
-    root = Path(folder)
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.rglob("*.json"):
-        rel = path.relative_to(root).parts
-        if any(part.startswith(".") for part in rel) or rel[0] in NOT_RECORDS or not path.is_file():
-            continue
-        found.append(path)
-    return sorted(found)
 
 
 def _name(value: Any) -> Optional[str]:

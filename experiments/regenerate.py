@@ -219,12 +219,10 @@ def compose(overrides: list[str]):
 def existing_identities(results: Path) -> set[str]:
     """The identity keys of the records under ``results`` (unreadable files are skipped: the report names them)."""
     from experiments.records.identity import identity_of
-    from experiments.records.store import load_record
+    from experiments.records.store import find_record_files, load_record
 
     keys = set()
-    for path in sorted(results.rglob("*.json")):
-        if path.parent.name in ("report", "baselines") or path.name.startswith("."):
-            continue
+    for path in find_record_files(results):
         try:
             record = load_record(path)
         except (ValueError, OSError):

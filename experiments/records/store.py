@@ -151,3 +151,22 @@ def load_record(path: Path) -> dict[str, Any]:
     except RecordValueError as error:
         kind = "incomplete" if isinstance(error, IncompleteRecordError) else "corrupt"
         raise ValueError(f"{path}: {kind} record, {error}") from error
+
+
+# folders of a results tree that hold no records: the generated report; the shipped baselines and their manifest
+NOT_RECORD_FOLDERS = ("report", "baselines")
+
+
+def find_record_files(folder: str | Path) -> list[Path]:
+    """Every ``*.json`` under ``folder``, recursively and sorted; skips hidden paths and the top-level
+    :data:`NOT_RECORD_FOLDERS`. The one listing the report, the upgrade and the regeneration read."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.rglob("*.json"):
+        rel = path.relative_to(root).parts
+        if any(part.startswith(".") for part in rel) or rel[0] in NOT_RECORD_FOLDERS or not path.is_file():
+            continue
+        found.append(path)
+    return sorted(found)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from experiments.records.identity import fine_tuned, legacy_identity, result_identity
-from experiments.records.store import atomic_write_json, load_record
+from experiments.records.store import atomic_write_json, find_record_files, load_record
 
 Defaults = Callable[[str, dict[str, Any]], dict[str, Any]]  # (method, params) -> params with defaults filled
 # method -> its registered family, or the registered facts ``methods.registered_info`` gives (family, counterpart)
@@ -65,9 +65,7 @@ def plan_upgrades(folder: Path, defaults: Defaults, family: Registered,
     if not folder.is_dir():
         raise ValueError(f"{folder}: no such results folder; valid: a folder holding runs/*.json")
     changes = []
-    for path in sorted(folder.rglob("*.json")):
-        if {"report", "baselines"} & set(path.relative_to(folder).parts):
-            continue  # the generated report's own files, the shipped baselines' manifest
+    for path in find_record_files(folder):
         try:
             record = load_record(path)
             new = upgraded(record, defaults, family, backbone_defaults)
