@@ -15,7 +15,7 @@ import copy
 import logging
 from typing import Any
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
 import methods
@@ -32,11 +32,16 @@ log = logging.getLogger(__name__)
 KIND = "tradeoff"
 
 
-def point_config(cfg: DictConfig, knob: str, value: Any) -> DictConfig:
-    """``cfg`` with ``method.params.<knob>`` set to ``value``: the config a point's record carries."""
-    point = copy.deepcopy(cfg)
+def point_config(cfg: DictConfig, plan: RunPlan, knob: str, value: Any) -> DictConfig:
+    """``cfg`` with ``method.params.<knob>`` set to ``value``: the config a point's record carries. A sweep that
+    fine-tunes first also records the knob value it fine-tuned at (``method.fine_tuned_at``), so that curves
+    fine-tuned at different settings get different identities although every point overrides the knob."""
+    point = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # plain: the schema has no fine_tuned_at
     with open_dict(point):
         point.method.params[knob] = value
+        if plan.trains:
+            point.method.fine_tuned_at = {knob: methods.resolved_params(plan.method_name,
+                                                                        plan.method_params)[knob]}
     return point
 
 
@@ -121,7 +126,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         tradeoff = {"knob": knob, "value": value, "values": values, "curve": curve, "weights": session.weights,
                     "weights_sha256": sha}
         done.append(pipeline.write_record(session, point, result, tokens, start_time,
-                                          cfg=point_config(cfg, knob, value), params=params, kind=KIND,
+                                          cfg=point_config(cfg, plan, knob, value), params=params, kind=KIND,
                                           tradeoff=tradeoff))
     if session.dist.is_main:
         for record in done:

@@ -195,7 +195,7 @@ def planned_identities(job: Job) -> Optional[set[str]]:
     if job.entry == "tradeoff":
         keys = set()
         for value in values:
-            point = OmegaConf.to_container(point_config(cfg, knob, value), resolve=True)
+            point = OmegaConf.to_container(point_config(cfg, plan, knob, value), resolve=True)
             params = methods.resolved_params(plan.method_name, {**plan.method_params, knob: value})
             keys.add(result_identity(point, plan.method_name, params, "tradeoff", plan.trains, start,
                                      plan.data_files)["key"])

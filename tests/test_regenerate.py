@@ -59,7 +59,7 @@ def test_a_tiny_regeneration_end_to_end_then_again_recomputes_nothing(tmp_path, 
     spec = {"seeds": {"headline": [0, 1], "other": [0]}, "headline_methods": ["dense"],
             "stages": {"runs": {"entry": "run", "methods": ["dense", "topk"], "seeds": [0, 1], "overrides": tiny},
                        "curve": {"entry": "tradeoff", "methods": ["topk"], "seeds": [0],
-                                 "overrides": [*tiny, "method.tradeoff_values=[0.5,0.8]"]}}}
+                                 "overrides": [*tiny, "experiment.train=true", "method.tradeoff_values=[0.5,0.8]"]}}}
     spec_file = tmp_path / "stages.yaml"
     spec_file.write_text(yaml.safe_dump(spec, sort_keys=False))
     monkeypatch.chdir(tmp_path)  # the job logs go to ./outputs/regenerate
@@ -79,3 +79,13 @@ def test_a_tiny_regeneration_end_to_end_then_again_recomputes_nothing(tmp_path, 
     assert sorted(results.rglob("*.json")) == written  # nothing recomputed
     again = json.loads((tmp_path / "outputs" / "regenerate" / "times.jsonl").read_text().splitlines()[-1])
     assert again["ran"] == 0 and again["skipped"] == 5
+
+    # the same curve's points fine-tuned at another knob value are other results: they run
+    spec["stages"]["curve"]["overrides"].append("method.params.keep_rate=0.6")
+    spec_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert regenerate.main(args) == 0
+    third = json.loads((tmp_path / "outputs" / "regenerate" / "times.jsonl").read_text().splitlines()[-1])
+    assert third["ran"] == 1 and third["skipped"] == 4
+    trained_at = {json.loads(p.read_text())["config"]["method"].get("fine_tuned_at", {}).get("keep_rate")
+                  for p in results.rglob("*.json") if json.loads(p.read_text())["kind"] == "tradeoff"}
+    assert trained_at == {0.6, 0.7}  # topk's default, then the override
