@@ -55,7 +55,7 @@ def validate_sweep(cfg: DictConfig) -> tuple[RunPlan, str, list]:
         raise ConfigError(f"method={name} has no inference knob to sweep; valid methods: {_knobbed()}")
     plan = validate(cfg)
     knob, values = methods.inference_knob(plan.method_name), check_grid(plan)
-    fixer = methods.knob_fixed(plan.method_name, plan.method_params)
+    fixer = methods.knob_fixed(plan.method_name, plan.method_params, sweeping=True)
     if fixer is not None:  # the registered grid: the plan saw no explicit one
         raise ConfigError(f"tradeoff.py sweeps method.params.{knob} over {values}, but method.params.{fixer}="
                           f"{plan.method_params[fixer]!r} fixes the compute {knob} would set, so every point would "

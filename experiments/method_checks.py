@@ -61,7 +61,7 @@ def check_grid(name: str, grid: Optional[list]) -> None:
 def check_knob_not_fixed(name: str, params: dict[str, Any], grid: Optional[list]) -> None:
     """A knob value (set, or swept by ``method.tradeoff_values``) while another parameter fixes the compute it
     would set: refused naming both, since every value would give the same result under a different label."""
-    fixer = methods.knob_fixed(name, params)
+    fixer = methods.knob_fixed(name, params, sweeping=grid is not None)
     knob = methods.inference_knob(name)
     if fixer is None or knob is None:
         return

@@ -4,14 +4,17 @@ rebuild the committed records from a clean checkout, stage by stage, resumably.
 The stages are ``experiments/regeneration.yaml`` (embedded benchmark defaults with 5 seeds for the headline
 methods, the dense fine-tuned control, stronger settings, trade-off curves from one checkpoint per seed, the A-ViT
 ablations, moving digits, DeiT-T/S/B FLOPs, the CPU throughput table). Each stage expands into jobs: one call of
-``experiments/run.py``, ``tradeoff.py`` or ``measure.py`` with Hydra overrides. The methods come from the registry
+``experiments/run.py``, ``tradeoff.py`` or ``measure.py`` with Hydra overrides; a ``calibrate`` job runs
+``experiments/calibrate.py`` (threshold ToMe's thresholds for the job's ``r``, on its starting weights) and then
+``run.py`` on the calibrated checkpoint, which stays in the job's folder (records name it and its sha256). The methods come from the registry
 (``all``, ``with_knob``), so a new method joins every stage without an edit here.
 
 **Resume.** Before a job runs, the identities of the records it would write are computed from its config alone
 (``records.identity.result_identity``: the config, the method parameters with defaults filled, the starting
 weights' sha256 -- the shipped baseline's from its manifest --, the data files): a job whose every record is
 already in ``--results`` is skipped. A job whose starting weights are not known yet (a baseline that is neither
-shipped nor cached) runs. An interrupted fine-tune resumes from its own state (``paths.state_dir``), so
+shipped nor cached) runs; a ``calibrate`` job calibrates first when its checkpoint is missing, then skips the
+evaluation if the calibrated weights' record is already there (calibration is deterministic). An interrupted fine-tune resumes from its own state (``paths.state_dir``), so
 running the command again after an interruption recomputes nothing that finished and little that did not.
 
 Each job runs in its own process, in the run folder ``outputs/regenerate/<stage>/<number>/``; its output goes to
@@ -38,7 +41,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "experiments" / "regeneration.yaml"
 SWEEPS = ROOT / "experiments" / "conf" / "sweep"
-ENTRIES = ("run", "tradeoff", "measure")
+ENTRIES = ("run", "tradeoff", "measure", "calibrate")
 LOGS = Path("outputs") / "regenerate"
 
 
@@ -50,9 +53,31 @@ class Job:
     name: str = ""
     planned: Optional[set[str]] = field(default=None, repr=False)  # identity keys; None: unknown until it runs
 
-    def command(self, results: Path, log_dir: Path, extra: Iterable[str] = ()) -> list[str]:
-        return [sys.executable, "-m", f"experiments.{self.entry}", *self.overrides, *extra, "progress=false",
-                f"paths.results_dir={results}", f"hydra.run.dir={log_dir / self.name}"]
+    def commands(self, results: Path, log_dir: Path, extra: Iterable[str] = ()) -> list[list[str]]:
+        """The processes the job runs, in order: one entry point; for ``calibrate``, the calibration and then the
+        evaluation of what it wrote (``run.py``)."""
+        folder = log_dir / self.name
+        if self.entry != "calibrate":
+            return [[sys.executable, "-m", f"experiments.{self.entry}", *self.overrides, *extra, "progress=false",
+                     f"paths.results_dir={results}", f"hydra.run.dir={folder}"]]
+        return [[sys.executable, "-m", "experiments.calibrate", *self.overrides, *extra, "progress=false",
+                 f"calibration.out={self.calibrated(log_dir)}", f"hydra.run.dir={folder / 'calibrate'}"],
+                [sys.executable, "-m", "experiments.run", *self.evaluation_overrides(log_dir), *extra,
+                 "progress=false", f"paths.results_dir={results}", f"hydra.run.dir={folder}"]]
+
+    def calibrated(self, log_dir: Path = LOGS) -> Path:
+        """Where a ``calibrate`` job's calibration writes its checkpoint (the weights and the thresholds)."""
+        return log_dir / self.name / "calibrated.pth"
+
+    def evaluation_overrides(self, log_dir: Path = LOGS) -> list[str]:
+        """A ``calibrate`` job's evaluation: its overrides (``method.params.r``: the calibration's target) on the
+        calibrated checkpoint."""
+        return [*self.run_overrides(), "method.params.threshold=calibrated",
+                f"model.checkpoint={self.calibrated(log_dir)}"]
+
+    def run_overrides(self) -> list[str]:
+        """The overrides a run config takes (a ``calibrate`` job's ``calibration.*`` keys are the calibration's)."""
+        return [o for o in self.overrides if not o.lstrip("+~").startswith("calibration.")]
 
 
 # ------------------------------------------------------------------------------------------------ expansion
@@ -157,8 +182,9 @@ def expand(spec: dict[str, Any], stages: Optional[Iterable[str]] = None) -> list
                 for seed in _seeds(spec, stage["seeds"], method):
                     jobs.append(Job(stage_name, stage["entry"], [f"method={method}", *_param_overrides(params),
                                                                  *base, *row_overrides, f"seed={seed}"]))
-    for number, job in enumerate(jobs):
-        job.name = f"{job.stage}/{number:04d}"
+    for stage_name in chosen:  # numbered within the stage: a job's folder does not depend on the other stages
+        for number, job in enumerate(job for job in jobs if job.stage == stage_name):
+            job.name = f"{job.stage}/{number:04d}"
     return jobs
 
 
@@ -174,7 +200,13 @@ def planned_identities(job: Job) -> Optional[set[str]]:
     from experiments.train.checkpoints import file_sha256
     import methods
 
-    cfg = compose(job.overrides)
+    if job.entry == "calibrate":  # the evaluation's identity needs the calibrated weights' hash
+        validate(compose(job.run_overrides()))  # the method's config: refused before anything runs
+        if not job.calibrated().is_file():
+            return None
+        cfg = compose(job.evaluation_overrides())
+    else:
+        cfg = compose(job.overrides)
     if job.entry == "measure":
         plan = validate(cfg, cfg.measure.num_classes, train=False)
     elif job.entry == "tradeoff":
@@ -286,14 +318,20 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{job.name}: python -m experiments.{job.entry} {' '.join(job.overrides)}")
         return 0
     times: dict[str, float] = {}
-    failed = []
+    failed, late_skips = [], 0
     for job in tqdm(todo, desc="jobs", disable=not sys.stderr.isatty()):
         log_file = LOGS / f"{job.name}.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         with open(log_file, "w") as handle:
-            status = subprocess.run(job.command(args.results, LOGS, args.extra), stdout=handle,
-                                    stderr=subprocess.STDOUT, cwd=Path.cwd()).returncode
+            for step, command in enumerate(job.commands(args.results, LOGS, args.extra)):
+                if step and job.entry == "calibrate" and (planned_identities(job) or {None}) <= done:
+                    late_skips += 1  # calibrated again to the same weights: its evaluation is already recorded
+                    print(f"{job.name}: the calibrated weights' evaluation is already recorded", file=handle)
+                    break
+                status = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=Path.cwd()).returncode
+                if status != 0:
+                    break
         times[job.stage] = times.get(job.stage, 0.0) + time.perf_counter() - start
         print(f"{job.name} {'ok' if status == 0 else f'FAILED ({status}), see {log_file}'}: "
               f"{' '.join(job.overrides)}", flush=True)
@@ -301,7 +339,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             failed.append(job.name)
     with open(LOGS / "times.jsonl", "a") as handle:
         handle.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages_s": times,
-                                 "ran": len(todo), "skipped": skipped, "failed": failed}) + "\n")
+                                 "ran": len(todo) - late_skips, "skipped": skipped + late_skips,
+                                 "failed": failed}) + "\n")
     for stage, seconds in times.items():
         print(f"stage {stage}: {seconds / 60:.1f} min")
     return 1 if failed else 0

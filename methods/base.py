@@ -18,9 +18,10 @@ this class alone and never asks for a method's name:
   an output never holds its input batch.
 - ``runtime`` (:class:`methods.ragged.Runtime`) says how methods with per-image token counts execute at
   inference (the ragged attention backend); the harness sets it from ``eval.ragged_backend``.
-- ``missing_state(keys)`` says why the method cannot run on weights with these state keys (threshold ToMe
-  without calibrated thresholds), so the plan refuses before work; ``calibrate(batches)`` calibrates a method
-  from data (``experiments/calibrate.py``), ``calibration_error()`` says beforehand why it cannot.
+- ``missing_state(state)`` says why the method cannot run on a saved state dict (threshold ToMe without
+  calibrated thresholds, or calibrated for another r), so the plan refuses before work; ``calibrate(batches)``
+  calibrates a method from data (``experiments/calibrate.py``), ``calibration_error()`` says beforehand why it
+  cannot.
 - ``record_info()`` gives JSON-able facts about the built method that a results record keeps (A-ViT's prior
   target), so analysis reads them instead of re-deriving them.
 
@@ -32,7 +33,7 @@ travels in ``state``, a small dataclass each method defines next to its code (``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Optional
+from typing import Any, ClassVar, Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -125,10 +126,11 @@ class TokenReducer(nn.Module):
         Measurement calls it explicitly, outside any timed region."""
         return {}
 
-    def missing_state(self, keys: Optional[Iterable[str]]) -> Optional[str]:
-        """Why the method cannot run on weights whose state-dict keys are ``keys`` (``None``: backbone weights
+    def missing_state(self, state: Optional[Mapping[str, Tensor]]) -> Optional[str]:
+        """Why the method cannot run on the saved state dict ``state`` of this method (``None``: backbone weights
         only, or none), as one line naming how to make them; ``None`` when it can. For state a method cannot
-        initialise itself (calibrated thresholds); checked before work by the plan and the checkpoint loader."""
+        initialise itself (calibrated thresholds, and what they were calibrated for); checked before work by the
+        plan and the checkpoint loader."""
         return None
 
     def calibration_error(self) -> Optional[str]:

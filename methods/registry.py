@@ -43,6 +43,10 @@ class MethodSpec:
     # the fixed-count method whose trade-off curve this adaptive one's is compared with at matched mean FLOPs
     # ("what adaptivity buys", analysis/adaptivity.py): A-ViT -> top-k, ATS -> EViT, LTMP and threshold ToMe -> ToMe
     counterpart: Optional[str] = None
+    # fixer -> the value under which the knob, when set, names what the fixed compute was made for (threshold
+    # ToMe's ``threshold="calibrated"``: ``r`` is the calibration's target, checked against the weights); a sweep
+    # of the knob stays refused
+    knob_names_target: tuple = ()  # (fixer, value) pairs
 
 
 # pruning: keeps a subset of the tokens as they are; merging: mixes tokens pairwise or softly into fewer;
@@ -58,13 +62,15 @@ def register_method(name: str, *, family: Optional[str] = None, inference_knob: 
                     finetune: bool = False, tradeoff_values: Optional[Sequence] = None, summary: Optional[str] = None,
                     stronger: Optional[Mapping[str, Any]] = None,
                     bench_settings: Optional[Mapping[str, Sequence[Mapping[str, Any]]]] = None,
-                    knob_fixed_by: Sequence[str] = (), counterpart: Optional[str] = None) -> Callable:
+                    knob_fixed_by: Sequence[str] = (), counterpart: Optional[str] = None,
+                    knob_names_target: Optional[Mapping[str, Any]] = None) -> Callable:
     """Decorator filing a factory ``fn(vit, **params) -> TokenReducer`` under ``name`` (see :class:`MethodSpec`).
 
     ``summary`` defaults to the first line of the factory's docstring. The knob must be a factory parameter,
     and a grid needs a knob and distinct values. ``stronger`` and each ``bench_settings`` pair name factory
     parameters only (their values are checked when a run is planned). ``knob_fixed_by`` names the parameters
-    that make the knob inert when set (see :class:`MethodSpec`). ``counterpart`` names the fixed-count method
+    that make the knob inert when set, ``knob_names_target`` the fixer values under which setting it names a
+    target instead (see :class:`MethodSpec`). ``counterpart`` names the fixed-count method
     an adaptive (per-image) one is compared with at matched mean FLOPs; it needs an inference knob (the
     comparison is between trade-off curves) and cannot be the method itself; that it names a registered method
     with a knob is checked once all are registered (:func:`check_counterparts`)."""
@@ -82,7 +88,8 @@ def register_method(name: str, *, family: Optional[str] = None, inference_knob: 
                                         or inference_knob is None):
             raise ValueError(f"method {name!r}: counterpart={counterpart!r} must name another method, and "
                              f"{name!r} needs an inference knob (the comparison is of trade-off curves)")
-        unknown = [key for key in knob_fixed_by if key not in inspect.signature(factory).parameters]
+        unknown = [key for key in [*knob_fixed_by, *(knob_names_target or {})]
+                   if key not in inspect.signature(factory).parameters]
         if unknown or (knob_fixed_by and inference_knob is None):
             raise ValueError(f"method {name!r}: knob_fixed_by={list(knob_fixed_by)} needs an inference knob and "
                              f"factory parameters (not {unknown})")
@@ -91,7 +98,7 @@ def register_method(name: str, *, family: Optional[str] = None, inference_knob: 
                                   summary if summary is not None else _first_line(factory.__doc__), family,
                                   _check_setting(name, factory, "stronger", stronger),
                                   _check_bench_settings(name, factory, bench_settings), tuple(knob_fixed_by),
-                                  counterpart)
+                                  counterpart, tuple((knob_names_target or {}).items()))
         return factory
 
     return decorate
@@ -253,7 +260,11 @@ def create_method(name: str, vit: nn.Module, **params) -> TokenReducer:
     return get_factory(name)(vit, **params)
 
 
-def knob_fixed(name: str, params: Mapping[str, Any]) -> Optional[str]:
-    """The parameter of ``params`` that fixes method ``name``'s compute, so its knob has no effect, or None."""
+def knob_fixed(name: str, params: Mapping[str, Any], sweeping: bool = False) -> Optional[str]:
+    """The parameter of ``params`` that fixes method ``name``'s compute, so its knob has no effect, or None.
+    Setting the knob (``sweeping=False``) is allowed where the fixer's value makes it name a target
+    (``knob_names_target``); sweeping it never is."""
     spec = method_spec(name)
-    return next((key for key in spec.knob_fixed_by if params.get(key) is not None), None)
+    targets = dict(spec.knob_names_target)
+    return next((key for key in spec.knob_fixed_by if params.get(key) is not None
+                 and (sweeping or key not in targets or params.get(key) != targets[key])), None)

@@ -134,7 +134,8 @@ class ToMe(TokenReducer):
             method.calibration_r.copy_(torch.tensor(self.schedule))
             method.calibration_images.fill_(images)
         method._refresh()
-        return method, {"threshold": "calibrated", "prop_attn": self.prop_attn}
+        return method, {"threshold": "calibrated", "r": self.r if len(set(self.r)) > 1 else self.r[0],
+                        "prop_attn": self.prop_attn}
 
     def extra_macs(self, token_counts: Tensor) -> Tensor:
         """Per image, ``ceil(N/2) * floor(N/2) * C`` for each block that merged (N = its attention tokens)."""
@@ -173,15 +174,20 @@ def parse_threshold(threshold: Union[str, float, Sequence[float]], depth: int,
 @register_method("tome", family="merging", inference_knob="r", tradeoff_values=(0, 1, 2, 3, 4, 6, 8, 13, 16),
                  stronger={"r": 16},  # the embedded 65 tokens: r=13 would empty them
                  bench_settings={"deit_digits": ({"r": 4}, {"r": 5}), "deit_scenes": ({"r": 4}, {"r": 5})},
-                 knob_fixed_by=("threshold",))
+                 knob_fixed_by=("threshold",), knob_names_target={"threshold": "calibrated"})
 def build_tome(vit: nn.Module, r: R = DEFAULT_R, prop_attn: bool = True, threshold: Thresholds = None) -> TokenReducer:
     """ToMe: merge the r most similar token pairs in every block (bipartite matching), proportional attention.
 
     ``threshold`` (DToMe, ``methods/tome_threshold.py``): instead of ``r``, merge every pair whose similarity is
     above the block's threshold, so counts vary per image; ``calibrated`` reads the thresholds from the weights
-    (``experiments/calibrate.py`` writes them). Exclusive with ``r``: leave ``r`` at its default."""
+    (``experiments/calibrate.py`` writes them). Exclusive with ``r``: leave ``r`` at its default; with
+    ``threshold=calibrated``, ``r`` may name the calibration's target r (the weights must have been calibrated for
+    it), so that thresholds calibrated for different targets are different settings in the records."""
     if threshold is None:
         return ToMe(vit, r=r, prop_attn=prop_attn)
+    if threshold == "calibrated":  # r names the calibration's target, checked against the weights' (if not default)
+        target = None if r == DEFAULT_R else parse_r(r, len(vit.blocks))
+        return ThresholdToMe(vit, None, prop_attn, calibration_target=target)
     if r != DEFAULT_R:
         raise ParamError(f"method.params.r={r!r} and method.params.threshold={threshold!r} are exclusive: r merges a "
                          f"fixed count, threshold every pair above it; valid: threshold=null to use r, or leave r at "

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -154,6 +154,11 @@ class BatchTopR:
 
 
 # ------------------------------------------------------------------------------------------------- method
+def _short(schedule: Sequence[int]) -> Any:
+    """A per-block r as the command line would give it: one int when every block has the same."""
+    return schedule[0] if len(set(schedule)) == 1 else list(schedule)
+
+
 @dataclass
 class ThresholdToMeState:
     size: Tensor  # [B, N] fp32 original tokens each token stands for, at its original position (0: merged away)
@@ -162,9 +167,12 @@ class ThresholdToMeState:
 class ThresholdToMe(TokenReducer):
     """ToMe with per-block similarity thresholds (DToMe); see the module docstring."""
 
-    def __init__(self, vit: nn.Module, thresholds: Optional[Sequence[float]], prop_attn: bool) -> None:
-        """``thresholds``: one per block, or None for ``threshold=calibrated`` (read from the weights)."""
+    def __init__(self, vit: nn.Module, thresholds: Optional[Sequence[float]], prop_attn: bool,
+                 calibration_target: Optional[Sequence[int]] = None) -> None:
+        """``thresholds``: one per block, or None for ``threshold=calibrated`` (read from the weights).
+        ``calibration_target``: the per-block r the calibrated weights must have been calibrated for (None: any)."""
         super().__init__(vit)
+        self.calibration_target = None if calibration_target is None else [int(r) for r in calibration_target]
         self.prop_attn = bool(prop_attn)
         self.calibrated = thresholds is None
         values = torch.full((self.depth,), math.nan) if thresholds is None else torch.tensor(thresholds)
@@ -187,9 +195,15 @@ class ThresholdToMe(TokenReducer):
             raise UncalibratedError(uncalibrated_message("the model's weights"))
         return self._values
 
-    def missing_state(self, keys: Optional[Iterable[str]]) -> Optional[str]:
-        if self.calibrated and (keys is None or "thresholds" not in set(keys)):
-            return uncalibrated_message("the checkpoint" if keys is not None else "no checkpoint")
+    def missing_state(self, state: Optional[Mapping[str, Tensor]]) -> Optional[str]:
+        if self.calibrated and (state is None or "thresholds" not in state):
+            return uncalibrated_message("the checkpoint" if state is not None else "no checkpoint")
+        found = state.get("calibration_r") if self.calibrated and self.calibration_target is not None else None
+        if found is not None and not found.is_meta and found.tolist() != self.calibration_target:
+            return (f"method.params.r={_short(self.calibration_target)} names the calibration's target, but the "
+                    f"checkpoint's thresholds were calibrated for r={_short(found.tolist())}; valid: "
+                    f"method.params.r={_short(found.tolist())}, or calibrate for r={_short(self.calibration_target)} "
+                    f"(python -m experiments.calibrate method.params.r=... model.checkpoint=...)")
         return None
 
     def calibration_error(self) -> Optional[str]:

@@ -26,6 +26,10 @@ def test_the_registry_names_what_fixes_each_knob():
     assert methods.knob_fixed("topk", {"token_counts": None, "keep_rate": 0.7}) is None
     assert methods.knob_fixed("kmedoids", {"patch_counts": [40, 20, 10]}) == "patch_counts"
     assert methods.knob_fixed("evit", {"keep_rate": 0.5}) is None  # nothing fixes EViT's knob
+    # ToMe's r with calibrated thresholds names the calibration's target; with given thresholds it is inert
+    assert methods.knob_fixed("tome", {"threshold": "calibrated", "r": 4}) is None
+    assert methods.knob_fixed("tome", {"threshold": "calibrated", "r": 4}, sweeping=True) == "threshold"
+    assert methods.knob_fixed("tome", {"threshold": 0.9, "r": 4}) == "threshold"
     with pytest.raises(ValueError, match=r"knob_fixed_by=\['nope'\] needs an inference knob and factory "):
         methods.register_method("zz_bad_fixed", inference_knob="keep_rate", knob_fixed_by=("nope",))(
             lambda vit, keep_rate=0.5: None)

@@ -10,6 +10,7 @@ import yaml
 
 import methods
 from experiments import regenerate
+from experiments.train import checkpoints
 
 
 def test_the_committed_stages_expand_from_the_registry():
@@ -59,7 +60,9 @@ def test_a_tiny_regeneration_end_to_end_then_again_recomputes_nothing(tmp_path, 
     spec = {"seeds": {"headline": [0, 1], "other": [0]}, "headline_methods": ["dense"],
             "stages": {"runs": {"entry": "run", "methods": ["dense", "topk"], "seeds": [0, 1], "overrides": tiny},
                        "curve": {"entry": "tradeoff", "methods": ["topk"], "seeds": [0],
-                                 "overrides": [*tiny, "experiment.train=true", "method.tradeoff_values=[0.5,0.8]"]}}}
+                                 "overrides": [*tiny, "experiment.train=true", "method.tradeoff_values=[0.5,0.8]"]},
+                       "dtome": {"entry": "calibrate", "methods": ["tome"], "seeds": [0],
+                                 "overrides": [*tiny, "method.params.r=2", "calibration.images=64"]}}}
     spec_file = tmp_path / "stages.yaml"
     spec_file.write_text(yaml.safe_dump(spec, sort_keys=False))
     monkeypatch.chdir(tmp_path)  # the job logs go to ./outputs/regenerate
@@ -69,23 +72,34 @@ def test_a_tiny_regeneration_end_to_end_then_again_recomputes_nothing(tmp_path, 
     assert regenerate.main(args) == 0
     written = sorted(results.rglob("*.json"))
     kinds = [json.loads(p.read_text())["kind"] for p in written]
-    assert kinds.count("run") == 4 and kinds.count("tradeoff") == 2
+    assert kinds.count("run") == 5 and kinds.count("tradeoff") == 2
     assert (tmp_path / "outputs" / "regenerate" / "runs" / "0000.log").exists()
     times = [json.loads(line) for line in (tmp_path / "outputs" / "regenerate" / "times.jsonl").read_text()
              .splitlines()]
-    assert times[-1]["ran"] == 5 and set(times[-1]["stages_s"]) == {"runs", "curve"}
+    assert times[-1]["ran"] == 6 and set(times[-1]["stages_s"]) == {"runs", "curve", "dtome"}
+    dtome = [json.loads(p.read_text()) for p in written if json.loads(p.read_text())["method"] == "tome"]
+    assert [(r["method_params"]["threshold"], r["method_params"]["r"]) for r in dtome] == [("calibrated", 2)]
+    assert set(dtome[0]["method_info"]["calibration_r"]) == {2}
+    calibrated = tmp_path / "outputs" / "regenerate" / "dtome" / "0000" / "calibrated.pth"
+    assert dtome[0]["identity"]["start_weights_sha256"] == checkpoints.file_sha256(calibrated)
 
     assert regenerate.main(args) == 0
     assert sorted(results.rglob("*.json")) == written  # nothing recomputed
     again = json.loads((tmp_path / "outputs" / "regenerate" / "times.jsonl").read_text().splitlines()[-1])
-    assert again["ran"] == 0 and again["skipped"] == 5
+    assert again["ran"] == 0 and again["skipped"] == 6
+
+    calibrated.unlink()  # calibrated again to the same bytes: the evaluation is not run twice
+    assert regenerate.main([*args, "--stage", "dtome"]) == 0
+    assert sorted(results.rglob("*.json")) == written and calibrated.exists()
+    recal = json.loads((tmp_path / "outputs" / "regenerate" / "times.jsonl").read_text().splitlines()[-1])
+    assert recal["ran"] == 0 and recal["skipped"] == 1
 
     # the same curve's points fine-tuned at another knob value are other results: they run
     spec["stages"]["curve"]["overrides"].append("method.params.keep_rate=0.6")
     spec_file.write_text(yaml.safe_dump(spec, sort_keys=False))
     assert regenerate.main(args) == 0
     third = json.loads((tmp_path / "outputs" / "regenerate" / "times.jsonl").read_text().splitlines()[-1])
-    assert third["ran"] == 1 and third["skipped"] == 4
+    assert third["ran"] == 1 and third["skipped"] == 5
     trained_at = {json.loads(p.read_text())["config"]["method"].get("fine_tuned_at", {}).get("keep_rate")
                   for p in results.rglob("*.json") if json.loads(p.read_text())["kind"] == "tradeoff"}
     assert trained_at == {0.6, 0.7}  # topk's default, then the override

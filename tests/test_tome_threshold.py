@@ -215,7 +215,7 @@ def test_calibrated_checkpoint_roundtrip(tiny_vit, images):
     from methods.models import CheckpointError
 
     calibrated, params = create_method("tome", tiny_vit, r=2).calibrate([images])
-    assert params == {"threshold": "calibrated", "prop_attn": True}
+    assert params == {"threshold": "calibrated", "r": 2, "prop_attn": True}
     info = calibrated.record_info()
     assert info["calibration_r"] == [2] * 4 and info["calibration_images"] == 4 and info["threshold_source"] == "calibrated"
     state = {key: value.clone() for key, value in calibrated.state_dict().items()}
@@ -231,6 +231,14 @@ def test_calibrated_checkpoint_roundtrip(tiny_vit, images):
                     {"method": "dense", "model": state}):
         with pytest.raises(CheckpointError, match="experiments.calibrate"):
             load_weights(create_method("tome", make_tiny_vit(), threshold="calibrated"), "tome", content, "test")
+    # r with threshold=calibrated names the calibration's target: the same r loads, another is refused naming both
+    load_weights(create_method("tome", make_tiny_vit(), r=2, threshold="calibrated"), "tome",
+                 {"method": "tome", "model": state}, "test")
+    with pytest.raises(CheckpointError, match=r"method\.params\.r=3 names the calibration's target, but the "
+                                              r"checkpoint's thresholds were calibrated for r=2; valid: "
+                                              r"method\.params\.r=2"):
+        load_weights(create_method("tome", make_tiny_vit(), r=3, threshold="calibrated"), "tome",
+                     {"method": "tome", "model": state}, "test")
     # explicit thresholds are parameters, not weights: a plain tome checkpoint loads
     given = create_method("tome", make_tiny_vit(), threshold=0.5)
     assert "thresholds" not in given.state_dict()

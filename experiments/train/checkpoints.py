@@ -69,8 +69,9 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(payload, tmp)  # a full disk: OSError, or RuntimeError from torch's zip writer
-        with open(tmp, "rb") as handle:
+        with open(tmp, "wb") as handle:  # a handle, not the path: torch names the archive's root after a path
+            torch.save(payload, handle)  # (the temp name, pid included), so equal payloads gave different bytes
+            handle.flush()  # a full disk: OSError, or RuntimeError from torch's zip writer
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException as error:
@@ -144,7 +145,7 @@ def load_weights(method: methods.TokenReducer, method_name: str, content: dict[s
             state, _ = video.videomae_to_timm(state, method.vit, source)
         except ValueError as error:
             raise CheckpointError(str(error)) from None
-    missing = method.missing_state(state.keys() if saved_method == method_name else None)
+    missing = method.missing_state(state if saved_method == method_name else None)
     if missing:  # e.g. threshold ToMe's calibrated thresholds, which backbone weights do not hold
         raise CheckpointError(f"{source}: {missing}")
     if saved_method is None:
