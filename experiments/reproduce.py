@@ -16,15 +16,15 @@ Then each file is evaluated in turn, as ``python experiments/run.py method=M mod
 data=imagefolder data.root=ROOT experiment.train=false`` plus the settings and the ``OVERRIDE`` arguments
 (Hydra overrides for every run, e.g. ``eval.batch_size=256 measure.throughput=false``); each run writes its
 record, which carries the file's sha256 (``weights.start_sha256``) and name (``weights.checkpoint``). The report
-(``analysis/reproduction.py``) puts each record's top-1 next to the published one. ``ROOT`` is an ImageNet folder
-in the imagefolder layout (``ROOT/train/<wnid>/*.JPEG``, ``ROOT/val/<wnid>/*.JPEG``): only ``val`` is evaluated,
-but ``data=imagefolder``'s startup check reads both splits' class folders. For a SLURM cluster, run the printed
-commands (``--dry-run``) through ``launcher=slurm`` one by one.
+(``analysis/reproduction.py``) puts each record's top-1 next to the published one. ``ROOT`` needs only ImageNet's
+validation images as class folders, ``ROOT/val/<wnid>/*.JPEG``: an evaluation-only run of ``data=imagefolder``
+reads no training image, so ``ROOT/train`` may be absent (``experiments/data/folders.py``); when it is there,
+the startup check scans it too (the same class folders in both splits).
 
 Refused in one ``error:`` line, before any work and with nothing written (status 2): a missing checkpoint
-folder or one without checkpoint files, a missing ImageNet folder or one that is not an imagefolder (no
-``val`` or ``train`` folder with class folders), an unreadable checkpoint, one whose backbone matches no model
-config. A run's own refusal (``experiments/refusal.py``) stops the command at that file.
+folder or one without checkpoint files, a missing ImageNet folder or one without ``val/<wnid>/`` class folders,
+an unreadable checkpoint, one whose backbone matches no model config. A run's own refusal
+(``experiments/refusal.py``) stops the command at that file.
 """
 from __future__ import annotations
 
@@ -91,19 +91,19 @@ def checkpoint_files(folder: Path) -> list[Path]:
 
 
 def check_imagenet(root: Path) -> None:
-    """``root`` looks like an imagefolder (``train`` and ``val`` with class folders); the full check (every
-    image header, the same classes in both splits) is the run's startup check."""
+    """``root`` holds ImageNet's validation images as class folders (``val/<wnid>/``; ``train/`` is not needed);
+    the full check (every image header, the same classes as ``train/`` when it is there) is the run's startup
+    check."""
     if not root.is_dir():
-        raise ReproduceError(f"--imagenet={root} does not exist or is not a folder; valid: the ImageNet folder in "
-                             "the imagefolder layout (ROOT/train/<wnid>/*.JPEG and ROOT/val/<wnid>/*.JPEG)")
-    for split in ("val", "train"):
-        folder = root / split
-        if not folder.is_dir():
-            raise ReproduceError(f"--imagenet={root} is not an imagefolder: no {split}/ folder (expected "
-                                 f"{folder}/<wnid>/*.JPEG); valid: ROOT/train/<wnid>/ and ROOT/val/<wnid>/")
-        if not any(p.is_dir() for p in folder.iterdir()):
-            raise ReproduceError(f"--imagenet={root} is not an imagefolder: {folder} has no class folders "
-                                 f"(expected {folder}/<wnid>/*.JPEG)")
+        raise ReproduceError(f"--imagenet={root} does not exist or is not a folder; valid: an ImageNet folder with "
+                             "the validation images as class folders (ROOT/val/<wnid>/*.JPEG)")
+    folder = root / "val"
+    if not folder.is_dir():
+        raise ReproduceError(f"--imagenet={root} has no val/ folder (expected {folder}/<wnid>/*.JPEG); valid: the "
+                             "ImageNet validation images sorted into class folders, ROOT/val/<wnid>/*.JPEG")
+    if not any(p.is_dir() for p in folder.iterdir()):
+        raise ReproduceError(f"--imagenet={root}: {folder} has no class folders (expected {folder}/<wnid>/*.JPEG; "
+                             "the flat ILSVRC2012_img_val folder must be sorted into class folders first)")
 
 
 # ---------------------------------------------------------------------------------------- identification
@@ -206,7 +206,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoints", type=Path, required=True, help="folder of released checkpoint files")
     parser.add_argument("--imagenet", type=Path, required=True,
-                        help="ImageNet in the imagefolder layout (ROOT/train/<wnid>, ROOT/val/<wnid>)")
+                        help="ImageNet folder with the validation images as ROOT/val/<wnid>/*.JPEG")
     parser.add_argument("--dry-run", action="store_true", help="identify the files and print the runs only")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. eval.batch_size=256")
     args = parser.parse_args(argv)

@@ -23,9 +23,9 @@ from test_official_layouts import official_state, train_py_checkpoint
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def imagenet(root, classes=10, per_class=2):
+def imagenet(root, classes=10, per_class=2, splits=("train", "val")):
     rng = np.random.default_rng(0)
-    for split in ("train", "val"):
+    for split in splits:
         for c in range(classes):
             folder = root / split / f"n{c:08d}"
             folder.mkdir(parents=True)
@@ -90,6 +90,23 @@ def test_smoke_run_writes_records_with_hash_and_name(tmp_path, released, capsys)
     assert list(table.display["Source"]) == ["no published row"] * 2  # deit_digits has none
 
 
+def test_a_val_only_imagenet_is_enough(tmp_path, capsys):
+    """A user with only ImageNet's val set (ROOT/val/<wnid>/*.JPEG, no train/) reproduces: the evaluation-only run
+    reads no training image."""
+    root = imagenet(tmp_path / "imagenet", splits=("val",))  # 10 classes: the checkpoint's head
+    folder = tmp_path / "released"
+    folder.mkdir()
+    torch.save(train_py_checkpoint("sit", official_state("sit")), folder / "sit_s_0.7.pth")
+    assert reproduce.main(["--checkpoints", str(folder), "--imagenet", str(root), *run_paths(tmp_path)]) == 0
+    assert "sit_s_0.7.pth: top-1" in capsys.readouterr().out
+    [path] = (tmp_path / "results").rglob("*.json")
+    record = json.loads(path.read_text())
+    assert record["method"] == "sit" and record["weights"]["checkpoint"] == "sit_s_0.7.pth"
+    assert record["weights"]["start_sha256"] == hashlib.sha256((folder / "sit_s_0.7.pth").read_bytes()).hexdigest()
+    assert (record["data_read"]["train_images"], record["data_read"]["val_images"]) == (0, 20)
+    assert not (root / "train").exists()
+
+
 def test_the_table_puts_reproduced_next_to_published_with_the_difference():
     rows = pd.DataFrame([{"checkpoint": "evit-0.7-fuse.pth", "sha256": "ab" * 32, "method": "evit",
                           "model": "deit_small", "method_params": {"keep_rate": 0.7, "fuse": True,
@@ -123,7 +140,10 @@ def no_class_folders(tmp_path):
 
 @pytest.mark.parametrize("make_root, checkpoints, message", [
     pytest.param(lambda t: t / "missing", None, r"--imagenet=.*missing does not exist", id="no-imagenet"),
-    pytest.param(not_imagefolder, None, r"is not an imagefolder: no val/ folder", id="not-imagefolder"),
+    pytest.param(not_imagefolder, None, r"--imagenet=.*imagenet has no val/ folder \(expected .*val/<wnid>/\*\.JPEG\)",
+                 id="no-val-folder"),
+    pytest.param(lambda t: imagenet(t / "imagenet", splits=("train",)), None, r"has no val/ folder",
+                 id="train-only"),
     pytest.param(no_class_folders, None, r"val has no class folders", id="no-classes"),
     pytest.param(lambda t: imagenet(t / "imagenet"), "absent", r"--checkpoints=.*absent does not exist",
                  id="no-checkpoint-folder"),

@@ -316,3 +316,20 @@ def test_calibrate_command_writes_a_checkpoint_the_suite_evaluates(tmp_path):
     assert record["method_params"]["threshold"] == "calibrated"
     assert record["method_info"]["thresholds"] == summary["thresholds"]
     assert record["method_info"]["calibration_r"] == [2] * 12
+
+
+def test_calibration_on_the_train_split_needs_the_train_folder(tmp_path):
+    """Calibrating reads the ``calibration.split`` images: on a val-only image folder, ``split=train`` is refused
+    at validation naming the missing folder; ``split=val`` validates."""
+    from conftest import run_paths, write_png_folder
+    from experiments.calibration import validate_calibration
+    from experiments.config import DataError
+
+    write_png_folder(tmp_path / "data", splits=("val",))
+    data = ["data=imagefolder", f"data.root={tmp_path}/data", "data.img_size=32"]
+    base = [*run_paths(tmp_path), "baseline.enabled=false", f"calibration.out={tmp_path}/c.pth", *data]
+    with pytest.raises(DataError, match=r"data\.train_split='train': split folder 'train' not found"):
+        validate_calibration(compose_calibrate(*base))  # calibration.split=train, the default
+    plan, calibration, _ = validate_calibration(compose_calibrate(*base, "calibration.split=val"))
+    assert calibration.split == "val" and plan.data_scan.train is None and len(plan.data_scan.val.samples) == 6
+    assert not (tmp_path / "c.pth").exists()
