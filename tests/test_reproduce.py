@@ -171,3 +171,43 @@ def test_bad_inputs_are_refused_in_one_line_before_any_work(tmp_path, released, 
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
     assert re.search(message, err), err
     assert files_under(tmp_path) == before
+
+
+DEBUG_LAUNCHER = ["launcher=local", "hydra.launcher._target_=hydra_plugins.adaptive_vit_bench_launcher.DebugLauncher"]
+
+
+def sweep_paths(tmp_path):
+    """``run_paths`` without ``paths.run_dir``: each job writes under its own Hydra output directory."""
+    return [f"hydra.sweep.dir={tmp_path}/sweep", *(o for o in run_paths(tmp_path) if not o.startswith("paths.run_"))]
+
+
+def test_a_launcher_runs_every_file_as_one_job_of_a_sweep(tmp_path, released, capsys):
+    """``launcher=...`` (``launcher=slurm`` on a cluster) submits the files as one sweep of run.py's task through
+    ``experiments.cluster.launch`` (here submitit's in-process debug executor): a record per file, carrying its
+    sha256, and the sweep summary; the dry run prints ``run.py -m`` commands."""
+    root = imagenet(tmp_path / "imagenet")
+    args = ["--checkpoints", str(released), "--imagenet", str(root), *DEBUG_LAUNCHER, *sweep_paths(tmp_path)]
+    assert reproduce.main([*args, "--dry-run"]) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("python ")]
+    assert len(printed) == 2 and all(line.startswith("python experiments/run.py -m method=") for line in printed)
+    assert not (tmp_path / "sweep").exists()
+    assert reproduce.main(args) == 0
+    out = capsys.readouterr().out
+    written = {json.loads(p.read_text())["weights"]["checkpoint"]: json.loads(p.read_text())
+               for p in (tmp_path / "results").rglob("*.json")}
+    assert sorted(written) == ["dyvit.pth", "sit_s_0.7.pth"]
+    for name, record in written.items():
+        assert record["weights"]["start_sha256"] == hashlib.sha256((released / name).read_bytes()).hexdigest()
+        assert f"{name}: top-1" in out
+    summary = json.loads((tmp_path / "sweep" / "sweep_summary.json").read_text())
+    assert [job["state"] for job in summary["jobs"]] == ["COMPLETED"] * 2
+
+
+def test_a_launched_reproduction_refuses_cells_sharing_a_run_folder_before_submitting(tmp_path, released, capsys):
+    root = imagenet(tmp_path / "imagenet")
+    status = reproduce.main(["--checkpoints", str(released), "--imagenet", str(root), *DEBUG_LAUNCHER,
+                             f"hydra.sweep.dir={tmp_path}/sweep", *run_paths(tmp_path)])  # one paths.run_dir for all
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert "resolve to the same paths.run_dir" in err and "nothing was submitted" in err
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "results").exists()
