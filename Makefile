@@ -62,9 +62,11 @@ report: $(STAMP)  ## tables + figures from the records under $(RESULTS) into $(R
 
 CHECKPOINTS ?= checkpoints/released
 IMAGENET ?= /datasets/imagenet
+# overrides for every run, e.g. REPRODUCE_ARGS="launcher=slurm hydra.launcher.partition=gpu" (one SLURM job array)
+REPRODUCE_ARGS ?=
 
 reproduce: $(STAMP)  ## evaluate every released checkpoint in $(CHECKPOINTS) on $(IMAGENET)/val; records + report table
-	$(PY) -m experiments.reproduce --checkpoints $(CHECKPOINTS) --imagenet $(IMAGENET)
+	$(PY) -m experiments.reproduce --checkpoints $(CHECKPOINTS) --imagenet $(IMAGENET) $(REPRODUCE_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .cache .pytest_cache

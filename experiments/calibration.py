@@ -79,7 +79,7 @@ def output_path(calibration: CalibrationConfig, plan: RunPlan) -> Path:
 def validate_calibration(cfg: DictConfig) -> tuple[RunPlan, CalibrationConfig, Path]:
     """Every check that needs no image; raises ``ConfigError`` (one line) on the first problem."""
     calibration = typed_calibration(cfg)
-    plan = validate(cfg, train=False)
+    plan = validate(cfg, train=False, needs_train=calibration.split == "train")
     error = plan.meta_method.calibration_error()
     if error:
         raise ConfigError(f"method={plan.method_name}: {error}")

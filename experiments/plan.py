@@ -9,6 +9,8 @@ registry, timm or files, in the order a run meets them:
   choices (``methods.params.check_value``: pydantic, strict), the trade-off grid, and a knob set or swept while
   another parameter fixes its compute (``experiments/method_checks.py``); then the method is built on a meta-device backbone (no memory, no weights, milliseconds), so every check of
   timm and of the factory runs too;
+- the data's startup check (``experiments/data/registry.py``: a folder scan); a run that reads no training
+  sample (it does not train and its weights are not the dense baseline) may lack the train split folder;
 - ``model.pretrained`` against timm's weights, ``model.checkpoint`` (readable, head against the classes, every
   key and shape against the model), a resume checkpoint left by an earlier attempt, writable output folders.
 
@@ -84,9 +86,12 @@ class RunPlan:
         return digest() if digest is not None else None
 
 
-def validate(cfg: DictConfig, num_classes: Optional[int] = None, train: Optional[bool] = None) -> RunPlan:
+def validate(cfg: DictConfig, num_classes: Optional[int] = None, train: Optional[bool] = None,
+             needs_train: Optional[bool] = None) -> RunPlan:
     """Check ``cfg`` and return its plan; raise on the first problem. ``num_classes``: the head the caller builds
-    when it is not the data's (``measure.py``); ``train`` overrides ``experiment.train``."""
+    when it is not the data's (``measure.py``); ``train`` overrides ``experiment.train``; ``needs_train``: whether
+    the caller reads the data's training split (default: when the run trains or its weights are the dense
+    baseline, which may be trained), else a folder option may lack its train folder."""
     config = typed_config(cfg)
     check_ranges(config)
     check_launcher()
@@ -100,7 +105,14 @@ def validate(cfg: DictConfig, num_classes: Optional[int] = None, train: Optional
     check_knob_not_fixed(spec.name, params, config.method.tradeoff_values)
     check_model_name(config.model.name)
 
-    scan = None if num_classes else check_data(config.data)
+    weights = weight_source(config)
+    chosen = train if train is not None else config.experiment.train
+    trains = bool(chosen if chosen is not None else
+                  (config.method.finetune if config.method.finetune is not None else spec.finetune))
+    trains = trains and config.train.epochs > 0
+    if needs_train is None:
+        needs_train = trains or weights.kind == "baseline"
+    scan = None if num_classes else check_data(config.data, needs_train)
     classes = num_classes or count_classes(config.data, scan)
     meta = build_on_meta(config, spec.name, params, classes)
     check_data_fits_model(config, meta.vit)
@@ -109,14 +121,9 @@ def validate(cfg: DictConfig, num_classes: Optional[int] = None, train: Optional
     if config.model.checkpoint:
         classes, meta = check_checkpoint(config, spec.name, params, classes, meta, explicit_classes=num_classes)
 
-    weights = weight_source(config)
     missing = meta.missing_state(None) if weights.kind != "checkpoint" else None
     if missing:  # a checkpoint was checked by load_weights; other weights hold the backbone alone
         raise ConfigError(f"{missing} (weights: {weights.label})")
-    chosen = train if train is not None else config.experiment.train
-    trains = bool(chosen if chosen is not None else
-                  (config.method.finetune if config.method.finetune is not None else spec.finetune))
-    trains = trains and config.train.epochs > 0
     key = identity.run_key(cfg)
     resume_dir = Path(config.paths.state_dir) / key if trains else None
     check_paths(config, weights, resume_dir, meta)

@@ -96,7 +96,7 @@ def time_setting(record: dict[str, Any], images: int = 64) -> list[dict[str, Any
     (threads,) = {e["threads"] for e in entries}
     (device,) = {e["device"] for e in entries}
     seed_everything(0)
-    scan = check_data(config.data)  # one scan of folder data, for the head and the images
+    scan = check_data(config.data, needs_train=False)  # one scan of folder data, for the head and the val images
     vit = create_vit(config, num_classes_of(record, config, scan))
     method = methods.create_method(record["method"], vit, **record["method_params"]).eval()
     pool, _ = costs.load_images(build_data(config.data, scan).val, images, 0, 0)

@@ -16,15 +16,24 @@ Then each file is evaluated in turn, as ``python experiments/run.py method=M mod
 data=imagefolder data.root=ROOT experiment.train=false`` plus the settings and the ``OVERRIDE`` arguments
 (Hydra overrides for every run, e.g. ``eval.batch_size=256 measure.throughput=false``); each run writes its
 record, which carries the file's sha256 (``weights.start_sha256``) and name (``weights.checkpoint``). The report
-(``analysis/reproduction.py``) puts each record's top-1 next to the published one. ``ROOT`` is an ImageNet folder
-in the imagefolder layout (``ROOT/train/<wnid>/*.JPEG``, ``ROOT/val/<wnid>/*.JPEG``): only ``val`` is evaluated,
-but ``data=imagefolder``'s startup check reads both splits' class folders. For a SLURM cluster, run the printed
-commands (``--dry-run``) through ``launcher=slurm`` one by one.
+(``analysis/reproduction.py``) puts each record's top-1 next to the published one. ``ROOT`` needs only ImageNet's
+validation images as class folders, ``ROOT/val/<wnid>/*.JPEG``: an evaluation-only run of ``data=imagefolder``
+reads no training image, so ``ROOT/train`` may be absent (``experiments/data/folders.py``); when it is there,
+the startup check scans it too (the same class folders in both splits).
+
+On a cluster, ``launcher=slurm`` among the overrides (with ``hydra.launcher.*`` keys as for ``run.py``, e.g.
+``hydra.launcher.partition=gpu``) submits every file as one job of one SLURM job array through submitit, the way
+``run.py -m ... launcher=slurm`` submits a sweep (``experiments.cluster.launch.launch_cells``): each job is
+composed and validated before anything is submitted, the command blocks until every job ends, prints each
+file's top-1 and writes ``<hydra.sweep.dir>/sweep_summary.json``; each job writes its run under its own Hydra
+output folder (do not pass ``paths.run_dir``, which every job would share: refused). ``launcher=local`` does the
+same with submitit's local executor. ``--dry-run`` with a launcher prints the ``run.py -m`` commands.
 
 Refused in one ``error:`` line, before any work and with nothing written (status 2): a missing checkpoint
-folder or one without checkpoint files, a missing ImageNet folder or one that is not an imagefolder (no
-``val`` or ``train`` folder with class folders), an unreadable checkpoint, one whose backbone matches no model
-config. A run's own refusal (``experiments/refusal.py``) stops the command at that file.
+folder or one without checkpoint files, a missing ImageNet folder or one without ``val/<wnid>/`` class folders,
+an unreadable checkpoint, one whose backbone matches no model config. A run's own refusal
+(``experiments/refusal.py``) stops the command at that file; with a launcher, an invalid job is refused
+before submission (status 2) and a failed job is reported with the others' results (status 1).
 """
 from __future__ import annotations
 
@@ -91,19 +100,19 @@ def checkpoint_files(folder: Path) -> list[Path]:
 
 
 def check_imagenet(root: Path) -> None:
-    """``root`` looks like an imagefolder (``train`` and ``val`` with class folders); the full check (every
-    image header, the same classes in both splits) is the run's startup check."""
+    """``root`` holds ImageNet's validation images as class folders (``val/<wnid>/``; ``train/`` is not needed);
+    the full check (every image header, the same classes as ``train/`` when it is there) is the run's startup
+    check."""
     if not root.is_dir():
-        raise ReproduceError(f"--imagenet={root} does not exist or is not a folder; valid: the ImageNet folder in "
-                             "the imagefolder layout (ROOT/train/<wnid>/*.JPEG and ROOT/val/<wnid>/*.JPEG)")
-    for split in ("val", "train"):
-        folder = root / split
-        if not folder.is_dir():
-            raise ReproduceError(f"--imagenet={root} is not an imagefolder: no {split}/ folder (expected "
-                                 f"{folder}/<wnid>/*.JPEG); valid: ROOT/train/<wnid>/ and ROOT/val/<wnid>/")
-        if not any(p.is_dir() for p in folder.iterdir()):
-            raise ReproduceError(f"--imagenet={root} is not an imagefolder: {folder} has no class folders "
-                                 f"(expected {folder}/<wnid>/*.JPEG)")
+        raise ReproduceError(f"--imagenet={root} does not exist or is not a folder; valid: an ImageNet folder with "
+                             "the validation images as class folders (ROOT/val/<wnid>/*.JPEG)")
+    folder = root / "val"
+    if not folder.is_dir():
+        raise ReproduceError(f"--imagenet={root} has no val/ folder (expected {folder}/<wnid>/*.JPEG); valid: the "
+                             "ImageNet validation images sorted into class folders, ROOT/val/<wnid>/*.JPEG")
+    if not any(p.is_dir() for p in folder.iterdir()):
+        raise ReproduceError(f"--imagenet={root}: {folder} has no class folders (expected {folder}/<wnid>/*.JPEG; "
+                             "the flat ILSVRC2012_img_val folder must be sorted into class folders first)")
 
 
 # ---------------------------------------------------------------------------------------- identification
@@ -182,10 +191,13 @@ def reproduce(checkpoints: Path, imagenet: Path, extra: list[str], dry_run: bool
     for item in plan:
         print(f"{item.path.name}: method={item.method} model={item.model} "
               f"params={item.params or 'defaults'} layout={item.layout or 'plain'}")
+    launcher = launcher_choice(extra)
     if dry_run:
-        for item in plan:
-            print("python experiments/run.py " + " ".join(item.overrides(imagenet) + extra))
+        for item in plan:  # a launcher acts under -m only (a one-cell sweep)
+            print(f"python experiments/run.py {'-m ' if launcher else ''}" + " ".join(item.overrides(imagenet) + extra))
         return []
+    if launcher:
+        return submit(plan, imagenet, extra)
     from experiments import pipeline
 
     written = []
@@ -200,21 +212,67 @@ def reproduce(checkpoints: Path, imagenet: Path, extra: list[str], dry_run: bool
     return written
 
 
+def launcher_choice(extra: list[str]) -> Optional[str]:
+    """The launcher the overrides choose (``launcher=slurm`` / ``local``), or None for runs in this process."""
+    chosen = [o.split("=", 1)[1] for o in extra if o.split("=", 1)[0] in ("launcher", "+launcher")]
+    return chosen[-1] if chosen and chosen[-1] not in ("basic", "") else None
+
+
+def evaluate(cfg) -> dict[str, Any]:
+    """A job's task (``submit``): ``run.py``'s run of one file; returns its record."""
+    from experiments import pipeline
+
+    return pipeline.run(cfg)
+
+
+class JobsFailed(RuntimeError):
+    """Jobs of a launched reproduction failed; one line each."""
+
+
+def submit(plan: list[Identified], imagenet: Path, extra: list[str]) -> list[dict[str, Any]]:
+    """Every file as one job of a sweep through the launcher ``extra`` chooses (``experiments.cluster.launch``:
+    each cell validated before anything is submitted, one job array on SLURM, then the jobs are waited for and
+    summarised in ``<sweep dir>/sweep_summary.json``); returns the records written, raises ``JobsFailed``
+    after reporting the others when a job failed."""
+    from experiments.cluster.launch import launch_cells
+    from experiments.config_store import register_configs
+
+    register_configs()  # the schemas the cells compose against (the jobs get them with Hydra's singletons)
+    task = [o for o in extra if not o.startswith(("hydra.", "+hydra."))]  # the jobs' overrides, as run.py -m's
+    returns = launch_cells(CONF, extra, [item.overrides(imagenet) + task for item in plan], evaluate)
+    written, failed = [], []
+    for item, ret in zip(plan, returns):
+        value = ret._return_value
+        if isinstance(value, BaseException) or not isinstance(value, dict):
+            failed.append(f"{item.path.name}: {str(value).splitlines()[0] if str(value) else type(value).__name__}")
+            continue
+        print(f"{item.path.name}: top-1 {value['metrics']['top1']:.2f}% sha256 {file_sha256(item.path)[:16]} "
+              f"record {value['path']}")
+        written.append(value)
+    if failed:
+        raise JobsFailed("; ".join(failed))
+    return written
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    from experiments.refusal import REFUSALS
+    from experiments.cluster.launch import SubmissionError
+    from experiments.refusal import REFUSALS, one_line
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoints", type=Path, required=True, help="folder of released checkpoint files")
     parser.add_argument("--imagenet", type=Path, required=True,
-                        help="ImageNet in the imagefolder layout (ROOT/train/<wnid>, ROOT/val/<wnid>)")
+                        help="ImageNet folder with the validation images as ROOT/val/<wnid>/*.JPEG")
     parser.add_argument("--dry-run", action="store_true", help="identify the files and print the runs only")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. eval.batch_size=256")
     args = parser.parse_args(argv)
     try:
         reproduce(args.checkpoints, args.imagenet, list(args.overrides), args.dry_run)
     except (ReproduceError, CheckpointError, *REFUSALS) as error:
-        print(f"error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
+        print(one_line(error) if str(error) else f"error: {type(error).__name__}", file=sys.stderr)
         return REFUSAL_STATUS
+    except (SubmissionError, JobsFailed) as error:  # after submission: not a refusal
+        print(one_line(error), file=sys.stderr)
+        return 1
     return 0
 
 

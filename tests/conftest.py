@@ -123,10 +123,11 @@ def deit_small():
     return timm.create_model("deit_small_patch16_224", pretrained=False).eval()
 
 
-def write_png_folder(root: Path, classes=("cat", "dog"), per_class: int = 3, size: int = 40) -> None:
-    """An ImageNet-style ``root/{train,val}/<class>/<i>.png`` tree of random images."""
+def write_png_folder(root: Path, classes=("cat", "dog"), per_class: int = 3, size: int = 40,
+                     splits=("train", "val")) -> None:
+    """An ImageNet-style ``root/{train,val}/<class>/<i>.png`` tree of random images (``splits``: which)."""
     rng = np.random.default_rng(0)
-    for split in ("train", "val"):
+    for split in splits:
         for name in classes:
             folder = root / split / name
             folder.mkdir(parents=True)

@@ -218,3 +218,66 @@ def test_a_checkpoint_with_thresholds_outside_their_range_is_refused():
     state["prune_thresholds.3"] = torch.tensor([1.5])
     with pytest.raises(CheckpointError, match=r"prune_thresholds.3=\[1.5\] .*\[0, 1\]"):
         method.load_state_dict(state)
+
+
+def test_mapping_round_trips_and_names_every_official_key(tmp_path):
+    """Every official key (timm's backbone keys, ``blocks.{i}.{merge,prune}_masker.threshold``) maps to one of
+    ours and back, and our state has no key the official file lacks."""
+    from methods import official
+
+    layout = official.layouts()["ltmp"]
+    method = build()
+    _, state = official_file(tmp_path, method)
+    ours = official.to_ours(layout, state)
+    assert ours.keys() == method.state_dict().keys()
+    assert official.to_official(layout, ours).keys() == state.keys()
+    assert all(torch.equal(official.to_official(layout, ours)[key], value) for key, value in state.items())
+    assert ours["merge_thresholds.3"].item() == state["blocks.3.merge_masker.threshold"].item()
+
+
+def test_the_official_files_ema_copy_is_not_the_one_loaded(tmp_path, images):
+    """timm's CheckpointSaver (the official ``tools/train.py``) writes ``state_dict`` and, with EMA on,
+    ``state_dict_ema``: the model weights (``state_dict``) are loaded."""
+    method = build()
+    path, state = official_file(tmp_path, method)
+    content = torch.load(path, weights_only=False)
+    content["state_dict_ema"] = {key: value + 0.05 for key, value in state.items()}
+    torch.save(content, path)
+    loaded, plain = build(), build()
+    load_checkpoint_file(loaded, "ltmp", str(path))
+    plain_path = tmp_path / "plain.pth.tar"
+    torch.save({"state_dict": state}, plain_path)
+    load_checkpoint_file(plain, "ltmp", str(plain_path))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in plain.state_dict().items())
+    assert loaded.merge_thresholds[0].item() == state["blocks.0.merge_masker.threshold"].item()
+
+
+def files_under(folder):
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    pytest.param(["method.params.merge_threshold=1.5"], r"method\.params\.merge_threshold=1\.5.*1\]", id="above-1"),
+    pytest.param(["method.params.prune_threshold=-0.1"], r"method\.params\.prune_threshold=-0\.1.*0", id="below-0"),
+    pytest.param(["method.params.reduction_target=0.01"],
+                 r"method\.params\.reduction_target=0\.01 .*remove every token; valid: \(0\.\d+, 1\]", id="no-token"),
+    pytest.param(["method=tome", "model.checkpoint=LTMP"], r"official ltmp checkpoint.*valid: method=ltmp",
+                 id="ltmp-file-as-tome"),
+])
+def test_bad_runs_are_refused_naming_the_key_with_nothing_written(tmp_path, overrides, message):
+    """Issue 29's bad input through a run (``pipeline.run``): a clear error naming the key and the valid range,
+    raised before anything is written."""
+    from conftest import run_config
+    from experiments import pipeline
+    from methods.models import create_backbone
+
+    source = tmp_path / "source"
+    source.mkdir()
+    ltmp = create_method("ltmp", create_backbone("deit_digits_patch4_32", num_classes=10))
+    path, _ = official_file(source, ltmp)
+    out = tmp_path / "out"
+    overrides = [o.replace("LTMP", str(path)) for o in overrides]
+    method = [] if any(o.startswith("method=") for o in overrides) else ["method=ltmp"]
+    with pytest.raises(ValueError, match=message):
+        pipeline.run(run_config(out, *method, "baseline.enabled=false", *overrides))
+    assert not out.exists() or files_under(out) == set()

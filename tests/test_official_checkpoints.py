@@ -179,6 +179,18 @@ def test_adavit_main_act_checkpoint_with_a_module_prefix_loads(tmp_path):
     assert torch.equal(method.vit.blocks[5].mlp.fc2.weight, state["blocks.5.mlp.fc2.weight"])
 
 
+@pytest.mark.parametrize("name", ["adavit", "evit"])
+def test_main_py_files_with_a_different_ema_copy_load_the_model_weights(tmp_path, name):
+    """A-ViT's ``main_act.py`` and EViT's ``main.py`` (DeiT's) save ``model`` and ``model_ema`` side by side: the
+    ``model`` entry is the one evaluated (as their evaluation reads it), not the EMA copy."""
+    state = official_state(name)
+    path = save(tmp_path, main_py_checkpoint(name, state, ema={k: v + 1 for k, v in state.items()}))
+    method = build(name)
+    load_checkpoint_file(method, name, str(path))
+    for key, value in as_ours(state).items():
+        assert torch.equal(method.state_dict()[key], value), key
+
+
 def test_official_dynamicvit_checkpoint_runs_through_model_checkpoint(tmp_path):
     from conftest import build_for
 

@@ -143,8 +143,40 @@ def test_imagefolder_trains_one_step(tmp_path):
     assert len(record["identity"]["data_files"]) == 16 and str(tmp_path) not in json.dumps(record["identity"])
 
 
+def files_under(folder):
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("overrides", [
+    pytest.param(["experiment.train=true", "baseline.enabled=false"], id="trains"),
+    pytest.param(["experiment.train=false"], id="dense-baseline-weights"),  # the baseline may have to be trained
+])
+def test_a_run_reading_training_images_is_refused_without_the_train_folder(tmp_path, overrides):
+    write_png_folder(tmp_path / "data", splits=("val",))
+    before = files_under(tmp_path)
+    with pytest.raises(DataError, match=r"data\.train_split='train': split folder 'train' not found \(expected "
+                                        r".*train/<class>/<image>\); the run reads training images"):
+        pipeline.run(make_cfg(tmp_path, "data=imagefolder", f"data.root={tmp_path}/data", "data.img_size=32",
+                              *overrides))
+    assert files_under(tmp_path) == before
+
+
+def test_an_evaluation_only_run_needs_only_the_val_folder(tmp_path):
+    """Off the shelf (experiment.train=false) from a checkpoint, the run reads no training image: ``val/`` alone
+    is enough, and the record says what it read."""
+    write_png_folder(tmp_path / "data", splits=("val",))
+    checkpoint = tmp_path / "weights.pth"
+    torch.save({"model": create_backbone("deit_digits_patch4_32", num_classes=2, depth=2).state_dict()}, checkpoint)
+    record = pipeline.run(make_cfg(tmp_path, "data=imagefolder", f"data.root={tmp_path}/data", "data.img_size=32",
+                                   "experiment.train=false", "+model.depth=2", f"model.checkpoint={checkpoint}"))
+    read = record["data_read"]
+    assert (read["classes"], read["train_images"], read["val_images"]) == (2, 0, 6) and "train_dir" not in read
+    assert record["metrics"]["num_images"] == 6
+    assert len(records_in(tmp_path)) == 1
+
+
 @pytest.mark.parametrize("layout, message", [
-    ("empty", r"split folder 'train' not found"),
+    ("empty", r"split folder 'val' not found"),
     ("no_classes", r"has no class folders"),
     ("no_images", r"no images"),
 ])

@@ -23,9 +23,9 @@ from test_official_layouts import official_state, train_py_checkpoint
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def imagenet(root, classes=10, per_class=2):
+def imagenet(root, classes=10, per_class=2, splits=("train", "val")):
     rng = np.random.default_rng(0)
-    for split in ("train", "val"):
+    for split in splits:
         for c in range(classes):
             folder = root / split / f"n{c:08d}"
             folder.mkdir(parents=True)
@@ -90,6 +90,23 @@ def test_smoke_run_writes_records_with_hash_and_name(tmp_path, released, capsys)
     assert list(table.display["Source"]) == ["no published row"] * 2  # deit_digits has none
 
 
+def test_a_val_only_imagenet_is_enough(tmp_path, capsys):
+    """A user with only ImageNet's val set (ROOT/val/<wnid>/*.JPEG, no train/) reproduces: the evaluation-only run
+    reads no training image."""
+    root = imagenet(tmp_path / "imagenet", splits=("val",))  # 10 classes: the checkpoint's head
+    folder = tmp_path / "released"
+    folder.mkdir()
+    torch.save(train_py_checkpoint("sit", official_state("sit")), folder / "sit_s_0.7.pth")
+    assert reproduce.main(["--checkpoints", str(folder), "--imagenet", str(root), *run_paths(tmp_path)]) == 0
+    assert "sit_s_0.7.pth: top-1" in capsys.readouterr().out
+    [path] = (tmp_path / "results").rglob("*.json")
+    record = json.loads(path.read_text())
+    assert record["method"] == "sit" and record["weights"]["checkpoint"] == "sit_s_0.7.pth"
+    assert record["weights"]["start_sha256"] == hashlib.sha256((folder / "sit_s_0.7.pth").read_bytes()).hexdigest()
+    assert (record["data_read"]["train_images"], record["data_read"]["val_images"]) == (0, 20)
+    assert not (root / "train").exists()
+
+
 def test_the_table_puts_reproduced_next_to_published_with_the_difference():
     rows = pd.DataFrame([{"checkpoint": "evit-0.7-fuse.pth", "sha256": "ab" * 32, "method": "evit",
                           "model": "deit_small", "method_params": {"keep_rate": 0.7, "fuse": True,
@@ -123,7 +140,10 @@ def no_class_folders(tmp_path):
 
 @pytest.mark.parametrize("make_root, checkpoints, message", [
     pytest.param(lambda t: t / "missing", None, r"--imagenet=.*missing does not exist", id="no-imagenet"),
-    pytest.param(not_imagefolder, None, r"is not an imagefolder: no val/ folder", id="not-imagefolder"),
+    pytest.param(not_imagefolder, None, r"--imagenet=.*imagenet has no val/ folder \(expected .*val/<wnid>/\*\.JPEG\)",
+                 id="no-val-folder"),
+    pytest.param(lambda t: imagenet(t / "imagenet", splits=("train",)), None, r"has no val/ folder",
+                 id="train-only"),
     pytest.param(no_class_folders, None, r"val has no class folders", id="no-classes"),
     pytest.param(lambda t: imagenet(t / "imagenet"), "absent", r"--checkpoints=.*absent does not exist",
                  id="no-checkpoint-folder"),
@@ -151,3 +171,43 @@ def test_bad_inputs_are_refused_in_one_line_before_any_work(tmp_path, released, 
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
     assert re.search(message, err), err
     assert files_under(tmp_path) == before
+
+
+DEBUG_LAUNCHER = ["launcher=local", "hydra.launcher._target_=hydra_plugins.adaptive_vit_bench_launcher.DebugLauncher"]
+
+
+def sweep_paths(tmp_path):
+    """``run_paths`` without ``paths.run_dir``: each job writes under its own Hydra output directory."""
+    return [f"hydra.sweep.dir={tmp_path}/sweep", *(o for o in run_paths(tmp_path) if not o.startswith("paths.run_"))]
+
+
+def test_a_launcher_runs_every_file_as_one_job_of_a_sweep(tmp_path, released, capsys):
+    """``launcher=...`` (``launcher=slurm`` on a cluster) submits the files as one sweep of run.py's task through
+    ``experiments.cluster.launch`` (here submitit's in-process debug executor): a record per file, carrying its
+    sha256, and the sweep summary; the dry run prints ``run.py -m`` commands."""
+    root = imagenet(tmp_path / "imagenet")
+    args = ["--checkpoints", str(released), "--imagenet", str(root), *DEBUG_LAUNCHER, *sweep_paths(tmp_path)]
+    assert reproduce.main([*args, "--dry-run"]) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("python ")]
+    assert len(printed) == 2 and all(line.startswith("python experiments/run.py -m method=") for line in printed)
+    assert not (tmp_path / "sweep").exists()
+    assert reproduce.main(args) == 0
+    out = capsys.readouterr().out
+    written = {json.loads(p.read_text())["weights"]["checkpoint"]: json.loads(p.read_text())
+               for p in (tmp_path / "results").rglob("*.json")}
+    assert sorted(written) == ["dyvit.pth", "sit_s_0.7.pth"]
+    for name, record in written.items():
+        assert record["weights"]["start_sha256"] == hashlib.sha256((released / name).read_bytes()).hexdigest()
+        assert f"{name}: top-1" in out
+    summary = json.loads((tmp_path / "sweep" / "sweep_summary.json").read_text())
+    assert [job["state"] for job in summary["jobs"]] == ["COMPLETED"] * 2
+
+
+def test_a_launched_reproduction_refuses_cells_sharing_a_run_folder_before_submitting(tmp_path, released, capsys):
+    root = imagenet(tmp_path / "imagenet")
+    status = reproduce.main(["--checkpoints", str(released), "--imagenet", str(root), *DEBUG_LAUNCHER,
+                             f"hydra.sweep.dir={tmp_path}/sweep", *run_paths(tmp_path)])  # one paths.run_dir for all
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert "resolve to the same paths.run_dir" in err and "nothing was submitted" in err
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "results").exists()

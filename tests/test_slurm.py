@@ -262,3 +262,36 @@ def test_unknown_partition_is_refused_naming_the_job_and_sbatchs_message(cluster
     assert "slurm refused job 'run' (2 cells: #0 (seed=0); #1 (seed=1))" in result.stderr
     assert "invalid partition specified: nope" in result.stderr
     assert cluster.squeue() == []
+
+
+def test_reproduce_with_launcher_slurm_is_one_job_array_with_a_record_per_checkpoint(cluster, tmp_path):
+    """``reproduce.py ... launcher=slurm``: the released files (official layouts) are evaluated as one SLURM job
+    array, on an ImageNet-style folder holding only ``val/``; each record carries its file's sha256."""
+    import hashlib
+
+    from test_official_checkpoints import main_py_checkpoint, official_state as dynamicvit_state
+    from test_official_layouts import official_state, train_py_checkpoint
+    from test_reproduce import imagenet
+
+    released = tmp_path / "released"
+    released.mkdir()
+    torch.save(train_py_checkpoint("sit", official_state("sit")), released / "sit.pth")
+    torch.save(main_py_checkpoint("dynamicvit", dynamicvit_state("dynamicvit")), released / "dyvit.pth")
+    root = imagenet(tmp_path / "imagenet", splits=("val",))
+    command = [sys.executable, str(ROOT / "experiments" / "reproduce.py"), "--checkpoints", str(released),
+               "--imagenet", str(root), *SLURM, "device=cpu", "progress=false", "measure.throughput=false",
+               *sweep_args(tmp_path)[3:]]
+    env = cluster.env({**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    except subprocess.TimeoutExpired as error:
+        raise AssertionError(f"reproduce timed out; {diagnose(cluster, tmp_path)}") from error
+    assert result.returncode == 0, result.stderr[-3000:] + diagnose(cluster, tmp_path)
+    jobs = summary(tmp_path)["jobs"]
+    assert [j["state"] for j in jobs] == ["COMPLETED"] * 2
+    assert len({j["job_id"].split("_")[0] for j in jobs}) == 1  # one job array
+    records = {load(j["record"])["weights"]["checkpoint"]: load(j["record"]) for j in jobs}
+    assert sorted(records) == ["dyvit.pth", "sit.pth"]
+    for name, record in records.items():
+        assert record["weights"]["start_sha256"] == hashlib.sha256((released / name).read_bytes()).hexdigest()
+        assert record["data_read"]["train_images"] == 0 and f"{name}: top-1" in result.stdout

@@ -324,3 +324,55 @@ def test_calibrate_command_writes_a_checkpoint_the_suite_evaluates(tmp_path):
     assert record["method_params"]["threshold"] == "calibrated"
     assert record["method_info"]["thresholds"] == summary["thresholds"]
     assert record["method_info"]["calibration_r"] == [2] * 12
+
+
+def test_calibration_on_the_train_split_needs_the_train_folder(tmp_path):
+    """Calibrating reads the ``calibration.split`` images: on a val-only image folder, ``split=train`` is refused
+    at validation naming the missing folder; ``split=val`` validates."""
+    from conftest import run_paths, write_png_folder
+    from experiments.calibration import validate_calibration
+    from experiments.config import DataError
+
+    write_png_folder(tmp_path / "data", splits=("val",))
+    data = ["data=imagefolder", f"data.root={tmp_path}/data", "data.img_size=32"]
+    base = [*run_paths(tmp_path), "baseline.enabled=false", f"calibration.out={tmp_path}/c.pth", *data]
+    with pytest.raises(DataError, match=r"data\.train_split='train': split folder 'train' not found"):
+        validate_calibration(compose_calibrate(*base))  # calibration.split=train, the default
+    plan, calibration, _ = validate_calibration(compose_calibrate(*base, "calibration.split=val"))
+    assert calibration.split == "val" and plan.data_scan.train is None and len(plan.data_scan.val.samples) == 6
+    assert not (tmp_path / "c.pth").exists()
+
+
+def files_under(folder):
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")} if folder.exists() else set()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    pytest.param(["method.params.threshold=1.5"], r"method\.params\.threshold=1\.5.*\[0, 1\]", id="above-1"),
+    pytest.param(["method.params.threshold=-0.1"], r"method\.params\.threshold=-0\.1", id="below-0"),
+    pytest.param(["method.params.threshold=calibrated"], r"threshold=calibrated .*experiments\.calibrate",
+                 id="uncalibrated"),
+    pytest.param(["method.params.threshold=0.9", "method.params.r=4"],
+                 r"method\.params\.r=4 sets method\.params\.r, but method\.params\.threshold=0\.9", id="with-r"),
+])
+def test_bad_runs_are_refused_naming_the_key_with_nothing_written(tmp_path, overrides, message):
+    """Issue 29's bad input through a run (``pipeline.run``), before anything is written."""
+    from conftest import run_config
+    from experiments import pipeline
+
+    with pytest.raises(ValueError, match=message):
+        pipeline.run(run_config(tmp_path / "out", "method=tome", "baseline.enabled=false", *overrides))
+    assert files_under(tmp_path / "out") == set()
+
+
+def test_calibrating_on_zero_images_writes_nothing(tmp_path):
+    from conftest import run_paths
+    from experiments import calibration
+    from experiments.config import ConfigError
+
+    out = tmp_path / "out"
+    cfg = compose_calibrate(*run_paths(out), "baseline.enabled=false", "progress=false", "method.params.r=2",
+                            "calibration.images=0", f"calibration.out={out}/c.pth")
+    with pytest.raises(ConfigError, match=r"calibration\.images=0 must be in \[1, "):
+        calibration.run(cfg)
+    assert files_under(out) == set()

@@ -23,6 +23,9 @@ After
   - every job is waited for; one failure does not stop the others;
   - the summary (log lines and ``<sweep dir>/sweep_summary.json``) gives each job's state, its results record and,
     for failures, the error and the log files; the command then exits with the first failure's error.
+
+``launch_cells`` launches a given list of cells (not a product of swept values) the same way, through the
+launcher its overrides choose: ``experiments/reproduce.py ... launcher=slurm`` submits one cell per checkpoint.
 """
 from __future__ import annotations
 
@@ -317,3 +320,29 @@ class DebugLauncher(_SweepLauncher):
     """submitit's debug executor: jobs run one after another inside the launching process (tests, debugging)."""
 
     _EXECUTOR = "debug"
+
+
+# ------------------------------------------------------------------------------------ cells without a sweeper
+def launch_cells(config_dir: Path, overrides: Sequence[str], cells: Sequence[Sequence[str]], task_function,
+                 config_name: str = "config") -> list[JobReturn]:
+    """Launch ``cells`` (each a list of task overrides, not a product of swept values) as one sweep of
+    ``task_function`` through the launcher that ``overrides`` choose (``launcher=slurm``: one job array, with the
+    checks, submission and summary above), as ``run.py -m`` does with the cells its sweeper makes; blocks until
+    every job ends and returns their ``JobReturn``s in cell order. ``overrides`` compose the sweep's config (the
+    launcher, ``hydra.*``); ``task_function`` runs in each job on its task config and must be importable by name
+    (the jobs unpickle it)."""
+    from hydra import initialize_config_dir  # noqa: PLC0415
+    from hydra._internal.callbacks import Callbacks  # noqa: PLC0415
+    from hydra.core.global_hydra import GlobalHydra  # noqa: PLC0415
+    from hydra.core.hydra_config import HydraConfig  # noqa: PLC0415
+    from hydra.core.plugins import Plugins  # noqa: PLC0415
+    from hydra.types import HydraContext, RunMode  # noqa: PLC0415
+
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        hydra = GlobalHydra.instance().hydra
+        config = hydra.compose_config(config_name, list(overrides), run_mode=RunMode.MULTIRUN)
+        HydraConfig.instance().set_config(config)
+        context = HydraContext(config_loader=hydra.config_loader, callbacks=Callbacks(config))
+        launcher = Plugins.instance().instantiate_launcher(hydra_context=context, task_function=task_function,
+                                                          config=config)
+        return list(launcher.launch([list(cell) for cell in cells], initial_job_idx=0))

@@ -17,6 +17,12 @@ The rules, each refused with a ``DataError`` naming the key and path:
   vanish from the run (a class stored as ``.bmp`` becomes no class at all);
 - both splits have the same class folders (the error names the classes only in one of them), and
   ``data.num_classes``, when set, equals their number.
+
+A run that reads no training image (``needs_train=False``: it does not train and its weights do not come from a
+dense baseline it may have to train, e.g. ``experiment.train=false model.checkpoint=...``) may lack the train
+split folder: then only the val split is scanned and checked (``FolderScan.train`` is None), so a user with only
+ImageNet's val set can evaluate released checkpoints. A train folder that is there is scanned and checked as
+always. A run that trains is refused when the train folder is missing, naming it.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from experiments.config import DataError
 
@@ -58,22 +64,36 @@ class SplitScan:
 
 @dataclass
 class FolderScan:
-    """Both checked splits of a folder option."""
+    """Both checked splits of a folder option; ``train`` is None when the run reads no training image and the
+    train folder is absent (module docstring)."""
 
     root: str
-    train: SplitScan
+    train: Optional[SplitScan]
     val: SplitScan
 
     @property
+    def splits(self) -> tuple[SplitScan, ...]:
+        """The scanned splits, train first."""
+        return tuple(split for split in (self.train, self.val) if split is not None)
+
+    @property
     def num_classes(self) -> int:
-        return len(self.train.class_to_idx)
+        return len(self.val.class_to_idx)  # the same classes as train's when both are there (checked)
+
+    def train_or_empty(self, name: str) -> SplitScan:
+        """The train split, or an empty one named ``name`` when its folder is absent (the run reads no training
+        sample): the builders' train dataset is then empty."""
+        if self.train is not None:
+            return self.train
+        return SplitScan("train_split", str(name), os.path.join(self.root, str(name)), [],
+                         dict(self.val.class_to_idx), 0)
 
     def content_digest(self) -> str:
         """What a run reads, as a digest for its record identity (``experiments/identity.py``): each split's
         files by name relative to ``root``, size and class, never the absolute root nor the files' bytes. A copy
         of the same tree elsewhere has the same digest; a file added, removed, resized or relabelled changes it."""
         listing = {split.key: [(os.path.relpath(path, self.root), os.stat(path).st_size, label)
-                               for path, label in split.samples] for split in (self.train, self.val)}
+                               for path, label in split.samples] for split in self.splits}
         return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -105,8 +125,9 @@ def root_of(data, words: FolderWords = IMAGE_WORDS) -> Path:
     return root
 
 
-def split_folder(root: Path, key: str, split: Any, words: FolderWords = IMAGE_WORDS) -> Path:
-    """``data.<key>`` (a split's name) as an existing folder under ``root``."""
+def split_folder(root: Path, key: str, split: Any, words: FolderWords = IMAGE_WORDS, why: str = "") -> Path:
+    """``data.<key>`` (a split's name) as an existing folder under ``root``; ``why`` ends the missing-folder
+    message (what needs it)."""
     if not isinstance(split, str) or not split.strip():
         raise DataError(f"data.{key}={split!r} is empty: it would read the whole data.root={root} recursively, "
                         "the other split included; valid: the name of a folder under data.root, e.g. "
@@ -114,7 +135,7 @@ def split_folder(root: Path, key: str, split: Any, words: FolderWords = IMAGE_WO
     folder = root / split
     if not folder.is_dir():
         raise DataError(f"data.root={root}, data.{key}={split!r}: split folder {split!r} not found "
-                        f"(expected {folder}/<class>/<{words.item}>)")
+                        f"(expected {folder}/<class>/<{words.item}>){why}")
     return folder
 
 
@@ -197,10 +218,10 @@ def scan_split(root: Path, key: str, split: str, folder: Path, extensions: tuple
     return SplitScan(key, split, str(folder), samples, class_to_idx, hidden)
 
 
-def check_no_shared_files(root: Path, train: SplitScan, val: SplitScan, words: FolderWords = IMAGE_WORDS) -> None:
+def check_no_shared_files(root: Path, scans: tuple[SplitScan, ...], words: FolderWords = IMAGE_WORDS) -> None:
     """No sample file is reached twice (a symlink or hard link to another sample, in either split)."""
     seen: dict[tuple[int, int], str] = {}
-    for scan in (train, val):
+    for scan in scans:
         for path, _ in scan.samples:
             try:
                 stat = os.stat(path)
@@ -227,23 +248,39 @@ def check_same_classes(root: Path, train: SplitScan, val: SplitScan) -> None:
                     "the same class folders in both splits")
 
 
-def check_class_count(data, train_dir: Path, train: SplitScan) -> None:
+def check_class_count(data, split: SplitScan) -> None:
     """``data.num_classes``, when set, equals the number of class folders."""
-    if data.num_classes and int(data.num_classes) != len(train.class_to_idx):
-        raise DataError(f"data.num_classes={data.num_classes} but {train_dir} has {len(train.class_to_idx)} class "
-                        f"folders; valid: data.num_classes={len(train.class_to_idx)} or null (the folders' count)")
+    if data.num_classes and int(data.num_classes) != len(split.class_to_idx):
+        raise DataError(f"data.num_classes={data.num_classes} but {split.folder} has {len(split.class_to_idx)} "
+                        f"class folders; valid: data.num_classes={len(split.class_to_idx)} or null (the folders' "
+                        "count)")
 
 
-def scan_folders(data, extensions: tuple[str, ...], words: FolderWords = IMAGE_WORDS) -> FolderScan:
-    """Scan and check both splits of the folder config ``data`` (the rules above) for files with ``extensions``
-    (lower-case); raise ``DataError`` naming the key and path. The files' content is the caller's to check."""
+TRAIN_NEEDED = ("; the run reads training images (it trains, or its weights are the dense baseline, which may be "
+                "trained); an evaluation-only run (experiment.train=false with model.checkpoint or pretrained "
+                "weights) needs only the val split")
+
+
+def scan_folders(data, extensions: tuple[str, ...], words: FolderWords = IMAGE_WORDS,
+                 needs_train: bool = True) -> FolderScan:
+    """Scan and check the splits of the folder config ``data`` (the rules above) for files with ``extensions``
+    (lower-case); raise ``DataError`` naming the key and path. ``needs_train=False``: the run reads no training
+    image, so a missing train folder is allowed (``FolderScan.train`` None). The files' content is the caller's
+    to check."""
     root = root_of(data, words)
-    train_dir = split_folder(root, "train_split", data.train_split, words)
+    if not needs_train and isinstance(data.train_split, str) and data.train_split.strip() \
+            and not (root / data.train_split).exists():
+        val_dir = split_folder(root, "val_split", data.val_split, words)
+        val = scan_split(root, "val_split", data.val_split, val_dir, extensions, words)
+        check_class_count(data, val)
+        check_no_shared_files(root, (val,), words)
+        return FolderScan(str(root), None, val)
+    train_dir = split_folder(root, "train_split", data.train_split, words, TRAIN_NEEDED if needs_train else "")
     val_dir = split_folder(root, "val_split", data.val_split, words)
     check_distinct(root, train_dir, val_dir, data.train_split, data.val_split)
     train = scan_split(root, "train_split", data.train_split, train_dir, extensions, words)
     val = scan_split(root, "val_split", data.val_split, val_dir, extensions, words)
     check_same_classes(root, train, val)
-    check_class_count(data, train_dir, train)
-    check_no_shared_files(root, train, val, words)
+    check_class_count(data, train)
+    check_no_shared_files(root, (train, val), words)
     return FolderScan(str(root), train, val)

@@ -9,7 +9,8 @@ with an image name, files cut inside their header, dangling links and unreadable
 data that is corrupt or cut after the header; for those the datasets (:class:`CheckedImageDataset`) raise naming
 the file when they read it, where timm's ``ImageDataset`` would log a warning and silently return the next image
 with its label instead. :func:`build_imagefolder` hands the scanned file list (carried on the run plan) to timm's
-dataset.
+dataset. A run that reads no training image may lack the train folder (``experiments/data/folders.py``); its
+bundle's train dataset is then empty.
 """
 from __future__ import annotations
 
@@ -76,18 +77,19 @@ def _check_headers(root: str, scans: tuple[SplitScan, ...]) -> None:
                         "remove or replace these")
 
 
-def scan_imagefolder(data) -> FolderScan:
-    """Scan and check both splits of the imagefolder config ``data`` (the folder rules, then every image's
-    header); raise ``DataError``."""
-    scan = scan_folders(data, timm_extensions())
-    _check_headers(scan.root, (scan.train, scan.val))
+def scan_imagefolder(data, needs_train: bool = True) -> FolderScan:
+    """Scan and check the splits of the imagefolder config ``data`` (the folder rules, then every image's
+    header); raise ``DataError``. ``needs_train=False``: the train folder may be absent (the run reads no
+    training image)."""
+    scan = scan_folders(data, timm_extensions(), needs_train=needs_train)
+    _check_headers(scan.root, scan.splits)
     return scan
 
 
-def check_imagefolder(data) -> FolderScan:
+def check_imagefolder(data, needs_train: bool = True) -> FolderScan:
     """The startup check of imagefolder data: :func:`scan_imagefolder`, and the augmentation (a bad
     ``data.auto_augment`` fails here, not at the first batch). Its scan is what :func:`build_imagefolder` reads."""
-    scan = scan_imagefolder(data)
+    scan = scan_imagefolder(data, needs_train)
     _transforms(data)
     return scan
 
@@ -193,19 +195,22 @@ def _transforms(cfg):
 
 
 def _bundle_info(scan: FolderScan) -> dict[str, Any]:
-    return {"root": scan.root, "train_dir": scan.train.folder, "val_dir": scan.val.folder,
-            "train_images": len(scan.train.samples), "val_images": len(scan.val.samples),
-            "train_classes": len(scan.train.class_to_idx), "val_classes": len(scan.val.class_to_idx),
+    train = scan.train
+    return {"root": scan.root, "train_dir": train.folder if train else None, "val_dir": scan.val.folder,
+            "train_images": len(train.samples) if train else 0, "val_images": len(scan.val.samples),
+            "train_classes": len(train.class_to_idx) if train else 0, "val_classes": len(scan.val.class_to_idx),
             "extensions": list(timm_extensions()), "header_checked": True}
+
 
 
 @register_data("imagefolder", config=ImageFolderData, check=check_imagefolder,
                num_classes=lambda data, scan: scan.num_classes)
 def build_imagefolder(cfg, scan: FolderScan) -> DataBundle:
-    """Train and val :class:`CheckedImageDataset` over the files of ``scan`` (the startup check's)."""
+    """Train and val :class:`CheckedImageDataset` over the files of ``scan`` (the startup check's); the train
+    dataset is empty when the train folder is absent."""
     train_tf, val_tf = _transforms(cfg)
     datasets = []
-    for split, transform in ((scan.train, train_tf), (scan.val, val_tf)):
+    for split, transform in ((scan.train_or_empty(cfg.train_split), train_tf), (scan.val, val_tf)):
         reader = ListedReader(split.folder, split.samples, split.class_to_idx)
         datasets.append(CheckedImageDataset(reader, transform, f"data.root={scan.root}, data.{split.key}="
                                                                f"{split.name!r}"))

@@ -25,7 +25,8 @@ class DataSpec:
     config: type  # its config dataclass (a DataConfig whose ``name`` defaults to ``name``)
     build: Callable[[Any, Any], DataBundle]  # fn(data config, startup scan or None) -> DataBundle
     num_classes: Union[int, Callable[[Any, Any], int]]  # a count, or fn(data config, startup scan) -> int
-    check: Optional[Callable[[Any], Any]]  # the startup check: fn(data config) -> scan (raises DataError); or None
+    check: Optional[Callable[..., Any]]  # the startup check: fn(data config, needs_train) -> scan (raises
+    # DataError); or None. needs_train=False: the run reads no training sample, so the train split may be absent
 
     def classes(self, data, scan) -> int:
         return self.num_classes if isinstance(self.num_classes, int) else int(self.num_classes(data, scan))
@@ -38,8 +39,9 @@ def register_data(name: str, *, config: type, num_classes: Union[int, Callable[[
                   check: Optional[Callable[[Any], Any]] = None) -> Callable:
     """Decorator filing a builder ``fn(data, scan) -> DataBundle`` under ``name`` (see :class:`DataSpec`).
 
-    ``check`` is the startup check (its result is the ``scan`` the builder receives; without one it gets None);
-    ``num_classes`` is the head's class count, or a function of the config and the scan."""
+    ``check`` is the startup check, ``fn(data, needs_train=True)`` (its result is the ``scan`` the builder
+    receives; without one it gets None); ``num_classes`` is the head's class count, or a function of the config
+    and the scan."""
 
     def decorate(build: Callable[[Any, Any], DataBundle]) -> Callable[[Any, Any], DataBundle]:
         if name in _SPECS:
@@ -68,10 +70,12 @@ def data_spec(name: Any, key: str = "data") -> DataSpec:
     return _SPECS[name]
 
 
-def check_data(data) -> Any:
-    """Run the startup check of the data config ``data``; returns its scan (None for data without a check)."""
+def check_data(data, needs_train: bool = True) -> Any:
+    """Run the startup check of the data config ``data``; returns its scan (None for data without a check).
+    ``needs_train=False``: the run reads no training sample (a folder option then accepts a missing train
+    split)."""
     spec = data_spec(data.name)
-    return spec.check(data) if spec.check is not None else None
+    return spec.check(data, needs_train=needs_train) if spec.check is not None else None
 
 
 def count_classes(data, scan: Any = None) -> int:

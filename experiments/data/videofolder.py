@@ -207,12 +207,13 @@ class VideoFolderScan:
         return self.folders.content_digest()
 
 
-def scan_videofolder(data) -> VideoFolderScan:
+def scan_videofolder(data, needs_train: bool = True) -> VideoFolderScan:
     """The startup check of ``data=videofolder``: scan and check both splits of the videofolder config ``data``
     (the module docstring's rules) and count every video's frames; raise ``DataError`` naming the key and path.
-    Its scan is what :func:`build_videofolder` reads."""
-    folders = scan_folders(data, VIDEO_EXTENSIONS, VIDEO_WORDS)
-    return VideoFolderScan(folders, _count_all_frames(Path(folders.root), (folders.train, folders.val)))
+    ``needs_train=False``: the train folder may be absent (the run reads no training video). Its scan is what
+    :func:`build_videofolder` reads."""
+    folders = scan_folders(data, VIDEO_EXTENSIONS, VIDEO_WORDS, needs_train=needs_train)
+    return VideoFolderScan(folders, _count_all_frames(Path(folders.root), folders.splits))
 
 
 # ------------------------------------------------------------------------------------------------ decoding
@@ -319,10 +320,10 @@ class VideoFolderDataset(Dataset):
 
 
 def _bundle_info(scan: VideoFolderScan, cfg) -> dict[str, Any]:
-    folders = scan.folders
-    return {"root": folders.root, "train_dir": folders.train.folder, "val_dir": folders.val.folder,
-            "train_videos": len(folders.train.samples), "val_videos": len(folders.val.samples),
-            "train_classes": len(folders.train.class_to_idx), "val_classes": len(folders.val.class_to_idx),
+    folders, train = scan.folders, scan.folders.train
+    return {"root": folders.root, "train_dir": train.folder if train else None, "val_dir": folders.val.folder,
+            "train_videos": len(train.samples) if train else 0, "val_videos": len(folders.val.samples),
+            "train_classes": len(train.class_to_idx) if train else 0, "val_classes": len(folders.val.class_to_idx),
             "extensions": list(VIDEO_EXTENSIONS), "frames_checked": True,
             "num_frames": int(cfg.num_frames), "sampling": str(cfg.sampling), "stride": int(cfg.stride),
             "img_size": int(cfg.img_size)}
@@ -334,7 +335,7 @@ def build_videofolder(cfg, scan: VideoFolderScan) -> DataBundle:
     """Train and val :class:`VideoFolderDataset` over the checked video folders of ``scan`` (the startup
     check's)."""
     datasets = []
-    for split, train in ((scan.folders.train, True), (scan.folders.val, False)):
+    for split, train in ((scan.folders.train_or_empty(cfg.train_split), True), (scan.folders.val, False)):
         where = f"data.root={scan.folders.root}, data.{split.key}={split.name!r}"
         datasets.append(VideoFolderDataset(split.samples, scan.frames, cfg, train, where, split.class_to_idx))
     return DataBundle(datasets[0], datasets[1], scan.num_classes, _bundle_info(scan, cfg))
