@@ -24,11 +24,11 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from . import backbone, ragged
+from . import backbone, ragged, ragged_attention
 
 
 def removal_pass(vit: nn.Module, images: Tensor, score: Callable[[Tensor, int], Tensor], eps: float,
-                 runtime: ragged.Runtime, attn_group: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+                 runtime: ragged_attention.Runtime, attn_group: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
     """Run ``vit`` on ``images`` with A-ViT halting by physical removal; ``score(x, block)`` is the halting score
     of the packed rows ``x`` after block ``block``. Returns ``(logits, depth_of, cls_out)``: the logits from the
     CLS mix, the 1-based block at which each token (CLS first) stopped ``[B, N]`` (an image's tokens stop with
@@ -46,9 +46,9 @@ def removal_pass(vit: nn.Module, images: Tensor, score: Callable[[Tensor, int], 
     cls_out = x.new_zeros(batch, dim, dtype=torch.float32)
     depth_of = torch.zeros(batch * tokens, dtype=torch.long, device=device)
     backend = runtime.backend_for(device)
-    group = ragged.group_for(attn_group, device)
+    group = ragged_attention.group_for(attn_group, device)
     for index, block in enumerate(vit.blocks):
-        x = ragged.attn_residual(block, packed, backend, group)
+        x = ragged_attention.attn_residual(block, packed, backend, group)
         x = backbone.mlp_residual(block, x)
         last = index == depth - 1
         h = score(x, index)

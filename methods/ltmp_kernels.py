@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import backbone, ragged
+from . import backbone, ragged, ragged_attention
 
 
 def best_partners(keys: Tensor, pairs: Tensor) -> tuple[Tensor, Tensor]:
@@ -62,7 +62,7 @@ class PadPlan:
     def __init__(self, layout: ragged.Layout) -> None:
         device = layout.lengths.device
         count = layout.lengths.shape[0]
-        self.width = max(layout.sizes) if device.type in ragged.SIZES_ON_HOST else layout.tokens
+        self.width = max(layout.sizes) if device.type in ragged_attention.SIZES_ON_HOST else layout.tokens
         self.rank = torch.arange(layout.source.shape[0], device=device) - layout.starts.index_select(0, layout.segment)
         self.slot = layout.segment * self.width + self.rank
         grid = torch.arange(self.width, device=device).expand(count, -1)
