@@ -26,8 +26,8 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import pandas as pd
 
-from . import curves, tables
-from .formatting import DASH, method_families, method_rank
+from . import curves
+from .formatting import DASH, backbone_slug, method_families, method_rank, setting_labels
 from .stats import mean_ci
 
 GROUPS = 4  # compute groups of the accuracy table: quarters of the images by per-image compute
@@ -141,7 +141,7 @@ def settings_frame(records: pd.DataFrame, groups: int = GROUPS) -> pd.DataFrame:
         entries = list(group["compute_per_image"])
         ratios = [_ratios(e) for e in entries]
         row: dict[str, Any] = {
-            "model": model, "data": data, "slug": tables.backbone_slug(model, data, several.get(model, 1) > 1),
+            "model": model, "data": data, "slug": backbone_slug(model, data, several.get(model, 1) > 1),
             "method": method, "family": families.get(method, DASH), "method_params": group["method_params"].iloc[0],
             "n_seeds": len(group), "top1": float(group["top1"].mean()),
             **{name: float(np.mean([r[name] for r in ratios])) for name in ("mean", "std", "min", "max")},
@@ -170,7 +170,7 @@ def settings_frame(records: pd.DataFrame, groups: int = GROUPS) -> pd.DataFrame:
     frame["label"] = frame["method"]
     for _, idx in frame.groupby(["model", "data", "method"], sort=False).groups.items():
         if len(idx) > 1:
-            labels = tables.setting_labels(list(frame.loc[idx, "method_params"]))
+            labels = setting_labels(list(frame.loc[idx, "method_params"]))
             frame.loc[idx, "label"] = [f"{m} ({lab})" for m, lab in zip(frame.loc[idx, "method"], labels)]
     frame["_order"] = [(m, d, method_rank(me, f), lab) for m, d, me, f, lab in
                        zip(frame["model"], frame["data"], frame["method"], frame["family"], frame["label"])]

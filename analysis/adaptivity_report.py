@@ -1,7 +1,7 @@
 """The report's section "What adaptivity buys": owns its tables and figure (numbers: :mod:`analysis.adaptivity`).
 
 :func:`write_adaptivity_section` ``(records, out_dir)`` writes, per backbone (``<backbone>`` the slug of
-:func:`analysis.tables.backbone_slug`) whose ``run`` records carry ``compute_per_image``:
+:func:`analysis.formatting.backbone_slug`) whose ``run`` records carry ``compute_per_image``:
 
 - ``adaptivity_compute_<backbone>.{png,pdf}``: the per-image GFLOPs distribution of every method setting (the
   stored histograms re-binned onto one axis in fractions of dense, seeds pooled), one panel per setting;

@@ -26,8 +26,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from . import load, style, tables
-from .formatting import (DASH, condition_title, format_value, mean_std, method_families, method_rank,
-                         plus_minus)
+from .formatting import (DASH, backbone_slug, condition_title, format_value, mean_std, method_families, method_rank,
+                         plus_minus, setting_labels)
 from .stats import mean_ci, tied_for_best
 
 TARGETS = (0.5, 0.65, 0.8)
@@ -66,7 +66,7 @@ def curve_points(records: pd.DataFrame) -> pd.DataFrame:
     for (model, data, method, curve_key, knob), curve in points.groupby(keys, sort=False):
         for _, group in curve.groupby(curve["knob_value"].map(format_value), sort=False):
             row: dict[str, Any] = {
-                "model": model, "data": data, "slug": tables.backbone_slug(model, data, several.get(model, 1) > 1),
+                "model": model, "data": data, "slug": backbone_slug(model, data, several.get(model, 1) > 1),
                 "method": method, "family": families[method], "curve_key": curve_key,
                 "params": _without(group["method_params"].iloc[0], knob),
                 "knob": knob, "knob_value": group["knob_value"].iloc[0], "n_seeds": len(group),
@@ -86,7 +86,7 @@ def curve_points(records: pd.DataFrame) -> pd.DataFrame:
     for _, idx in frame.groupby(["model", "data", "method"], sort=False).groups.items():
         part = frame.loc[idx]
         firsts = part.drop_duplicates("curve_key")  # one setting per curve; label it by what differs
-        labels = tables.setting_labels(list(firsts["params"]), max_keys=0) if len(firsts) > 1 else [""]
+        labels = setting_labels(list(firsts["params"]), max_keys=0) if len(firsts) > 1 else [""]
         by_key = dict(zip(firsts["curve_key"], labels))
         frame.loc[idx, "label"] = [f"{m} ({by_key[k]})" if by_key[k] else m
                                    for m, k in zip(part["method"], part["curve_key"])]

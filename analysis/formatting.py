@@ -1,15 +1,18 @@
 """How numbers, settings and methods are shown in the report: owns the seed statistics (mean and sample std),
-the fixed number formats of every table, parameter values as short text, and each method's family and order
-(read from the records' ``method_info.family``).
+the fixed number formats of every table, parameter values as short text, the labels and sort order of a method's
+settings and the backbones' file-name slugs, and each method's family and order (read from the records'
+``method_info.family``).
 
-Shared by :mod:`analysis.tables`, :mod:`analysis.curves`, :mod:`analysis.published` and :mod:`analysis.plots`,
-so the same value prints the same way in every table and figure.
+Shared by :mod:`analysis.aggregation`, :mod:`analysis.tables`, :mod:`analysis.curves`, :mod:`analysis.published`
+and :mod:`analysis.plots`, so the same value prints the same way in every table and figure.
 """
 from __future__ import annotations
 
+import json
 import math
 import numbers
-from typing import Any, Optional
+import re
+from typing import Any, Iterable, Optional
 
 import pandas as pd
 
@@ -123,3 +126,46 @@ def _same(a: Any, b: Any) -> bool:
             and not isinstance(b, bool):
         return float(a) == float(b)
     return a == b
+
+
+def _value_key(value: Any) -> tuple:
+    if isinstance(value, bool):
+        return (1, str(value))
+    if isinstance(value, numbers.Real):
+        return (0, float(value), "")
+    return (2, json.dumps(value, sort_keys=True, default=str))
+
+
+def params_sort_key(params: dict[str, Any]) -> tuple:
+    """Settings sort by their parameters, key by key, numbers numerically."""
+    return tuple((key, _value_key(params[key])) for key in sorted(params))
+
+
+def varying_keys(params_list: Iterable[dict[str, Any]]) -> list[str]:
+    """The parameter names whose value differs between settings (a key missing somewhere counts as differing)."""
+    params_list = list(params_list)
+    keys = sorted(set().union(*[p.keys() for p in params_list])) if params_list else []
+    return [k for k in keys
+            if len({json.dumps(p.get(k, "<missing>"), sort_keys=True, default=str) for p in params_list}) > 1]
+
+
+def setting_labels(params_list: list[dict[str, Any]], max_keys: int = 3,
+                   defaults: Optional[dict[str, Any]] = None) -> list[str]:
+    """Short labels telling the settings of one method apart: with the method's ``defaults`` (as its records
+    state them), the parameters that differ from them (``default`` when none does); without, the parameters
+    that differ between the settings, or all of them for a single setting with at most ``max_keys``
+    parameters, else ``default``."""
+    if defaults is not None:
+        return [differing_params(params, defaults) if params else DASH for params in params_list]
+    keys = varying_keys(params_list)
+    labels = []
+    for params in params_list:
+        shown = keys or (sorted(params) if len(params) <= max_keys else [])
+        text = ", ".join(f"{k}={format_value(params[k])}" for k in shown if k in params)
+        labels.append(text or ("default" if params else DASH))
+    return labels
+
+
+def backbone_slug(model: str, data: str, several_data: bool) -> str:
+    text = f"{model}_{data}" if several_data else model
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)

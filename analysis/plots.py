@@ -3,7 +3,7 @@ token-count and depth-prior plots and the list of every figure (:data:`FIGURES`)
 it wrote and prints a ``note:`` instead of failing when the records lack what it needs.
 
 Every figure takes ``(agg, records, out_dir)``: ``records`` are the run and measure records
-(``tables.without_tradeoff``) and ``agg`` is ``tables.aggregate(records)``, computed once by the caller
+(``aggregation.without_tradeoff``) and ``agg`` is ``aggregation.aggregate(records)``, computed once by the caller
 (:func:`write_figures` passes it on). The look (style, colours, saving) is :mod:`analysis.style`'s.
 
 Per backbone (``model`` on ``data``):
@@ -31,7 +31,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from . import load, tables
+from . import aggregation, load, pareto
 from .depth_figures import plot_depth_maps, plot_kept_iou, plot_mean_depth
 from .object_figures import plot_object_depth
 from .figure_data import backbones, records_of
@@ -40,7 +40,7 @@ from .style import GFLOPS_LABEL, TOP1_LABEL, figure_style, legend_outside, metho
 
 
 def _draw_front(ax, x: pd.Series, y: pd.Series, maximize_x: bool) -> None:
-    mask = tables.pareto_front(x, y, maximize_x=maximize_x)
+    mask = pareto.pareto_front(x, y, maximize_x=maximize_x)
     if mask.sum() < 1:
         return
     order = np.argsort(np.asarray(x, dtype=float)[mask], kind="stable")

@@ -1,6 +1,6 @@
 """The report's one-page summary (``<out>/README.md``): owns what a reader sees first.
 
-Per backbone (``model`` on ``data``), from the one aggregate (:func:`analysis.tables.aggregate`):
+Per backbone (``model`` on ``data``), from the one aggregate (:func:`analysis.aggregation.aggregate`):
 
 - **two sentences** generated from the records (:func:`sentences`): which methods are tied for the best paired
   Δ top-1 at their default settings (every method whose 95% CI overlaps the best one's,
@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from . import controls, tables
+from . import aggregation, controls, pareto, tables
 from .formatting import DASH, REFERENCE, condition_title, fmt, fmt_rate, plus_minus
 from .stats import mean_ci, tied_for_best
 from .style import GFLOPS_LABEL, TOP1_LABEL, figure_style, legend_outside, method_styles, save_figure
@@ -114,7 +114,7 @@ def front_rows(agg: pd.DataFrame, model: str, data: str, x: str, maximize_x: boo
     part = part.dropna(subset=[x, "top1_mean"])
     if part.empty:
         return part
-    mask = tables.pareto_front(part[x], part["top1_mean"], maximize_x=maximize_x)
+    mask = pareto.pareto_front(part[x], part["top1_mean"], maximize_x=maximize_x)
     return part[mask].sort_values(x, kind="stable").reset_index(drop=True)
 
 

@@ -1,236 +1,33 @@
-"""Tables of the report: owns seed aggregation, comparisons against dense, Pareto fronts and the table files.
+"""Tables of the report: owns which columns each table shows, how its cells read, and the table files.
 
-- :func:`aggregate` turns the per-record frame of :func:`analysis.load.load_records` into one row per backbone
-  (``model`` and ``data``) and setting (``method`` and ``method_params``): mean and sample std over seeds of
-  top-1, GFLOPs, FLOPs ratio and, per throughput condition, img/s, speedup and efficiency, the 95% CI of the
-  accuracies (:mod:`analysis.stats`); the GFLOPs change against dense and the Δ top-1 paired by seed against
-  the setting's control (:mod:`analysis.controls`).
-- :func:`main_table` and :func:`ablation_table` (any method with several settings on a backbone) select and
-  format columns; :func:`write_tables` writes every table as Markdown, LaTeX (booktabs) and CSV through
-  :class:`analysis.table_files.Table`, with its footnote under the Markdown and LaTeX versions.
-- :func:`pareto_front` is shared with the figures; :func:`analysis.table_files.write_index` writes
-  ``report.md``, which links every table and figure.
+- :func:`main_table` (one backbone: every method and setting, throughput at one condition),
+  :func:`throughput_table` (every timed condition) and :func:`ablation_table` (any method with several settings
+  on a backbone) select and format columns from the frame of :func:`analysis.aggregation.aggregate`;
+- :func:`write_tables` writes every table as Markdown, LaTeX (booktabs) and CSV through
+  :class:`analysis.table_files.Table`, with its footnote under the Markdown and LaTeX versions;
+  :func:`analysis.table_files.write_index` writes ``report.md``, which links every table and figure.
 
-The report aggregates once (``aggregate(without_tradeoff(records))``) and passes that frame to every table and
-figure. Number formats and the method order live in :mod:`analysis.formatting`.
-
-Definitions: ``flops_ratio = GFLOPs / dense GFLOPs`` (per record, the record's own dense reference);
-``speedup = img/s / dense img/s`` (per record, as measured in the same process); ``efficiency = speedup ×
-flops_ratio``, i.e. the measured speedup over the FLOP reduction (1 = wall clock follows FLOPs). Each is
-computed per record, then averaged over seeds. The dense reference is the method whose records declare the
-family ``none`` (``method_info.family``, from the registry). Rows are sorted by backbone, by method (the
-reference first, then by family and name: :func:`analysis.formatting.method_rank`), then by ``method_params``;
-numbers are printed with fixed formats, so the same records always give the same files.
+The report aggregates once (``aggregation.aggregate(aggregation.without_tradeoff(records))``) and passes that
+frame to every table and figure; the definitions of its numbers are :mod:`analysis.aggregation`'s. Number
+formats, setting labels and the method order live in :mod:`analysis.formatting`.
 """
 from __future__ import annotations
 
-import json
 import math
-import numbers
-import re
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Optional
 
-import numpy as np
 import pandas as pd
 
-from . import controls, load
-from .formatting import (DASH, REFERENCE, condition_title, differing_params, fmt, fmt_rate, format_value,
-                         mean_std, method_defaults, method_families, method_rank, plus_minus)
-from .throughput import headline_condition, single_protocol
-from .stats import mean_ci
+from . import controls
+from .formatting import (DASH, REFERENCE, condition_title, fmt, fmt_rate, format_value, plus_minus,
+                         varying_keys)
+from .throughput import headline_condition
 from .table_files import FOOTNOTE, Table, latex_escape, write_index  # noqa: F401  (re-exported: tables.Table...)
-
-# --- ordering and labels --------------------------------------------------------------------------------------
-
-def _value_key(value: Any) -> tuple:
-    if isinstance(value, bool):
-        return (1, str(value))
-    if isinstance(value, numbers.Real):
-        return (0, float(value), "")
-    return (2, json.dumps(value, sort_keys=True, default=str))
-
-
-def params_sort_key(params: dict[str, Any]) -> tuple:
-    """Settings sort by their parameters, key by key, numbers numerically."""
-    return tuple((key, _value_key(params[key])) for key in sorted(params))
-
-
-def varying_keys(params_list: Iterable[dict[str, Any]]) -> list[str]:
-    """The parameter names whose value differs between settings (a key missing somewhere counts as differing)."""
-    params_list = list(params_list)
-    keys = sorted(set().union(*[p.keys() for p in params_list])) if params_list else []
-    return [k for k in keys
-            if len({json.dumps(p.get(k, "<missing>"), sort_keys=True, default=str) for p in params_list}) > 1]
-
-
-def setting_labels(params_list: list[dict[str, Any]], max_keys: int = 3,
-                   defaults: Optional[dict[str, Any]] = None) -> list[str]:
-    """Short labels telling the settings of one method apart: with the method's ``defaults`` (as its records
-    state them), the parameters that differ from them (``default`` when none does); without, the parameters
-    that differ between the settings, or all of them for a single setting with at most ``max_keys``
-    parameters, else ``default``."""
-    if defaults is not None:
-        return [differing_params(params, defaults) if params else DASH for params in params_list]
-    keys = varying_keys(params_list)
-    labels = []
-    for params in params_list:
-        shown = keys or (sorted(params) if len(params) <= max_keys else [])
-        text = ", ".join(f"{k}={format_value(params[k])}" for k in shown if k in params)
-        labels.append(text or ("default" if params else DASH))
-    return labels
-
-
-def backbone_slug(model: str, data: str, several_data: bool) -> str:
-    text = f"{model}_{data}" if several_data else model
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
-
-
-# --- Pareto fronts --------------------------------------------------------------------------------------------
-
-def pareto_front(x: Iterable[float], y: Iterable[float], *, maximize_x: bool = False,
-                 maximize_y: bool = True) -> np.ndarray:
-    """Boolean mask of the points no other point dominates.
-
-    A point is dominated when another is at least as good on both axes and strictly better on one
-    (by default: lower ``x``, e.g. GFLOPs, and higher ``y``, e.g. top-1). NaN points are never on the front;
-    exact duplicates of a front point are both on it.
-    """
-    xs = np.asarray(list(x), dtype=float)
-    ys = np.asarray(list(y), dtype=float)
-    if xs.shape != ys.shape:
-        raise ValueError(f"x and y differ in length: {xs.shape} vs {ys.shape}")
-    gx = xs if maximize_x else -xs  # larger is better on both after the sign flips
-    gy = ys if maximize_y else -ys
-    valid = ~(np.isnan(gx) | np.isnan(gy))
-    mask = valid.copy()
-    for i in np.flatnonzero(valid):
-        others = valid.copy()
-        others[i] = False
-        dominated = others & (gx >= gx[i]) & (gy >= gy[i]) & ((gx > gx[i]) | (gy > gy[i]))
-        mask[i] = not dominated.any()
-    return mask
-
-
-# --- aggregation ----------------------------------------------------------------------------------------------
-
-def without_tradeoff(records: pd.DataFrame) -> pd.DataFrame:
-    """The ``run`` and ``measure`` records: what the tables and figures aggregate (``tradeoff`` points are
-    :mod:`analysis.curves`')."""
-    return records[records["kind"] != "tradeoff"] if not records.empty else records
-
-
-def mean_depth(tokens: Optional[dict]) -> float:
-    """Mean number of blocks that saw a patch token: from ``depth_histogram``, else ``mean_patch_depth``."""
-    hist = load.depth_histogram(tokens)
-    if hist is not None:
-        return float(np.sum(hist * np.arange(len(hist))))
-    grid = load.mean_patch_depth(tokens)
-    return float(np.mean(grid)) if grid is not None else math.nan
-
-
-def aggregate(records: pd.DataFrame) -> pd.DataFrame:
-    """One row per backbone and setting, seeds aggregated; see the module docstring for the definitions.
-
-    Records of another ``kind`` than ``run`` (``measure``: costs of an untrained model) form their own rows,
-    marked ``[measure]`` in ``setting`` and sorted after the run of the same setting.
-
-    Columns: ``model``, ``data``, ``slug``, ``method``, ``family`` (``—`` where no record declares one),
-    ``method_params``, ``params_key``, ``kind``, ``setting``,
-    ``n_seeds``, ``seeds``, ``params``, then ``<metric>_mean``/``<metric>_std`` for ``top1``, ``top5``,
-    ``gflops``, ``flops_ratio``, ``depth`` and, per condition ``c``, ``img_per_s[c]``, ``speedup[c]``,
-    ``efficiency[c]``; ``top1_ci``/``top1_n`` and ``top5_ci``/``top5_n`` (95% CI half-width, seeds with a
-    value); ``top1_by_seed`` and ``flops_ratio_by_seed`` (seed -> value); ``top1_delta``, ``top1_delta_ci``,
-    ``top1_delta_n``, ``delta_against`` and ``control_missing`` (:func:`analysis.controls.paired_delta`);
-    ``gflops_change_pct`` against dense; ``record_ids`` (the records the row averages, comma-separated) and, per
-    condition, ``record_ids[c]`` (those with a timing there); ``fine_tuned``; ``is_default`` (the method's
-    default setting, as its records state it; ``None`` when they do not). ``setting`` shows the parameters that
-    differ from the default. ``conditions`` and ``protocol_left_out`` (throughput entries of an older timing
-    protocol than their column's: :func:`analysis.throughput.single_protocol`) are stored in ``frame.attrs``.
-    """
-    if records.empty:
-        return pd.DataFrame()
-    records = records.copy()
-    records["depth"] = records["tokens"].map(mean_depth)
-    families = method_families(records)
-    defaults = method_defaults(records)
-    records["family"] = records["method"].map(families)
-    # a record without its own dense reference falls back to the dense records of its backbone
-    dense_g = records[records["family"] == REFERENCE].groupby(["model", "data"])["gflops"].mean()
-    fallback = [g / dense_g.get((m, d), math.nan) for m, d, g in zip(records["model"], records["data"],
-                                                                        records["gflops"])]
-    records["flops_ratio"] = records["flops_ratio"].fillna(pd.Series(fallback, index=records.index))
-    through, protocol_left_out = single_protocol(load.throughput_frame(records))  # one protocol per column
-    conds = load.conditions(through)
-    if not through.empty:
-        # the FLOPs of the timed images where the entry has them (timing protocol 2), else the record's
-        ratio = through["timed_flops_ratio"].fillna(through["record_id"].map(records.set_index("record_id")
-                                                                            ["flops_ratio"]))
-        through["efficiency"] = through["speedup"] * ratio
-    several = records.groupby("model")["data"].nunique().to_dict()
-
-    rows = []
-    # a row averages the seeds of one setting (record identity without seed and starting weights): records of
-    # another recipe, data folder or fine-tuning choice with the same parameters are rows of their own
-    keys = ["model", "data", "method", "params_key", "kind", "setting_key"]
-    for (model, data, method, pkey, kind, setting_key), group in records.groupby(keys, sort=False):
-        group = group.sort_values("seed", key=load.text_sort_key, kind="stable")
-        row: dict[str, Any] = {
-            "model": model, "data": data, "slug": backbone_slug(model, data, several[model] > 1),
-            "method": method, "family": families[method], "method_params": group["method_params"].iloc[0],
-            "params_key": pkey, "kind": kind, "setting_key": setting_key,
-            "n_seeds": len(group), "seeds": ",".join(str(s) for s in group["seed"]),
-            "record_ids": ",".join(group["record_id"]),  # what the row averages, in seed order
-            "fine_tuned": bool(group["fine_tuned"].iloc[0]),
-            "is_default": (None if defaults.get(method) is None
-                           else differing_params(group["method_params"].iloc[0], defaults[method]) == "default"),
-            "params": group["params"].mean() if group["params"].notna().any() else math.nan,
-        }
-        for metric in ("top1", "top5", "gflops", "flops_ratio", "depth"):
-            row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std(group[metric])
-        for metric in ("top1", "top5"):  # accuracies carry their 95% CI and n (analysis.stats)
-            _, row[f"{metric}_ci"], row[f"{metric}_n"] = mean_ci(group[metric])
-        row["top1_by_seed"] = dict(zip(group["seed"], group["top1"]))  # per-seed curves (analysis.families)
-        row["flops_ratio_by_seed"] = dict(zip(group["seed"], group["flops_ratio"]))
-        row.update(controls.paired_delta(group, records))
-        sub = through[through["record_id"].isin(group["record_id"])] if not through.empty else through
-        for cond in conds:
-            part = sub[sub["condition"] == cond] if not sub.empty else sub
-            for metric in ("img_per_s", "speedup", "efficiency"):
-                values = part[metric] if not part.empty else pd.Series(dtype=float)
-                row[f"{metric}_mean[{cond}]"], row[f"{metric}_std[{cond}]"] = mean_std(values)
-            timed = set(part["record_id"]) if not part.empty else set()
-            row[f"record_ids[{cond}]"] = ",".join(r for r in group["record_id"] if r in timed)  # in seed order
-        rows.append(row)
-    frame = pd.DataFrame(rows)
-    frame["_order"] = [(m, d, method_rank(me, f), params_sort_key(p), k != "run", k) for m, d, me, f, p, k in
-                       zip(frame["model"], frame["data"], frame["method"], frame["family"], frame["method_params"],
-                           frame["kind"])]
-    frame = frame.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
-    frame["setting"] = ""
-    for _, idx in frame.groupby(["model", "data", "method"], sort=False).groups.items():
-        labels = setting_labels(list(frame.loc[idx, "method_params"]),
-                                defaults=defaults.get(frame.loc[idx[0], "method"]))
-        frame.loc[idx, "setting"] = [label if kind == "run" else f"{label} [{kind}]"
-                                     for label, kind in zip(labels, frame.loc[idx, "kind"])]
-    # rows whose parameters agree but whose identities differ (recipe, data files, measurement) say which is which:
-    # fine-tuned or not first, then by the identity's digest
-    twins = frame.duplicated(["model", "data", "method", "setting"], keep=False)
-    tuned = twins & frame["fine_tuned"] & (frame["kind"] == "run")
-    frame.loc[tuned, "setting"] = [f"{label}, fine-tuned" for label in frame.loc[tuned, "setting"]]
-    twins = frame.duplicated(["model", "data", "method", "setting"], keep=False)
-    frame.loc[twins, "setting"] = [f"{label} [setting {key[:6]}]" for label, key in
-                                   zip(frame.loc[twins, "setting"], frame.loc[twins, "setting_key"])]
-    frame["gflops_change_pct"] = (frame["flops_ratio_mean"] - 1.0) * 100.0
-    frame.attrs["conditions"] = conds
-    frame.attrs["protocol_left_out"] = protocol_left_out  # throughput entries of an older timing protocol
-    return frame
-
-
-# --- tables ----------------------------------------------------------------------------------------------------
 
 TOP1_COLUMN = "Top-1 (%, mean ± 95% CI)"  # every accuracy of the report: mean ± CI half-width, n = Seeds
 DELTA_COLUMN = "Δ Top-1 (paired, ± 95% CI)"
+
 
 def _condition_columns(row: pd.Series, conds: list[str], with_images: bool) -> dict:
     out = {}

@@ -7,7 +7,7 @@ thumbnail is a filmstrip ``[H, T' * W, C]`` (first frame of each time slot, left
 region, ``tokens.motion`` (``experiments/train/engine.py`` ``token_summary``).
 
 :func:`write_video_section` ``(agg, records, out_dir)`` writes, per video backbone (``<backbone>`` = the slug of
-:func:`analysis.tables.aggregate`):
+:func:`analysis.aggregation.aggregate`):
 
 - ``video_depth_<backbone>.{png,pdf}``: halting depth over time for up to :data:`MAX_CLIPS` clips of one
   adaptive setting (a method of the halting family, as its records declare, if one has maps, else the first
@@ -28,7 +28,7 @@ import pandas as pd
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from . import load, tables
+from . import aggregation, load, tables
 from .figure_data import depth_of, records_of
 from .formatting import REFERENCE, mean_std, plus_minus
 from .style import figure_style, save_figure, wrap
@@ -226,9 +226,9 @@ def motion_table(frame: pd.DataFrame, model: str, data: str) -> tables.Table:
 def write_video_section(agg: pd.DataFrame, records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     """The video figure and table of every video backbone (module docstring); returns the written paths.
 
-    ``agg`` is :func:`analysis.tables.aggregate` of the run and measure records (the report's one aggregate),
+    ``agg`` is :func:`analysis.aggregation.aggregate` of the run and measure records (the report's one aggregate),
     ``records`` the loaded records (``tradeoff`` points are ignored here)."""
-    runs = tables.without_tradeoff(records)
+    runs = aggregation.without_tradeoff(records)
     backbones = video_backbones(agg, runs)
     if not backbones:
         print("note: no video records (3-D token grid); no video section")

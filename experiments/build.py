@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import methods
-from methods import ragged
+from methods import ragged_attention
 from methods.models import check_img_size, create_backbone, load_state_dict_strict
 
 from experiments.train.checkpoints import load_checkpoint_file
@@ -42,7 +42,7 @@ def build_method(plan, init_state: Optional[dict] = None, params: Optional[dict[
     if vit is None:
         vit = create_vit(plan.config, plan.num_classes, pretrained=plan.weights.kind == "pretrained")
     method = methods.create_method(plan.method_name, vit, **(plan.method_params if params is None else params))
-    method.runtime = ragged.Runtime(plan.config.eval.ragged_backend)
+    method.runtime = ragged_attention.Runtime(plan.config.eval.ragged_backend)
     if plan.weights.kind == "checkpoint":
         load_checkpoint_file(method, plan.method_name, str(plan.weights.path))
     elif init_state is not None:

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import II, MISSING
 
 from experiments.cost.compiled import BACKENDS as COMPILE_BACKENDS
-from methods.ragged import BACKENDS as RAGGED_BACKENDS
+from methods.ragged_attention import BACKENDS as RAGGED_BACKENDS
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "lamb")
 DTYPES = ("fp32", "bf16", "fp16")
@@ -175,7 +175,7 @@ class EvalConfig:
     batch_size: int = spec(256, ge=1, le=MAX_BATCH)
     # eval images whose per-patch depth maps and thumbnails go into the record
     map_images: int = spec(8, ge=0, le=MAX_COUNT)
-    # attention backend of the ragged-token runtime (methods/ragged.py): auto = varlen on CUDA, else padded
+    # attention backend of the ragged-token runtime (methods/ragged_attention.py): auto = varlen on CUDA, else padded
     ragged_backend: str = spec("auto", choices=RAGGED_BACKENDS)
 
 

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 import methods
-from methods import ragged
+from methods import ragged_attention
 from methods.models import CheckpointError, load_state_dict_strict, read_checkpoint
 from methods.params import ModelSettingError, ParamError
 
@@ -144,7 +144,7 @@ def check_device(config: RunConfig) -> None:
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA GPU is available; use device=cpu or device=auto")
     try:
-        ragged.resolve_backend(config.eval.ragged_backend, resolve_device(config.device))
+        ragged_attention.resolve_backend(config.eval.ragged_backend, resolve_device(config.device))
     except ValueError as error:
         raise ConfigError(f"eval.{error}") from None
     dtypes = config.measure.dtypes or []

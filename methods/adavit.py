@@ -2,6 +2,10 @@
 
 Official code: https://github.com/NVlabs/A-ViT (``timm/models/act_vision_transformer.py``, ``engine_act.py``).
 
+This module owns the method (its two forward paths, outputs, losses and registration); the halting rules and
+the prior are ``methods/halting.py``'s, the eval pass ``methods/adavit_ragged.py``'s and the official
+checkpoint layout ``methods/adavit_layout.py``'s.
+
 Mechanism (no new parameters). After block l, token k gets the halting score
 ``h = sigmoid(gate_scale * x[k, 0] - gate_center)`` from channel 0 of the block's output and accumulates
 ``c += h``; it halts at the first block N_k where ``c > 1 - eps`` (h is forced to 1 at the last block, for the
@@ -16,17 +20,8 @@ as attention keys with a finite bias (-1000, never -inf: an all-masked row would
 which a token halts still sees it (the mask is updated after the block).
 
 Inference (``eval()``) removes halted tokens physically, which no released A-ViT code does, on the shared
-ragged-token runtime (``methods/ragged.py``). The active tokens of the whole batch are packed into one
-``[T, C]`` tensor, so norms, QKV, projection and MLP run on active tokens only; attention runs per image over
-its own tokens through the run's backend (``eval.ragged_backend``: on CPU, images sorted by token count are
-taken ``attn_group`` at a time, each call padded to its longest image with the padding masked as keys; 8 per
-call by default). Once an image's CLS token halts its logits are final, so the image stops there: all of its
-tokens leave the batch. Per block, beyond the block itself, the pass does the halting score, one fused update
-of the per-row ACT state, the CLS mix of the running images and, only when rows leave, one compaction; the
-executed counts come from the halting depths at the end instead of per-block bookkeeping. Logits and halting
-depths equal the masked path's (``forward_masked``) on the same weights, bit for bit equal those of the
-removal path before the runtime (``tests/test_ragged.py``), and an image's result does not depend on the
-other images in its batch.
+ragged-token runtime: once an image's CLS token halts, all of its tokens leave the batch
+(``methods/adavit_ragged.py`` says how, and what it equals).
 
 Outputs, per image, the same in both modes (training reports what the removal path would execute).
 ``token_counts`` ``[B, depth, 2]``: executed counts (tokens still running when their CLS halts stop with
@@ -40,23 +35,10 @@ mode they need a second, masked pass over the images whose CLS halted while othe
 runs when measurement calls it (never inside ``model(images)``, so timing is not charged for it; the output
 keeps only the mask of those images, not the batch).
 
-Halting prior, ``method.params.prior`` (README paragraph):
-    ``correct`` (default) follows the paper. The observed distribution is the per-block mean halting score
-    over the images and the patch tokens (CLS excluded; a token that has halted scores 0), normalised over
-    blocks. The target is a Gaussian over the 1-based halting block (mean ``target_depth``, std
-    ``target_std``), normalised to sum 1. The loss is KL(observed || target).
-    ``official`` reproduces ``engine_act.py`` and ``utils.get_distribution_target``, quirks included:
-    (1) the slice ``h[1:]`` drops the first image of the batch instead of the CLS token, and the mean also
-    runs over the scores of tokens that have already halted (computed from their zeroed inputs; the
-    official forward also zeroes their norm outputs, so those scores, and only those, differ in detail);
-    (2) the target is not normalised: pdf values at 0-based block indices 0..L-1 (so its peak sits one
-    block later than the correct form's), scaled so that the first ``int(target_depth)`` entries sum to
-    0.98; (3) it computes KL(target || observed) via ``KLDivLoss(reduction="batchmean")``, which on this
-    1-D input divides the sum by the depth, after clamping the observed distribution to [0.01, 0.99], and
-    adds the term only when it is positive. Its loss values match the official code's; its gradients do
-    not: the official ``out.data = out.data * mask`` hides the zeroing of halted tokens from autograd, while
-    ours is the true gradient (see the deviations below).
-    The target a built model uses is in ``record_info()["prior_target"]``, which records keep.
+Halting prior, ``method.params.prior`` (README paragraph): ``correct`` (default) follows the paper, KL(observed
+|| target) with a normalised Gaussian target over the 1-based halting block; ``official`` reproduces
+``engine_act.py``'s quirks and loss values (``methods/halting.py`` states both forms in full). The target a built
+model uses is in ``record_info()["prior_target"]``, which records keep.
 
 Halting source, ``method.params.halting`` (the paper's ablation of where the score comes from):
     ``channel0`` (default, the paper's method) reads channel 0 of the block output, no new parameters;
@@ -77,42 +59,22 @@ Deviations from the official code, and the switch that restores it:
     - gate constants per backbone (``GATE_DEFAULTS``) rather than per run script; set ``gate_scale`` and
       ``gate_center`` to override.
 
-Official checkpoints (``model.checkpoint``, layout registered with ``methods.official``). The official model
-(``timm/models/act_vision_transformer.py``, ``act_mode=4``) adds no parameter to timm's DeiT: its state dict
-has timm's DeiT keys (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.{i}.norm1 / attn.qkv /
-attn.proj / norm2 / mlp.fc1 / mlp.fc2``, ``norm``, ``head``), which map to ``vit.`` + key. ``main_act.py``
-saves ``{'model', 'optimizer', 'lr_scheduler', 'epoch', 'model_ema', 'scaler', 'args'}`` and evaluates
-``checkpoint['model']``; the gate constants are not weights: its ``--finetune`` reads them from the file name
-(``tiny-10-30.pth``: scale 10, centre 30). A file with A-ViT's saved ``args`` (an ``act_mode``) is recognised,
-refused for another method, and refused when its ``args.gate_scale`` / ``args.gate_center`` differ from
-``gate_scale`` / ``gate_center`` or when ``halting=head`` (the official code reads channel 0). A file holding
-the ``model`` entry alone cannot be told from a DeiT checkpoint: it loads into ``vit`` like one, with the gate
-constants as configured. ``GATE_DEFAULTS`` equal the released files' constants for DeiT-T and DeiT-S.
-Released (README "Pretrained Weights", archive ``a-vit-weights.tar.gz``, Google Drive
-``1Fk_PzkEVs21Fv2ofCkmRL-CQRiGmPmxV``; ImageNet-1k top-1 and FLOPs as the README states):
-
-- A-ViT-T, ``a-vit-weights/tiny-10-30.pth``: 71.4 %, 0.8 GFLOPs. Here: ``model=deit_tiny`` (gates 10 / 30).
-- A-ViT-S, ``a-vit-weights/small-10-75.pth``: 78.8 %, 3.6 GFLOPs. Here: ``model=deit_small`` (gates 10 / 75).
-- ``visualization-tiny.pth`` (the README's ``--demo`` example): no accuracy stated.
-
-Evaluate one: ``python experiments/run.py method=adavit model=deit_tiny model.checkpoint=tiny-10-30.pth
-data=imagefolder data.root=/datasets/imagenet experiment.train=false``. The mapping was checked against the
-official code (key names, shapes, wrappers), not against a released file: none can be downloaded here.
+Official checkpoints (``model.checkpoint``): the released A-ViT-T and A-ViT-S files load as they are; their layout
+and the checks on their gate constants are ``methods/adavit_layout.py``'s.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any, Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from . import backbone, official, ragged
+from . import adavit_ragged, backbone
 from .base import MethodOutput, TokenReducer
+from .halting import check_prior_target, counts_from_depth, halting_step, prior_kl, prior_target
 from .params import MAX_BLOCKS, AttnGroup, ParamError, Weight
 from .registry import register_method
 
@@ -139,51 +101,6 @@ GateShift = Annotated[float, Field(ge=-1e6, le=1e6)]
 # a target halting depth in blocks (at most this model's depth, checked in build_adavit) and its spread
 TargetDepth = Annotated[float, Field(ge=1, le=MAX_BLOCKS)]
 TargetStd = Annotated[float, Field(gt=0, le=MAX_BLOCKS)]
-
-
-
-# ------------------------------------------------------------------------------------- pure halting rules
-def halting_step(c: Tensor, remainder: Tensor, h: Tensor, last: bool, eps: float):
-    """One block of ACT accumulation for tokens that ran it.
-
-    Returns ``(c, weight, halted, remainder)``: the new accumulation, the weight of this block's output in
-    the token's mix (``h``, or the remainder at the halting block), whether the token halts here, and the new
-    remainder (unchanged at the halting block, where it is spent).
-    """
-    if last:
-        h = torch.ones_like(h)  # forced halting, for the accumulation only
-    c = c + h
-    halted = c > 1.0 - eps
-    weight = torch.where(halted, remainder, h)
-    return c, weight, halted, torch.where(halted, remainder, remainder - h)
-
-
-def prior_target(depth: int, mean: float, std: float, mode: str) -> Tensor:
-    """The Gaussian halting-depth target over the blocks, ``[depth]`` (float64)."""
-    if mode == "correct":
-        blocks = torch.arange(1, depth + 1, dtype=torch.float64)  # 1-based halting block
-        density = torch.exp(-0.5 * ((blocks - mean) / std) ** 2)
-        return density / density.sum()
-    blocks = torch.arange(depth, dtype=torch.float64)  # official: 0-based index, pdf, top-part rescaling
-    density = torch.exp(-0.5 * ((blocks - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi))
-    return density * (1.0 - 0.02) / density[: int(mean)].sum()
-
-
-def prior_kl(scores: Tensor, ran: Tensor, target: Tensor, mode: str) -> Tensor:
-    """KL term of the halting prior from per-block scores ``[B, depth, N]`` and run masks (unweighted)."""
-    target = target.to(scores.device, torch.float32)
-    if mode == "correct":
-        observed = (scores * ran)[:, :, 1:].mean(dim=(0, 2))  # halted tokens score 0; CLS excluded
-        observed = observed / observed.sum().clamp_min(1e-12)
-        # clamp inside the log only: a block with no halting mass adds 0 and a finite gradient (xlogy's is NaN)
-        return (observed * (observed.clamp_min(1e-12).log() - target.log())).sum()
-    if scores.shape[0] < 2:
-        raise ValueError("method.params.prior=official drops the first image of the batch (as the official "
-                         "code does) and needs a batch of at least 2; use prior=correct")
-    observed = scores[1:].mean(dim=(0, 2))
-    observed = (observed / observed.sum()).clamp(0.01, 0.99)
-    kl = F.kl_div(observed.log(), target, reduction="batchmean")
-    return kl * (kl > 0)  # the official loop adds the term only when positive
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -272,66 +189,20 @@ class AdaViT(TokenReducer):
         trace = HaltingTrace(rho, torch.stack(scores, dim=1), torch.stack(ran, dim=1), depth_of)
         state = AdaViTState(executed, cls_out, official_counts=torch.stack([official, official], dim=-1),
                             trace=trace)
-        return MethodOutput(logits, _counts_from_depth(executed, self.depth), executed[:, 1:], state=state)
+        return MethodOutput(logits, counts_from_depth(executed, self.depth), executed[:, 1:], state=state)
 
     def forward_removal(self, images: Tensor) -> MethodOutput:
         """The inference path on the ragged runtime: halted tokens leave the packed batch; an image stops
         when its CLS halts. Per block, beyond the block itself: the halting score, one fused update of the
-        per-row state, the CLS mix of the running images and one compaction (``methods/ragged.py``)."""
-        x = backbone.embed(self.vit, images)
-        batch, tokens, dim = x.shape
-        device = x.device
-        packed = ragged.Packed.pack(x)
-        # Per-row ACT state (c, remainder), one tensor so that a compaction gathers it in one op.
-        state = torch.stack([x.new_zeros(batch * tokens, dtype=torch.float32),
-                             x.new_ones(batch * tokens, dtype=torch.float32)], dim=1)
-        step = torch.tensor([1.0, -1.0], device=device)  # c += h, remainder -= h, in one op
-        threshold = 1.0 - self.eps
-        cls_out = x.new_zeros(batch, dim, dtype=torch.float32)
-        depth_of = torch.zeros(batch * tokens, dtype=torch.long, device=device)
-        backend = self.runtime.backend_for(device)
-        group = ragged.group_for(self.attn_group, device)
-        for index, block in enumerate(self.vit.blocks):
-            x = ragged.attn_residual(block, packed, backend, group)
-            x = backbone.mlp_residual(block, x)
-            last = index == self.depth - 1
-            h = self.halting_score(x, index)
-            layout = packed.layout  # the images present are those whose CLS runs; it is their first row
-            cls_rows = layout.starts
-            cls_state, cls_h = state.index_select(0, cls_rows), h.index_select(0, cls_rows)
-            if last:  # forced halting: every CLS spends its remainder
-                stop, weight = None, cls_state[:, 1]
-            else:
-                stop = cls_state[:, 0] + cls_h > threshold
-                weight = torch.where(stop, cls_state[:, 1], cls_h)
-            cls_x = x.index_select(0, cls_rows)
-            cls_out.index_add_(0, layout.images, weight[:, None] * (cls_x if cls_x.dtype == torch.float32
-                                                                    else cls_x.float()))
-            if last:
-                depth_of.index_fill_(0, layout.source, index + 1)
-                break
-            # Rows that stay never halted, so for them halting_step's where() reduces to this update.
-            state.addcmul_(h[:, None], step)
-            leave = state[:, 0] > threshold
-            leave |= stop.index_select(0, layout.segment)  # an image stops with its CLS
-            packed = packed.with_rows(x)
-            # The compaction's one host sync tells whether any row leaves; only then the layout (and its
-            # cached indices) changes.
-            kept, kept_state = packed.keep(~leave, state)
-            if kept is not packed:
-                depth_of.index_fill_(0, layout.source, index + 1)  # the last block a leaving row ran
-                packed, state = kept, kept_state
-                if packed.x.shape[0] == 0:
-                    break
-        logits = backbone.head(self.vit, cls_out[:, None].to(x.dtype))
-        depth_of = depth_of.view(batch, tokens)
-        counts = _counts_from_depth(depth_of, self.depth)
+        per-row state, the CLS mix of the running images and one compaction (``methods/adavit_ragged.py``)."""
+        logits, depth_of, cls_out = adavit_ragged.removal_pass(self.vit, images, self.halting_score, self.eps,
+                                                               self.runtime, self.attn_group)
+        counts = counts_from_depth(depth_of, self.depth)
         # Images that stopped early with other tokens running may have been cut short (or those tokens halted
         # with the CLS; the re-run then finds official = executed).
         stop = depth_of[:, 0]
         cut = (stop < self.depth) & (counts[:, :, 0].gather(1, (stop - 1)[:, None]).squeeze(1) > 1)
         return MethodOutput(logits, counts, depth_of[:, 1:], state=AdaViTState(depth_of, cls_out, rerun=cut))
-
     def alt_token_counts(self, images: Tensor, out: MethodOutput) -> dict[str, Tensor]:
         """``{"official": counts}``: every token runs until it halts itself, as the official code runs them.
 
@@ -385,33 +256,7 @@ def _channel0_head(dim: int) -> nn.Linear:
     return head
 
 
-def _counts_from_depth(depth_of: Tensor, depth: int) -> Tensor:
-    """Per-block token counts ``[B, depth, 2]`` from 1-based halting depths ``[B, N]``."""
-    blocks = torch.arange(depth, device=depth_of.device)
-    counts = (depth_of[:, None, :] > blocks[None, :, None]).sum(dim=-1)
-    return torch.stack([counts, counts], dim=-1)
-
-
 # ------------------------------------------------------------------------------------------------ factory
-def check_prior_target(depth: int, mean: float, std: float, mode: str) -> None:
-    """The prior's target must keep the KL term finite: every block above 0 in fp32 with ``correct`` (its log
-    is taken), finite with ``official``. A ``target_std`` too narrow for the blocks around ``target_depth``
-    underflows; the refusal names the smallest width that does not (to 0.01)."""
-    def usable(width: float) -> bool:
-        with torch.device("cpu"):  # also when the method is built on the meta device (experiments.plan)
-            target = prior_target(depth, mean, width, mode).float()
-        return bool(torch.isfinite(target).all() and (mode != "correct" or (target > 0).all()))
-
-    if usable(std):
-        return
-    low, high = std, float(MAX_BLOCKS)
-    for _ in range(40):  # bisection: usable is monotone in the width
-        low, high = (low, (low + high) / 2) if usable((low + high) / 2) else ((low + high) / 2, high)
-    raise ParamError(f"method.params.target_std={std!r} is too narrow: the halting prior around target_depth="
-                     f"{mean:g} over {depth} blocks underflows to 0 in fp32 and the KL term is not finite; valid: "
-                     f"target_std >= {math.ceil(high * 100) / 100:g} (or prior_weight=0)")
-
-
 @register_method("adavit", family="halting", inference_knob="inference_gate_shift", finetune=True,
                  counterpart="topk",
                  tradeoff_values=(-8, -6, -4, -2, -1, 0, 1, 2, 4, 8), stronger={"inference_gate_shift": -2},
@@ -472,34 +317,3 @@ def build_adavit(
     return AdaViT(vit, float(gate_scale), float(gate_center), float(eps), float(ponder_weight),
                   float(prior_weight), float(target_depth), float(target_std), prior, attn_group,
                   float(inference_gate_shift), halting)
-
-
-# ------------------------------------------------------------------------------- the official checkpoint layout
-def _is_official_adavit(content) -> bool:
-    """A-ViT's ``main_act.py`` saves its argparse options, which carry ``act_mode`` (no other method's do)."""
-    return hasattr(content.get("args"), "act_mode")
-
-
-def _check_official_gates(method: AdaViT, content) -> Optional[str]:
-    if method.halting_heads is not None:
-        return ("the official A-ViT reads the halting score from channel 0 and has no halting heads, but "
-                "method.params.halting=head; valid: method.params.halting=channel0")
-    args = content["args"]
-    trained = {"gate_scale": getattr(args, "gate_scale", None), "gate_center": getattr(args, "gate_center", None)}
-    wrong = {name: value for name, value in trained.items()
-             if value is not None and abs(float(value) - getattr(method, name)) > 1e-9}
-    if not wrong:
-        return None
-    saved = ", ".join(f"args.{name}={float(value):g}" for name, value in wrong.items())
-    ours = ", ".join(f"method.params.{name}={getattr(method, name):g}" for name in wrong)
-    valid = " ".join(f"method.params.{name}={float(value):g}" for name, value in wrong.items())
-    return f"it was trained with {saved} (its saved args), but {ours}; valid: {valid}"
-
-
-official.register_layout(official.OfficialLayout(
-    method="adavit", code="NVlabs/A-ViT timm/models/act_vision_transformer.py",
-    detect=_is_official_adavit, to_ours=lambda key: f"vit.{key}",
-    to_official=lambda key: key[len("vit."):] if key.startswith("vit.") else f"(none: {key} is ours only)",
-    check=_check_official_gates,
-    settings=lambda content: {name: float(getattr(content["args"], name)) for name in ("gate_scale", "gate_center")
-                              if getattr(content["args"], name, None) is not None}))

@@ -73,7 +73,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from . import backbone, official, params, ragged
+from . import backbone, official, params, ragged, ragged_attention
 from .base import MethodOutput, TokenReducer
 from .params import MAX_BLOCKS, MAX_TOKENS, AttnGroup, Locations, ParamError
 from .registry import register_method
@@ -172,13 +172,14 @@ class ATS(TokenReducer):
         packed = ragged.Packed.pack(x)
         depth_of = torch.full((batch * num_tokens,), self.depth, dtype=torch.long, device=device)
         backend = self.runtime.backend_for(device)
-        group = ragged.group_for(self.attn_group, device)
+        group = ragged_attention.group_for(self.attn_group, device)
         counts = []
         for index, block in enumerate(self.vit.blocks):
             layout = packed.layout
             attn = block.attn
             qkv = attn.qkv(block.norm1(packed.x))
-            rows = backbone.attn_out_residual(block, packed.x, ragged.attention(attn, qkv, packed, backend, group))
+            rows = backbone.attn_out_residual(
+                block, packed.x, ragged_attention.attention(attn, qkv, packed, backend, group))
             packed = packed.with_rows(rows)
             seen = layout.image_lengths
             if index in self.samples:

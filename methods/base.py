@@ -16,7 +16,7 @@ this class alone and never asks for a method's name:
 - ``alt_token_counts(images, out)`` gives token counts under other FLOP conventions (A-ViT's ``official``). It
   is a hook that measurement calls explicitly, because it may cost another pass: ``forward`` never runs it and
   an output never holds its input batch.
-- ``runtime`` (:class:`methods.ragged.Runtime`) says how methods with per-image token counts execute at
+- ``runtime`` (:class:`methods.ragged_attention.Runtime`) says how methods with per-image token counts execute at
   inference (the ragged attention backend); the harness sets it from ``eval.ragged_backend``.
 - ``missing_state(state)`` says why the method cannot run on a saved state dict (threshold ToMe without
   calibrated thresholds, or calibrated for another r), so the plan refuses before work; ``calibrate(batches)``
@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from timm.optim import param_groups_weight_decay
 
-from . import backbone, ragged
+from . import backbone, ragged_attention
 from .params import ParamError
 
 
@@ -78,7 +78,7 @@ class TokenReducer(nn.Module):
         super().__init__()
         backbone.check_supported(vit)
         self.vit = vit
-        self.runtime = ragged.Runtime()
+        self.runtime = ragged_attention.Runtime()
 
     # Architecture facts every method needs.
     @property

@@ -33,7 +33,8 @@ epoch, cosine to 0, no warmup, label smoothing 0.1, no clipping) is ``experiment
 Inference (``eval()``): removed tokens leave the packed batch of the ragged runtime (``methods/ragged.py``), each
 image keeps its own count, no padding of the token stream; one host sync per block (the compaction's), none when
 every image is down to CLS. The attention runs explicitly (its weights give the importance) on a buffer padded to
-the longest image (to ``N`` off the CPU, sync-free), padded keys masked.
+the longest image (to ``N`` off the CPU, sync-free), padded keys masked. That attention, the partner search and
+the merge (both paths) are ``methods/ltmp_kernels.py``'s.
 
 Inference knob ``threshold_scale`` (k, default 1 = as trained): the prune threshold becomes ``k * theta_p`` and the
 merge threshold ``1 - k * (1 - theta_m)`` (clamped at 0): each threshold's distance from its no-op value (0:
@@ -78,12 +79,11 @@ from dataclasses import dataclass
 from typing import Annotated, Optional
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 from timm.optim import param_groups_weight_decay
 
-from . import backbone, official, ragged
+from . import backbone, ltmp_kernels, official, ragged
 from .base import MethodOutput, TokenReducer
 from .models import CheckpointError
 from .params import ParamError, Weight
@@ -211,10 +211,10 @@ class LTMP(TokenReducer):
             rank = present.cumsum(dim=1) - 1
             is_a, is_b = present & (rank % 2 == 0), present & (rank % 2 == 1)
             pairs = (is_a & (rank > 0))[:, :, None] & is_b[:, None, :]  # CLS (rank 0) never merges
-            node_max, partner = _best_partners(heads.k.mean(dim=1), pairs)
+            node_max, partner = ltmp_kernels.best_partners(heads.k.mean(dim=1), pairs)
             merged = node_max > merge_at
             merge_mask = straight_through(merged, node_max, merge_at, self.tau)
-            x, size = _merge(x, size, merged, partner)
+            x, size = ltmp_kernels.merge(x, size, merged, partner)
             importance = torch.where(rank == 0, math.inf, importance)
             importance = importance.scatter_reduce(1, partner, torch.where(merged, importance, 0.0), "amax")
             pruned_keep = importance > prune_at
@@ -249,18 +249,18 @@ class LTMP(TokenReducer):
             merge_at, prune_at = self.thresholds(index)
             layout = packed.layout
             attn = block.attn
-            plan = layout.cached("ltmp_pad", lambda: _PadPlan(layout))
+            plan = layout.cached("ltmp_pad", lambda: ltmp_kernels.PadPlan(layout))
             qkv = attn.qkv(block.norm1(packed.x))
-            out, importance, keys = _padded_attention(attn, qkv, size, plan)
+            out, importance, keys = ltmp_kernels.padded_attention(attn, qkv, size, plan)
             packed = packed.with_rows(backbone.attn_out_residual(block, packed.x, out))
             seen = layout.image_lengths
             rank = plan.rank
             is_a = rank % 2 == 0
-            node_max, partner = _bipartite_partners(keys, plan)
+            node_max, partner = ltmp_kernels.bipartite_partners(keys, plan)
             node_max, partner = node_max.flatten().index_select(0, plan.slot), partner.flatten().index_select(
                 0, plan.slot) + layout.starts.index_select(0, layout.segment)  # padded column -> packed row
             merged = node_max > merge_at
-            rows, size = _merge(packed.x[None], size[None], merged[None], partner[None])
+            rows, size = ltmp_kernels.merge(packed.x[None], size[None], merged[None], partner[None])
             rows, size = rows[0], size[0]
             importance = torch.where(rank == 0, math.inf, importance)
             importance = importance.scatter_reduce(0, partner, torch.where(merged, importance, 0.0), "amax")
@@ -280,76 +280,6 @@ class LTMP(TokenReducer):
         return MethodOutput(backbone.head(self.vit, x), torch.stack(counts, dim=1),
                             depth_of.view(batch, tokens)[:, 1:],
                             state=LTMPState(keep=torch.stack(counts, dim=1)[..., 1].float() / tokens))
-
-
-def _best_partners(keys: Tensor, pairs: Tensor) -> tuple[Tensor, Tensor]:
-    """Each A token's most cosine-similar B token (``pairs`` ``[B, L, L]`` marks the allowed A -> B edges) on the
-    head-mean keys ``[B, L, d]``: ``(node_max, partner)`` ``[B, L]``, ``-inf`` where a row has no edge."""
-    metric = F.normalize(keys.float(), dim=-1)
-    scores = (metric @ metric.transpose(1, 2)).masked_fill(~pairs, -math.inf)
-    return scores.max(dim=-1)
-
-
-def _bipartite_partners(keys: Tensor, plan: "_PadPlan") -> tuple[Tensor, Tensor]:
-    """:func:`_best_partners` on the padded layout, where the column is the rank: A = even columns, B = odd, so
-    only the ``|A| x |B|`` similarities are computed. Returns ``[R, L]`` (odd columns: ``-inf``)."""
-    rows, width = plan.valid.shape
-    pairs = (plan.even & ~plan.first)[:, ::2, None] & plan.odd[:, None, 1::2]
-    metric = F.normalize(keys.float(), dim=-1)
-    scores = (metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)).masked_fill(~pairs, -math.inf)
-    best, partner = scores.max(dim=-1) if scores.shape[-1] else (
-        scores.new_full(scores.shape[:2], -math.inf), torch.zeros(scores.shape[:2], dtype=torch.long,
-                                                                  device=scores.device))
-    node_max = best.new_full((rows, width), -math.inf)
-    node_max[:, ::2] = best
-    column = torch.arange(width, device=best.device).expand(rows, -1).clone()  # no edge: the row itself
-    column[:, ::2] = torch.where(torch.isinf(best), column[:, ::2], 2 * partner + 1)
-    return node_max, column
-
-
-def _merge(x: Tensor, size: Tensor, merged: Tensor, partner: Tensor) -> tuple[Tensor, Tensor]:
-    """Size-weighted merge of the ``merged`` rows into their ``partner`` rows (``[B, L]`` indices along dim 1),
-    with the detached hard mask (as the official code); the merged rows keep stale values (they leave)."""
-    weight = merged.to(torch.float32)[..., None]
-    total = x.float() * size
-    total = total.scatter_add(1, partner[..., None].expand_as(total), total * weight)
-    size = size.scatter_add(1, partner[..., None], size * weight)
-    return (total / size).to(x.dtype), size
-
-
-class _PadPlan:
-    """Where each packed row sits in a ``[R, L]`` buffer (``L``: the longest image on the CPU, where the lengths
-    are free to read, else the token count: no host sync), built once per layout."""
-
-    def __init__(self, layout: ragged.Layout) -> None:
-        device = layout.lengths.device
-        count = layout.lengths.shape[0]
-        self.width = max(layout.sizes) if device.type in ragged.SIZES_ON_HOST else layout.tokens
-        self.rank = torch.arange(layout.source.shape[0], device=device) - layout.starts.index_select(0, layout.segment)
-        self.slot = layout.segment * self.width + self.rank
-        grid = torch.arange(self.width, device=device).expand(count, -1)
-        self.valid = grid < layout.lengths[:, None]
-        self.even, self.odd = self.valid & (grid % 2 == 0), self.valid & (grid % 2 == 1)
-        self.first = grid == 0
-        self.count = count
-
-
-def _padded_attention(attn: nn.Module, qkv: Tensor, size: Tensor, plan: _PadPlan) -> tuple[Tensor, Tensor, Tensor]:
-    """Explicit softmax attention within each image (``+ log size`` on the keys, padded keys masked): the merged
-    heads ``[T, C]``, each row's importance ``[T]`` (attention received, mean over heads and the image's query
-    rows) and the head-mean keys in the padded layout ``[R, L, d]``."""
-    rows, width, heads, head_dim = plan.count, plan.width, attn.num_heads, attn.head_dim
-    buffer = qkv.new_zeros(rows * width, qkv.shape[1]).index_copy_(0, plan.slot, qkv)
-    bias = size.new_full((rows * width,), -math.inf).index_copy_(0, plan.slot, size[:, 0].log()).view(rows, width)
-    parts = backbone.split_heads(attn, buffer, rows, width, qkv.dtype)
-    logits = ((parts.q * attn.scale) @ parts.k.transpose(-2, -1)).float() + bias[:, None, None, :]
-    probs = logits.softmax(dim=-1)
-    out = probs.to(parts.v.dtype) @ parts.v  # [R, H, L, d]
-    out = out.transpose(1, 2).reshape(rows * width, heads * head_dim).index_select(0, plan.slot)
-    received = (probs * plan.valid[:, None, :, None]).sum(dim=(1, 2))  # padded query rows excluded
-    lengths = plan.valid.sum(dim=1, keepdim=True)
-    importance = (received / (heads * lengths)).flatten().index_select(0, plan.slot)
-    return out, importance, parts.k.mean(dim=1)
 
 
 def _check_loaded_thresholds(module, state_dict, prefix, *args) -> None:

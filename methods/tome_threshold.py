@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import backbone, ragged
+from . import backbone, ragged, ragged_attention
 from .base import MethodOutput, TokenReducer
 from .params import ParamError
 
@@ -235,14 +235,14 @@ class ThresholdToMe(TokenReducer):
         size = torch.ones(batch * tokens, dtype=torch.float32, device=device)
         order = torch.arange(tokens, device=device).repeat(batch)
         depth_of = torch.full((batch * tokens,), self.depth, dtype=torch.long, device=device)
-        backend, group = self.runtime.backend_for(device), ragged.group_for(None, device)
+        backend, group = self.runtime.backend_for(device), ragged_attention.group_for(None, device)
         merging, merged_once = self.merging_blocks(decide), False
         counts = []
         for index, block in enumerate(self.vit.blocks):
             layout, attn = packed.layout, block.attn
             bias = size.log() if self.prop_attn and merged_once else None
             qkv = attn.qkv(block.norm1(packed.x))
-            out = ragged.attention(attn, qkv, packed, backend, group, key_bias=bias)
+            out = ragged_attention.attention(attn, qkv, packed, backend, group, key_bias=bias)
             rows = backbone.attn_out_residual(block, packed.x, out)
             seen = layout.image_lengths
             if merging[index]:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import depth_figures, formatting, load, plots, run_report, tables
+from analysis import aggregation, depth_figures, formatting, load, pareto, plots, run_report, tables
 from analysis.load import RecordWarning
 from test_curves import point_record
 
@@ -116,7 +116,7 @@ def test_empty_results_folder_gives_a_clear_message(tmp_path, capsys):
     assert records.empty
     message = load.summary(records, empty)
     assert "No usable records" in message and str(empty) in message and "nothing to report" in message
-    agg = tables.aggregate(tables.without_tradeoff(records))
+    agg = aggregation.aggregate(aggregation.without_tradeoff(records))
     assert agg.empty and tables.write_tables(agg, empty / "report") == []
     assert plots.write_figures(agg, records, empty / "report") == []
     assert not (empty / "report").exists()
@@ -148,7 +148,7 @@ def test_efficiency_uses_the_timed_images_flops_and_threads_are_separate_conditi
                             {**base, "threads": 2, "speedup_vs_dense": 1.6, "img_per_s": 320.0,
                              "dense_img_per_s": 200.0}]
     (runs / source.name).write_text(json.dumps(record))
-    agg = tables.aggregate(load.load_records(runs))
+    agg = aggregation.aggregate(load.load_records(runs))
     row = agg.iloc[0]
     assert agg.attrs["conditions"] == ["cpu b32 fp32 t1", "cpu b32 fp32 t2"]
     assert row["efficiency_mean[cpu b32 fp32 t1]"] == pytest.approx(0.9)  # 1.8 x 0.5, not x the record's
@@ -157,7 +157,7 @@ def test_efficiency_uses_the_timed_images_flops_and_threads_are_separate_conditi
 
 
 def test_table_values_match_hand_computed_aggregates():
-    agg = tables.aggregate(fixture_records())
+    agg = aggregation.aggregate(fixture_records())
     main = tables.main_table(agg, "deit_digits", "digits")
 
     # top-1 mean ± 95% CI half-width over seeds (t_{0.975,n-1} s / sqrt(n)), values chosen by hand in
@@ -207,7 +207,7 @@ def test_table_values_match_hand_computed_aggregates():
 
 
 def test_ablation_has_one_column_per_differing_param():
-    agg = tables.aggregate(fixture_records())
+    agg = aggregation.aggregate(fixture_records())
     ablation = tables.ablation_table(agg, "deit_digits", "digits", "adavit")
     assert list(ablation.display.columns[:3]) == ["ponder_weight", "prior", "target_depth"]
     assert len(ablation.display) == 3
@@ -225,7 +225,7 @@ def test_ablation_has_one_column_per_differing_param():
 
 
 def test_every_method_with_several_settings_gets_an_ablation_file(tmp_path):
-    agg = tables.aggregate(fixture_records())
+    agg = aggregation.aggregate(fixture_records())
     names = {p.name for p in tables.write_tables(agg, tmp_path) if p.suffix == ".md"}
     runs = agg[agg["model"] == "deit_digits"]
     several = {m for m, n in runs.groupby("method")["params_key"].nunique().items() if n > 1}
@@ -235,9 +235,9 @@ def test_every_method_with_several_settings_gets_an_ablation_file(tmp_path):
 
 def test_table_files_are_written_and_deterministic(tmp_path):
     records = fixture_records()
-    first = tables.write_tables(tables.aggregate(records), tmp_path / "a")
+    first = tables.write_tables(aggregation.aggregate(records), tmp_path / "a")
     shuffled = records.sample(frac=1.0, random_state=3).reset_index(drop=True)
-    second = tables.write_tables(tables.aggregate(shuffled), tmp_path / "b")
+    second = tables.write_tables(aggregation.aggregate(shuffled), tmp_path / "b")
     assert [p.name for p in first] == [p.name for p in second]
     assert {p.name for p in first} >= {"main_deit_digits.md", "main_deit_digits.tex", "main_deit_digits.csv",
                                        "adavit_ablation_deit_digits.md", "all_settings.csv"}
@@ -264,7 +264,7 @@ def test_missing_flops_and_throughput_give_nan_columns_and_skipped_figures(tmp_p
             record["flops"], record["throughput"] = None, None
             (runs / path.name).write_text(json.dumps(record))
     records = load.load_records(tmp_path)
-    agg = tables.aggregate(records)
+    agg = aggregation.aggregate(records)
     assert agg["gflops_mean"].isna().all() and agg.attrs["conditions"] == []
     main = tables.main_table(agg, "deit_digits", "digits")
     assert (main.display["GFLOPs"] == formatting.DASH).all()
@@ -288,16 +288,16 @@ def test_format_value(value, text):
 def test_pareto_front_on_crafted_points():
     gflops = [1.0, 2.0, 2.0, 3.0, 4.0, 0.5, math.nan, 4.0]
     top1 = [70.0, 75.0, 74.0, 75.0, 80.0, 60.0, 99.0, 80.0]
-    front = tables.pareto_front(gflops, top1)
+    front = pareto.pareto_front(gflops, top1)
     # (2, 74) and (3, 75) are dominated by (2, 75); NaN is never on the front; the (4, 80) twins both are
     assert front.tolist() == [True, True, False, False, True, True, False, True]
     # throughput: higher is better on both axes
     img_s = [100.0, 300.0, 200.0, 300.0]
     acc = [80.0, 79.0, 78.0, 70.0]
-    assert tables.pareto_front(img_s, acc, maximize_x=True).tolist() == [True, True, False, False]
-    assert tables.pareto_front([], []).tolist() == []
+    assert pareto.pareto_front(img_s, acc, maximize_x=True).tolist() == [True, True, False, False]
+    assert pareto.pareto_front([], []).tolist() == []
     with pytest.raises(ValueError):
-        tables.pareto_front([1.0], [1.0, 2.0])
+        pareto.pareto_front([1.0], [1.0, 2.0])
 
 
 def test_kept_iou_by_hand():
@@ -372,7 +372,7 @@ def _drawn_panels(monkeypatch, draw) -> dict[str, object]:
 
 def test_depth_prior_figure_draws_the_prior_target_its_records_carry(monkeypatch, capsys):
     records = fixture_records()
-    agg = tables.aggregate(records)
+    agg = aggregation.aggregate(records)
     panels = _drawn_panels(monkeypatch, lambda: plots.plot_depth_prior(agg, records, "unused"))
     official = next(ax for title, ax in panels.items() if "prior=official" in title)
     [line] = [line for line in official.get_lines() if line.get_label().startswith("prior target")]
@@ -404,7 +404,7 @@ def test_depth_prior_figure_for_any_method_whose_records_carry_a_target(monkeypa
                               for method, info in zip(records["method"], records["method_info"])]
     stems = []
     monkeypatch.setattr(plots, "save_figure", lambda fig, out_dir, stem: stems.append(stem) or [])
-    plots.plot_depth_prior(tables.aggregate(records), records, "unused")
+    plots.plot_depth_prior(aggregation.aggregate(records), records, "unused")
     assert sorted(stems) == ["adavit_depth_deit_digits", "topk_depth_deit_digits"]
 
 
@@ -417,13 +417,13 @@ def test_a_backbone_with_dense_records_only_gets_notes_not_a_crash(tmp_path):
     record["config"]["model"].update(name="deit_tiny_patch16_224", short_name="deit_tiny")  # another run
     (results / "runs" / "dense_tiny.json").write_text(json.dumps(record))
     records = load.load_records(results)
-    figures = plots.write_figures(tables.aggregate(records), records, tmp_path / "report")
+    figures = plots.write_figures(aggregation.aggregate(records), records, tmp_path / "report")
     assert any(p.name == "top1_vs_gflops_deit_digits.png" for p in figures)
 
 
 def test_kept_iou_frame_on_fixtures_is_symmetric_with_unit_diagonal():
     records = fixture_records()
-    frame = depth_figures.kept_iou_frame(tables.aggregate(records), records, "deit_digits", "digits")
+    frame = depth_figures.kept_iou_frame(aggregation.aggregate(records), records, "deit_digits", "digits")
     assert set(frame["block"]) == {3, 6, 9, 11}
     assert "dense" not in set(frame["method_a"])
     diagonal = frame[frame["method_a"] == frame["method_b"]]
@@ -485,7 +485,7 @@ def test_notebook_executes_headless_on_the_fixture_records(tmp_path, capsys):
         records = load.load_records(results)
     runs = records[records["kind"] != "tradeoff"]
     assert (report / "main_deit_digits.md").read_text() == \
-        tables.main_table(tables.aggregate(runs), "deit_digits", "digits").to_markdown()
+        tables.main_table(aggregation.aggregate(runs), "deit_digits", "digits").to_markdown()
     readme = (report / "README.md").read_text()
     assert "- Records read: " in readme and "corrupt_evit_s0.json" in readme  # the header names skipped files
     html = (report / "report.html").read_text()

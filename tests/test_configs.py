@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 import methods
 from conftest import CONF, compose_config
 from experiments import config
-from experiments.cost import throughput
+from experiments.cost import timing_conditions
 
 
 def options(group):
@@ -82,7 +82,7 @@ def test_types_are_enforced_at_composition(override, key, words):
 
 
 def test_measure_dtypes_are_the_throughput_harness_dtypes():
-    assert set(config.DTYPES) == set(throughput.DTYPES)
+    assert set(config.DTYPES) == set(timing_conditions.DTYPES)
 
 
 def test_unknown_group_option_lists_valid_options():

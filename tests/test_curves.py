@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import methods
-from analysis import curves, load, tables
+from analysis import aggregation, curves, load, tables
 from analysis.load import RecordWarning
 
 B32 = "cpu b32 fp32"
@@ -166,7 +166,7 @@ def test_tradeoff_points_stay_out_of_the_main_tables_and_get_their_own_files(tmp
     results = crafted_results(tmp_path)
     frame = load.load_records(results)
     out = tmp_path / "report"
-    main_files = tables.write_tables(tables.aggregate(tables.without_tradeoff(frame)), out)
+    main_files = tables.write_tables(aggregation.aggregate(aggregation.without_tradeoff(frame)), out)
     main = (out / "main_deit_digits.md").read_text()
     assert "dense" in main and "evit" not in main and "tradeoff" not in main
     table_files, figure_files = curves.write_curves(frame, out)

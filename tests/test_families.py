@@ -9,7 +9,7 @@ import re
 import pytest
 
 import methods
-from analysis import curves, families, formatting, load, tables
+from analysis import aggregation, curves, families, formatting, load
 from test_curves import point_record, write
 
 
@@ -35,7 +35,7 @@ def test_the_report_reads_each_family_from_the_records(tmp_path):
                         "zz_new": "clustering", "evit": methods.method_spec("evit").family}
     assert formatting.method_families(frame[frame["record_id"] == "zz_new"]) == {"zz_new": "clustering"}
     assert formatting.family_of(None) == formatting.family_of({}) == formatting.DASH
-    agg = tables.aggregate(frame)
+    agg = aggregation.aggregate(frame)
     assert list(agg["family"]) == sorted(agg["family"], key=lambda f: (f != "none", f == formatting.DASH, f))
     ranks = sorted(["b", "a", "c", "d"], key=lambda m: formatting.method_rank(
         m, {"a": "pruning", "b": "none", "c": formatting.DASH, "d": "merging"}[m]))
@@ -54,7 +54,7 @@ def test_best_of_each_family_at_matched_flops(tmp_path):
         run_record("kmedoids", 0, 99.0, 0.6, keep_rate=0.6),  # one point spans no budget
     ]
     frame = load.load_records(write(tmp_path, records))
-    agg = tables.aggregate(tables.without_tradeoff(frame))
+    agg = aggregation.aggregate(aggregation.without_tradeoff(frame))
     best = families.family_frame(families.family_curves(agg, curves.curve_points(frame)))
     got = {(row.target, row.family): (row.method, row.source, row.top1) for row in best.itertuples()}
     # pruning at 0.65: topk's runs 80 + 0.15 / 0.2 * 11 = 88.25 beat random's 70 + 0.15 / 0.3 * 15 = 77.5;
@@ -88,7 +88,7 @@ def test_a_family_is_tied_for_best_only_when_its_interval_overlaps_the_best(tmp_
                     run_record("random", seed, 84.0, 0.5, keep_rate=0.5),
                     run_record("random", seed, 88.0, 0.7, keep_rate=0.7)]
     frame = load.load_records(write(tmp_path, records))
-    agg = tables.aggregate(frame)
+    agg = aggregation.aggregate(frame)
     best = families.family_frame(families.family_curves(agg, curves.curve_points(frame)), targets=(0.65,))
     got = best.set_index("family")
     assert got.loc["pruning", "top1"] == pytest.approx(88.5) and got.loc["pruning", "method"] == "topk"
@@ -101,7 +101,7 @@ def test_a_family_is_tied_for_best_only_when_its_interval_overlaps_the_best(tmp_
 
 
 def test_no_records_no_table(tmp_path):
-    assert families.write_family_tables(tables.aggregate(load.load_records(write(tmp_path, []))),
+    assert families.write_family_tables(aggregation.aggregate(load.load_records(write(tmp_path, []))),
                                         load.load_records(tmp_path), tmp_path / "report") == []
 
 

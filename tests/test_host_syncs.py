@@ -8,7 +8,7 @@ import torch
 
 from sync_counter import count_syncs
 from test_method_contract import build
-from methods import list_methods, ragged
+from methods import list_methods, ragged_attention
 
 # The ragged methods. The others keep a count fixed by their settings and must make no sync at all.
 RAGGED = {"adavit", "ats", "ltmp"}
@@ -67,9 +67,9 @@ def test_counts_nothing_outside_and_returns_the_result():
 
 @pytest.fixture
 def gpu_path(monkeypatch):
-    """The code path a CUDA device takes: ``group=0`` and no lengths on the host (``methods/ragged.py``)."""
-    monkeypatch.setattr(ragged, "SIZES_ON_HOST", ())
-    monkeypatch.setattr(ragged, "AUTO_GROUP", {})
+    """The code path a CUDA device takes: ``group=0`` and no lengths on the host (``methods/ragged_attention.py``)."""
+    monkeypatch.setattr(ragged_attention, "SIZES_ON_HOST", ())
+    monkeypatch.setattr(ragged_attention, "AUTO_GROUP", {})
 
 
 def compaction_events(token_counts: torch.Tensor) -> int:

@@ -9,7 +9,7 @@ import warnings
 import pytest
 
 from conftest import write_png_folder
-from analysis import load, tables
+from analysis import aggregation, load
 from experiments import identity
 from experiments.records import upgrade
 from experiments.data.imagefolder import ImageFolderData, check_imagefolder
@@ -126,7 +126,7 @@ def load_frame(tmp_path, records):
 def test_records_of_different_runs_are_never_merged(tmp_path, other):
     frame = load_frame(tmp_path, [run_record("a"), run_record("b", end="2026-12-02T00:00:00+00:00", **other)])
     assert sorted(frame["record_id"]) == ["a", "b"] and not frame.attrs["superseded"]
-    agg = tables.aggregate(frame)
+    agg = aggregation.aggregate(frame)
     assert len(agg) == 2 and list(agg["n_seeds"]) == [1, 1]  # two rows, never one averaged over both
     assert agg["setting"].nunique() == 2  # and the rows say which is which
 
@@ -155,7 +155,7 @@ def test_an_older_record_without_a_new_parameter_joins_the_newer_row_once_upgrad
 
     old = run_record("old", seed=0, params={"keep_rate": 0.7, "locations": [3, 6, 9]})
     new = run_record("new", seed=1, params=methods.resolved_params("evit", {"keep_rate": 0.7}))
-    before = tables.aggregate(load_frame(tmp_path / "before", [old, new]))
+    before = aggregation.aggregate(load_frame(tmp_path / "before", [old, new]))
     assert len(before) == 2  # raw parameters differ: two settings
     results = tmp_path / "after" / "results"
     load_frame(tmp_path / "after", [old, new])
@@ -168,7 +168,7 @@ def test_an_older_record_without_a_new_parameter_joins_the_newer_row_once_upgrad
     assert upgraded["method_defaults"] == {"keep_rate": 0.7, "locations": [3, 6, 9], "fuse": True}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        after = tables.aggregate(load.load_records(results))
+        after = aggregation.aggregate(load.load_records(results))
     assert len(after) == 1 and after["n_seeds"].iloc[0] == 2
     assert upgrade.plan_upgrades(results, methods.resolved_params, lambda m: methods.method_spec(m).family) == []
 

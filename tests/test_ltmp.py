@@ -12,7 +12,7 @@ from timm.optim import create_optimizer_v2
 
 from conftest import assert_batch_invariant, make_tiny_vit
 from experiments.train.checkpoints import load_checkpoint_file
-from methods import backbone, create_method, ragged
+from methods import backbone, create_method, ragged_attention
 from methods.ltmp import budget_ratio
 from methods.models import CheckpointError
 from methods.params import ParamError
@@ -160,7 +160,7 @@ def test_default_recipe_trains_the_thresholds_only(images):
 
 
 def test_one_host_sync_per_compaction_check(images, monkeypatch):
-    monkeypatch.setattr(ragged, "SIZES_ON_HOST", ())  # the CUDA code path
+    monkeypatch.setattr(ragged_attention, "SIZES_ON_HOST", ())  # the CUDA code path
     method = build(**VARIED)
     with torch.no_grad():
         out, counts = count_syncs(method, images)

@@ -17,7 +17,7 @@ from omegaconf import open_dict
 import methods
 from conftest import CONF, compose_config, make_tiny_vit
 from experiments import plan, records
-from experiments.cost import costs, measure_record, throughput
+from experiments.cost import costs, measure_record, throughput, timing_pool
 from experiments.train.engine import EvalResult
 from experiments.config import ConfigError
 from hydra.errors import ConfigCompositionException
@@ -180,7 +180,7 @@ def test_protocol_times_the_pool_and_interleaves_timm_dense_and_method(timm_log)
 @pytest.mark.parametrize("pool, batch, batches, each", [(64, 1, 64, 1), (64, 32, 2, 1), (64, 256, 1, 4),
                                                          (64, 48, 4, 3), (5, 2, 5, 2)])
 def test_pool_batches_time_every_pool_image_equally_often(pool, batch, batches, each):
-    out = throughput.pool_batches(batch, torch.device("cpu"), constant_pool(pool)[:, :, :2, :2])
+    out = timing_pool.pool_batches(batch, torch.device("cpu"), constant_pool(pool)[:, :, :2, :2])
     assert len(out) == batches and all(b.shape[0] == batch for b in out)
     seen = torch.cat([b[:, 0, 0, 0] for b in out]).long()
     assert torch.equal(torch.bincount(seen, minlength=pool), torch.full((pool,), each))
@@ -189,10 +189,10 @@ def test_pool_batches_time_every_pool_image_equally_often(pool, batch, batches, 
 
 
 def test_noise_pool_is_seeded_and_named():
-    first = throughput.pool_batches(4, torch.device("cpu"), None, (3, 4, 4), pool_size=8)
-    again = throughput.pool_batches(4, torch.device("cpu"), None, (3, 4, 4), pool_size=8)
+    first = timing_pool.pool_batches(4, torch.device("cpu"), None, (3, 4, 4), pool_size=8)
+    again = timing_pool.pool_batches(4, torch.device("cpu"), None, (3, 4, 4), pool_size=8)
     assert len(first) == 2 and all(torch.equal(a, b) for a, b in zip(first, again))
-    assert throughput.pool_label(None, 8) == "noise[0:8] (seed 0)"
+    assert timing_pool.pool_label(None, 8) == "noise[0:8] (seed 0)"
 
 
 def test_protocol_switches_are_applied_and_restored():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import compose_config, make_tiny_vit, run_paths
-from methods import backbone, ragged
+from methods import backbone, ragged, ragged_attention
 from test_adavit import mixed_images, mixed_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "adavit_removal_reference.pt"
@@ -63,7 +63,7 @@ def reference_attention(block, x, lengths):
 
 
 BACKEND_CASES = [("padded", 0), ("padded", 1), ("padded", 2), ("padded", 8)]
-if "flex" in ragged.available_backends("cpu"):
+if "flex" in ragged_attention.available_backends("cpu"):
     BACKEND_CASES.append(("flex", 0))
 
 
@@ -76,7 +76,7 @@ def test_every_cpu_backend_equals_each_image_attended_alone(backend, group, fuse
     lengths = [5, 1, 7, 3, 7, 2]
     packed, x = ragged_batch(lengths, tokens=7)
     with torch.no_grad():
-        got = ragged.attn_residual(block, packed, backend, group)
+        got = ragged_attention.attn_residual(block, packed, backend, group)
         want = reference_attention(block, x, lengths)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -94,13 +94,13 @@ def test_sync_free_one_call_padding_equals_each_image_alone():
         return out.transpose(1, 2).reshape(batch * tokens, attn.num_heads * attn.head_dim)
 
     with torch.no_grad():
-        mixed = ragged._padded_one_call(attend, attn.qkv(block.norm1(packed.x)), packed.layout)
+        mixed = ragged_attention._padded_one_call(attend, attn.qkv(block.norm1(packed.x)), packed.layout)
         got = backbone.attn_out_residual(block, packed.x, mixed)
         want = reference_attention(block, x, lengths)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or "varlen" not in ragged.available_backends("cuda"),
+@pytest.mark.skipif(not torch.cuda.is_available() or "varlen" not in ragged_attention.available_backends("cuda"),
                     reason="needs a CUDA GPU and torch.nn.attention.varlen")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_varlen_backend_on_cuda_equals_padded(dtype):
@@ -111,7 +111,7 @@ def test_varlen_backend_on_cuda_equals_padded(dtype):
     packed = ragged.Packed(packed.x.cuda(), ragged.Layout(*(t.cuda() for t in (
         packed.layout.source, packed.layout.lengths, packed.layout.images)), 7, 4))
     with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-        got = ragged.attn_residual(block, packed, "varlen").float()
+        got = ragged_attention.attn_residual(block, packed, "varlen").float()
         want = reference_attention(block, x.cuda(), lengths).float()
     tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
@@ -119,16 +119,16 @@ def test_varlen_backend_on_cuda_equals_padded(dtype):
 
 # ------------------------------------------------------------------------------------ backend choice
 def test_auto_backend_by_device():
-    assert ragged.resolve_backend("auto", "cpu") == "padded"
-    assert ragged.resolve_backend("padded", "cpu") == "padded"
-    if "varlen" in ragged.available_backends("cuda"):
-        assert ragged.resolve_backend("auto", "cuda") == "varlen"
+    assert ragged_attention.resolve_backend("auto", "cpu") == "padded"
+    assert ragged_attention.resolve_backend("padded", "cpu") == "padded"
+    if "varlen" in ragged_attention.available_backends("cuda"):
+        assert ragged_attention.resolve_backend("auto", "cuda") == "varlen"
 
 
 @pytest.mark.parametrize("name, why", [("varlen", "not available on cpu"), ("fast", "unknown backend")])
 def test_unavailable_backend_names_the_setting_and_the_choices(name, why):
     with pytest.raises(ValueError) as error:
-        ragged.resolve_backend(name, "cpu")
+        ragged_attention.resolve_backend(name, "cpu")
     message = str(error.value)
     assert f"ragged_backend={name!r}" in message and why in message
     assert "available here: auto, padded" in message
@@ -167,12 +167,12 @@ def test_adavit_removal_matches_the_code_before_the_runtime():
             torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5, msg=f"{key}: {name} changed")
 
 
-@pytest.mark.skipif("flex" not in ragged.available_backends("cpu"), reason="needs FlexAttention")
+@pytest.mark.skipif("flex" not in ragged_attention.available_backends("cpu"), reason="needs FlexAttention")
 def test_adavit_on_flex_equals_padded():
     model, images = mixed_model(), mixed_images(6)
     with torch.no_grad():
         padded = model(images)
-        model.runtime = ragged.Runtime("flex")
+        model.runtime = ragged_attention.Runtime("flex")
         flex = model(images)
     torch.testing.assert_close(flex.logits, padded.logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(flex.state.halting_depth, padded.state.halting_depth)

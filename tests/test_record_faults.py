@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis import load, tables
+from analysis import aggregation, load
 from analysis.load import RecordWarning
 from experiments import records
 from experiments.records import store
@@ -201,7 +201,7 @@ def test_bad_record_on_disk_is_skipped_with_a_warning_and_the_rest_aggregates(tm
     frame, messages = load_with_warnings(tmp_path)
     assert sorted(frame["record_id"]) == ["a", "b"]
     assert any("bad.json" in m and re.search(field, m) for m in messages), messages
-    agg = tables.aggregate(tables.without_tradeoff(frame))  # what the report computes first
+    agg = aggregation.aggregate(aggregation.without_tradeoff(frame))  # what the report computes first
     assert len(agg) == 1
 
 
@@ -213,4 +213,4 @@ def test_duplicate_record_id_across_two_files_is_skipped_with_a_warning(tmp_path
     assert sorted(frame["record_id"]) == ["b", "same"]
     assert frame.loc[frame["record_id"] == "same", "seed"].tolist() == [0]  # the file sorted first is kept
     assert any(str(copy) in m and "duplicate record_id 'same'" in m and "a.json" in m for m in messages), messages
-    tables.aggregate(tables.without_tradeoff(frame))
+    aggregation.aggregate(aggregation.without_tradeoff(frame))

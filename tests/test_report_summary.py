@@ -12,7 +12,7 @@ from typing import Optional
 import pandas as pd
 import pytest
 
-from analysis import load, provenance, summary, tables
+from analysis import aggregation, formatting, load, provenance, summary, tables
 
 T2 = 4.302653  # t_{0.975, 2}
 RECIPE = {"epochs": 4, "lr": 0.0005}
@@ -87,7 +87,7 @@ def load_frame(folder: Path, records: list[dict]) -> pd.DataFrame:
 @pytest.fixture()
 def frames(tmp_path):
     records = load_frame(tmp_path / "results", scenario())
-    return records, tables.aggregate(records)
+    return records, aggregation.aggregate(records)
 
 
 def row_of(agg: pd.DataFrame, method: str, setting: str) -> pd.Series:
@@ -105,9 +105,9 @@ def test_the_setting_shows_only_what_differs_from_the_default_the_records_state(
     assert row_of(agg, "prune_a", "default")["is_default"]
     assert not row_of(agg, "prune_a", "keep_rate=0.5")["is_default"]
     # without stated defaults (older records), the labels fall back to the parameters that differ between settings
-    assert tables.setting_labels([{"keep_rate": 0.7, "fuse": True}, {"keep_rate": 0.5, "fuse": True}]) == \
+    assert formatting.setting_labels([{"keep_rate": 0.7, "fuse": True}, {"keep_rate": 0.5, "fuse": True}]) == \
         ["keep_rate=0.7", "keep_rate=0.5"]
-    assert tables.setting_labels([{"keep_rate": 0.7, "fuse": True}], defaults={"keep_rate": 0.7, "fuse": False}) \
+    assert formatting.setting_labels([{"keep_rate": 0.7, "fuse": True}], defaults={"keep_rate": 0.7, "fuse": False}) \
         == ["fuse=true"]
 
 
@@ -127,7 +127,7 @@ def test_a_column_never_mixes_timing_protocols_and_the_left_out_records_are_name
     assert f"`{left[0]['record_id']}` ({B32}: protocol 1, column on 2)" in head
     # a condition whose entries are all of the old protocol keeps them: nothing newer to prefer
     old = [record("dense", s, 90.0, 1.0, extra_timing=[timing(900.0, protocol=None)]) for s in range(2)]
-    old_agg = tables.aggregate(load_frame(tmp_path / "old", old))
+    old_agg = aggregation.aggregate(load_frame(tmp_path / "old", old))
     assert old_agg.attrs["protocol_left_out"] == [] and old_agg[f"img_per_s_mean[{B32}]"].item() == 900.0
 
 
@@ -234,12 +234,12 @@ def test_without_ground_truth_or_defaults_the_sentences_say_so(tmp_path):
     for rec in plain:
         rec["tokens"] = None
     records = load_frame(tmp_path / "a", plain)
-    agg = tables.aggregate(records)
+    agg = aggregation.aggregate(records)
     assert summary.sentences(agg, records, "m", "scenes")[1].startswith("These records carry no ground-truth")
     for rec in plain:
         del rec["method_defaults"]
     records = load_frame(tmp_path / "b", plain)
-    agg = tables.aggregate(records)
+    agg = aggregation.aggregate(records)
     assert agg["is_default"].isna().all()
     assert summary.sentences(agg, records, "m", "scenes") == [
         "No record of m on scenes states its method's default setting (method_defaults), so no method is "
@@ -314,7 +314,7 @@ def test_the_object_outline_figure_draws_each_default_over_the_mask(tmp_path, mo
             with_maps(record("merge_b", 0, 91.0, 0.6), keep_all),
             with_maps(record("dense", 0, 93.0, 1.0), np.full((2, 16), 4))]
     records = load_frame(tmp_path / "results", recs)
-    agg = tables.aggregate(records)
+    agg = aggregation.aggregate(records)
     figures = []
     monkeypatch.setattr(object_figures, "save_figure", lambda fig, out, stem: figures.append((stem, fig)) or [])
     object_figures.plot_object_depth(agg, records, tmp_path)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import depth_figures, load, plots, tables, video
+from analysis import aggregation, depth_figures, load, plots, tables, video
 from experiments.records import token_maps
 from test_families import run_record
 from test_curves import write
@@ -44,7 +44,7 @@ def motion(token_share: float, depth_share: float, moving: float, static: float)
 def report_inputs(folder) -> tuple[pd.DataFrame, pd.DataFrame]:
     """What the notebook's ``load`` cell gives: the records and the aggregate of the runs."""
     records = load.load_records(folder)
-    return tables.aggregate(tables.without_tradeoff(records)), records
+    return aggregation.aggregate(aggregation.without_tradeoff(records)), records
 
 
 @pytest.fixture
@@ -125,7 +125,7 @@ def test_image_records_give_no_video_files(tmp_path, capsys):
 def test_existing_tables_and_figures_read_video_records(video_results, tmp_path):
     """The image report's pieces on a 3-D grid: no crash, the mean depth map is the mean over time."""
     agg, records = report_inputs(video_results)
-    runs = tables.without_tradeoff(records)
+    runs = aggregation.without_tradeoff(records)
     out = tmp_path / "report"
     names = {p.name for p in tables.write_tables(agg, out) + plots.write_figures(agg, runs, out)}
     assert {"main_vit_video_digits.md", "top1_vs_gflops_vit_video_digits.png",

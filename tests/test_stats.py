@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from analysis import load, stats, tables
+from analysis import aggregation, load, stats, tables
 from test_curves import point_record, write
 
 T2 = 4.302653  # t_{0.975, 2}: three seeds, two degrees of freedom
@@ -76,7 +76,7 @@ def run(method: str, seed: int, top1: float, epochs: int = 0, recipe: dict | Non
 
 
 def aggregate(tmp_path, records):
-    agg = tables.aggregate(load.load_records(write(tmp_path, records)))
+    agg = aggregation.aggregate(load.load_records(write(tmp_path, records)))
     return agg, tables.main_table(agg, "deit_digits", "digits")
 
 

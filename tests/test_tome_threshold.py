@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_batch_invariant, make_tiny_vit
-from methods import backbone, create_method, ragged
+from methods import backbone, create_method, ragged_attention
 from methods.params import ParamError
 from methods.tome import ToMe
 from methods.tome_threshold import (BatchTopR, ThresholdToMe, UncalibratedError, above, calibrate, match_rows,
@@ -167,10 +167,10 @@ def test_counts_by_hand_on_the_tiny_model(tiny_vit, images):
 @pytest.mark.parametrize("prop_attn", [True, False])
 @pytest.mark.parametrize("backend", ["padded", "flex"])
 def test_ragged_eval_equals_masked_training(tiny_vit, images, prop_attn, backend):
-    if backend not in ragged.available_backends("cpu"):
+    if backend not in ragged_attention.available_backends("cpu"):
         pytest.skip(f"{backend} not available")
     method = create_method("tome", tiny_vit, threshold=[0.2, 0.1, 0.3, 0.0], prop_attn=prop_attn)
-    method.runtime = ragged.Runtime(backend)
+    method.runtime = ragged_attention.Runtime(backend)
     with torch.no_grad():
         ragged_out, masked_out = method.eval()(images), method.train()(images)
     torch.testing.assert_close(ragged_out.logits, masked_out.logits, atol=1e-5, rtol=1e-5)
@@ -254,8 +254,8 @@ def test_extra_macs_count_matching_in_blocks_below_one(tiny_vit, images):
 
 
 def test_host_syncs_one_per_compaction(tiny_vit, images, monkeypatch):
-    monkeypatch.setattr(ragged, "SIZES_ON_HOST", ())
-    monkeypatch.setattr(ragged, "AUTO_GROUP", {})
+    monkeypatch.setattr(ragged_attention, "SIZES_ON_HOST", ())
+    monkeypatch.setattr(ragged_attention, "AUTO_GROUP", {})
     method = create_method("tome", tiny_vit, threshold=[0.1, 1.0, 0.2, 0.3]).eval()
     method.threshold_values()  # read once per load, not per forward
     with torch.no_grad():

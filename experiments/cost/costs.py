@@ -16,7 +16,7 @@ from torch.utils.data import Subset
 import methods
 from methods.dense import Dense  # the reference every method is timed against
 
-from experiments.cost import flops, throughput
+from experiments.cost import flops, throughput, timing_pool
 from experiments.config import MeasureConfig
 from experiments.data.loaders import make_loader
 
@@ -88,12 +88,12 @@ def timed_entries(method: methods.TokenReducer, measure: MeasureConfig, device: 
 def pool_flops(method: methods.TokenReducer, pool: Optional[torch.Tensor], device: torch.device,
                pool_size: int) -> dict[str, float]:
     """Mean GFLOPs and FLOPs ratio of exactly the images the throughput pool times (``pool``, or the seeded
-    noise pool ``throughput.pool_batches`` makes without one), from an eval pass over them."""
+    noise pool ``timing_pool.pool_batches`` makes without one), from an eval pass over them."""
     was_training = method.training
     method.eval()
     try:
         if pool is None:
-            pool = throughput.noise_pool(pool_size, throughput.input_shape_of(method.vit))
+            pool = timing_pool.noise_pool(pool_size, timing_pool.input_shape_of(method.vit))
         with torch.inference_mode():
             counts = torch.cat([method(chunk.float().to(device)).token_counts.cpu() for chunk in pool.split(64)])
     finally:

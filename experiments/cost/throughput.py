@@ -39,28 +39,28 @@ Protocol (the union of the official repos' best practice; the README's "Measurin
 - Nothing else runs in the timed region: no autograd, no allocation by the harness, Python's garbage
   collector paused.
 
-Each result is one plain dict per (dtype, batch size), the record's ``throughput`` entry format.
+Each result is one plain dict per (dtype, batch size), the record's ``throughput`` entry format. The image pool
+is ``experiments/cost/timing_pool.py``'s, the machine state around the timed runs (autocast, threads, fused
+attention, the paused collector, peak memory) ``experiments/cost/timing_conditions.py``'s.
 """
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
-import platform
-import resource
 import statistics
-import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from experiments.cost import compiled as compiling
+from experiments.cost.timing_conditions import (autocast, device_name, fused_attn_set, fused_attn_state, gc_paused,
+                                                peak_memory_mb, synchronize, threads_set)
+from experiments.cost.timing_pool import input_shape_of, pool_batches, pool_label
 from methods.dense import Dense
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_BATCH_SIZES = (1, 64, 256)
 CPU_BATCH_SIZES = (1, 32)
 GPU_DTYPES = ("fp32", "bf16")
@@ -103,54 +103,6 @@ def default_dtypes(device: torch.device) -> list[str]:
     return list(GPU_DTYPES if device.type == "cuda" else CPU_DTYPES)
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def pool_batches(batch: int, device: torch.device, pool: Optional[Tensor] = None,
-                 shape: Optional[Sequence[int]] = None, pool_size: int = 64) -> list[Tensor]:
-    """One pass of ``[batch, 3, H, W]`` fp32 batches on ``device`` over the image pool: ``pool`` (CPU tensor),
-    else ``pool_size`` images of seeded noise of ``shape``. Consecutive batches continue where the last one
-    ended, wrapping around, and the pass ends when it is back at image 0, so each pool image appears
-    ``batch * len(batches) / P`` times: ``P / gcd(P, batch)`` batches."""
-    if pool is None or not len(pool):
-        pool = noise_pool(pool_size, shape)
-    size = pool.shape[0]
-    count = size // math.gcd(size, batch)
-    index = torch.arange(count * batch) % size
-    return list(pool[index].float().to(device).split(batch))
-
-
-def noise_pool(size: int, shape: Sequence[int]) -> Tensor:
-    """The timing pool without images: ``size`` seeded noise images (seed 0) of ``shape``."""
-    return torch.randn(size, *shape, generator=torch.Generator().manual_seed(0))
-
-
-def input_shape_of(vit: nn.Module) -> tuple[int, ...]:
-    """One input's shape: ``(C, H, W)``, or a video embedding's own ``input_size`` ``(C, T, H, W)``."""
-    embed = vit.patch_embed
-    return tuple(getattr(embed, "input_size", None) or (embed.proj.in_channels, *embed.img_size))
-
-
-def pool_label(pool: Optional[Tensor], pool_size: int) -> str:
-    """How records name the timed images."""
-    return f"val[0:{len(pool)}]" if pool is not None and len(pool) else f"noise[0:{pool_size}] (seed 0)"
-
-
 class TimmForward(nn.Module):
     """timm's own forward of a backbone, ``vit(images)``: the dense reference every method is timed against."""
 
@@ -160,62 +112,6 @@ class TimmForward(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.vit(images)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: max allocated since the last reset; CPU: process peak RSS (lifetime high-water mark)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / (2**20 if sys.platform == "darwin" else 2**10)
-
-
-def fused_attn_state(vit: nn.Module) -> Optional[bool]:
-    """True/False when every block's attention is fused/unfused; None when mixed."""
-    states = {bool(getattr(block.attn, "fused_attn", False)) for block in vit.blocks}
-    return states.pop() if len(states) == 1 else None
-
-
-@contextlib.contextmanager
-def fused_attn_set(vit: nn.Module, value: Optional[bool]) -> Iterator[None]:
-    """Force ``attn.fused_attn`` on every block for the duration (``None``: leave as is)."""
-    saved = [block.attn.fused_attn for block in vit.blocks]
-    try:
-        if value is not None:
-            for block in vit.blocks:
-                block.attn.fused_attn = bool(value)
-        yield
-    finally:
-        for block, state in zip(vit.blocks, saved):
-            block.attn.fused_attn = state
-
-
-@contextlib.contextmanager
-def threads_set(threads: Optional[int]) -> Iterator[None]:
-    saved = torch.get_num_threads()
-    try:
-        if threads:
-            torch.set_num_threads(int(threads))
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def autocast(device: torch.device, dtype: str):
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
 
 
 def timed_run(model: nn.Module, batches: Sequence[Tensor], iters: int, device: torch.device) -> float:
