@@ -97,7 +97,7 @@ class ToMe(TokenReducer):
         for index, block in enumerate(self.vit.blocks):
             attn_tokens = x.shape[1]
             r = tokens.clamp_merge_count(self.schedule[index], attn_tokens)
-            bias = size.log()[:, None, None, :, 0] if self.prop_attn and size is not None else None
+            bias = size.log().reshape(batch, 1, 1, -1) if self.prop_attn and size is not None else None
             x, heads = backbone.attn_residual(block, x, partial(backbone.softmax_attention, key_bias=bias))
             if r > 0:
                 match = tokens.bipartite_soft_matching(heads.k.mean(dim=1), r)  # head-mean keys
