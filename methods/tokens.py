@@ -67,13 +67,15 @@ def fuse_tokens(tokens: Tensor, weights: Tensor) -> Tensor:
 class BipartiteMatch:
     """One merge decision over a sequence split alternately into A (even positions) and B (odd positions).
 
-    Index tensors address positions inside A or B, not the full sequence. Merging turns ``[B, N, C]`` into
-    ``[B, N - r, C]``: the unmerged A tokens in ascending position order (so CLS stays first), then all of B.
+    Index tensors address positions inside A or B, not the full sequence, and end in a singleton dimension
+    (``[B, k, 1]``) so that they broadcast over the channels (``take_along_dim``) with no expand per use.
+    Merging turns ``[B, N, C]`` into ``[B, N - r, C]``: the unmerged A tokens in ascending position order (so
+    CLS stays first), then all of B.
     """
 
-    unmerged: Tensor  # [B, len(A) - r] A positions kept as they are, ascending
-    src: Tensor  # [B, r] A positions merged away
-    dst: Tensor  # [B, r] B positions they merge into
+    unmerged: Tensor  # [B, len(A) - r, 1] A positions kept as they are, ascending
+    src: Tensor  # [B, r, 1] A positions merged away
+    dst: Tensor  # [B, r, 1] B positions they merge into
 
     @property
     def r(self) -> int:
@@ -100,18 +102,18 @@ def bipartite_soft_matching(metric: Tensor, r: int, protect_cls: bool = True) ->
     scores = a @ b.transpose(1, 2)  # [B, |A|, |B|] cosine similarities
     if protect_cls:
         scores[:, 0].fill_(-math.inf)
-    best, partner = scores.max(dim=-1)  # each A token's best B token
-    order = best.argsort(dim=-1, descending=True)
+    best, partner = scores.max(dim=-1, keepdim=True)  # each A token's best B token, [B, |A|, 1]
+    order = best.argsort(dim=1, descending=True)
     src = order[:, :r]
-    return BipartiteMatch(unmerged=order[:, r:].sort(dim=-1).values, src=src, dst=partner.gather(1, src))
+    return BipartiteMatch(unmerged=order[:, r:].sort(dim=1).values, src=src, dst=partner.gather(1, src))
 
 
 def merge_tokens(x: Tensor, match: BipartiteMatch, reduce: str = "sum") -> Tensor:
     """Apply ``match`` to ``x`` ``[B, N, C]``: A sources are reduced (``sum``/``mean``/``amax``...) into B."""
     a, b = x[:, ::2], x[:, 1::2]
-    src = gather_tokens(a, match.src)
-    b = b.scatter_reduce(1, match.dst.unsqueeze(-1).expand_as(src), src, reduce=reduce)
-    return torch.cat([gather_tokens(a, match.unmerged), b], dim=1)
+    src = torch.take_along_dim(a, match.src, dim=1)
+    b = b.scatter_reduce(1, match.dst.expand_as(src), src, reduce=reduce)
+    return torch.cat([torch.take_along_dim(a, match.unmerged, dim=1), b], dim=1)
 
 
 def merge_wavg(x: Tensor, size: Tensor, match: BipartiteMatch) -> tuple[Tensor, Tensor]:
@@ -130,10 +132,11 @@ def merge_wavg(x: Tensor, size: Tensor, match: BipartiteMatch) -> tuple[Tensor, 
 
 
 def merge_index(index: Tensor, match: BipartiteMatch) -> tuple[Tensor, Tensor]:
-    """Follow ``match`` for a per-token label ``index`` ``[B, N]`` (e.g. original patch ids).
+    """Follow ``match`` for a per-token label ``index`` ``[B, N, 1]`` (e.g. original patch ids; the layout of
+    the match's indices).
 
     Returns ``(surviving, removed)``: the labels of the merged sequence (a merged B token keeps its own) and
-    the labels of the A tokens merged away.
+    the labels of the A tokens merged away, ``[B, N - r, 1]`` and ``[B, r, 1]``.
     """
     a, b = index[:, ::2], index[:, 1::2]
     return torch.cat([a.gather(1, match.unmerged), b], dim=1), a.gather(1, match.src)
