@@ -89,7 +89,7 @@ def softmax_attention(attn: nn.Module, heads: Heads, key_bias: Optional[Tensor] 
     q, k, v = heads.q, heads.k, heads.v
     dropout = attn.attn_drop.p if attn.training else 0.0
     if attn.fused_attn:
-        mask = key_bias.to(q.dtype) if key_bias is not None else key_mask
+        mask = key_mask if key_bias is None else key_bias if key_bias.dtype == q.dtype else key_bias.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
     logits = (q * attn.scale) @ k.transpose(-2, -1)
     if key_bias is not None:
@@ -122,7 +122,9 @@ def cls_attention(attn: nn.Module, heads: Heads, key_bias: Optional[Tensor] = No
     cls_logits = (heads.q[:, :, :1] * attn.scale) @ heads.k.transpose(-2, -1)
     if key_bias is not None:
         cls_logits = cls_logits + key_bias[..., :1, :]
-    return cls_logits.float().softmax(dim=-1).mean(dim=1)[:, 0].to(heads.dtype)
+    probs = cls_logits if cls_logits.dtype == torch.float32 else cls_logits.float()
+    mean = probs.softmax(dim=-1).mean(dim=(1, 2))  # [B, heads, 1, N] -> [B, N]
+    return mean if mean.dtype == heads.dtype else mean.to(heads.dtype)
 
 
 def project_out(attn: nn.Module, out: Tensor) -> Tensor:

@@ -66,7 +66,7 @@ from . import backbone, official, params
 from .base import MethodOutput, TokenReducer
 from .params import KeepRate, Locations, Weight
 from .registry import register_method
-from .tokens import kept_patch_count, keep_with_cls, topk_patches
+from .tokens import gather_tokens, kept_patch_count, topk_patches
 
 
 class KeepPredictor(nn.Module):
@@ -91,11 +91,15 @@ class KeepPredictor(nn.Module):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, patches: Tensor, policy: Tensor, eps: float = 1e-6) -> Tensor:
-        """``patches`` ``[B, P, C]``, ``policy`` ``[B, P, 1]`` (1 = kept) -> log-probabilities ``[B, P, 2]``."""
+    def forward(self, patches: Tensor, policy: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
+        """``patches`` ``[B, P, C]``, ``policy`` ``[B, P, 1]`` (1 = kept; ``None``: every patch is kept, the
+        same numbers as a policy of ones, fewer ops) -> log-probabilities ``[B, P, 2]``."""
         x = self.embed(patches)
         local, glob = x[..., : self.local_dim], x[..., self.local_dim:]
-        glob = (glob * policy).sum(dim=1, keepdim=True) / policy.sum(dim=1, keepdim=True).clamp_min(eps)
+        if policy is None:  # sum(glob * 1) / max(sum(1), eps) exactly: the sum over the count (>= 1 > eps)
+            glob = glob.sum(dim=1, keepdim=True) / glob.new_full((1, 1, 1), float(glob.shape[1]))
+        else:
+            glob = (glob * policy).sum(dim=1, keepdim=True) / policy.sum(dim=1, keepdim=True).clamp_min(eps)
         return self.score(torch.cat([local, glob.expand(-1, local.shape[1], -1)], dim=-1))
 
     def macs_per_token(self) -> int:
@@ -194,11 +198,11 @@ class DynamicViT(TokenReducer):
             if index in self.locations:
                 stage = self.locations.index(index)
                 patches = x[:, 1:]
-                log_probs = self.predictors[stage](patches, patches.new_ones(*patches.shape[:2], 1))
+                log_probs = self.predictors[stage](patches)  # every patch here is kept so far
                 keep, drop = topk_patches(log_probs[..., 0], self.keep_counts[stage])
                 patch_depth.scatter_(1, origin.gather(1, drop), index)
                 origin = origin.gather(1, keep)
-                x = keep_with_cls(x, keep)
+                x = torch.cat([x[:, :1], gather_tokens(patches, keep)], dim=1)  # CLS and the kept patches
             x, _ = backbone.attn_residual(block, x)
             x = backbone.mlp_residual(block, x)
         ratios = torch.tensor([k / self.num_patches for k in self.keep_counts], device=x.device)

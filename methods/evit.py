@@ -91,14 +91,17 @@ class AttentionPruning(TokenReducer):
         x = backbone.embed(self.vit, images)
         batch, num_tokens, _ = x.shape
         patches = num_tokens - 1
-        ids, depth = tokens.track_patches(batch, num_tokens, self.depth, x.device)  # CLS/fused carry `patches`
+        ids, depth = tokens.track_patches(batch, num_tokens, self.depth, x.device)  # CLS carries `patches`
+        # the ids of the non-CLS tokens only, as each stage reads them; a fused token carries CLS's `patches` too
+        rest_ids, no_patch = ids[:, 1:], ids[:, :1]
         counts = []
         for index, (block, keep) in enumerate(zip(self.vit.blocks, self.keep_plan(num_tokens))):
             attn_tokens = x.shape[1]
             prune = keep is not None and keep < attn_tokens - 1
             x, heads = backbone.attn_residual(block, x)
             if prune:
-                x, ids, dropped = self._prune(x, backbone.cls_attention(block.attn, heads), ids, keep)
+                x, rest_ids, dropped = self._prune(x, backbone.cls_attention(block.attn, heads), rest_ids, no_patch,
+                                                   keep)
                 depth.scatter_(1, dropped, index + 1)
             counts.append((attn_tokens, x.shape[1]))
             x = backbone.mlp_residual(block, x)
@@ -106,16 +109,18 @@ class AttentionPruning(TokenReducer):
         return MethodOutput(backbone.head(self.vit, x), token_counts, depth[:, :patches],
                             final_tokens=self.vit.norm(x))
 
-    def _prune(self, x: Tensor, cls_attn: Tensor, ids: Tensor, keep: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Keep CLS and ``keep`` tokens (plus the fused token); return tokens, their ids and the dropped ids."""
-        attn_rest, rest, rest_ids = cls_attn[:, 1:], x[:, 1:], ids[:, 1:]
+    def _prune(self, x: Tensor, cls_attn: Tensor, rest_ids: Tensor, no_patch: Tensor,
+               keep: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Keep CLS and ``keep`` tokens (plus the fused token); return the tokens, the ids of the non-CLS ones
+        (``no_patch`` for the fused token) and the dropped ids."""
+        attn_rest, rest = cls_attn[:, 1:], x[:, 1:]
         kept, dropped = tokens.topk_patches(self.token_scores(attn_rest), keep)
         parts = [x[:, :1], tokens.gather_tokens(rest, kept)]
-        new_ids = [ids[:, :1], rest_ids.gather(1, kept)]
+        kept_ids = rest_ids.gather(1, kept)
         if self.fuse:
             parts.append(tokens.fuse_tokens(tokens.gather_tokens(rest, dropped), attn_rest.gather(1, dropped)))
-            new_ids.append(ids[:, :1])  # the fused token stands for no patch: CLS's dump slot
-        return torch.cat(parts, dim=1), torch.cat(new_ids, dim=1), rest_ids.gather(1, dropped)
+            kept_ids = torch.cat([kept_ids, no_patch], dim=1)  # the fused token stands for no patch
+        return torch.cat(parts, dim=1), kept_ids, rest_ids.gather(1, dropped)
 
 
 class EViT(AttentionPruning):

@@ -91,13 +91,14 @@ class StagedReduction(TokenReducer):
         batch, num_tokens, _ = x.shape
         patches = num_tokens - 1
         ids, depth = tokens.track_patches(batch, num_tokens, self.depth, x.device)  # mixtures carry `patches`
+        patch_ids, no_patch = ids[:, 1:], ids[:, :1]  # the ids of the patch tokens; CLS's slot for mixtures
         stage_at = {location: stage for stage, location in enumerate(self.locations)}
         previous = {location - 1 for location in self.locations} if self.needs_previous_attention else set()
         attention, counts = None, []
         for index, block in enumerate(self.vit.blocks):
             if index in stage_at:
                 reduced = self.reduce(stage_at[index], x[:, 1:], attention)
-                x, ids = self._replace_patches(x, ids, reduced, depth, index)
+                x, patch_ids = self._replace_patches(x, patch_ids, no_patch, reduced, depth, index)
             if index in previous:
                 summed = []
                 x, _ = backbone.attn_residual(block, x, lambda attn, heads: _summing_attention(attn, heads, summed))
@@ -110,20 +111,20 @@ class StagedReduction(TokenReducer):
         return MethodOutput(backbone.head(self.vit, x), token_counts, depth[:, :patches],
                             final_tokens=self.vit.norm(x))
 
-    def _replace_patches(self, x: Tensor, ids: Tensor, reduced: Reduced, depth: Tensor,
+    def _replace_patches(self, x: Tensor, patch_ids: Tensor, no_patch: Tensor, reduced: Reduced, depth: Tensor,
                          index: int) -> tuple[Tensor, Tensor]:
-        """CLS + the stage's tokens; every patch leaving here gets depth ``index``."""
+        """CLS + the stage's tokens, and the ids of the new patch tokens; every patch leaving here gets depth
+        ``index``."""
         expected = self.patch_counts[list(self.locations).index(index)]
         if reduced.tokens.shape[1] != expected:  # a subclass bug, not a user error
             raise RuntimeError(f"{type(self).__name__}.reduce made {reduced.tokens.shape[1]} tokens, not {expected}")
-        rest = ids[:, 1:]
-        depth.scatter_(1, rest, index)
+        depth.scatter_(1, patch_ids, index)
         if reduced.identity is None:
-            kept = ids[:, :1].expand(-1, reduced.tokens.shape[1])  # no patch: the slot cut off at the end
+            kept = no_patch.expand(-1, reduced.tokens.shape[1])  # no patch: the slot cut off at the end
         else:
-            kept = rest.gather(1, reduced.identity)
+            kept = patch_ids.gather(1, reduced.identity)
             depth.scatter_(1, kept, self.depth)  # still themselves: not left yet
-        return torch.cat([x[:, :1], reduced.tokens], dim=1), torch.cat([ids[:, :1], kept], dim=1)
+        return torch.cat([x[:, :1], reduced.tokens], dim=1), kept
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """The weight-decay groups of the base class, each split into own modules (lr_scale 1) and backbone."""

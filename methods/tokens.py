@@ -9,7 +9,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -26,9 +25,15 @@ def kept_patch_count(num_patches: int, keep_rate: float, mode: str = "floor") ->
     return min(num_patches, count)
 
 
+def as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)``, without dispatching the no-op ``aten::to`` when ``x`` already has it (per-op overhead)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """``x[b, index[b, i]]`` for ``x`` ``[B, N, C]`` and ``index`` ``[B, K]`` -> ``[B, K, C]``."""
-    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    """``x[b, index[b, i]]`` for ``x`` ``[B, N, C]`` and ``index`` ``[B, K]`` -> ``[B, K, C]`` (the index
+    broadcast over the channels by ``take_along_dim``: the same gather, fewer ops than expanding it here)."""
+    return torch.take_along_dim(x, index.unsqueeze(-1), dim=1)
 
 
 def topk_patches(scores: Tensor, k: int, sort_indices: bool = False) -> tuple[Tensor, Tensor]:
@@ -44,11 +49,6 @@ def topk_patches(scores: Tensor, k: int, sort_indices: bool = False) -> tuple[Te
     return keep, drop
 
 
-def keep_with_cls(x: Tensor, keep_patches: Tensor) -> Tensor:
-    """CLS followed by the patches at ``keep_patches`` (indices over patches, i.e. token index - 1)."""
-    return torch.cat([x[:, :1], gather_tokens(x[:, 1:], keep_patches)], dim=1)
-
-
 # --- EViT: fusion of the inattentive tokens ----------------------------------------------------------------
 
 
@@ -57,7 +57,7 @@ def fuse_tokens(tokens: Tensor, weights: Tensor) -> Tensor:
 
     The weights are used as given (EViT passes the dropped tokens' CLS attention, not renormalised).
     """
-    return torch.einsum("bm,bmc->bc", weights.to(tokens.dtype), tokens).unsqueeze(1)
+    return torch.einsum("bm,bmc->bc", as_dtype(weights, tokens.dtype), tokens).unsqueeze(1)
 
 
 # --- ToMe: bipartite soft matching and size-weighted merging ------------------------------------------------
@@ -67,13 +67,15 @@ def fuse_tokens(tokens: Tensor, weights: Tensor) -> Tensor:
 class BipartiteMatch:
     """One merge decision over a sequence split alternately into A (even positions) and B (odd positions).
 
-    Index tensors address positions inside A or B, not the full sequence. Merging turns ``[B, N, C]`` into
-    ``[B, N - r, C]``: the unmerged A tokens in ascending position order (so CLS stays first), then all of B.
+    Index tensors address positions inside A or B, not the full sequence, and end in a singleton dimension
+    (``[B, k, 1]``) so that they broadcast over the channels (``take_along_dim``) with no expand per use.
+    Merging turns ``[B, N, C]`` into ``[B, N - r, C]``: the unmerged A tokens in ascending position order (so
+    CLS stays first), then all of B.
     """
 
-    unmerged: Tensor  # [B, len(A) - r] A positions kept as they are, ascending
-    src: Tensor  # [B, r] A positions merged away
-    dst: Tensor  # [B, r] B positions they merge into
+    unmerged: Tensor  # [B, len(A) - r, 1] A positions kept as they are, ascending
+    src: Tensor  # [B, r, 1] A positions merged away
+    dst: Tensor  # [B, r, 1] B positions they merge into
 
     @property
     def r(self) -> int:
@@ -93,43 +95,48 @@ def bipartite_soft_matching(metric: Tensor, r: int, protect_cls: bool = True) ->
     tokens with the best such edges merge into their partners. With ``protect_cls`` the token at position 0
     (in A) never merges. ``r`` must already be clamped (:func:`clamp_merge_count`).
     """
-    metric = F.normalize(metric.float(), dim=-1)
+    metric = as_dtype(metric, torch.float32)
+    # F.normalize's arithmetic (x / max(||x||, eps)) without its expand_as: the division broadcasts alike
+    metric = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True).clamp_min(1e-12)
     a, b = metric[:, ::2], metric[:, 1::2]
     scores = a @ b.transpose(1, 2)  # [B, |A|, |B|] cosine similarities
     if protect_cls:
-        scores[:, 0, :] = -math.inf
-    best, partner = scores.max(dim=-1)  # each A token's best B token
-    order = best.argsort(dim=-1, descending=True)
+        scores[:, 0].fill_(-math.inf)
+    best, partner = scores.max(dim=-1, keepdim=True)  # each A token's best B token, [B, |A|, 1]
+    order = best.argsort(dim=1, descending=True)
     src = order[:, :r]
-    return BipartiteMatch(unmerged=order[:, r:].sort(dim=-1).values, src=src, dst=partner.gather(1, src))
+    return BipartiteMatch(unmerged=order[:, r:].sort(dim=1).values, src=src, dst=partner.gather(1, src))
 
 
 def merge_tokens(x: Tensor, match: BipartiteMatch, reduce: str = "sum") -> Tensor:
     """Apply ``match`` to ``x`` ``[B, N, C]``: A sources are reduced (``sum``/``mean``/``amax``...) into B."""
     a, b = x[:, ::2], x[:, 1::2]
-    channels = x.shape[-1]
-    src = gather_tokens(a, match.src)
-    b = b.scatter_reduce(1, match.dst.unsqueeze(-1).expand(-1, -1, channels), src, reduce=reduce)
-    return torch.cat([gather_tokens(a, match.unmerged), b], dim=1)
+    src = torch.take_along_dim(a, match.src, dim=1)
+    b = b.scatter_reduce(1, match.dst.expand_as(src), src, reduce=reduce)
+    return torch.cat([torch.take_along_dim(a, match.unmerged, dim=1), b], dim=1)
 
 
 def merge_wavg(x: Tensor, size: Tensor, match: BipartiteMatch) -> tuple[Tensor, Tensor]:
     """Size-weighted average merge: returns the merged tokens and their sizes (``[B, N, 1]``, which add up).
 
     ``sum(size * x)`` and ``sum(size)`` over the sequence are unchanged by a merge, so the size-weighted
-    mean of all tokens is too.
+    mean of all tokens is too. The sizes ride along as one more channel of the weighted tokens, so one merge
+    moves both (the sums per channel are the ones two separate merges give); the sizes returned are that
+    channel, a view.
     """
-    size = size.float()
-    total = merge_tokens(x.float() * size, match, reduce="sum")
-    new_size = merge_tokens(size, match, reduce="sum")
-    return (total / new_size).to(x.dtype), new_size
+    size = as_dtype(size, torch.float32)
+    channels = x.shape[-1]
+    merged = merge_tokens(torch.cat([as_dtype(x, torch.float32) * size, size], dim=-1), match, reduce="sum")
+    new_size = merged[..., channels:]
+    return as_dtype(merged[..., :channels] / new_size, x.dtype), new_size
 
 
 def merge_index(index: Tensor, match: BipartiteMatch) -> tuple[Tensor, Tensor]:
-    """Follow ``match`` for a per-token label ``index`` ``[B, N]`` (e.g. original patch ids).
+    """Follow ``match`` for a per-token label ``index`` ``[B, N, 1]`` (e.g. original patch ids; the layout of
+    the match's indices).
 
     Returns ``(surviving, removed)``: the labels of the merged sequence (a merged B token keeps its own) and
-    the labels of the A tokens merged away.
+    the labels of the A tokens merged away, ``[B, N - r, 1]`` and ``[B, r, 1]``.
     """
     a, b = index[:, ::2], index[:, 1::2]
     return torch.cat([a.gather(1, match.unmerged), b], dim=1), a.gather(1, match.src)

@@ -92,12 +92,13 @@ class ToMe(TokenReducer):
         batch, num_tokens, _ = x.shape
         patches = num_tokens - 1
         ids, depth = tokens.track_patches(batch, num_tokens, self.depth, x.device)  # CLS/fused carry `patches`
+        ids, depth_at = ids.unsqueeze(-1), depth.unsqueeze(-1)  # [B, N, 1], the layout of the match's indices
         size = None  # [B, N, 1] fp32 patches per token, created at the first merge
         counts = []
         for index, block in enumerate(self.vit.blocks):
             attn_tokens = x.shape[1]
             r = tokens.clamp_merge_count(self.schedule[index], attn_tokens)
-            bias = size.log()[:, None, None, :, 0] if self.prop_attn and size is not None else None
+            bias = size.log().reshape(batch, 1, 1, -1) if self.prop_attn and size is not None else None
             x, heads = backbone.attn_residual(block, x, partial(backbone.softmax_attention, key_bias=bias))
             if r > 0:
                 match = tokens.bipartite_soft_matching(heads.k.mean(dim=1), r)  # head-mean keys
@@ -105,7 +106,7 @@ class ToMe(TokenReducer):
                     size = x.new_ones(batch, attn_tokens, 1, dtype=torch.float32)
                 x, size = tokens.merge_wavg(x, size, match)
                 ids, merged = tokens.merge_index(ids, match)
-                depth.scatter_(1, merged, index + 1)
+                depth_at.scatter_(1, merged, index + 1)  # writes through to `depth`
             counts.append((attn_tokens, x.shape[1]))
             x = backbone.mlp_residual(block, x)
         if size is None:

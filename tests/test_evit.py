@@ -50,8 +50,9 @@ def test_fused_token_equals_attention_weighted_sum_of_dropped_tokens(tiny_vit):
     x = torch.randn(3, 17, 32)
     ids = (torch.arange(17) - 1).remainder(17).expand(3, -1)  # patch ids; CLS -> 16 (no patch)
     cls_attn = torch.rand(3, 17)  # deliberately not summing to 1: the weights must be used as they are
-    out, new_ids, dropped = method._prune(x, cls_attn, ids, keep=10)
-    assert out.shape == (3, 12, 32) and dropped.shape == (3, 6)
+    out, new_ids, dropped = method._prune(x, cls_attn, ids[:, 1:], ids[:, :1], keep=10)  # non-CLS ids, CLS's
+    assert out.shape == (3, 12, 32) and dropped.shape == (3, 6) and new_ids.shape == (3, 11)
+    assert new_ids[:, -1].tolist() == [16] * 3  # the fused token stands for no patch
     for b in range(3):
         ranked = sorted(range(1, 17), key=lambda j: -cls_attn[b, j].item())
         expected = sum(cls_attn[b, j] * x[b, j] for j in ranked[10:])

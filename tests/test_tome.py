@@ -64,7 +64,7 @@ def test_merge_preserves_size_weighted_mean():
     mean = lambda t, s: (t * s).sum(dim=1) / s.sum(dim=1)  # noqa: E731
     torch.testing.assert_close(mean(merged, new_size), mean(x, size))
     # Only merged B tokens change; an unmerged token is copied as it is.
-    untouched = [j for j in range(4) if j not in match.dst[0].tolist()]
+    untouched = [j for j in range(4) if j not in match.dst[0, :, 0].tolist()]
     torch.testing.assert_close(merged[0, 2 + torch.tensor(untouched)], x[0, 1 + 2 * torch.tensor(untouched)])
 
 
@@ -72,16 +72,16 @@ def test_cls_is_never_merged():
     metric = torch.randn(1, 9, 4)
     metric[:, 0] = metric[:, 1]  # CLS (in A) is identical to a B token: the best edge of all if unprotected
     match = bipartite_soft_matching(metric, clamp_merge_count(100, 9))
-    assert match.r == 4 and 0 not in match.src.tolist()[0]
+    assert match.src.shape == (1, 4, 1) and match.r == 4 and 0 not in match.src[0, :, 0].tolist()
     assert match.unmerged[0, 0] == 0  # CLS stays first
     unprotected = bipartite_soft_matching(metric, 4, protect_cls=False)
-    assert 0 in unprotected.src.tolist()[0]  # the test would notice a missing protection
+    assert 0 in unprotected.src[0, :, 0].tolist()  # the test would notice a missing protection
 
 
 def test_merge_index_follows_the_tokens():
-    match = BipartiteMatch(unmerged=torch.tensor([[0, 2]]), src=torch.tensor([[1]]), dst=torch.tensor([[0]]))
-    surviving, removed = merge_index(torch.tensor([[10, 11, 12, 13, 14]]), match)
-    assert surviving.tolist() == [[10, 14, 11, 13]] and removed.tolist() == [[12]]
+    match = BipartiteMatch(unmerged=torch.tensor([[[0], [2]]]), src=torch.tensor([[[1]]]), dst=torch.tensor([[[0]]]))
+    surviving, removed = merge_index(torch.tensor([[10, 11, 12, 13, 14]])[..., None], match)
+    assert surviving[..., 0].tolist() == [[10, 14, 11, 13]] and removed[..., 0].tolist() == [[12]]
 
 
 def test_matching_has_no_gradient():
