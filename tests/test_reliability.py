@@ -203,9 +203,9 @@ def fail_second_checkpoint(monkeypatch, where: str) -> None:
     if where == "torch.save":
         original = torch.save
 
-        def save(obj, f, *args, **kwargs):
-            if second(".last.pth." in str(f)):
-                Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")  # the disk filled up mid-write
+        def save(obj, f, *args, **kwargs):  # f: the temp file's handle (save_checkpoint writes through one)
+            if second(".last.pth." in str(getattr(f, "name", f))):
+                f.write(b"PK\x03\x04 half a checkpoint")  # the disk filled up mid-write
                 enospc()
             return original(obj, f, *args, **kwargs)
 
