@@ -99,8 +99,9 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
             "n_seeds": len(group), "seeds": ",".join(str(s) for s in group["seed"]),
             "record_ids": ",".join(group["record_id"]),  # what the row averages, in seed order
             "fine_tuned": bool(group["fine_tuned"].iloc[0]),
-            "is_default": (None if defaults.get(method) is None
-                           else differing_params(group["method_params"].iloc[0], defaults[method]) == "default"),
+            "is_default": (None if defaults.get((method, model)) is None
+                           else differing_params(group["method_params"].iloc[0], defaults[(method, model)])
+                           == "default"),
             "params": group["params"].mean() if group["params"].notna().any() else math.nan,
         }
         for metric in ("top1", "top5", "gflops", "flops_ratio", "depth"):
@@ -127,7 +128,7 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
     frame["setting"] = ""
     for _, idx in frame.groupby(["model", "data", "method"], sort=False).groups.items():
         labels = setting_labels(list(frame.loc[idx, "method_params"]),
-                                defaults=defaults.get(frame.loc[idx[0], "method"]))
+                                defaults=defaults.get((frame.loc[idx[0], "method"], frame.loc[idx[0], "model"])))
         frame.loc[idx, "setting"] = [label if kind == "run" else f"{label} [{kind}]"
                                      for label, kind in zip(labels, frame.loc[idx, "kind"])]
     # rows whose parameters agree but whose identities differ (recipe, data files, measurement) say which is which:

@@ -98,18 +98,18 @@ def condition_title(condition: str) -> str:
     return ", ".join([device, f"batch {batch[1:]}", dtype, *threads, *[p for p in rest if p == "compiled"]])
 
 
-def method_defaults(records: pd.DataFrame) -> dict[str, Optional[dict[str, Any]]]:
-    """Each method of ``records`` -> the parameters of its default setting, as its records state them
-    (``method_defaults``, written by the harness from the registry; the first record that states them), ``None``
-    where no record does (records written before the field existed: ``python -m experiments.records.upgrade``
-    fills it)."""
-    defaults: dict[str, Optional[dict[str, Any]]] = {}
+def method_defaults(records: pd.DataFrame) -> dict[tuple[str, str], Optional[dict[str, Any]]]:
+    """Each (method, model) of ``records`` -> the parameters of the method's default setting on that backbone,
+    as its records state them (``method_defaults``, written by the harness from the registry: ToMe's r=4 on the
+    65-token embedded models, r=13 on DeiT; the first record that states them), ``None`` where no record does
+    (records written before the field existed: ``python -m experiments.records.upgrade`` fills it)."""
+    defaults: dict[tuple[str, str], Optional[dict[str, Any]]] = {}
     if records.empty:
         return defaults
     stated = records["method_defaults"] if "method_defaults" in records else [None] * len(records)
-    for method, value in zip(records["method"], stated):
-        if defaults.get(method) is None:
-            defaults[method] = dict(value) if isinstance(value, dict) else None
+    for method, model, value in zip(records["method"], records["model"], stated):
+        if defaults.get((method, model)) is None:
+            defaults[(method, model)] = dict(value) if isinstance(value, dict) else None
     return defaults
 
 

@@ -500,3 +500,14 @@ def test_the_shipped_baselines_manifest_is_not_read_as_a_record(tmp_path):
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "a.json").write_text("{}")
     assert [p.relative_to(tmp_path).as_posix() for p in load.find_record_files(tmp_path)] == ["runs/a.json"]
+
+
+def test_a_methods_default_is_per_backbone():
+    """ToMe's default is r=4 on the 65-token embedded model and r=13 on DeiT-S: each backbone's records say which
+    of their settings is the default, so a record of one backbone does not hide the other's default row."""
+    import pandas as pd
+    from analysis.formatting import method_defaults
+
+    records = pd.DataFrame({"method": ["tome", "tome"], "model": ["deit_small", "deit_scenes"],
+                            "method_defaults": [{"r": 13}, {"r": 4}]})
+    assert method_defaults(records) == {("tome", "deit_small"): {"r": 13}, ("tome", "deit_scenes"): {"r": 4}}
