@@ -6,20 +6,20 @@ methods, the dense fine-tuned control, stronger settings, trade-off curves from 
 ablations, moving digits, DeiT-T/S/B FLOPs, the CPU throughput table). Each stage expands into jobs: one call of
 ``experiments/run.py``, ``tradeoff.py`` or ``measure.py`` with Hydra overrides; a ``calibrate`` job runs
 ``experiments/calibrate.py`` (threshold ToMe's thresholds for the job's ``r``, on its starting weights) and then
-``run.py`` on the calibrated checkpoint, which stays in the job's folder (records name it and its sha256). The methods come from the registry
-(``all``, ``with_knob``), so a new method joins every stage without an edit here.
+``run.py`` on the calibrated checkpoint, which stays in the job's folder (records name it and its sha256). The
+methods come from the registry (``all``, ``with_knob``), so a new method joins every stage without an edit here.
 
 **Resume.** Before a job runs, the identities of the records it would write are computed from its config alone
 (``records.identity.result_identity``: the config, the method parameters with defaults filled, the starting
 weights' sha256 -- the shipped baseline's from its manifest --, the data files): a job whose every record is
 already in ``--results`` is skipped. A job whose starting weights are not known yet (a baseline that is neither
 shipped nor cached) runs; a ``calibrate`` job calibrates first when its checkpoint is missing, then skips the
-evaluation if the calibrated weights' record is already there (calibration is deterministic). An interrupted fine-tune resumes from its own state (``paths.state_dir``), so
-running the command again after an interruption recomputes nothing that finished and little that did not.
+evaluation if the calibrated weights' record is already there (calibration is deterministic, and so are the
+checkpoint's bytes). An interrupted fine-tune resumes from its own state (``paths.state_dir``), so running the
+command again after an interruption recomputes nothing that finished and little that did not.
 
 Each job runs in its own process, in the run folder ``outputs/regenerate/<stage>/<number>/``; its output goes to
-``outputs/regenerate/<stage>/<number>.log``, and the wall time
-of every stage is printed at the end (and appended to ``outputs/regenerate/times.jsonl``).
+``outputs/regenerate/<stage>/<number>.log``; each stage's wall time is printed and appended to ``times.jsonl``.
 """
 from __future__ import annotations
 
