@@ -46,7 +46,7 @@ from . import backbone, tokens
 from .base import MethodOutput, TokenReducer
 from .params import MAX_BLOCKS, MAX_TOKENS, ParamError
 from .registry import register_method
-from .tome_threshold import NEVER, ThresholdToMe, calibrate
+from .tome_threshold import NEVER, ThresholdToMe, calibrate, short_schedule
 
 Merged = Annotated[int, Field(ge=0, le=MAX_TOKENS)]  # tokens merged in a block (ToMe clamps to half of them)
 R = Union[Merged, Annotated[Sequence[Merged], Field(max_length=MAX_BLOCKS)]]  # one for all blocks, or per block
@@ -135,7 +135,7 @@ class ToMe(TokenReducer):
             method.calibration_r.copy_(torch.tensor(self.schedule))
             method.calibration_images.fill_(images)
         method._refresh()
-        return method, {"threshold": "calibrated", "r": self.r if len(set(self.r)) > 1 else self.r[0],
+        return method, {"threshold": "calibrated", "r": short_schedule(self.schedule),
                         "prop_attn": self.prop_attn}
 
     def extra_macs(self, token_counts: Tensor) -> Tensor:

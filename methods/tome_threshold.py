@@ -154,7 +154,7 @@ class BatchTopR:
 
 
 # ------------------------------------------------------------------------------------------------- method
-def _short(schedule: Sequence[int]) -> Any:
+def short_schedule(schedule: Sequence[int]) -> Any:
     """A per-block r as the command line would give it: one int when every block has the same."""
     return schedule[0] if len(set(schedule)) == 1 else list(schedule)
 
@@ -200,9 +200,9 @@ class ThresholdToMe(TokenReducer):
             return uncalibrated_message("the checkpoint" if state is not None else "no checkpoint")
         found = state.get("calibration_r") if self.calibrated and self.calibration_target is not None else None
         if found is not None and not found.is_meta and found.tolist() != self.calibration_target:
-            return (f"method.params.r={_short(self.calibration_target)} names the calibration's target, but the "
-                    f"checkpoint's thresholds were calibrated for r={_short(found.tolist())}; valid: "
-                    f"method.params.r={_short(found.tolist())}, or calibrate for r={_short(self.calibration_target)} "
+            wanted, saved = short_schedule(self.calibration_target), short_schedule(found.tolist())
+            return (f"method.params.r={wanted} names the calibration's target, but the checkpoint's thresholds were "
+                    f"calibrated for r={saved}; valid: method.params.r={saved}, or calibrate for r={wanted} "
                     f"(python -m experiments.calibrate method.params.r=... model.checkpoint=...)")
         return None
 
