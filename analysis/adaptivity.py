@@ -11,8 +11,8 @@ records' ``compute_per_image`` (``experiments/cost/per_image.py``) and the trade
 - :func:`rebin`: a stored histogram moved onto other edges (the figure's common axis);
 - :func:`oracle_frame`: at a fixed mean FLOPs, does per-image allocation beat a fixed count? Each adaptive
   method's trade-off curve against its fixed-count counterpart's, the counterpart being the one its
-  registration declares (``method_info.counterpart``: A-ViT -> top-k, ATS -> EViT, LTMP and threshold ToMe ->
-  ToMe), both interpolated at matched mean FLOPs ratios (:func:`analysis.curves.top1_at_flops`, never
+  records declare (``method_info.counterpart``, per curve: A-ViT -> top-k, ATS -> EViT, LTMP and threshold ToMe
+  -> ToMe), both interpolated at matched mean FLOPs ratios (:func:`analysis.curves.top1_at_flops`, never
   extrapolated) and their difference paired by seed (:func:`analysis.stats.mean_ci` over the per-seed
   differences).
 
@@ -36,19 +36,6 @@ LEVEL_Z = 1.959963984540054  # normal 97.5% quantile (the records' Fisher-z inte
 
 
 # --- reading the entries ----------------------------------------------------------------------------------------
-
-def method_counterparts(records: pd.DataFrame) -> dict[str, str]:
-    """Each method of ``records`` -> the fixed-count counterpart its records declare (``method_info.
-    counterpart``, the first that declares one); methods declaring none are left out."""
-    found: dict[str, str] = {}
-    if records.empty or "method_info" not in records:
-        return found
-    for method, info in zip(records["method"], records["method_info"]):
-        other = info.get("counterpart") if isinstance(info, dict) else None
-        if isinstance(other, str) and other and method not in found:
-            found[method] = other
-    return found
-
 
 def accuracy_groups(entry: dict[str, Any], groups: int = GROUPS) -> Optional[list[dict[str, float]]]:
     """Top-1 (%) of the images in ``groups`` compute groups of one record's histogram, from least to most
@@ -207,19 +194,20 @@ def oracle_frame(records: pd.DataFrame, targets: Iterable[float] = TARGETS,
     """One row per backbone, adaptive curve, counterpart curve and target FLOPs ratio: ``adaptive``,
     ``counterpart`` (curve labels), ``top1_adaptive``/``top1_fixed`` (seed-mean curves interpolated),
     ``delta``/``ci``/``n`` (paired by seed, :func:`paired_at_flops`) and ``verdict``. Curves of a method
-    declaring a counterpart meet every curve of that counterpart on the same backbone."""
+    declaring a counterpart (its records' ``method_info.counterpart``, :func:`analysis.curves.declared_counterpart`)
+    meet every curve of that method on the same backbone that declares none (a threshold ToMe curve declares ToMe,
+    its own method: it meets ToMe's fixed-count curves, never itself)."""
     points = curves.curve_points(records) if points is None else points
-    counterparts = method_counterparts(records)
-    if points.empty or not counterparts:
+    if points.empty or not points["counterpart"].astype(bool).any():
         return pd.DataFrame()
     rows = []
     for (model, data, slug), part in points.groupby(["model", "data", "slug"], sort=False):
         for label, curve in part.groupby("label", sort=False):
-            method = curve["method"].iloc[0]
-            other = counterparts.get(method)
-            if other is None:
+            method, other = curve["method"].iloc[0], curve["counterpart"].iloc[0]
+            if not other:
                 continue
-            for fixed_label, fixed in part[part["method"] == other].groupby("label", sort=False):
+            fixed_curves = part[(part["method"] == other) & ~part["counterpart"].astype(bool)]
+            for fixed_label, fixed in fixed_curves.groupby("label", sort=False):
                 for target in targets:
                     top_a = curves.top1_at_flops(curve["flops_ratio_mean"], curve["top1_mean"], target)
                     top_f = curves.top1_at_flops(fixed["flops_ratio_mean"], fixed["top1_mean"], target)

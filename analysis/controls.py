@@ -4,7 +4,8 @@ A reduction method that was fine-tuned trains for longer than the dense baseline
 it with that baseline measures the extra epochs. Its control is the reference (family ``none``) fine-tuned with
 the *same recipe* (``config.train``) on the same model and data (:func:`control_fields`: the ``model``,
 ``data``, ``baseline`` and ``eval`` sections and the data folder's digest), matched seed by seed (and by
-starting weights where both records name them). An off-the-shelf method is compared with the baseline itself
+starting weights where both records name them: for a calibrated checkpoint, the weights it was calibrated on,
+``weights.calibrated_from_sha256``). An off-the-shelf method is compared with the baseline itself
 (the reference not fine-tuned); so is the fine-tuned reference (what the extra epochs give).
 
 :func:`paired_delta` returns the mean of the per-seed differences with its 95% CI
@@ -34,7 +35,8 @@ NO_DELTA = {"top1_delta": math.nan, "top1_delta_ci": math.nan, "top1_delta_n": 0
 def control_fields(record: dict[str, Any], identity: dict[str, Any]) -> dict[str, Any]:
     """The record's columns for control matching: ``fine_tuned``, ``recipe`` (canonical JSON of
     ``config.train`` when fine-tuned, else ``None``), ``control_context`` (digest of :data:`CONTEXT_SECTIONS`
-    without the keys that cannot change a result, and the data folder's digest) and ``start_sha256``."""
+    without the keys that cannot change a result, and the data folder's digest) and ``start_sha256`` (the
+    weights it started from or, calibrated, was calibrated on)."""
     config = record.get("config") if isinstance(record.get("config"), dict) else {}
     context = {section: copy.deepcopy(config.get(section)) for section in CONTEXT_SECTIONS}
     for dotted in NOT_RESULT_KEYS:
@@ -42,9 +44,12 @@ def control_fields(record: dict[str, Any], identity: dict[str, Any]) -> dict[str
             drop_key(context, dotted)
     context["data_files"] = identity.get("data_files")
     trained = fine_tuned(record)
+    weights = record.get("weights") if isinstance(record.get("weights"), dict) else {}
     return {"fine_tuned": trained,
             "recipe": json.dumps(config.get("train"), sort_keys=True, default=str) if trained else None,
-            "control_context": content_digest(context), "start_sha256": identity.get("start_weights_sha256")}
+            "control_context": content_digest(context),
+            # calibrated weights pair with the control of the weights they were calibrated on
+            "start_sha256": weights.get("calibrated_from_sha256") or identity.get("start_weights_sha256")}
 
 
 def _text(value: Any) -> str:

@@ -49,7 +49,8 @@ def tradeoff_records(records: pd.DataFrame) -> pd.DataFrame:
 
 def curve_points(records: pd.DataFrame) -> pd.DataFrame:
     """One row per (backbone, method, curve, knob value); see the module docstring. Columns: ``model``,
-    ``data``, ``slug``, ``method``, ``family`` (its records' ``method_info.family``), ``curve_key``, ``label``, ``knob``, ``knob_value``, ``n_seeds``,
+    ``data``, ``slug``, ``method``, ``family`` (its records' ``method_info.family``), ``curve_key``,
+    ``counterpart`` (:func:`declared_counterpart`), ``label``, ``knob``, ``knob_value``, ``n_seeds``,
     ``top1_mean``/``_std``/``_ci``/``_n``, ``gflops_mean``/``_std``, ``flops_ratio_mean``/``_std``,
     ``top1_by_seed`` and ``flops_ratio_by_seed`` (seed -> value) and ``img_per_s[c]`` per throughput condition
     ``c`` (listed in ``frame.attrs["conditions"]``)."""
@@ -68,6 +69,7 @@ def curve_points(records: pd.DataFrame) -> pd.DataFrame:
             row: dict[str, Any] = {
                 "model": model, "data": data, "slug": backbone_slug(model, data, several.get(model, 1) > 1),
                 "method": method, "family": families[method], "curve_key": curve_key,
+                "counterpart": declared_counterpart(group),
                 "params": _without(group["method_params"].iloc[0], knob),
                 "knob": knob, "knob_value": group["knob_value"].iloc[0], "n_seeds": len(group),
             }
@@ -96,6 +98,14 @@ def curve_points(records: pd.DataFrame) -> pd.DataFrame:
     frame = frame.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
     frame.attrs["conditions"] = conds
     return frame
+
+
+def declared_counterpart(points: pd.DataFrame) -> str:
+    """The fixed-count counterpart the points' records declare (``method_info.counterpart``: the method's
+    registration, or the built method's own, as threshold ToMe's -> ToMe), or ``""``."""
+    infos = points["method_info"] if "method_info" in points else []
+    return next((info["counterpart"] for info in infos if isinstance(info, dict)
+                 and isinstance(info.get("counterpart"), str) and info["counterpart"]), "")
 
 
 def _without(params: dict, knob: str) -> dict:

@@ -91,13 +91,18 @@ def validate_calibration(cfg: DictConfig) -> tuple[RunPlan, CalibrationConfig, P
 
 
 def batches(dataset, calibration: CalibrationConfig, plan: RunPlan, device: torch.device) -> Iterator[torch.Tensor]:
-    """The split's images in seeded shuffled order, ``calibration.batch_size`` at a time, ``images`` in all."""
+    """The split's images in seeded shuffled order, ``calibration.batch_size`` at a time, ``images`` in all. The
+    training split's random transforms draw from torch's generator, seeded here with the run's seed (and the
+    caller's generator restored after), so the images depend on the seed alone, not on what the process did
+    before: a trade-off sweep's every point calibrates on what ``calibrate.py`` would."""
     loader = make_loader(dataset, calibration.batch_size, True, plan.config.num_workers, plan.config.seed)
     left = calibration.images
-    for images, _ in itertools.takewhile(lambda _: left > 0, loader):
-        images = images[:left]
-        left -= images.shape[0]
-        yield images.to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(plan.config.seed)
+        for images, _ in itertools.takewhile(lambda _: left > 0, loader):
+            images = images[:left]
+            left -= images.shape[0]
+            yield images.to(device)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

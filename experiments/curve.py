@@ -8,6 +8,13 @@ nothing is written. Weights resolve as in ``run.py``; a method with trained modu
 of that method or ``experiment.train=true`` (``check_weights``). Each record carries ``tradeoff``:
 ``{"knob", "value", "values", "curve", "weights", "weights_sha256"}``; ``curve`` identifies the curve (method,
 backbone, data, seed, the other parameters and the weights' content), which is how ``analysis`` joins the points.
+
+A knob that names a calibration target (``methods.knob_target``: threshold ToMe's ``r`` under
+``threshold=calibrated``) is swept by calibrating every point: the weights are loaded (and fine-tuned) as the
+method without the target's parameter (ToMe at its ``r``), then each point calibrates on the training split for
+its knob value (``experiments/calibration.py``'s defaults: ``CALIBRATION``) and is evaluated with what it
+calibrated; its record's ``tradeoff.calibration`` says on what. So DToMe's curve and ToMe's, swept with the same
+overrides, start from the same weights and differ only in how the merges are allocated.
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
 import methods
-from experiments import identity, pipeline, records
+from experiments import calibration, identity, pipeline, records
 from experiments.build import build_method
 from experiments.config import ConfigError
 from experiments.plan import RunPlan, build_on_meta, validate
@@ -30,6 +37,7 @@ from methods.models import CheckpointError, read_checkpoint
 log = logging.getLogger(__name__)
 
 KIND = "tradeoff"
+CALIBRATION = calibration.CalibrationConfig()  # how a calibrating sweep's points calibrate (training split)
 
 
 def point_config(cfg: DictConfig, plan: RunPlan, knob: str, value: Any) -> DictConfig:
@@ -45,15 +53,32 @@ def point_config(cfg: DictConfig, plan: RunPlan, knob: str, value: Any) -> DictC
     return point
 
 
-def validate_sweep(cfg: DictConfig) -> tuple[RunPlan, str, list]:
-    """Everything a sweep needs, checked before anything is loaded or written; returns ``(plan, knob, values)``.
+def calibration_target(cfg: DictConfig) -> dict[str, Any]:
+    """``{parameter: value}`` when the swept knob names a calibration target (``methods.knob_target``), else
+    ``{}``: the parameter the weights are loaded without and every point is evaluated with."""
+    name = cfg.method.name
+    if name not in methods.list_methods():
+        return {}
+    params = OmegaConf.to_container(cfg.method.params, resolve=True) if cfg.method.get("params") else {}
+    fixer = methods.knob_target(name, params or {})
+    return {fixer: params[fixer]} if fixer else {}
+
+
+def validate_sweep(cfg: DictConfig) -> tuple[RunPlan, str, list, dict[str, Any]]:
+    """Everything a sweep needs, checked before anything is loaded or written; returns ``(plan, knob, values,
+    target)`` (``target``: :func:`calibration_target`; the plan is then the method without it).
     ``experiment.train`` null becomes false in ``cfg`` (a sweep does not retrain unless asked)."""
     with open_dict(cfg):
         cfg.experiment.train = bool(cfg.experiment.train)
     name = cfg.method.name
     if name in methods.list_methods() and methods.inference_knob(name) is None:
         raise ConfigError(f"method={name} has no inference knob to sweep; valid methods: {_knobbed()}")
-    plan = validate(cfg)
+    target = calibration_target(cfg)
+    loaded = copy.deepcopy(cfg)
+    with open_dict(loaded):
+        for key in target:  # loaded and fine-tuned without it; each point calibrates its own
+            loaded.method.params[key] = None
+    plan = validate(loaded, needs_train=True if target else None)
     knob, values = methods.inference_knob(plan.method_name), check_grid(plan)
     fixer = methods.knob_fixed(plan.method_name, plan.method_params, sweeping=True)
     if fixer is not None:  # the registered grid: the plan saw no explicit one
@@ -63,11 +88,18 @@ def validate_sweep(cfg: DictConfig) -> tuple[RunPlan, str, list]:
     for value in values:
         params = {**plan.method_params, knob: value}
         try:
-            build_on_meta(plan.config, plan.method_name, params, plan.num_classes)
+            meta = build_on_meta(plan.config, plan.method_name, params, plan.num_classes)
         except ConfigError as error:
             raise ConfigError(f"method.tradeoff_values: the point {knob}={value!r} is invalid: {error}") from error
+        if target and meta.calibration_error():
+            raise ConfigError(f"method.tradeoff_values: the point {knob}={value!r} cannot be calibrated for "
+                              f"{_pairs(target)}: {meta.calibration_error()}")
     check_weights(plan)
-    return plan, knob, values
+    return plan, knob, values, target
+
+
+def _pairs(params: dict[str, Any]) -> str:
+    return ", ".join(f"method.params.{key}={value}" for key, value in params.items())
 
 
 def _knobbed() -> str:
@@ -102,13 +134,22 @@ def check_weights(plan: RunPlan) -> None:
                     "or experiment.train=true for the method's real curve", name, source, name)
 
 
+def calibrate_point(point, session: pipeline.Session, plan: RunPlan):
+    """``point`` calibrated on the training split (:data:`CALIBRATION`): the calibrated method (on ``point``'s
+    backbone, evaluation mode) and the parameters that build it."""
+    batches = calibration.batches(session.data.train, CALIBRATION, plan, session.device)
+    calibrated, params = point.calibrate(batches)
+    return calibrated.to(session.device).eval(), params
+
+
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
     """Validate, load (and fine-tune if ``experiment.train=true``) once, then evaluate, measure and record every
     point; returns the records (rank 0; other ranks get their metrics only)."""
-    plan, knob, values = validate_sweep(cfg)
+    plan, knob, values, target = validate_sweep(cfg)
     session = pipeline.prepare(plan)
     sha = session.evaluated_sha256  # the weights every point evaluates (final.pth when it fine-tuned first)
-    curve = identity.curve_id(plan.method_name, cfg, plan.recorded_params, knob, sha or session.weights)
+    curve = identity.curve_id(plan.method_name, cfg, {**plan.recorded_params, **target}, knob,
+                              sha or session.weights)
     trained_state = session.method.state_dict()
     done = []
     for value in tqdm(values, desc=f"{plan.method_name} {knob}", disable=not plan.config.progress,
@@ -118,6 +159,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         point = build_method(plan, params=params, vit=copy.deepcopy(session.method.vit))
         point.load_state_dict(trained_state)  # same weights (predictors, halting heads included), new knob
         point = point.to(session.device).eval()
+        if target:
+            point, params = calibrate_point(point, session, plan)
         log.info("point %s=%r", knob, value)
         result, tokens = pipeline.evaluate(session, point, map_images=0)  # no figure reads a point's maps
         if not session.dist.is_main:
@@ -125,6 +168,9 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             continue
         tradeoff = {"knob": knob, "value": value, "values": values, "curve": curve, "weights": session.weights,
                     "weights_sha256": sha}
+        if target:
+            tradeoff["calibration"] = {"split": CALIBRATION.split, "images": CALIBRATION.images,
+                                       "batch_size": CALIBRATION.batch_size, "seed": plan.config.seed}
         done.append(pipeline.write_record(session, point, result, tokens, start_time,
                                           cfg=point_config(cfg, plan, knob, value), params=params, kind=KIND,
                                           tradeoff=tradeoff))

@@ -186,10 +186,15 @@ def data_read(data: DataBundle) -> dict[str, Any]:
 def weights_entry(session: Session) -> dict[str, Any]:
     """The record's ``weights``: the sha256 of the file the run started from and of the one it evaluates, and,
     for a run from ``model.checkpoint``, that file's name (``checkpoint``: the tag the reproduction report
-    shows next to the published number; the folder stays out, as it is this machine's)."""
+    shows next to the published number; the folder stays out, as it is this machine's) and, for a calibrated
+    checkpoint (``experiments/calibrate.py``), the sha256 of the weights it was calibrated on
+    (``calibrated_from_sha256``: how the report pairs it with the dense control of those weights)."""
     entry = {"start_sha256": session.start_sha256, "evaluated_sha256": session.evaluated_sha256}
     if session.plan.weights.kind == "checkpoint" and session.plan.weights.path is not None:
         entry["checkpoint"] = Path(session.plan.weights.path).name
+        facts = read_checkpoint(session.plan.weights.path).get("calibration")
+        if isinstance(facts, dict) and facts.get("source_sha256"):
+            entry["calibrated_from_sha256"] = facts["source_sha256"]
     return entry
 
 

@@ -6,7 +6,8 @@ methods, the dense fine-tuned control, stronger settings, trade-off curves from 
 ablations, moving digits, DeiT-T/S/B FLOPs, the CPU throughput table). Each stage expands into jobs: one call of
 ``experiments/run.py``, ``tradeoff.py`` or ``measure.py`` with Hydra overrides; a ``calibrate`` job runs
 ``experiments/calibrate.py`` (threshold ToMe's thresholds for the job's ``r``, on its starting weights) and then
-``run.py`` on the calibrated checkpoint, which stays in the job's folder (records name it and its sha256). The
+``run.py`` (or the stage's ``evaluate``: ``measure.py``) on the calibrated checkpoint, which stays in the job's
+folder (records name it and its sha256). The
 methods come from the registry (``all``, ``with_knob``), so a new method joins every stage without an edit here.
 
 **Resume.** Before a job runs, the identities of the records it would write are computed from its config alone
@@ -42,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "experiments" / "regeneration.yaml"
 SWEEPS = ROOT / "experiments" / "conf" / "sweep"
 ENTRIES = ("run", "tradeoff", "measure", "calibrate")
+EVALUATIONS = ("run", "measure")  # a calibrate job's second step
 LOGS = Path("outputs") / "regenerate"
 
 
@@ -51,6 +53,7 @@ class Job:
     entry: str
     overrides: list[str]
     name: str = ""
+    evaluate: str = "run"  # a calibrate job's second step: run.py, or measure.py (cost alone)
     planned: Optional[set[str]] = field(default=None, repr=False)  # identity keys; None: unknown until it runs
 
     def commands(self, results: Path, log_dir: Path, extra: Iterable[str] = ()) -> list[list[str]]:
@@ -62,8 +65,13 @@ class Job:
                      f"paths.results_dir={results}", f"hydra.run.dir={folder}"]]
         return [[sys.executable, "-m", "experiments.calibrate", *self.overrides, *extra, "progress=false",
                  f"calibration.out={self.calibrated(log_dir)}", f"hydra.run.dir={folder / 'calibrate'}"],
-                [sys.executable, "-m", "experiments.run", *self.evaluation_overrides(log_dir), *extra,
+                [sys.executable, "-m", f"experiments.{self.evaluate}", *self.evaluation_overrides(log_dir), *extra,
                  "progress=false", f"paths.results_dir={results}", f"hydra.run.dir={folder}"]]
+
+    @property
+    def evaluates(self) -> str:
+        """The entry point that writes the job's records: its own, or a ``calibrate`` job's second step."""
+        return self.evaluate if self.entry == "calibrate" else self.entry
 
     def calibrated(self, log_dir: Path = LOGS) -> Path:
         """Where a ``calibrate`` job's calibration writes its checkpoint (the weights and the thresholds)."""
@@ -86,6 +94,9 @@ def load_spec(path: Path = SPEC) -> dict[str, Any]:
     for name, stage in spec["stages"].items():
         if stage.get("entry") not in ENTRIES:
             raise ValueError(f"{path}: stages.{name}.entry={stage.get('entry')!r}; valid: {', '.join(ENTRIES)}")
+        if stage.get("evaluate", "run") not in EVALUATIONS or ("evaluate" in stage and stage["entry"] != "calibrate"):
+            raise ValueError(f"{path}: stages.{name}.evaluate={stage.get('evaluate')!r}; valid: "
+                             f"{', '.join(EVALUATIONS)}, and only with entry: calibrate")
     return spec
 
 
@@ -181,7 +192,8 @@ def expand(spec: dict[str, Any], stages: Optional[Iterable[str]] = None) -> list
                     continue
                 for seed in _seeds(spec, stage["seeds"], method):
                     jobs.append(Job(stage_name, stage["entry"], [f"method={method}", *_param_overrides(params),
-                                                                 *base, *row_overrides, f"seed={seed}"]))
+                                                                 *base, *row_overrides, f"seed={seed}"],
+                                    evaluate=stage.get("evaluate", "run")))
     for stage_name in chosen:  # numbered within the stage: a job's folder does not depend on the other stages
         for number, job in enumerate(job for job in jobs if job.stage == stage_name):
             job.name = f"{job.stage}/{number:04d}"
@@ -207,15 +219,15 @@ def planned_identities(job: Job) -> Optional[set[str]]:
         cfg = compose(job.evaluation_overrides())
     else:
         cfg = compose(job.overrides)
-    if job.entry == "measure":
+    if job.evaluates == "measure":
         plan = validate(cfg, cfg.measure.num_classes, train=False)
     elif job.entry == "tradeoff":
-        plan, knob, values = validate_sweep(cfg)
+        plan, knob, values, target = validate_sweep(cfg)
     else:
         plan = validate(cfg)
     if plan.weights.kind == "checkpoint":
         start = file_sha256(plan.weights.path)
-    elif plan.weights.kind == "baseline" and job.entry != "measure":
+    elif plan.weights.kind == "baseline" and job.evaluates != "measure":
         key = baseline_key(plan)
         found = shipped.verified(plan.config.paths.baselines_dir, key) or \
             Path(plan.config.paths.cache_dir) / f"{key}.pth"
@@ -228,11 +240,11 @@ def planned_identities(job: Job) -> Optional[set[str]]:
         keys = set()
         for value in values:
             point = OmegaConf.to_container(point_config(cfg, plan, knob, value), resolve=True)
-            params = methods.resolved_params(plan.method_name, {**plan.method_params, knob: value})
+            params = methods.resolved_params(plan.method_name, {**plan.method_params, **target, knob: value})
             keys.add(result_identity(point, plan.method_name, params, "tradeoff", plan.trains, start,
                                      plan.data_files)["key"])
         return keys
-    kind, trains = ("measure", False) if job.entry == "measure" else ("run", plan.trains)
+    kind, trains = ("measure", False) if job.evaluates == "measure" else ("run", plan.trains)
     return {result_identity(OmegaConf.to_container(cfg, resolve=True), plan.method_name, plan.recorded_params,
                             kind, trains, start, plan.data_files)["key"]}
 

@@ -9,9 +9,8 @@ import pkgutil
 
 from .base import MethodOutput, TokenReducer
 from .registry import (MethodSpec, bench_settings, check_counterparts, create_method, default_params, inference_knob,
-                       knob_fixed,
-                       list_methods, method_info, method_parameters, method_spec, methods_with_knob, register_method,
-                       registered_info, resolved_params)
+                       knob_fixed, knob_target, list_methods, method_info, method_parameters, method_spec,
+                       methods_with_knob, register_method, registered_info, resolved_params)
 
 
 def discover() -> list[str]:
@@ -28,5 +27,5 @@ check_counterparts()  # every declared counterpart is registered, once all are
 
 __all__ = ["MethodOutput", "MethodSpec", "TokenReducer", "bench_settings", "check_counterparts", "create_method",
            "discover",
-           "inference_knob", "knob_fixed", "list_methods", "method_info", "method_parameters", "method_spec",
-           "methods_with_knob", "register_method", "registered_info", "resolved_params"]
+           "inference_knob", "knob_fixed", "knob_target", "list_methods", "method_info", "method_parameters",
+           "method_spec", "methods_with_knob", "register_method", "registered_info", "resolved_params"]

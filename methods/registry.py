@@ -268,3 +268,12 @@ def knob_fixed(name: str, params: Mapping[str, Any], sweeping: bool = False) -> 
     targets = dict(spec.knob_names_target)
     return next((key for key in spec.knob_fixed_by if params.get(key) is not None
                  and (sweeping or key not in targets or params.get(key) != targets[key])), None)
+
+
+def knob_target(name: str, params: Mapping[str, Any]) -> Optional[str]:
+    """The parameter of ``params`` whose value makes method ``name``'s knob name a target reached by calibration
+    (``knob_names_target``: threshold ToMe's ``threshold=calibrated``, where ``r`` is what the thresholds are
+    calibrated for), or None. A trade-off sweep of the knob then calibrates every point
+    (``experiments/curve.py``)."""
+    targets = dict(method_spec(name).knob_names_target)
+    return next((key for key, value in targets.items() if params.get(key) == value), None)

@@ -212,7 +212,8 @@ class ThresholdToMe(TokenReducer):
 
     def record_info(self) -> dict:
         info = {"thresholds": None if self.thresholds.is_meta else [round(v, 6) for v in self.thresholds.tolist()],
-                "threshold_source": "calibrated" if self.calibrated else "given"}
+                "threshold_source": "calibrated" if self.calibrated else "given",
+                "counterpart": "tome"}  # per-image merges against ToMe's fixed r (the report's oracle question)
         if self.calibrated and not self.thresholds.is_meta:
             info.update(calibration_r=self.calibration_r.tolist(), calibration_images=int(self.calibration_images))
         return info

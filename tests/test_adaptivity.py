@@ -9,7 +9,7 @@ import math
 import pandas as pd
 import pytest
 
-from analysis import adaptivity, adaptivity_report, load
+from analysis import adaptivity, adaptivity_report, curves, load
 from test_curves import point_record, write
 
 DENSE = 0.05  # GFLOPs of the fabricated backbone
@@ -148,9 +148,28 @@ def test_the_counterpart_comes_from_the_records_not_the_name(tmp_path):
     """Declared as dpcknn in the records: no topk row; undeclared: no comparison at all."""
     frame = load.load_records(write(tmp_path / "a", curve_records(counterpart="dpcknn")))
     assert adaptivity.oracle_frame(frame).empty
-    assert adaptivity.method_counterparts(frame) == {"adavit": "dpcknn"}
+    assert set(curves.curve_points(frame).groupby("method")["counterpart"].first().items()) == \
+        {("adavit", "dpcknn"), ("topk", "")}
     plain = [r for r in curve_records() if r["method"] != "adavit"]
     assert adaptivity.oracle_frame(load.load_records(write(tmp_path / "b", plain))).empty
+
+
+def test_a_curve_declaring_its_own_method_meets_that_method_s_fixed_curves_only(tmp_path):
+    """Threshold ToMe's records are method tome declaring tome: its curve meets the fixed-r ToMe curve, whose
+    records declare nothing, and never itself."""
+    recs = []
+    for seed, shift in ((0, 0.0), (1, 2.0)):
+        for value, (ratio, top1) in zip((1, 2, 3), [(0.4, 80.0), (0.6, 90.0), (1.0, 96.0)]):
+            record = point_record("tome", "r", value, seed, top1 + shift, ratio, threshold="calibrated")
+            record["method_info"]["counterpart"] = "tome"
+            record["tradeoff"]["curve"] = f"dtome-s{seed}"
+            recs.append(record)
+            recs.append(point_record("tome", "r", value, seed, top1 - 4 - shift, ratio))
+    oracle = adaptivity.oracle_frame(load.load_records(write(tmp_path, recs)), targets=(0.5,))
+    assert len(oracle) == 1 and oracle["adaptive"].iloc[0] != oracle["counterpart"].iloc[0]
+    assert "calibrated" in oracle["adaptive"].iloc[0]
+    # at 0.5: adaptive 85 (+2 for seed 1), fixed 81 (-2): per-seed Δ 4 and 8 -> 6
+    assert oracle["delta"].iloc[0] == pytest.approx(6.0) and oracle["n"].iloc[0] == 2
 
 
 def test_verdicts():

@@ -132,3 +132,37 @@ def test_an_unknown_backend_is_refused_before_any_timing():
     settings = throughput.Settings(batch_sizes=[1], dtypes=["fp32"], compile=True, compile_backend="tvm")
     with pytest.raises(ValueError, match="measure.compile_backend='tvm' unknown; valid: inductor, aot_eager, eager"):
         throughput.measure(build("dense"), None, torch.device("cpu"), settings, 1.0)
+
+
+def test_dynamic_from_the_first_call_compiles_fewer_frames_than_automatic_dynamic_shapes():
+    """``compile_dynamic=True`` (experiments/compile_strategies.py): the ragged method's frames are symbolic from
+    its first forward, so its first forward compiles fewer frames than automatic dynamic shapes (which compile
+    each piece for its first length, then again as dynamic when the length shrinks in a later block)."""
+    method = create_method("adavit", peaked_vit(), gate_center=1.5, gate_scale=5.0).eval()
+    pool = images(6, 1.0)
+    counts = {}
+    for dynamic in (None, True):
+        torch._dynamo.reset()
+        settings = throughput.Settings(batch_sizes=[1, 3], dtypes=["fp32"], warmup=1, repeats=1, min_time_s=0.0,
+                                       compile=True, compile_backend="eager", compile_dynamic=dynamic)
+        entries = throughput.measure(method, None, torch.device("cpu"), settings, 1.0, images=pool)
+        counts[dynamic] = [(e["compiled_frames"], e["recompiles"], e["timed_recompiles"]) for e in entries]
+    assert all(timed == 0 for *_, timed in counts[None] + counts[True])
+    assert counts[True][0][0] < counts[None][0][0]  # first forward, batch 1
+    assert sum(later for _, later, _ in counts[True]) == 0
+
+
+def test_compile_strategies_prints_one_line_per_strategy_and_refuses_unknown_ones(tmp_path, capsys):
+    import json
+    from conftest import run_paths
+    from experiments import compile_strategies
+
+    overrides = [*run_paths(tmp_path), "method=adavit", "model=deit_digits", "+model.depth=2",
+                 "measure.compile_backend=eager", "measure.timing_images=4", "measure.batch_sizes=[2]",
+                 "measure.warmup=1", "measure.repeats=1", "measure.min_time_s=0", "measure.wrapper_check=false"]
+    compile_strategies.strategies_task.__wrapped__(compose_config(*overrides))
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(line["strategy"], line["batch_size"]) for line in lines] == [("auto", 2), ("dynamic", 2)]
+    assert all(line["img_per_s"] > 0 and line["timed_recompiles"] == 0 for line in lines)
+    with pytest.raises(ConfigError, match=r"strategies=\['bucketed'\]: unknown \['bucketed'\]; valid: auto, dynamic"):
+        compile_strategies.chosen_strategies(compose_config(*overrides, "+strategies=[bucketed]"))

@@ -29,6 +29,10 @@ def test_the_registry_names_what_fixes_each_knob():
     # ToMe's r with calibrated thresholds names the calibration's target; with given thresholds it is inert
     assert methods.knob_fixed("tome", {"threshold": "calibrated", "r": 4}) is None
     assert methods.knob_fixed("tome", {"threshold": "calibrated", "r": 4}, sweeping=True) == "threshold"
+    # ... which a sweep reaches by calibrating every point (experiments/curve.py); given thresholds name nothing
+    assert methods.knob_target("tome", {"threshold": "calibrated", "r": 4}) == "threshold"
+    assert methods.knob_target("tome", {"threshold": 0.9}) is None and methods.knob_target("tome", {}) is None
+    assert methods.knob_target("topk", {"token_counts": [65], "keep_rate": 0.7}) is None
     assert methods.knob_fixed("tome", {"threshold": 0.9, "r": 4}) == "threshold"
     with pytest.raises(ValueError, match=r"knob_fixed_by=\['nope'\] needs an inference knob and factory "):
         methods.register_method("zz_bad_fixed", inference_knob="keep_rate", knob_fixed_by=("nope",))(

@@ -119,6 +119,43 @@ def test_a_point_equals_a_plain_run_at_that_setting(tmp_path):
     assert point["flops"]["gflops"] == pytest.approx(plain["flops"]["gflops"])
 
 
+def test_a_calibrated_threshold_curve_calibrates_every_point_as_calibrate_py_would(tmp_path):
+    """``threshold=calibrated`` names r a calibration target: each point calibrates on the training split (the
+    calibration's defaults) and equals calibrate.py for that r followed by run.py on what it wrote."""
+    from conftest import run_paths
+    from experiments import calibration
+    from test_tome_threshold import compose_calibrate
+
+    source = save_method_checkpoint(tmp_path, "tome")
+    done = by_value(curve.run(make_cfg(tmp_path, "method=tome", "method.params.threshold=calibrated",
+                                       f"model.checkpoint={source}", "method.tradeoff_values=[2,6]")))
+    assert set(done) == {2, 6} and len({r["tradeoff"]["curve"] for r in done.values()}) == 1
+    for r, record in done.items():
+        assert record["method_params"] == {"r": r, "prop_attn": True, "threshold": "calibrated"}
+        assert record["method_info"]["calibration_r"] == [r] * 4 and record["method_info"]["counterpart"] == "tome"
+        assert record["tradeoff"]["calibration"] == {"split": "train", "images": 1024, "batch_size": 64, "seed": 0}
+    assert done[6]["flops"]["gflops"] < done[2]["flops"]["gflops"]  # a larger target calibrates lower thresholds
+
+    out = tmp_path / "calibrated.pth"
+    calibration.run(compose_calibrate(*run_paths(tmp_path / "cal"), *SMALL, "model=deit_digits", "progress=false",
+                                      "method.params.r=6", f"model.checkpoint={source}", f"calibration.out={out}"))
+    plain = pipeline.run(make_cfg(tmp_path / "plain", "method=tome", "method.params.threshold=calibrated",
+                                  "method.params.r=6", f"model.checkpoint={out}"))
+    assert done[6]["method_info"]["thresholds"] == plain["method_info"]["thresholds"]
+    assert done[6]["metrics"] == plain["metrics"] and done[6]["tokens"]["attn_mean"] == plain["tokens"]["attn_mean"]
+    # the report pairs the calibrated run with the control of the weights it was calibrated on
+    assert plain["weights"]["calibrated_from_sha256"] == checkpoints.file_sha256(source) == \
+        done[6]["weights"]["start_sha256"]
+
+
+def test_a_calibrated_curve_refuses_a_point_with_nothing_to_calibrate(tmp_path):
+    with pytest.raises(ConfigError, match=r"point r=0 cannot be calibrated for method\.params\.threshold="
+                                          r"calibrated: method\.params\.r=\[0, 0, 0, 0\] merges nothing"):
+        curve.run(make_cfg(tmp_path, "method=tome", "method.params.threshold=calibrated",
+                           "method.tradeoff_values=[0,2]"))
+    assert not (tmp_path / "results").exists() and not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_train_true_fine_tunes_once_then_sweeps(tmp_path):
     done = curve.run(make_cfg(tmp_path, "method=adavit", "experiment.train=true", "train.epochs=1",

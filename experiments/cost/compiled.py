@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -31,10 +31,13 @@ class CompileError(RuntimeError):
     """A timed model cannot run compiled; the message names the model, the backend and the reason."""
 
 
-def compile_model(model: nn.Module, backend: str) -> nn.Module:
+def compile_model(model: nn.Module, backend: str, dynamic: Optional[bool] = None) -> nn.Module:
+    """``torch.compile(model, backend=backend, dynamic=dynamic)``; ``dynamic=None`` is dynamo's automatic
+    dynamic shapes (the protocol's), ``True`` symbolic shapes from the first call
+    (``experiments/compile_strategies.py`` compares them)."""
     if backend not in BACKENDS:
         raise ValueError(f"measure.compile_backend={backend!r} unknown; valid: {', '.join(BACKENDS)}")
-    return torch.compile(model, backend=backend)
+    return torch.compile(model, backend=backend, dynamic=dynamic)
 
 
 @dataclass(frozen=True)

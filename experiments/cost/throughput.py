@@ -82,6 +82,9 @@ class Settings:
     min_time_s: float = 0.05
     compile: Union[bool, str] = False  # True: compiled only; "both": eager and compiled, interleaved
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: tracing without code generation)
+    # the method's torch.compile(dynamic=...): None dynamo's automatic dynamic shapes (the protocol's; timm's
+    # reference always so); experiments/compile_strategies.py compares True
+    compile_dynamic: Optional[bool] = None
 
     @property
     def modes(self) -> tuple[bool, ...]:
@@ -199,7 +202,8 @@ def variants(models: dict[str, nn.Module], settings: Settings, label: str) -> tu
             if not mode:
                 runnable[name] = model
                 continue
-            runnable[name + COMPILED] = compiling.compile_model(model, settings.compile_backend)
+            runnable[name + COMPILED] = compiling.compile_model(
+                model, settings.compile_backend, settings.compile_dynamic if name == "method" else None)
             names[name + COMPILED] = label if name == "method" else f"{label}'s {name} reference"
     return runnable, names
 
