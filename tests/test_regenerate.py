@@ -9,13 +9,13 @@ import pytest
 import yaml
 
 import methods
-from experiments import regenerate
+from experiments import regenerate, regeneration_jobs
 from experiments.train import checkpoints
 
 
 def test_the_committed_stages_expand_from_the_registry():
-    spec = regenerate.load_spec()
-    jobs = regenerate.expand(spec, ["scenes_headline", "scenes_default"])
+    spec = regeneration_jobs.load_spec()
+    jobs = regeneration_jobs.expand(spec, ["scenes_headline", "scenes_default"])
     per_method = {}
     for job in jobs:
         name = next(o.split("=", 1)[1] for o in job.overrides if o.startswith("method="))
@@ -25,10 +25,10 @@ def test_the_committed_stages_expand_from_the_registry():
         assert len(method_jobs) == (5 if name in spec["headline_methods"] else 3)
     tome = per_method["tome"][0].overrides
     assert "method.params.r=4" in tome  # the embedded backbone's registered setting (65 tokens), not r=13
-    curves = regenerate.expand(spec, ["scenes_curves"])
+    curves = regeneration_jobs.expand(spec, ["scenes_curves"])
     assert {next(o for o in j.overrides if o.startswith("method=")) for j in curves} == \
         {f"method={name}" for name in methods.methods_with_knob()}
-    ablations = regenerate.expand(spec, ["adavit_ablations"])
+    ablations = regeneration_jobs.expand(spec, ["adavit_ablations"])
     assert all("method=adavit" in job.overrides for job in ablations)
     assert len(ablations) == 3 * (2 + 4 + 5 + 5)  # halting 2, target depth 4, ponder 5, prior 5 values
 
@@ -50,6 +50,24 @@ def test_bad_stage_and_shard_are_refused_in_one_line(capsys):
     assert "valid: I/N with 0 <= I < N" in capsys.readouterr().err
     assert regenerate.main(["--extra", "train.epochs=1", "--dry-run"]) == 2
     assert "--extra 'train.epochs=1': only keys that cannot change a result" in capsys.readouterr().err
+
+
+def test_a_calibrate_stage_evaluates_with_run_py_or_measure_py_and_nothing_else(tmp_path):
+    stage = {"entry": "calibrate", "methods": ["tome"], "seeds": [0], "overrides": ["model=deit_small"]}
+    spec = {"seeds": {"headline": [0], "other": [0]}, "headline_methods": [], "stages": {"cost": stage}}
+    for evaluate, module in ((None, "experiments.run"), ("measure", "experiments.measure")):
+        spec["stages"]["cost"] = {**stage, **({"evaluate": evaluate} if evaluate else {})}
+        (tmp_path / "stages.yaml").write_text(yaml.safe_dump(spec))
+        [job] = regeneration_jobs.expand(regeneration_jobs.load_spec(tmp_path / "stages.yaml"))
+        calibrate, evaluation = job.commands(tmp_path / "r", tmp_path / "logs")
+        assert calibrate[2] == "experiments.calibrate" and evaluation[2] == module
+        assert job.evaluates == module.split(".")[1]
+        assert "method.params.threshold=calibrated" in evaluation
+    for stage_evaluate in ({**stage, "evaluate": "tradeoff"}, {**stage, "entry": "run", "evaluate": "measure"}):
+        (tmp_path / "stages.yaml").write_text(yaml.safe_dump({**spec, "stages": {"cost": stage_evaluate}}))
+        with pytest.raises(ValueError, match=r"stages\.cost\.evaluate=.*valid: run, measure, and only with entry: "
+                                             r"calibrate"):
+            regeneration_jobs.load_spec(tmp_path / "stages.yaml")
 
 
 @pytest.mark.slow
