@@ -10,7 +10,8 @@ throughput, and writes one results record of kind ``tradeoff`` per point. The va
     adavit      inference_gate_shift   added to gate_center at eval (larger = tokens halt later)
     dynamicvit  inference_keep_rate    the eval keep rate, apart from the training rho (keep_rate)
     evit, topk, random  keep_rate      no trained parameters depend on it
-    tome        r                      tokens merged per block
+    tome        r                      tokens merged per block (with threshold=calibrated: the target each
+                                       point's thresholds are calibrated for, on the training split)
 
 Weights resolve as in ``run.py`` (``model.checkpoint``, ``model.pretrained``, else the cached dense baseline).
 The sweep never retrains unless ``experiment.train=true``, which fine-tunes once (``run.py``'s recipe) and then
