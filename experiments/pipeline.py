@@ -12,6 +12,7 @@ or killed run leaves no record.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,10 +193,20 @@ def weights_entry(session: Session) -> dict[str, Any]:
     entry = {"start_sha256": session.start_sha256, "evaluated_sha256": session.evaluated_sha256}
     if session.plan.weights.kind == "checkpoint" and session.plan.weights.path is not None:
         entry["checkpoint"] = Path(session.plan.weights.path).name
-        facts = read_checkpoint(session.plan.weights.path).get("calibration")
-        if isinstance(facts, dict) and facts.get("source_sha256"):
-            entry["calibrated_from_sha256"] = facts["source_sha256"]
+        path = Path(session.plan.weights.path)
+        stat = path.stat()
+        source = calibrated_from(str(path), stat.st_size, stat.st_mtime_ns)
+        if source:
+            entry["calibrated_from_sha256"] = source
     return entry
+
+
+@functools.lru_cache(maxsize=8)
+def calibrated_from(path: str, size: int, mtime_ns: int) -> Optional[str]:
+    """The sha256 of the weights the checkpoint at ``path`` was calibrated on (its ``calibration`` facts), or
+    None; read once per file version (``size``, ``mtime_ns``), not once per record of a sweep."""
+    facts = read_checkpoint(path).get("calibration")
+    return facts.get("source_sha256") if isinstance(facts, dict) else None
 
 
 def write_record(session: Session, method: methods.TokenReducer, result: engine.EvalResult,
