@@ -12,7 +12,6 @@ or killed run leaves no record.
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +55,7 @@ class Session:
     lock: RunLock  # held on the resume folder until the record is written (train/run_lock.py)
     start_sha256: Optional[str] = None  # the weights file the run started from (checkpoint or baseline)
     evaluated_sha256: Optional[str] = None  # the weights it evaluates: its final.pth when it trained
+    calibrated_from_sha256: Optional[str] = None  # a calibrated checkpoint's source weights (experiments/calibrate.py)
 
     def release(self) -> None:
         """Let another process run this configuration (after the record is written)."""
@@ -105,6 +105,7 @@ def _prepare(plan: RunPlan, dist: distributed.DistEnv, device: torch.device, loc
         init_state = strip_prefix(read_checkpoint(weights_file)["model"], "vit.")
         weights = f"baseline:{weights_file.name} ({how})"
     start_sha256 = file_sha256(weights_file) if dist.is_main else None
+    source = calibrated_from(weights_file) if plan.weights.kind == "checkpoint" and dist.is_main else None
     seed_everything(config.seed)
     method = build_method(plan, init_state).to(device)
     log.info("method %s on %s (%s), weights from %s", plan.method_name, config.model.name, config.data.name, weights)
@@ -124,7 +125,7 @@ def _prepare(plan: RunPlan, dist: distributed.DistEnv, device: torch.device, loc
     train_summary["init"] = weights
     evaluated_sha256 = file_sha256(weights_file) if plan.trains and dist.is_main else start_sha256
     return Session(plan, dist, device, data, method, weights, weights_file, train_summary, lock, start_sha256,
-                   evaluated_sha256)
+                   evaluated_sha256, source)
 
 
 def evaluate(session: Session, method: methods.TokenReducer,
@@ -193,18 +194,14 @@ def weights_entry(session: Session) -> dict[str, Any]:
     entry = {"start_sha256": session.start_sha256, "evaluated_sha256": session.evaluated_sha256}
     if session.plan.weights.kind == "checkpoint" and session.plan.weights.path is not None:
         entry["checkpoint"] = Path(session.plan.weights.path).name
-        path = Path(session.plan.weights.path)
-        stat = path.stat()
-        source = calibrated_from(str(path), stat.st_size, stat.st_mtime_ns)
-        if source:
-            entry["calibrated_from_sha256"] = source
+    if session.calibrated_from_sha256:
+        entry["calibrated_from_sha256"] = session.calibrated_from_sha256
     return entry
 
 
-@functools.lru_cache(maxsize=8)
-def calibrated_from(path: str, size: int, mtime_ns: int) -> Optional[str]:
+def calibrated_from(path: Path) -> Optional[str]:
     """The sha256 of the weights the checkpoint at ``path`` was calibrated on (its ``calibration`` facts), or
-    None; read once per file version (``size``, ``mtime_ns``), not once per record of a sweep."""
+    None."""
     facts = read_checkpoint(path).get("calibration")
     return facts.get("source_sha256") if isinstance(facts, dict) else None
 
